@@ -1,0 +1,64 @@
+"""The one interface every backbone family implements."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from core.backbones.layout import TowerLayout
+
+
+class BackboneError(ValueError):
+    """A backbone spec that cannot be loaded, with a message meant for the user."""
+
+
+class Backbone(nn.Module):
+    """A dual-encoder vision-language model seen through its tower layouts.
+
+    Subclasses set `spec`, `family`, `weights` (a sentence saying where the weights came
+    from, e.g. "random init (seed 0): no pretrained weights"), `towers` and `image_transform`,
+    and implement `encode_image`, `encode_text` and `tokenize`. A PET method's own parameters
+    live under the submodule `pet`, so `.to(device)` and DDP see them with the backbone's.
+    """
+
+    spec: str
+    family: str
+    weights: str
+    towers: dict[str, TowerLayout]
+    image_transform: Callable
+    seed: int
+
+    def __init__(self):
+        super().__init__()
+        self.pet: Optional[nn.Module] = None
+
+    @property
+    def pretrained(self) -> bool:
+        return not self.weights.startswith("random init")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def backbone_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if not n.startswith("pet.")}
+
+    def num_backbone_params(self) -> int:
+        return sum(p.numel() for p in self.backbone_parameters().values())
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.spec} — {self.weights}"

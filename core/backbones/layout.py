@@ -1,0 +1,148 @@
+"""The tower layout: what PET methods see of a backbone.
+
+A tower is a list of blocks; a block exposes named projections (q, k, v, out, fc1, fc2) and
+named residual sites (attn, mlp). Methods add *deltas* to projections and *combiners* to
+sites; they never touch a library's module names, so every method works on every family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+Delta = Callable[[torch.Tensor], torch.Tensor]
+Combiner = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+class Projection:
+    """A frozen linear map y = W x + b inside a tower, extended by deltas: y + Σ Δ(x).
+
+    `rows` selects this projection's rows of a packed weight (q, k and v share one in_proj),
+    so a delta is added to exactly its own slice of the packed output. Deltas receive the
+    linear's own input, which for cross-attention keys and values is the other modality.
+    """
+
+    def __init__(self, linear: nn.Linear, rows: Optional[slice] = None):
+        self.linear = linear
+        self.rows = rows if rows is not None else slice(0, linear.out_features)
+        self.deltas: dict[str, Delta] = {}
+        siblings = linear.__dict__.setdefault("_pet_projections", [])
+        siblings.append(self)
+        if len(siblings) == 1:
+            linear.register_forward_hook(_add_deltas)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.rows.stop - self.rows.start
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight[self.rows]
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return None if self.linear.bias is None else self.linear.bias[self.rows]
+
+    def add_delta(self, name: str, delta: Delta) -> None:
+        self.deltas[name] = delta
+
+    def remove_delta(self, name: str) -> None:
+        self.deltas.pop(name, None)
+
+    @torch.no_grad()
+    def add_to_weight(self, delta_weight: torch.Tensor) -> None:
+        """Fold a weight delta (out×in) into the frozen weight, in place (merge / unmerge)."""
+        self.linear.weight[self.rows] += delta_weight.to(self.linear.weight.dtype)
+
+
+def _add_deltas(linear: nn.Linear, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    projections = [p for p in linear._pet_projections if p.deltas]
+    if not projections:
+        return output
+    x = inputs[0]
+    if len(linear._pet_projections) == 1:
+        return output + sum(d(x) for d in projections[0].deltas.values())
+    # Packed weight: build the delta for the whole output, zero where no projection adds one.
+    parts = []
+    for p in linear._pet_projections:
+        if p.deltas:
+            parts.append(sum(d(x) for d in p.deltas.values()).to(output.dtype))
+        else:
+            parts.append(output.new_zeros(*output.shape[:-1], p.out_features))
+    return output + torch.cat(parts, dim=-1)
+
+
+class ResidualSite(nn.Module):
+    """Where a sub-layer's output h joins the residual stream x.
+
+    Plain `x + h` unless a method installs a combiner (gates, adapters). `token_mask` (B, N)
+    marks real tokens, so per-sample pooling can ignore padding.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.combiner: Optional[Combiner] = None
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
+        if self.combiner is None:
+            return x + h
+        return self.combiner(x, h, token_mask)
+
+
+@dataclass
+class BlockLayout:
+    index: int
+    module: nn.Module
+    projections: dict[str, Projection]
+    sites: dict[str, ResidualSite]
+    layernorms: list[nn.LayerNorm]
+    width: int
+    mlp_width: int
+    heads: int
+
+
+PromptSource = Callable[[int], Optional[torch.Tensor]]
+
+
+@dataclass
+class TowerLayout:
+    """One tower: its blocks, its width, and the output projection into the joint space.
+
+    `prompt_slot` is where learnable prompt tokens are inserted (after [CLS] / start token);
+    a method sets `prompts` to a function layer -> (n, width) tokens or None.
+    """
+
+    name: str
+    width: int
+    blocks: list[BlockLayout]
+    output_projection: Optional[nn.Parameter]
+    causal: bool
+    prompt_slot: int = 1
+    prompts: Optional[PromptSource] = field(default=None)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def run(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the blocks on (B, N, width) tokens, inserting (and finally removing) prompts."""
+        slot, n_prompts = self.prompt_slot, 0
+        for block in self.blocks:
+            prompts = self.prompts(block.index) if self.prompts is not None else None
+            if prompts is not None:
+                prompts = prompts.to(x.dtype).expand(x.shape[0], -1, -1)
+                x = torch.cat([x[:, :slot], prompts, x[:, slot + n_prompts:]], dim=1)
+                if token_mask is not None and n_prompts == 0:
+                    ones = token_mask.new_ones(x.shape[0], prompts.shape[1])
+                    token_mask = torch.cat([token_mask[:, :slot], ones, token_mask[:, slot:]], dim=1)
+                n_prompts = prompts.shape[1]
+            x = block.module(x, self.causal, token_mask)
+        if n_prompts:
+            x = torch.cat([x[:, :slot], x[:, slot + n_prompts:]], dim=1)
+        return x

@@ -1,0 +1,124 @@
+"""open_clip CLIP models: any `open_clip.list_models()` name, with a pretrained tag, a local
+checkpoint file, or no weights (random init drawn from the run's seed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import open_clip
+import torch
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
+
+from core.backbones.base import Backbone, BackboneError
+from core.backbones.block import PreNormBlock
+from core.backbones.layout import TowerLayout
+
+open_clip.add_model_config(Path(__file__).parent / "configs")
+
+_TRIMMABLE_POOLS = ("argmax", "eos", "first")
+
+
+def _looks_like_path(source: str) -> bool:
+    return "/" in source or "\\" in source or Path(source).suffix in (".pt", ".pth", ".bin", ".safetensors")
+
+
+def load_openclip(spec: str, name: str, source: Optional[str], seed: int) -> "OpenClipBackbone":
+    if name not in open_clip.list_models():
+        raise BackboneError(f"unknown open_clip model '{name}' in '{spec}': see open_clip.list_models()")
+    if source is None:
+        weights = f"random init (seed {seed}): no pretrained weights"
+        pretrained = None
+    elif _looks_like_path(source):
+        if not Path(source).is_file():
+            raise BackboneError(f"checkpoint file not found: {source}")
+        weights, pretrained = f"local checkpoint {source}", source
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if source not in tags:
+            raise BackboneError(f"open_clip has no pretrained tag '{source}' for {name}; known tags: {', '.join(tags) or 'none'}")
+        weights, pretrained = f"pretrained tag {source}", source
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        except (RuntimeError, KeyError, OSError) as error:
+            where = f"file {source}" if pretrained and _looks_like_path(source) else f"tag {source}"
+            raise BackboneError(f"could not load open_clip {name} weights from {where}: {error}") from error
+        except Exception as error:  # hub and network failures come in many library types
+            raise BackboneError(f"could not fetch open_clip {name} weights for tag {source} "
+                                f"(no network or hub unreachable?): {error}") from error
+    return OpenClipBackbone(spec, name, model, preprocess, open_clip.get_tokenizer(name), weights, seed)
+
+
+class OpenClipBackbone(Backbone):
+    family = "openclip"
+
+    def __init__(self, spec, name, model, preprocess, tokenizer, weights, seed):
+        super().__init__()
+        if not isinstance(model.visual, VisionTransformer):
+            raise BackboneError(f"{name}: only ViT vision towers are supported (got {type(model.visual).__name__})")
+        text = getattr(model, "text", model)
+        if not hasattr(text, "transformer") or getattr(text, "cls_emb", None) is not None:
+            raise BackboneError(f"{name}: only open_clip's own causal text transformer is supported")
+        if model.visual.attn_pool is not None:
+            raise BackboneError(f"{name}: attentional pooling vision towers are not supported")
+        self.spec, self.name, self.weights, self.seed = spec, name, weights, seed
+        self.model = model
+        self.text = text
+        self.image_transform = preprocess
+        self._tokenizer = tokenizer
+        self.towers = {
+            "vision": self._convert(model.visual.transformer, "vision", model.visual.proj, causal=False),
+            "text": self._convert(text.transformer, "text", text.text_projection, causal=text.attn_mask is not None),
+        }
+        self.model.eval()
+
+    @staticmethod
+    def _convert(transformer, name, projection, causal) -> TowerLayout:
+        blocks = []
+        for i, block in enumerate(transformer.resblocks):
+            if not isinstance(block, ResidualAttentionBlock):
+                raise BackboneError(f"unsupported open_clip block type {type(block).__name__}")
+            transformer.resblocks[i] = PreNormBlock(block)
+            blocks.append(transformer.resblocks[i].build_layout(i))
+        if isinstance(projection, torch.nn.Linear):
+            raise BackboneError("linear text projections are not supported")
+        return TowerLayout(name=name, width=transformer.width, blocks=blocks,
+                           output_projection=projection, causal=causal)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def pad_id(self) -> int:
+        return getattr(self.text, "pad_id", 0)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self._tokenizer(texts)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        x = visual._embeds(pixels.to(self.device))
+        x = self.towers["vision"].run(x)
+        pooled, _ = visual._pool(x)
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        text, tower = self.text, self.towers["text"]
+        tokens = tokens.to(self.device)
+        real = tokens != self.pad_id
+        pool_type = getattr(self.model, "text_pool_type", getattr(text, "pool_type", "argmax"))
+        if tower.causal and pool_type in _TRIMMABLE_POOLS:
+            # Under the causal mask no kept token sees the padding, so dropping it is exact.
+            positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+            length = max(int((real * positions).max()), 1)
+            tokens, real = tokens[:, :length], real[:, :length]
+        cast_dtype = text.token_embedding.weight.dtype
+        x = text.token_embedding(tokens).to(cast_dtype)
+        x = x + text.positional_embedding[: tokens.shape[1]].to(cast_dtype)
+        x = tower.run(x, token_mask=real)
+        x = text.ln_final(x)
+        eos_id = getattr(self.model, "text_eos_id", getattr(text, "eos_id", None))
+        pooled = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
+        return pooled @ text.text_projection if text.text_projection is not None else pooled
