@@ -78,18 +78,18 @@ def _add_deltas(linear: nn.Linear, inputs: tuple, output: torch.Tensor) -> torch
     return output + torch.cat(parts, dim=-1)
 
 
-class ResidualSite(nn.Module):
+class ResidualSite:
     """Where a sub-layer's output h joins the residual stream x.
 
     Plain `x + h` unless a method installs a combiner (gates, adapters). `token_mask` (B, N)
-    marks real tokens, so per-sample pooling can ignore padding.
+    marks real tokens, so per-sample pooling can ignore padding. Not an nn.Module, so a
+    combiner's parameters stay registered only under the method's own module.
     """
 
     def __init__(self):
-        super().__init__()
         self.combiner: Optional[Combiner] = None
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
+    def __call__(self, x: torch.Tensor, h: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
         if self.combiner is None:
             return x + h
         return self.combiner(x, h, token_mask)

@@ -1,0 +1,197 @@
+"""`python -m core COMMAND`: info, tune, eval, bench, demo.
+
+With --json, the last line of stdout is one JSON object (on failure: {"error": "..."}, exit 2);
+progress and notes go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.backbones import BackboneError
+from core.checkpoint import CheckpointError
+from core.data import DatasetError
+from core.pet import METHODS, PetError
+from core.runs import RunError
+from core.trainer import Progress, TrainingDiverged
+
+USER_ERRORS = (BackboneError, CheckpointError, DatasetError, PetError, RunError, TrainingDiverged)
+
+
+def _method_options() -> dict[str, dataclasses.Field]:
+    """Every option of every method's config; each becomes one --flag."""
+    options: dict[str, dataclasses.Field] = {}
+    for module in METHODS.values():
+        for f in dataclasses.fields(module.Config):
+            options.setdefault(f.name, f)
+    return options
+
+
+def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", required=True, choices=list(METHODS))
+    group = parser.add_argument_group("method options (each method takes its own; see README)")
+    for name, f in _method_options().items():
+        flag = "--" + name.replace("_", "-")
+        if f.type in ("tuple[str, ...]",) or f.type == tuple[str, ...]:
+            group.add_argument(flag, dest=f"option_{name}", type=lambda s: tuple(x for x in s.split(",") if x),
+                               metavar="A,B", help=f"comma-separated (default {','.join(f.default)})")
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            group.add_argument(flag, dest=f"option_{name}", type=kind)
+
+
+def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k[len("option_"):]: v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="PET Studio's tuning engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="parameter budget of a method on a backbone")
+    info.add_argument("--model", required=True, help="backbone spec, e.g. openclip:ViT-B-32:openai")
+    _add_method_arguments(info)
+
+    tune = commands.add_parser("tune", help="tune a method on a dataset and score it before and after")
+    tune.add_argument("--model", required=True)
+    tune.add_argument("--data", required=True, help="dataset folder or .zip")
+    _add_method_arguments(tune)
+    tune.add_argument("--shots", type=int, help="keep K training items (each with all its captions)")
+    tune.add_argument("--epochs", type=int, default=5)
+    tune.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    tune.add_argument("--batch-size", type=int, default=32)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with avx512_bf16/AMX, GPUs)")
+    tune.add_argument("--out", help="run folder (default runs/DATE-METHOD)")
+
+    evaluate = commands.add_parser("eval", help="score a saved run on a dataset's test split")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--pet", required=True, help="run folder or its pet.safetensors")
+    evaluate.add_argument("--data", required=True)
+
+    bench = commands.add_parser("bench", help="time the forward and a training step of every method")
+    bench.add_argument("--model", required=True)
+    bench.add_argument("--batch", type=int, default=32)
+    bench.add_argument("--steps", type=int, default=5)
+    bench.add_argument("--methods", type=lambda s: s.split(","), help="comma-separated (default: all)")
+
+    demo = commands.add_parser("demo", help="generate a small shapes dataset and compare methods on it")
+    demo.add_argument("--out", default="runs/demo")
+
+    for sub in (info, tune, evaluate, bench, demo):
+        sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return parser
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _progress_printer():
+    last = [-1.0]
+
+    def show(p: Progress) -> None:
+        if p.step == p.total_steps or p.elapsed - last[0] >= 2.0:
+            last[0] = p.elapsed
+            _note(f"step {p.step}/{p.total_steps}  epoch {p.epoch}  loss {p.loss:.4f}  eta {p.eta:.0f}s")
+
+    return show
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.1f}" for k, v in metrics.items())
+
+
+def run_info(args) -> dict[str, Any]:
+    from core.backbones import load_backbone
+    from core.pet import attach
+
+    backbone = load_backbone(args.model)
+    handle = attach(backbone, args.method, _collect_options(args))
+    total = backbone.num_backbone_params()
+    if not backbone.pretrained:
+        _note(f"note: {backbone.describe()}")
+    return {"backbone": args.model, "backbone_weights": backbone.weights, "backbone_params": total,
+            "trainable_params": handle.num_trainable(),
+            "trainable_pct": 100.0 * handle.num_trainable() / total, "groups": handle.budget()}
+
+
+def run_tune(args) -> dict[str, Any]:
+    from core.runs import tune
+
+    result = tune(args.model, args.data, args.method, _collect_options(args), shots=args.shots,
+                  epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                  out=args.out, bf16=args.bf16, progress=_progress_printer())
+    _note(f"backbone: {result['backbone']} — {result['backbone_weights']}")
+    return {k: result[k] for k in ("method", "trainable_params", "trainable_pct", "zero_shot", "tuned",
+                                   "seconds", "out", "backbone_weights")}
+
+
+def run_eval(args) -> dict[str, Any]:
+    from core.runs import evaluate
+
+    result = evaluate(args.model, args.pet, args.data)
+    if not result["same_data_as_tuning"]:
+        _note("note: this dataset differs from the one the run was tuned on")
+    return result
+
+
+def run_bench(args) -> dict[str, Any]:
+    from core.bench import bench
+
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc keeps freed blocks mapped, which hides each step's peak from VmHWM; with a
+        # fixed mmap threshold large tensors are returned on free, so the peak is measurable.
+        os.execve(sys.executable, [sys.executable, "-m", "core", *sys.argv[1:]],
+                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+
+    return bench(args.model, batch=args.batch, steps=args.steps, methods=args.methods)
+
+
+def run_demo(args) -> dict[str, Any]:
+    from core.data.shapes import write_shapes_dataset
+    from core.runs import tune
+
+    out = Path(args.out)
+    data = write_shapes_dataset(out / "shapes")
+    _note(f"dataset: {data} (coloured shapes; test split has one picture per colour and shape)")
+    rows = {}
+    for method, lr in (("zero_shot", None), ("linear_probe", 1e-2), ("lora", 1e-2), ("full", 1e-3)):
+        result = tune("openclip:PETStudio-Tiny", data, method, epochs=10, lr=lr, out=out / method)
+        rows[method] = {"trainable_params": result["trainable_params"], "t2i_r1": result["tuned"]["t2i_r1"],
+                        "i2t_r1": result["tuned"]["i2t_r1"], "seconds": result["seconds"]}
+        _note(f"{method:>13}: {result['trainable_params']:>9,} params  t2i R@1 {result['tuned']['t2i_r1']:5.1f}  "
+              f"i2t R@1 {result['tuned']['i2t_r1']:5.1f}  ({result['seconds']:.1f}s)")
+    return {"model": "openclip:PETStudio-Tiny", "data": str(data), "methods": rows}
+
+
+def _human(command: str, result: dict[str, Any]) -> str:
+    if command == "tune":
+        return (f"{result['method']}: {result['trainable_params']:,} trainable ({result['trainable_pct']:.3f}%)\n"
+                f"zero-shot: {_format_metrics(result['zero_shot'])}\n"
+                f"tuned:     {_format_metrics(result['tuned'])}\n"
+                f"saved to {result['out']} in {result['seconds']:.1f}s")
+    if command == "eval":
+        return _format_metrics(result["metrics"])
+    return json.dumps(result, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every random init; we say it once
+    handlers = {"info": run_info, "tune": run_tune, "eval": run_eval, "bench": run_bench, "demo": run_demo}
+    try:
+        result = handlers[args.command](args)
+    except USER_ERRORS as error:
+        if args.json:
+            print(json.dumps({"error": str(error)}))
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else _human(args.command, result))
+    return 0

@@ -1,0 +1,16 @@
+"""Upper bounds on what a dataset may contain, so an upload can't exhaust disk or memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_files: int = 10_000                 # files in an archive, rows in a manifest
+    max_file_bytes: int = 64 * 2**20        # one media file
+    max_total_bytes: int = 2 * 2**30        # an archive, uncompressed
+    max_compression_ratio: float = 100.0    # uncompressed / compressed, per archive member
+    max_image_pixels: int = 40_000_000      # width × height
+
+
+DEFAULT_LIMITS = Limits()

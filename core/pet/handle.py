@@ -1,0 +1,148 @@
+"""What attaching a PET method returns, and the helpers methods share to attach."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from core.backbones import Backbone, BlockLayout
+
+
+class PetError(ValueError):
+    """A PET configuration or state that cannot be used, with a message meant for the user."""
+
+
+class PetHandle:
+    """A method attached to a backbone.
+
+    The method's own parameters live in one module, installed as `backbone.pet`; methods that
+    tune existing weights (BitFit, linear probe, full) name them instead. Everything else is
+    frozen, so it gets no gradient and no optimizer state. Parameter names are the backbone's
+    `named_parameters()` names, which is also the checkpoint format.
+    """
+
+    mergeable = False
+
+    def __init__(self, backbone: Backbone, method: str, config: Any,
+                 tuned_backbone_params: Iterable[nn.Parameter] = (), group: Callable[[str], str] = lambda n: "pet"):
+        self.backbone, self.method, self.config = backbone, method, config
+        self._group = group
+        self._undo: list[Callable[[], None]] = []
+        self.merged = False
+        backbone.requires_grad_(False)
+        for p in tuned_backbone_params:
+            p.requires_grad_(True)
+        backbone.pet = None
+
+    def install(self, module: nn.Module) -> None:
+        """Register the method's own parameters under `backbone.pet`, trainable."""
+        self.backbone.pet = module.to(self.backbone.device)
+        module.requires_grad_(True)
+
+    def on_detach(self, undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.backbone.named_parameters() if p.requires_grad}
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters().values())
+
+    def budget(self) -> dict[str, int]:
+        groups: dict[str, int] = {}
+        for name, p in self.trainable_parameters().items():
+            groups[self._group(name)] = groups.get(self._group(name), 0) + p.numel()
+        return groups
+
+    def gate_readout(self, pixels: Optional[torch.Tensor] = None,
+                     tokens: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Named tensors describing what the method's gates do on a batch (none by default)."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.trainable_parameters().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.trainable_parameters()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise PetError(f"{self.method} weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for name, p in own.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise PetError(f"{self.method} weight {name} has shape {tuple(state[name].shape)}, "
+                               f"expected {tuple(p.shape)}")
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(state[name])
+
+    def merge(self) -> None:
+        raise PetError(f"{self.method} is not linear in the weights: it cannot be merged")
+
+    def unmerge(self) -> None:
+        raise PetError(f"{self.method} is not linear in the weights: it cannot be merged")
+
+    def detach(self) -> None:
+        """Remove the method's computation and parameters; tuned backbone weights stay as they are."""
+        if self.merged:
+            self.unmerge()
+        for undo in reversed(self._undo):
+            undo()
+        self.backbone.pet = None
+        self.backbone.requires_grad_(False)
+
+
+def blocks_of(backbone: Backbone, towers: Iterable[str]) -> Iterable[tuple[str, BlockLayout]]:
+    for tower in towers:
+        if tower not in backbone.towers:
+            raise PetError(f"backbone {backbone.spec} has no tower '{tower}' (has {', '.join(backbone.towers)})")
+        for block in backbone.towers[tower].blocks:
+            yield tower, block
+
+
+def _block_slot(modules: nn.ModuleDict, tower: str, block: BlockLayout) -> nn.ModuleDict:
+    if tower not in modules:
+        modules[tower] = nn.ModuleDict()
+    if str(block.index) not in modules[tower]:
+        modules[tower][str(block.index)] = nn.ModuleDict()
+    return modules[tower][str(block.index)]
+
+
+def attach_projection_deltas(handle: PetHandle, towers: Iterable[str], projections: Iterable[str],
+                             make: Callable[[str, BlockLayout, str], nn.Module]) -> nn.ModuleDict:
+    """One delta module per (tower, block, projection), added to that projection's output.
+
+    Returns the modules as pet[tower][block][projection]; `make(tower, block, projection)`
+    builds each one, and detaching the handle removes every delta again.
+    """
+    modules = nn.ModuleDict()
+    attached = []
+    for tower, block in blocks_of(handle.backbone, towers):
+        per_block = _block_slot(modules, tower, block)
+        for name in projections:
+            if name not in block.projections:
+                raise PetError(f"{tower} block {block.index} has no projection '{name}' "
+                               f"(has {', '.join(block.projections)})")
+            per_block[name] = make(tower, block, name)
+            block.projections[name].add_delta(handle.method, per_block[name])
+            attached.append(block.projections[name])
+    handle.on_detach(lambda: [p.remove_delta(handle.method) for p in attached])
+    return modules
+
+
+def attach_site_combiners(handle: PetHandle, towers: Iterable[str], sites: Iterable[str],
+                          make: Callable[[str, BlockLayout, str], nn.Module]) -> nn.ModuleDict:
+    """One combiner module per (tower, block, residual site): module(x, h, token_mask)."""
+    modules = nn.ModuleDict()
+    attached = []
+    for tower, block in blocks_of(handle.backbone, towers):
+        per_block = _block_slot(modules, tower, block)
+        for name in sites:
+            site = block.sites[name]
+            if site.combiner is not None:
+                raise PetError(f"{tower} block {block.index} site '{name}' already has a method attached")
+            per_block[name] = make(tower, block, name)
+            site.combiner = per_block[name]
+            attached.append(site)
+    handle.on_detach(lambda: [setattr(s, "combiner", None) for s in attached])
+    return modules

@@ -1,0 +1,20 @@
+"""Linear probe / projection-only: tune the two output projections into the joint space."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.pet.handle import PetHandle, PetError
+
+DEFAULT_LR = 1e-3
+
+
+@dataclass
+class Config:
+    pass
+
+
+def attach(backbone, config: Config) -> PetHandle:
+    heads = [t.output_projection for t in backbone.towers.values() if t.output_projection is not None]
+    if not heads:
+        raise PetError(f"{backbone.spec} has no output projections to tune")
+    return PetHandle(backbone, "linear_probe", config, tuned_backbone_params=heads, group=lambda n: "heads")

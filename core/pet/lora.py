@@ -1,0 +1,74 @@
+"""LoRA: Δ(x) = (α/r) · B A dropout(x) on chosen projections (CLIP-LoRA defaults: q, k, v of
+both towers, r = 2, α = 1, dropout 0.25). Linear in the weights, so it merges: W += (α/r) B A."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.pet.handle import PetHandle, attach_projection_deltas
+
+DEFAULT_LR = 2e-4
+
+
+@dataclass
+class Config:
+    rank: int = 2
+    alpha: float = 1.0
+    dropout: float = 0.25
+    towers: tuple[str, ...] = ("vision", "text")
+    projections: tuple[str, ...] = ("q", "k", "v")
+
+
+class LowRankDelta(nn.Module):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(rank, in_features))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        self.up = nn.Parameter(torch.zeros(out_features, rank))  # zero: starts at the frozen model
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(x) @ self.down.T.to(x.dtype) @ self.up.T.to(x.dtype) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.up @ self.down * self.scale
+
+
+class LoraHandle(PetHandle):
+    mergeable = True
+
+    def _fold(self, sign: float) -> None:
+        for tower, blocks in self.backbone.pet.items():
+            for index, deltas in blocks.items():
+                block = self.backbone.towers[tower].blocks[int(index)]
+                for name, delta in deltas.items():
+                    projection = block.projections[name]
+                    projection.add_to_weight(sign * delta.delta_weight())
+                    if sign > 0:
+                        projection.remove_delta(self.method)
+                    else:
+                        projection.add_delta(self.method, delta)
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._fold(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._fold(-1.0)
+            self.merged = False
+
+
+def attach(backbone, config: Config) -> LoraHandle:
+    handle = LoraHandle(backbone, "lora", config, group=lambda n: "lora")
+    handle.install(attach_projection_deltas(
+        handle, config.towers, config.projections,
+        lambda tower, block, name: LowRankDelta(block.projections[name].in_features,
+                                                block.projections[name].out_features,
+                                                config.rank, config.alpha, config.dropout)))
+    return handle

@@ -1,0 +1,35 @@
+"""Deep prompt tuning (CoOp / VPT-deep / IVLP style): `length` learnable tokens inserted after
+[CLS] (vision) or the start token (text) and replaced at each of the first `depth` layers.
+The towers remove them before pooling, so CLIP's EOT pooling and causal mask stay right."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.pet.handle import PetHandle, blocks_of
+
+DEFAULT_LR = 2e-3
+
+
+@dataclass
+class Config:
+    length: int = 4
+    depth: int = 9
+    towers: tuple[str, ...] = ("vision", "text")
+
+
+def attach(backbone, config: Config) -> PetHandle:
+    handle = PetHandle(backbone, "prompt", config, group=lambda n: "prompts")
+    list(blocks_of(backbone, config.towers))  # validates the tower names
+    prompts = nn.ParameterDict()
+    for name in config.towers:
+        tower = backbone.towers[name]
+        prompts[name] = nn.Parameter(torch.randn(min(config.depth, tower.depth), config.length, tower.width) * 0.02)
+    handle.install(prompts)
+    for name in config.towers:
+        table = prompts[name]
+        backbone.towers[name].prompts = lambda layer, table=table: table[layer] if layer < table.shape[0] else None
+    handle.on_detach(lambda: [setattr(backbone.towers[n], "prompts", None) for n in config.towers])
+    return handle

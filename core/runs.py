@@ -1,0 +1,123 @@
+"""A tuning run end to end — data, backbone, zero-shot score, tuning, tuned score, checkpoint —
+and re-evaluating a saved run. The CLI and the app both go through here."""
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from core import checkpoint
+from core.backbones import Backbone, load_backbone
+from core.data import DEFAULT_LIMITS, Dataset, few_shot, read_dataset
+from core.pet import PetHandle, attach, config_to_dict, default_lr, make_config
+from core.tasks import retrieval
+from core.trainer import Progress, TrainSettings, bf16_supported, pick_device, train
+
+
+class RunError(ValueError):
+    """A run that cannot start as asked, with a message meant for the user."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_run_folder(method: str) -> Path:
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{method}"
+
+
+def _test_set(backbone: Backbone, dataset: Dataset) -> retrieval.RetrievalSet:
+    test = dataset.split("test")
+    if not test:
+        raise RunError(f"{dataset.manifest}: the dataset has no test items to evaluate on "
+                       f"(it needs at least two media files, or rows with split=test)")
+    return retrieval.prepare(backbone, dataset, test)
+
+
+def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, Any]] = None,
+         shots: Optional[int] = None, epochs: int = 5, lr: Optional[float] = None, batch_size: int = 32,
+         seed: int = 0, out: Optional[str | Path] = None, bf16: bool = False,
+         progress: Optional[Callable[[Progress], None]] = None,
+         cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+    """Tune `method` on `model` with the training split of `data`; score the test split before and after."""
+    started = time.perf_counter()
+    config = make_config(method, options)
+    lr = default_lr(method) if lr is None else lr
+    out = Path(out) if out is not None else default_run_folder(method)
+    if out.exists() and any(out.iterdir()):
+        raise RunError(f"{out}: the run folder already exists and is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    dataset = read_dataset(data, out, DEFAULT_LIMITS)
+    device = pick_device()
+    if bf16 and not bf16_supported(device):
+        raise RunError(f"bf16 was asked for, but this {device.type.upper()} does not support it")
+    backbone = load_backbone(model, seed).to(device)
+    test_set = _test_set(backbone, dataset)
+    train_items = few_shot(dataset.split("train"), shots, seed)
+    if not train_items:
+        raise RunError(f"{dataset.manifest}: the dataset has no training items")
+    zero_shot = retrieval.evaluate(backbone, test_set)
+
+    seed_everything(seed)
+    handle = attach(backbone, method, config)
+    settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16)
+    log = None
+    if handle.num_trainable() and epochs > 0:
+        objective = retrieval.RetrievalObjective(backbone, retrieval.prepare(backbone, dataset, train_items))
+        log = train(objective, handle.trainable_parameters(), settings, progress, cancel)
+    tuned = retrieval.evaluate(backbone, test_set)
+
+    result = {
+        "method": method,
+        "config": config_to_dict(config),
+        "backbone": model,
+        "backbone_weights": backbone.weights,
+        "seed": seed,
+        "backbone_params": backbone.num_backbone_params(),
+        "trainable_params": handle.num_trainable(),
+        "trainable_pct": 100.0 * handle.num_trainable() / backbone.num_backbone_params(),
+        "groups": handle.budget(),
+        "dataset": {"fingerprint": dataset.fingerprint, "manifest": dataset.manifest, **dataset.stats(),
+                    "train_used": len(train_items)},
+        "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "shots": shots, "bf16": bf16,
+                  "device": device.type, "epoch_losses": log.epoch_losses if log else [],
+                  "step_losses": log.step_losses if log else [], "cancelled": bool(log and log.cancelled)},
+        "zero_shot": zero_shot,
+        "tuned": tuned,
+        "seconds": time.perf_counter() - started,
+        "out": str(out),
+    }
+    checkpoint.save(out, handle, result)
+    return result
+
+
+def load_run(model: str, pet: str | Path) -> tuple[Backbone, PetHandle, dict[str, Any]]:
+    """The backbone (re-drawn from the run's seed when it has no weights) with the run's PET weights."""
+    info, weights = checkpoint.read(pet)
+    if model != info["backbone"]:
+        raise checkpoint.CheckpointError(f"{weights.parent / checkpoint.RUN_INFO}: these weights were tuned on "
+                                         f"{info['backbone']}, not {model}")
+    backbone = load_backbone(model, info.get("seed", 0)).to(pick_device())
+    handle = attach(backbone, info["method"], info["config"])
+    checkpoint.load_into(handle, weights)
+    return backbone, handle, info
+
+
+def evaluate(model: str, pet: str | Path, data: str | Path) -> dict[str, Any]:
+    """Score a saved run on the test split of `data` (a .zip is unpacked inside the run folder, then removed)."""
+    backbone, handle, info = load_run(model, pet)
+    run_folder = Path(pet) if Path(pet).is_dir() else Path(pet).parent
+    with tempfile.TemporaryDirectory(dir=run_folder, prefix="eval-") as workdir:
+        dataset = read_dataset(data, workdir, DEFAULT_LIMITS)
+        metrics = retrieval.evaluate(backbone, _test_set(backbone, dataset))
+    same = dataset.fingerprint == info.get("dataset", {}).get("fingerprint")
+    return {"method": info["method"], "backbone": model, "metrics": metrics, "same_data_as_tuning": same}

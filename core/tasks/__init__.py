@@ -1,0 +1,1 @@
+"""Tasks: what is trained and measured on top of a backbone (retrieval for now)."""

@@ -1,0 +1,134 @@
+"""The one training loop, for every method and task.
+
+AdamW over the trainable parameters only, linear warm-up then cosine decay by step, gradient
+clipping, seeded shuffling, optional bf16 autocast, a progress callback and a cancel flag.
+Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP
+and each process takes its share of every epoch's batches.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message says where and what to try."""
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 0.05
+    warmup: float = 0.1           # fraction of all steps
+    grad_clip: float = 1.0
+    seed: int = 0
+    bf16: bool = False
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    elapsed: float
+
+    @property
+    def eta(self) -> float:
+        return self.elapsed / self.step * (self.total_steps - self.step) if self.step else float("nan")
+
+
+@dataclass
+class TrainLog:
+    step_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    cancelled: bool = False
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def make_optimizer(params: dict[str, nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]   # biases, norms, scales
+    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
+
+
+def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup_steps = int(round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: TrainSettings,
+          progress: Optional[Callable[[Progress], None]] = None,
+          cancel: Optional[Callable[[], bool]] = None) -> TrainLog:
+    """Train `params` (already marked trainable) by minimising objective(batch).
+
+    `objective.batches(batch_size, generator)` gives one epoch's batches.
+    """
+    if not params:
+        raise ValueError("nothing to train: the method has no trainable parameters")
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    model = nn.parallel.DistributedDataParallel(objective) if distributed else objective
+    device = next(iter(params.values())).device
+    generator = torch.Generator().manual_seed(settings.seed)
+    per_epoch = len(objective.batches(settings.batch_size, torch.Generator().manual_seed(0))) // world
+    total = max(1, per_epoch * settings.epochs)
+    optimizer = make_optimizer(params, settings)
+    scheduler = _schedule(optimizer, total, settings.warmup)
+    log, start, step = TrainLog(), time.perf_counter(), 0
+    objective.train()
+    try:
+        for epoch in range(settings.epochs):
+            batches = objective.batches(settings.batch_size, generator)[rank::world][:per_epoch]
+            epoch_losses = []
+            for batch in batches:
+                if cancel is not None and cancel():
+                    log.cancelled = True
+                    return log
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                    loss = model(batch)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
+                                           f"try a lower learning rate (now {settings.lr:g})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if settings.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                log.step_losses.append(loss.item())
+                epoch_losses.append(loss.item())
+                if progress is not None:
+                    progress(Progress(step, total, epoch + 1, loss.item(), time.perf_counter() - start))
+            log.epoch_losses.append(sum(epoch_losses) / max(1, len(epoch_losses)))
+    finally:
+        objective.eval()
+        log.seconds = time.perf_counter() - start
+    return log

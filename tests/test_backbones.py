@@ -1,0 +1,111 @@
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from core.backbones import BackboneError, load_backbone
+from tests.conftest import TINY, embeddings
+
+
+def reference_model(name, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(name)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["PETStudio-Tiny", "ViT-B-32"])
+def test_embeddings_equal_open_clip(name):
+    backbone = load_backbone(f"openclip:{name}", seed=3)
+    reference = reference_model(name, seed=3)
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, *reference.visual.image_size)
+    tokens = backbone.tokenize(["a photo of a dog", "two red cubes next to a very small blue sphere"])
+    image, text = embeddings(backbone, pixels, tokens)
+    with torch.no_grad():
+        assert torch.allclose(image, reference.encode_image(pixels), atol=1e-5, rtol=0)
+        assert torch.allclose(text, reference.encode_text(tokens), atol=1e-5, rtol=0)
+
+
+def test_text_padding_is_trimmed_to_longest_caption_without_changing_embeddings(tiny):
+    reference = reference_model("PETStudio-Tiny")
+    tokens = tiny.tokenize(["a red square", "a blue circle on the left"])
+    longest = int((tokens != 0).sum(dim=1).max())
+    seen = []
+    tiny.towers["text"].blocks[0].module.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    _, text = embeddings(tiny, torch.zeros(1, 3, 32, 32), tokens)
+    assert tokens.shape[1] == 32 and seen[-1] == longest < 32
+    with torch.no_grad():
+        assert torch.allclose(text, reference.encode_text(tokens), atol=1e-5, rtol=0)
+
+
+def test_tower_layout_describes_blocks_projections_and_sites():
+    backbone = load_backbone("openclip:ViT-B-32")
+    vision, text = backbone.towers["vision"], backbone.towers["text"]
+    assert (vision.width, text.width, vision.depth, text.depth) == (768, 512, 12, 12)
+    assert (vision.causal, text.causal) == (False, True)
+    block = vision.blocks[5]
+    assert set(block.projections) == {"q", "k", "v", "out", "fc1", "fc2"}
+    assert set(block.sites) == {"attn", "mlp"}
+    assert [block.projections[p].out_features for p in ("q", "k", "v", "fc1", "fc2")] == [768, 768, 768, 3072, 768]
+    assert block.heads == 12 and text.blocks[0].heads == 8
+    assert vision.output_projection.shape == (768, 512)
+
+
+def test_a_delta_lands_only_on_its_own_slice_of_the_packed_qkv(tiny):
+    in_proj = tiny.towers["vision"].blocks[0].projections["v"].linear
+    x = torch.randn(2, 5, 64)
+    before = in_proj(x)
+    tiny.towers["vision"].blocks[0].projections["v"].add_delta("test", lambda inp: torch.ones(*inp.shape[:-1], 64))
+    after = in_proj(x)
+    assert torch.equal(after[..., :128], before[..., :128])
+    assert torch.allclose(after[..., 128:], before[..., 128:] + 1)
+    tiny.towers["vision"].blocks[0].projections["v"].remove_delta("test")
+    assert torch.equal(in_proj(x), before)
+
+
+def test_random_init_is_drawn_from_the_seed_and_says_so():
+    a, b, c = (load_backbone(TINY, seed=s) for s in (7, 7, 8))
+    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert not torch.equal(pa["model.visual.proj"], pc["model.visual.proj"])
+    assert a.weights == "random init (seed 7): no pretrained weights" and not a.pretrained
+    assert "random init" in a.describe()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_local_checkpoint_loads_through_open_clip(tmp_path, suffix):
+    source = reference_model("PETStudio-Tiny", seed=11)
+    path = tmp_path / f"tiny{suffix}"
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    torch.save(state, path) if suffix == ".pt" else save_file(state, str(path))
+    backbone = load_backbone(f"openclip:PETStudio-Tiny:{path}", seed=0)
+    assert backbone.pretrained and backbone.weights == f"local checkpoint {path}"
+    pixels, tokens = torch.randn(2, 3, 32, 32), backbone.tokenize(["a cat", "a dog"])
+    image, text = embeddings(backbone, pixels, tokens)
+    with torch.no_grad():
+        assert torch.allclose(image, source.encode_image(pixels), atol=1e-6)
+        assert torch.allclose(text, source.encode_text(tokens), atol=1e-6)
+
+
+def test_checkpoint_of_another_architecture_is_refused_clearly(tmp_path):
+    path = tmp_path / "wrong.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, path)
+    with pytest.raises(BackboneError, match=r"could not load open_clip PETStudio-Tiny weights from file .*wrong.pt"):
+        load_backbone(f"openclip:PETStudio-Tiny:{path}")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("openclip:NoSuchNet", "unknown open_clip model 'NoSuchNet'"),
+    ("openclip:ViT-B-32:no_such_tag", "no pretrained tag 'no_such_tag' for ViT-B-32; known tags: openai"),
+    ("openclip:ViT-B-32:/nowhere/model.pt", "checkpoint file not found: /nowhere/model.pt"),
+    ("clip-ish:thing", "unknown backbone spec 'clip-ish:thing'"),
+])
+def test_bad_specs_get_clear_messages(spec, message):
+    with pytest.raises(BackboneError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_backbone(spec)
+
+
+def test_pretrained_tag_without_network_says_so():
+    with pytest.raises(BackboneError, match="could not fetch open_clip PETStudio-Tiny|could not .* ViT-B-32 .*openai"):
+        load_backbone("openclip:ViT-B-32:openai")
