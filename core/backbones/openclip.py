@@ -41,12 +41,11 @@ def load_openclip(spec: str, name: str, source: Optional[str], seed: int) -> "Op
         torch.manual_seed(seed)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-        except (RuntimeError, KeyError, OSError) as error:
-            where = f"file {source}" if pretrained and _looks_like_path(source) else f"tag {source}"
-            raise BackboneError(f"could not load open_clip {name} weights from {where}: {error}") from error
-        except Exception as error:  # hub and network failures come in many library types
+        except Exception as error:  # hub, network and checkpoint failures come in many library types
+            if pretrained is not None and _looks_like_path(source):
+                raise BackboneError(f"could not load open_clip {name} weights from file {source}: {error}") from error
             raise BackboneError(f"could not fetch open_clip {name} weights for tag {source} "
-                                f"(no network or hub unreachable?): {error}") from error
+                                f"(no network, or the hub is unreachable): {error}") from error
     return OpenClipBackbone(spec, name, model, preprocess, open_clip.get_tokenizer(name), weights, seed)
 
 

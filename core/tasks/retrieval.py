@@ -95,7 +95,7 @@ def recall_metrics(similarity: torch.Tensor, caption_image: torch.Tensor) -> dic
         for k in (1, 5, 10):
             metrics[f"{direction}_r{k}"] = 100.0 * (rank < k).float().mean().item()
     for direction, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
-        metrics[f"{direction}_medr"] = float(rank.float().median().item() + 1)
+        metrics[f"{direction}_medr"] = float(rank.float().quantile(0.5).item() + 1)
     return metrics
 
 

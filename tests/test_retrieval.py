@@ -1,0 +1,42 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.tasks.retrieval import METRIC_KEYS, contrastive_loss, recall_metrics
+
+
+def test_recall_and_median_rank_on_a_hand_worked_matrix():
+    # 3 images; captions 0,1 -> image 0, caption 2 -> image 1, caption 3 -> image 2
+    owners = torch.tensor([0, 0, 1, 2])
+    similarity = torch.tensor([
+        [0.9, 0.1, 0.5, 0.2],   # image 0: its best caption (0.9) is first          -> i2t rank 0
+        [0.8, 0.3, 0.4, 0.1],   # image 1: caption 2 (0.4) below captions 0 (0.8)  -> i2t rank 1
+        [0.7, 0.6, 0.5, 0.2],   # image 2: caption 3 (0.2) below 0, 1, 2           -> i2t rank 3
+    ])
+    m = recall_metrics(similarity, owners)
+    # t2i: caption 0 -> image 0 top (rank 0); caption 1: 0.1 vs 0.3, 0.6 -> rank 2;
+    #      caption 2: 0.4 vs 0.5 (img 0), 0.5 (img 2) -> rank 2; caption 3: 0.1 vs 0.2, 0.2 -> tie counts against: rank 1
+    assert m["i2t_r1"] == pytest.approx(100 / 3) and m["i2t_r5"] == 100.0 and m["i2t_medr"] == 2.0
+    assert m["t2i_r1"] == 25.0 and m["t2i_r5"] == 100.0 and m["t2i_medr"] == 2.5
+    assert set(METRIC_KEYS) == set(m)
+
+
+def test_ties_count_against_the_model():
+    m = recall_metrics(torch.zeros(4, 4), torch.arange(4))
+    assert m["t2i_r1"] == 0.0 and m["i2t_r1"] == 0.0 and m["t2i_medr"] == 4.0
+
+
+def test_contrastive_loss_treats_captions_of_one_image_as_positives():
+    emb = F.normalize(torch.randn(3, 8), dim=-1)
+    image_emb = emb[[0, 0, 1]]
+    text_emb = F.normalize(torch.stack([emb[0] + 0.3 * emb[2], emb[0] - 0.3 * emb[2], emb[1]]), dim=-1)
+    scale = torch.tensor(math.log(100.0))
+    soft = contrastive_loss(image_emb, text_emb, torch.tensor([0, 0, 1]), scale)
+    logits = 100.0 * image_emb @ text_emb.T
+    targets = torch.tensor([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1.0]])  # rows and columns alike
+    expected = (-(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    assert soft.item() == pytest.approx(expected.item(), rel=1e-5)
+    # Two captions of image 0 scored against image 1's: the third pair is a negative for both.
+    assert contrastive_loss(image_emb, text_emb, torch.tensor([0, 0, 0]), scale) != pytest.approx(soft.item())

@@ -1,0 +1,72 @@
+import math
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from core.runs import tune
+from core.trainer import TrainingDiverged, TrainSettings, _schedule, train
+from tests.conftest import TINY
+
+
+class Quadratic(nn.Module):
+    """loss = |w - 3|², batches of nothing; returns NaN from `nan_at` on."""
+
+    def __init__(self, nan_at=None):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4))
+        self.calls, self.nan_at = 0, nan_at
+
+    def forward(self, batch):
+        self.calls += 1
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            return self.w.sum() * float("nan")
+        return ((self.w - 3) ** 2).sum()
+
+    def batches(self, batch_size, generator):
+        return [torch.randperm(8, generator=generator)[:batch_size] for _ in range(4)]
+
+
+def test_trainer_minimises_and_reports_progress():
+    objective, seen = Quadratic(), []
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=10, lr=0.5, grad_clip=0), progress=seen.append)
+    assert len(log.step_losses) == 40 and len(log.epoch_losses) == 10
+    assert log.step_losses[-1] < 0.01 * log.step_losses[0]
+    assert [p.step for p in seen] == list(range(1, 41)) and seen[-1].total_steps == 40 and seen[-1].eta == 0
+
+
+def test_nan_loss_stops_with_a_clear_message():
+    objective = Quadratic(nan_at=6)
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 6 \(epoch 2\); try a lower learning rate \(now 0.5\)"):
+        train(objective, {"w": objective.w}, TrainSettings(epochs=3, lr=0.5))
+
+
+def test_cancel_flag_stops_between_steps():
+    objective, flag = Quadratic(), threading.Event()
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=5),
+                progress=lambda p: flag.set() if p.step == 3 else None, cancel=flag.is_set)
+    assert log.cancelled and len(log.step_losses) == 3
+
+
+def test_warmup_then_cosine_by_step():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = _schedule(optimizer, total_steps=10, warmup=0.2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert lrs[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lrs[-1] < 0.05
+
+
+def test_same_seed_same_numbers(shapes, tmp_path):
+    runs = [tune(TINY, shapes, "lora", {"dropout": 0.25}, shots=8, epochs=2, lr=1e-2, seed=4, out=tmp_path / f"r{i}")
+            for i in range(2)]
+    assert runs[0]["train"]["step_losses"] == runs[1]["train"]["step_losses"]
+    assert runs[0]["tuned"] == runs[1]["tuned"]
+    other = tune(TINY, shapes, "lora", shots=8, epochs=2, lr=1e-2, seed=5, out=tmp_path / "r2")
+    assert other["train"]["step_losses"] != runs[0]["train"]["step_losses"]
+    assert runs[0]["dataset"]["train_used"] == 8
