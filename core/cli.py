@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", type=lambda s: s.split(","), help="comma-separated (default: all)")
 
     demo = commands.add_parser("demo", help="generate a small shapes dataset and compare methods on it")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", help="folder for the dataset and the runs (default runs/demo-DATE)")
 
     for sub in (info, tune, evaluate, bench, demo):
         sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -158,7 +159,7 @@ def run_demo(args) -> dict[str, Any]:
     from core.data.shapes import write_shapes_dataset
     from core.runs import tune
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     data = write_shapes_dataset(out / "shapes")
     _note(f"dataset: {data} (coloured shapes; test split has one picture per colour and shape)")
     rows = {}
@@ -179,6 +180,8 @@ def _human(command: str, result: dict[str, Any]) -> str:
                 f"saved to {result['out']} in {result['seconds']:.1f}s")
     if command == "eval":
         return _format_metrics(result["metrics"])
+    if command == "demo":
+        return f"dataset and runs saved under {Path(result['data']).parent}"
     return json.dumps(result, indent=2)
 
 
