@@ -181,3 +181,10 @@ def test_not_a_zip_and_missing_source(tmp_path):
     (tmp_path / "fake.zip").write_bytes(b"nope")
     assert problems(tmp_path / "fake.zip", tmp_path / "w")[0].startswith("fake.zip: not a readable .zip archive")
     assert problems(tmp_path / "nothing", tmp_path / "w") == [f"{tmp_path / 'nothing'}: not found"]
+
+
+def test_oversized_media_file_is_refused(tmp_path):
+    root = folder(tmp_path, "file,caption\na.png,x\n")
+    size = (root / "a.png").stat().st_size
+    assert problems(root, tmp_path / "w", max_file_bytes=size - 1) == [
+        f"captions.csv → a.png, row 2: file is {size} bytes, more than the limit of {size - 1}"]

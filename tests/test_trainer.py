@@ -70,3 +70,12 @@ def test_same_seed_same_numbers(shapes, tmp_path):
     other = tune(TINY, shapes, "lora", shots=8, epochs=2, lr=1e-2, seed=5, out=tmp_path / "r2")
     assert other["train"]["step_losses"] != runs[0]["train"]["step_losses"]
     assert runs[0]["dataset"]["train_used"] == 8
+
+
+def test_bf16_autocast_trains_where_the_cpu_supports_it(shapes, tmp_path):
+    from core.trainer import bf16_supported
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no bf16 support")
+    result = tune(TINY, shapes, "linear_probe", epochs=4, lr=1e-2, bf16=True, out=tmp_path / "bf16")
+    losses = result["train"]["epoch_losses"]
+    assert result["train"]["bf16"] and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

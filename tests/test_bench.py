@@ -1,0 +1,16 @@
+from core.bench import bench
+from core.pet import METHODS
+from tests.conftest import TINY
+
+
+def test_bench_measures_every_method_and_the_peft_peer_on_one_batch():
+    result = bench(TINY, batch=4, steps=1)
+    assert set(result["methods"]) == set(METHODS) - {"zero_shot"}
+    assert result["methods"]["lora"]["trainable_params"] == 2688
+    assert result["methods"]["full"]["trainable_params"] == 2_550_593
+    # PEFT's LoRA on nn.MultiheadAttention adapts the packed in_proj (r=2) and out_proj.
+    assert result["peers"]["peft_lora"]["trainable_params"] == 2 * (2 * (64 + 192) + 2 * (64 + 64)) + \
+        2 * (2 * (48 + 144) + 2 * (48 + 48))
+    for row in [*result["methods"].values(), *result["peers"].values()]:
+        assert row["step_s"] > 0 and row["peak_mem_mb"] >= 0
+        assert row["step_over_forward"] == row["step_s"] / result["forward_s"]
