@@ -42,6 +42,9 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         if f.type in ("tuple[str, ...]",) or f.type == tuple[str, ...]:
             group.add_argument(flag, dest=f"option_{name}", type=lambda s: tuple(x for x in s.split(",") if x),
                                metavar="A,B", help=f"comma-separated (default {','.join(f.default)})")
+        elif f.type in ("bool", bool):
+            group.add_argument(flag, dest=f"option_{name}", action=argparse.BooleanOptionalAction,
+                               help=f"(default {'on' if f.default else 'off'})")
         else:
             kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             group.add_argument(flag, dest=f"option_{name}", type=kind)

@@ -72,7 +72,8 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16)
     log = None
     if handle.num_trainable() and epochs > 0:
-        objective = retrieval.RetrievalObjective(backbone, retrieval.prepare(backbone, dataset, train_items))
+        objective = retrieval.RetrievalObjective(backbone, retrieval.prepare(backbone, dataset, train_items),
+                                                 handle.context_enhancement)
         log = train(objective, handle.trainable_parameters(), settings, progress, cancel)
     tuned = retrieval.evaluate(backbone, test_set)
 

@@ -47,6 +47,11 @@ class Backbone(nn.Module):
     def num_backbone_params(self) -> int:
         return sum(p.numel() for p in self.backbone_parameters().values())
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The task heads a method may tune besides its own parameters (Aurora's `heads`)."""
+        projection = self.towers["vision"].output_projection
+        return [projection] if projection is not None else []
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -21,11 +21,13 @@ class Projection:
 
     `rows` selects this projection's rows of a packed weight (q, k and v share one in_proj),
     so a delta is added to exactly its own slice of the packed output. Deltas receive the
-    linear's own input, which for cross-attention keys and values is the other modality.
+    linear's own input, which for cross-attention keys and values is the other modality:
+    `source` then names the tower that input comes from.
     """
 
-    def __init__(self, linear: nn.Linear, rows: Optional[slice] = None):
+    def __init__(self, linear: nn.Linear, rows: Optional[slice] = None, source: Optional[str] = None):
         self.linear = linear
+        self.source = source
         self.rows = rows if rows is not None else slice(0, linear.out_features)
         self.deltas: dict[str, Delta] = {}
         siblings = linear.__dict__.setdefault("_pet_projections", [])

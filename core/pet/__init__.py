@@ -6,7 +6,7 @@ import dataclasses
 from types import ModuleType
 from typing import Any
 
-from core.pet import adapter, bitfit, full, linear_probe, lora, prompt, zero_shot
+from core.pet import adapter, aurora, bitfit, full, linear_probe, lora, prompt, zero_shot
 from core.pet.handle import PetError, PetHandle
 
 METHODS: dict[str, ModuleType] = {
@@ -17,6 +17,7 @@ METHODS: dict[str, ModuleType] = {
     "adapter": adapter,
     "prompt": prompt,
     "full": full,
+    "aurora": aurora,
 }
 
 __all__ = ["METHODS", "PetError", "PetHandle", "attach", "make_config", "config_to_dict"]

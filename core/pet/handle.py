@@ -23,6 +23,7 @@ class PetHandle:
     """
 
     mergeable = False
+    context_enhancement = 0.0   # Aurora's ICE weight, applied by the task in training
 
     def __init__(self, backbone: Backbone, method: str, config: Any,
                  tuned_backbone_params: Iterable[nn.Parameter] = (), group: Callable[[str], str] = lambda n: "pet"):

@@ -48,11 +48,16 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids:
 
 
 class RetrievalObjective(nn.Module):
-    """The trained module: a batch of caption indices -> contrastive loss (DDP wraps this)."""
+    """The trained module: a batch of caption indices -> contrastive loss (DDP wraps this).
 
-    def __init__(self, backbone: Backbone, data: RetrievalSet):
+    `context_enhancement` > 0 adds that multiple of the batch-mean text embedding to every
+    text embedding in training: our dual-encoder adaptation of Aurora's informative context
+    enhancement, which BLIP applies to the fused [CLS] of positive pairs.
+    """
+
+    def __init__(self, backbone: Backbone, data: RetrievalSet, context_enhancement: float = 0.0):
         super().__init__()
-        self.backbone, self.data = backbone, data
+        self.backbone, self.data, self.context_enhancement = backbone, data, context_enhancement
 
     def forward(self, caption_ids: torch.Tensor) -> torch.Tensor:
         image_ids = self.data.caption_image[caption_ids]
@@ -60,6 +65,8 @@ class RetrievalObjective(nn.Module):
         device = self.backbone.device
         image_emb = self.backbone.encode_image(self.data.pixels[unique].to(device))[inverse.to(device)]
         text_emb = self.backbone.encode_text(self.data.tokens[caption_ids].to(device))
+        if self.training and self.context_enhancement:
+            text_emb = text_emb + self.context_enhancement * text_emb.mean(dim=0, keepdim=True)
         return contrastive_loss(image_emb, text_emb, image_ids.to(device), self.backbone.logit_scale)
 
     def batches(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -1,0 +1,220 @@
+"""Aurora: mode approximation (NeurIPS 2023), with gated query transformation and informative
+context enhancement.
+
+Every adapted projection j gets Δ_j(x) = s · V(dropout((U x) M_j)), M_j = Σ_c C[:, :, c] λ_j[c]:
+the factors U (R×d), V (d×R, zero init) and the core C (R×R×R) are shared by all layers of all
+towers (U, V per width, so per tower when widths differ); each projection owns only its mode
+vector λ_j ∈ R^R. MLP projections use one mode vector per d-wide quarter of the hidden layer.
+Linear in the weights: ΔW_j = V M_jᵀ U merges into the frozen weight for inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.backbones import BlockLayout, Projection
+from core.pet.handle import PetError, PetHandle, attach_site_combiners, blocks_of
+
+DEFAULT_LR = 1e-4
+SELF_AND_CROSS = ("q", "k", "v", "cross_q", "cross_k", "cross_v")
+FULL_BLOCK = ("q", "k", "v", "out", "fc1", "fc2")
+
+
+@dataclass
+class Config:
+    rank: int = 32
+    towers: tuple[str, ...] = ("vision", "text")
+    projections: tuple[str, ...] = ()      # empty: the authors' choice per tower (see _projections_for)
+    dropout: float = 0.1
+    scale: float = 1.0
+    share_factors: bool = True             # one U, V for towers of equal width
+    gqt: bool = False                      # gated query transformation
+    gqt_towers: tuple[str, ...] = ("text",)
+    ice: bool = False                      # informative context enhancement (training only)
+    heads: bool = False                    # also tune the task heads (vision projection, ITM head)
+
+
+def _projections_for(block: BlockLayout, config: Config) -> tuple[str, ...]:
+    """The authors adapt self- and cross-attention q, k, v in text towers with cross-attention
+    (BLIP), and q, k, v, out, fc1, fc2 elsewhere (every ViT block; both towers of CLIP)."""
+    if config.projections:
+        return config.projections
+    return SELF_AND_CROSS if "cross_q" in block.projections else FULL_BLOCK
+
+
+def _pieces(projection: Projection, name: str) -> tuple[int, str]:
+    """How many mode vectors a projection takes and how its delta is laid out."""
+    if projection.out_features > projection.in_features:        # fc1: one per output quarter
+        return projection.out_features // projection.in_features, "split_out"
+    if projection.in_features > projection.out_features:        # fc2: one per input quarter
+        return projection.in_features // projection.out_features, "split_in"
+    return 1, "plain"
+
+
+class AuroraFactors(nn.Module):
+    def __init__(self, rank: int, widths: dict[str, int], mode_counts: dict[str, int], dropout: float):
+        super().__init__()
+        self.core = nn.Parameter(torch.empty(rank, rank, rank))
+        nn.init.xavier_uniform_(self.core)
+        self.U = nn.ParameterDict()
+        self.V = nn.ParameterDict()
+        for key, width in widths.items():
+            self.U[key] = nn.Parameter(nn.Linear(width, rank, bias=False).weight.detach().clone())
+            self.V[key] = nn.Parameter(torch.zeros(width, rank))    # zero: starts at the frozen model
+        self.modes = nn.ParameterDict()
+        for tower, count in mode_counts.items():
+            self.modes[tower] = nn.Parameter(torch.empty(count, rank))
+            nn.init.xavier_uniform_(self.modes[tower])
+        self.dropout = nn.Dropout(dropout)
+
+    def mode_matrices(self, tower: str, rows: slice) -> torch.Tensor:
+        """(pieces, R, R): M = Σ_c C[:, :, c] λ[c] for each mode vector in `rows`."""
+        return torch.einsum("abc,pc->pab", self.core, self.modes[tower][rows])
+
+
+class AuroraDelta:
+    """The delta of one projection; holds no parameters of its own (they are all shared)."""
+
+    def __init__(self, factors: AuroraFactors, tower: str, rows: slice, layout: str,
+                 in_key: str, out_key: str, scale: float):
+        self.factors, self.tower, self.rows, self.layout = factors, tower, rows, layout
+        self.in_key, self.out_key, self.scale = in_key, out_key, scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.factors
+        U, V = f.U[self.in_key].to(x.dtype), f.V[self.out_key].to(x.dtype)
+        M = f.mode_matrices(self.tower, self.rows).to(x.dtype)
+        if self.layout == "plain":
+            return f.dropout((x @ U.T) @ M[0]) @ V.T * self.scale
+        if self.layout == "split_out":
+            u = x @ U.T
+            return torch.cat([f.dropout(u @ m) @ V.T for m in M], dim=-1) * self.scale
+        quarters = x.chunk(len(M), dim=-1)
+        return sum(f.dropout((q @ U.T) @ m) @ V.T for q, m in zip(quarters, M)) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        f = self.factors
+        U, V = f.U[self.in_key], f.V[self.out_key]
+        blocks = [V @ m.T @ U for m in f.mode_matrices(self.tower, self.rows)]
+        if self.layout == "split_in":
+            return torch.cat(blocks, dim=1) * self.scale
+        return torch.cat(blocks, dim=0) * self.scale
+
+
+class QueryGate(nn.Module):
+    """GQT on a pre-LN block: x_out = x_mid + h + 0.1 (x_mid ⊙ γ + β), at the MLP residual site."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(width) * 2e-4)
+        self.beta = nn.Parameter(torch.randn(width) * 2e-4)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, token_mask: Optional[torch.Tensor] = None):
+        return x + h + 0.1 * (x * self.gamma.to(x.dtype) + self.beta.to(x.dtype))
+
+
+class AuroraModule(nn.Module):
+    def __init__(self, factors: AuroraFactors):
+        super().__init__()
+        self.factors = factors
+        self.gqt: Optional[nn.Module] = None
+
+
+class AuroraHandle(PetHandle):
+    mergeable = True
+
+    def __init__(self, backbone, config: Config):
+        super().__init__(backbone, "aurora", config, tuned_backbone_params=backbone.head_parameters() if config.heads else (),
+                         group=self._group_of)
+        self.context_enhancement = 0.1 if config.ice else 0.0
+        self.deltas: list[tuple[str, int, str, Projection, AuroraDelta]] = []
+
+    @staticmethod
+    def _group_of(name: str) -> str:
+        if name.startswith("pet.factors.modes."):
+            return "modes"
+        if name.startswith("pet.factors."):
+            return "shared"
+        if name.startswith("pet.gqt."):
+            return "gqt"
+        return "heads"
+
+    def _fold(self, sign: float) -> None:
+        for _, _, _, projection, delta in self.deltas:
+            projection.add_to_weight(sign * delta.delta_weight())
+            if sign > 0:
+                projection.remove_delta(self.method)
+            else:
+                projection.add_delta(self.method, delta)
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._fold(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._fold(-1.0)
+            self.merged = False
+
+    @torch.no_grad()
+    def gate_readout(self, pixels=None, tokens=None) -> dict[str, torch.Tensor]:
+        """Mode vectors λ and ‖ΔW‖_F per (tower, projection) over layers; GQT γ/β per layer."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for tower, _, name, _, delta in self.deltas:
+            out.setdefault(f"{tower}.modes.{name}", []).append(self.backbone.pet.factors.modes[tower][delta.rows])
+            out.setdefault(f"{tower}.delta_norm.{name}", []).append(torch.linalg.norm(delta.delta_weight()))
+        readout = {k: torch.stack(v).float().cpu() for k, v in out.items()}
+        if self.backbone.pet.gqt is not None:
+            for tower, blocks in self.backbone.pet.gqt.items():
+                for part in ("gamma", "beta"):
+                    readout[f"{tower}.gqt_{part}"] = torch.stack(
+                        [getattr(sites["mlp"], part) for sites in blocks.values()]).float().cpu()
+        return readout
+
+
+def attach(backbone, config: Config) -> AuroraHandle:
+    if config.rank < 1:
+        raise PetError(f"aurora rank must be at least 1, got {config.rank}")
+    handle = AuroraHandle(backbone, config)
+    plan = []     # (tower, block, name, projection, pieces, layout)
+    widths: dict[str, int] = {}
+    counts: dict[str, int] = {}
+
+    def key(tower: str, width: int) -> str:
+        return str(width) if config.share_factors else f"{tower}_{width}"
+
+    for tower, block in blocks_of(backbone, config.towers):
+        for name in _projections_for(block, config):
+            if name not in block.projections:
+                raise PetError(f"{tower} block {block.index} has no projection '{name}' "
+                               f"(has {', '.join(block.projections)})")
+            projection = block.projections[name]
+            pieces, layout = _pieces(projection, name)
+            source = projection.source or tower
+            width_in = projection.in_features // (pieces if layout == "split_in" else 1)
+            width_out = projection.out_features // (pieces if layout == "split_out" else 1)
+            widths[key(source, width_in)] = width_in
+            widths[key(tower, width_out)] = width_out
+            plan.append((tower, block, name, projection, pieces, layout, key(source, width_in), key(tower, width_out)))
+            counts[tower] = counts.get(tower, 0) + pieces
+    factors = AuroraFactors(config.rank, widths, counts, config.dropout)
+    module = AuroraModule(factors)
+    handle.install(module)
+    used: dict[str, int] = {}
+    for tower, block, name, projection, pieces, layout, in_key, out_key in plan:
+        start = used.get(tower, 0)
+        used[tower] = start + pieces
+        delta = AuroraDelta(factors, tower, slice(start, start + pieces), layout, in_key, out_key, config.scale)
+        projection.add_delta(handle.method, delta)
+        handle.deltas.append((tower, block.index, name, projection, delta))
+    handle.on_detach(lambda: [p.remove_delta(handle.method) for *_, p, _ in handle.deltas])
+    if config.gqt:
+        module.gqt = attach_site_combiners(handle, config.gqt_towers, ("mlp",),
+                                           lambda tower, block, name: QueryGate(block.width))
+        module.gqt.to(backbone.device).requires_grad_(True)
+    return handle
