@@ -49,7 +49,7 @@ def test_tower_layout_describes_blocks_projections_and_sites():
     assert set(block.sites) == {"attn", "mlp"}
     assert [block.projections[p].out_features for p in ("q", "k", "v", "fc1", "fc2")] == [768, 768, 768, 3072, 768]
     assert block.heads == 12 and text.blocks[0].heads == 8
-    assert vision.output_projection.shape == (768, 512)
+    assert [p.shape for p in vision.output_parameters] == [(768, 512)]
 
 
 def test_a_delta_lands_only_on_its_own_slice_of_the_packed_qkv(tiny):

@@ -1,7 +1,8 @@
 """Loading a model family behind one interface.
 
 Specs: `openclip:NAME` (random init from the seed), `openclip:NAME:TAG` (pretrained tag through
-open_clip's hub mechanism), `openclip:NAME:PATH` (a local checkpoint file).
+open_clip's hub mechanism), `openclip:NAME:PATH` (a local checkpoint file); `blip:base`,
+`blip:HUB_ID`, `blip:PATH` (transformers BLIP retrieval, see core.backbones.blip).
 """
 from __future__ import annotations
 
@@ -18,4 +19,9 @@ def load_backbone(spec: str, seed: int = 0) -> Backbone:
 
         name, _, source = rest.partition(":")
         return load_openclip(spec, name, source or None, seed)
-    raise BackboneError(f"unknown backbone spec '{spec}': expected openclip:NAME[:TAG|:PATH]")
+    if family == "blip" and rest:
+        from core.backbones.blip import load_blip
+
+        return load_blip(spec, rest, seed)
+    raise BackboneError(f"unknown backbone spec '{spec}': expected openclip:NAME[:TAG|:PATH] or "
+                        f"blip:base|HUB_ID|PATH")

@@ -28,6 +28,7 @@ class Backbone(nn.Module):
     towers: dict[str, TowerLayout]
     image_transform: Callable
     seed: int
+    supports_matching = False   # True for families with an image-text matching head (BLIP's ITM)
 
     def __init__(self):
         super().__init__()
@@ -49,8 +50,7 @@ class Backbone(nn.Module):
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The task heads a method may tune besides its own parameters (Aurora's `heads`)."""
-        projection = self.towers["vision"].output_projection
-        return [projection] if projection is not None else []
+        return list(self.towers["vision"].output_parameters)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

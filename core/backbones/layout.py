@@ -107,6 +107,9 @@ class BlockLayout:
     width: int
     mlp_width: int
     heads: int
+    # Post-LN blocks (BERT/BLIP text): the modules whose outputs are the sub-layer outputs after
+    # their Add&LN, e.g. {"self": ..., "cross": ...}; methods observe them with forward hooks.
+    sublayers: dict[str, nn.Module] = field(default_factory=dict)
 
 
 PromptSource = Callable[[int], Optional[torch.Tensor]]
@@ -114,18 +117,19 @@ PromptSource = Callable[[int], Optional[torch.Tensor]]
 
 @dataclass
 class TowerLayout:
-    """One tower: its blocks, its width, and the output projection into the joint space.
+    """One tower: its blocks, its width, and the parameters of its projection into the joint space.
 
-    `prompt_slot` is where learnable prompt tokens are inserted (after [CLS] / start token);
-    a method sets `prompts` to a function layer -> (n, width) tokens or None.
+    `prompt_slot` is where learnable prompt tokens are inserted (after [CLS] / start token;
+    None for towers that do not run through `run`); a method sets `prompts` to a function
+    layer -> (n, width) tokens or None.
     """
 
     name: str
     width: int
     blocks: list[BlockLayout]
-    output_projection: Optional[nn.Parameter]
+    output_parameters: tuple[nn.Parameter, ...]
     causal: bool
-    prompt_slot: int = 1
+    prompt_slot: Optional[int] = 1
     prompts: Optional[PromptSource] = field(default=None)
 
     @property

@@ -83,7 +83,7 @@ class OpenClipBackbone(Backbone):
         if isinstance(projection, torch.nn.Linear):
             raise BackboneError("linear text projections are not supported")
         return TowerLayout(name=name, width=transformer.width, blocks=blocks,
-                           output_projection=projection, causal=causal)
+                           output_parameters=(projection,) if projection is not None else (), causal=causal)
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.backbones import BlockLayout, Projection
-from core.pet.handle import PetError, PetHandle, attach_site_combiners, blocks_of
+from core.pet.handle import PetError, PetHandle, blocks_of
 
 DEFAULT_LR = 1e-4
 SELF_AND_CROSS = ("q", "k", "v", "cross_q", "cross_k", "cross_v")
@@ -117,6 +117,36 @@ class QueryGate(nn.Module):
         return x + h + 0.1 * (x * self.gamma.to(x.dtype) + self.beta.to(x.dtype))
 
 
+class CrossQueryGate(nn.Module):
+    """GQT on a post-LN text layer with cross-attention (BLIP), in multimodal mode only:
+    layer_out += 0.1 (A_self ⊙ γ_s + β_s) + 0.1 (A_cross ⊙ γ_c + β_c), with A_self and A_cross
+    the self- and cross-attention outputs after their Add&LN, observed through forward hooks."""
+
+    def __init__(self, block: BlockLayout):
+        super().__init__()
+        for part in ("gamma_self", "beta_self", "gamma_cross", "beta_cross"):
+            self.register_parameter(part, nn.Parameter(torch.randn(block.width) * 2e-4))
+        self._seen: dict[str, torch.Tensor] = {}
+        self.hooks = [block.sublayers["self"].register_forward_hook(self._keep("self")),
+                      block.sublayers["cross"].register_forward_hook(self._keep("cross")),
+                      block.module.register_forward_hook(self._add)]
+
+    def _keep(self, name: str):
+        def hook(module, inputs, output):
+            self._seen[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _add(self, module, inputs, output):
+        seen, self._seen = self._seen, {}
+        if "cross" not in seen:        # unimodal pass: no cross-attention, no gate
+            return output
+        out = output[0] if isinstance(output, tuple) else output
+        dtype = out.dtype
+        out = out + 0.1 * (seen["self"] * self.gamma_self.to(dtype) + self.beta_self.to(dtype)) \
+            + 0.1 * (seen["cross"] * self.gamma_cross.to(dtype) + self.beta_cross.to(dtype))
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+
 class AuroraModule(nn.Module):
     def __init__(self, factors: AuroraFactors):
         super().__init__()
@@ -170,10 +200,10 @@ class AuroraHandle(PetHandle):
             out.setdefault(f"{tower}.delta_norm.{name}", []).append(torch.linalg.norm(delta.delta_weight()))
         readout = {k: torch.stack(v).float().cpu() for k, v in out.items()}
         if self.backbone.pet.gqt is not None:
-            for tower, blocks in self.backbone.pet.gqt.items():
-                for part in ("gamma", "beta"):
+            for tower, gates in self.backbone.pet.gqt.items():
+                for part, _ in next(iter(gates.values())).named_parameters():
                     readout[f"{tower}.gqt_{part}"] = torch.stack(
-                        [getattr(sites["mlp"], part) for sites in blocks.values()]).float().cpu()
+                        [getattr(gate, part) for gate in gates.values()]).float().cpu()
         return readout
 
 
@@ -214,7 +244,28 @@ def attach(backbone, config: Config) -> AuroraHandle:
         handle.deltas.append((tower, block.index, name, projection, delta))
     handle.on_detach(lambda: [p.remove_delta(handle.method) for *_, p, _ in handle.deltas])
     if config.gqt:
-        module.gqt = attach_site_combiners(handle, config.gqt_towers, ("mlp",),
-                                           lambda tower, block, name: QueryGate(block.width))
+        module.gqt = _attach_query_gates(handle, config.gqt_towers)
         module.gqt.to(backbone.device).requires_grad_(True)
     return handle
+
+
+def _attach_query_gates(handle: AuroraHandle, towers: tuple[str, ...]) -> nn.ModuleDict:
+    """GQT gates as gqt[tower][block]: on the MLP residual site of pre-LN blocks (CLIP), through
+    sub-layer hooks on post-LN blocks with cross-attention (BLIP text)."""
+    gates = nn.ModuleDict()
+    for tower, block in blocks_of(handle.backbone, towers):
+        gates[tower] = gates[tower] if tower in gates else nn.ModuleDict()
+        if "cross" in block.sublayers:
+            gate = CrossQueryGate(block)
+            handle.on_detach(lambda gate=gate: [h.remove() for h in gate.hooks])
+        elif "mlp" in block.sites:
+            gate = QueryGate(block.width)
+            if block.sites["mlp"].combiner is not None:
+                raise PetError(f"{tower} block {block.index}: the MLP site already has a method attached")
+            block.sites["mlp"].combiner = gate
+            handle.on_detach(lambda site=block.sites["mlp"]: setattr(site, "combiner", None))
+        else:
+            raise PetError(f"gated query transformation is not available on the {tower} tower of "
+                           f"{handle.backbone.spec}")
+        gates[tower][str(block.index)] = gate
+    return gates

@@ -139,6 +139,9 @@ def attach_site_combiners(handle: PetHandle, towers: Iterable[str], sites: Itera
     for tower, block in blocks_of(handle.backbone, towers):
         per_block = _block_slot(modules, tower, block)
         for name in sites:
+            if name not in block.sites:
+                raise PetError(f"{tower} block {block.index} of {handle.backbone.spec} has no residual site "
+                               f"'{name}' for {handle.method}")
             site = block.sites[name]
             if site.combiner is not None:
                 raise PetError(f"{tower} block {block.index} site '{name}' already has a method attached")

@@ -14,7 +14,7 @@ class Config:
 
 
 def attach(backbone, config: Config) -> PetHandle:
-    heads = [t.output_projection for t in backbone.towers.values() if t.output_projection is not None]
+    heads = [p for t in backbone.towers.values() for p in t.output_parameters]
     if not heads:
         raise PetError(f"{backbone.spec} has no output projections to tune")
     return PetHandle(backbone, "linear_probe", config, tuned_backbone_params=heads, group=lambda n: "heads")

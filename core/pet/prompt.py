@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.pet.handle import PetHandle, blocks_of
+from core.pet.handle import PetError, PetHandle, blocks_of
 
 DEFAULT_LR = 2e-3
 
@@ -23,6 +23,9 @@ class Config:
 def attach(backbone, config: Config) -> PetHandle:
     handle = PetHandle(backbone, "prompt", config, group=lambda n: "prompts")
     list(blocks_of(backbone, config.towers))  # validates the tower names
+    for name in config.towers:
+        if backbone.towers[name].prompt_slot is None:
+            raise PetError(f"prompt tuning is not available on the {name} tower of {backbone.spec}")
     prompts = nn.ParameterDict()
     for name in config.towers:
         tower = backbone.towers[name]

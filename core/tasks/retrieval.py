@@ -1,4 +1,9 @@
-"""Image-text retrieval: symmetric InfoNCE with soft targets, Recall@K both ways, median rank."""
+"""Image-text retrieval: symmetric InfoNCE with soft targets, Recall@K both ways, median rank.
+
+Backbones with a matching head (BLIP) also train image-text matching (ITM) on the positive
+pairs and on hard negatives drawn by ITC similarity, and at evaluation re-rank each query's
+top k candidates by ITM, as BLIP does.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,6 +65,8 @@ class RetrievalObjective(nn.Module):
         self.backbone, self.data, self.context_enhancement = backbone, data, context_enhancement
 
     def forward(self, caption_ids: torch.Tensor) -> torch.Tensor:
+        if self.backbone.supports_matching:
+            return self._contrastive_and_matching_loss(caption_ids)
         image_ids = self.data.caption_image[caption_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
         device = self.backbone.device
@@ -68,6 +75,34 @@ class RetrievalObjective(nn.Module):
         if self.training and self.context_enhancement:
             text_emb = text_emb + self.context_enhancement * text_emb.mean(dim=0, keepdim=True)
         return contrastive_loss(image_emb, text_emb, image_ids.to(device), self.backbone.logit_scale)
+
+    def _contrastive_and_matching_loss(self, caption_ids: torch.Tensor) -> torch.Tensor:
+        backbone, device = self.backbone, self.backbone.device
+        image_ids = self.data.caption_image[caption_ids].to(device)
+        unique, inverse = torch.unique(image_ids, return_inverse=True)
+        image_tokens = backbone.image_tokens(self.data.pixels[unique.cpu()])[inverse]
+        tokens = self.data.tokens[caption_ids].to(device)
+        text_cls = backbone.text_cls(tokens)
+        image_emb, text_emb = backbone.embed_image_tokens(image_tokens), backbone.embed_text_cls(text_cls)
+        loss = contrastive_loss(image_emb, text_emb, image_ids, backbone.logit_scale)
+        same = image_ids[:, None] == image_ids[None, :]
+        if same.all():
+            return loss   # one image in the batch: no negatives to match against
+        with torch.no_grad():  # hard negatives, drawn by ITC similarity among other images' pairs
+            similarity = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+            weights = similarity.float().softmax(dim=1).masked_fill(same, 0) + (~same) * 1e-8
+            negative_text = torch.multinomial(weights, 1).squeeze(1)
+            weights = similarity.float().T.softmax(dim=1).masked_fill(same, 0) + (~same) * 1e-8
+            negative_image = torch.multinomial(weights, 1).squeeze(1)
+        positive = backbone.fused_cls(image_tokens, tokens)
+        if self.training and self.context_enhancement:
+            # Aurora's informative context enhancement: the batch's unimodal text context.
+            positive = positive + self.context_enhancement * text_cls.mean(dim=0, keepdim=True)
+        fused = torch.cat([positive, backbone.fused_cls(image_tokens, tokens[negative_text]),
+                           backbone.fused_cls(image_tokens[negative_image], tokens)])
+        labels = torch.cat([torch.ones_like(image_ids), torch.zeros(2 * len(image_ids), dtype=torch.long,
+                                                                    device=device)])
+        return loss + F.cross_entropy(backbone.match_logits(fused).float(), labels)
 
     def batches(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
         order = torch.randperm(len(self.data), generator=generator)
@@ -106,6 +141,35 @@ def recall_metrics(similarity: torch.Tensor, caption_image: torch.Tensor) -> dic
     return metrics
 
 
-def evaluate(backbone: Backbone, data: RetrievalSet) -> dict[str, float]:
+@torch.no_grad()
+def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch.Tensor,
+                       k: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i2t, t2i) score matrices where each query's top-k ITC candidates are re-scored by
+    ITM logit + ITC similarity and the rest stay below them (BLIP's evaluation)."""
+    was_training = backbone.training
+    backbone.eval()
+    image_tokens = torch.cat([backbone.image_tokens(p) for p in data.pixels.split(batch_size)])
+    tokens = data.tokens.to(backbone.device)
+    k_text, k_image = min(k, similarity.shape[1]), min(k, similarity.shape[0])
+    i2t = torch.full_like(similarity, -100.0)
+    for i in range(similarity.shape[0]):
+        top = similarity[i].topk(k_text).indices
+        fused = backbone.fused_cls(image_tokens[i].expand(k_text, -1, -1), tokens[top])
+        i2t[i, top] = backbone.match_logits(fused)[:, 1].float().cpu() + similarity[i, top]
+    t2i = torch.full_like(similarity, -100.0)
+    for j in range(similarity.shape[1]):
+        top = similarity[:, j].topk(k_image).indices
+        fused = backbone.fused_cls(image_tokens[top.to(image_tokens.device)], tokens[j].expand(k_image, -1))
+        t2i[top, j] = backbone.match_logits(fused)[:, 1].float().cpu() + similarity[top, j]
+    backbone.train(was_training)
+    return i2t, t2i
+
+
+def evaluate(backbone: Backbone, data: RetrievalSet, rerank_k: int = 16) -> dict[str, float]:
     images, texts = embed(backbone, data)
-    return recall_metrics(images @ texts.T, data.caption_image)
+    similarity = images @ texts.T
+    if not backbone.supports_matching:
+        return recall_metrics(similarity, data.caption_image)
+    i2t, t2i = rerank_by_matching(backbone, data, similarity, rerank_k)
+    by_image, by_text = recall_metrics(i2t, data.caption_image), recall_metrics(t2i, data.caption_image)
+    return {k: (by_image if k.startswith("i2t") else by_text)[k] for k in METRIC_KEYS}

@@ -1,0 +1,171 @@
+"""transformers BLIP for image-text retrieval: ITC embeddings for ranking, ITM for matching.
+
+Specs: `blip:base` (BLIP-base architecture from the default BlipConfig, random init from the
+seed), `blip:HUB_ID` (weights and processor through transformers' from_pretrained, e.g.
+Salesforce/blip-itm-base-coco) and `blip:PATH` (a local folder written by save_pretrained).
+"""
+from __future__ import annotations
+
+import math
+import string
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.backbones.base import Backbone, BackboneError
+from core.backbones.layout import BlockLayout, Projection, TowerLayout
+
+MAX_TEXT_TOKENS = 35   # BLIP's retrieval caption length
+
+
+def stand_in_tokenizer():
+    """A character-level WordPiece tokenizer for `blip:base`, which has no weights and so no
+    trained vocabulary; checkpoints loaded from the hub or a folder bring their own."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    characters = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = {token: i for i, token in enumerate(specials + characters + ["##" + c for c in characters])}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def load_blip(spec: str, source: str, seed: int) -> "BlipBackbone":
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
+
+    if source == "base":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = BlipForImageTextRetrieval(BlipConfig())
+        processor = BlipProcessor(image_processor=BlipImageProcessor(), tokenizer=stand_in_tokenizer())
+        weights = f"random init (seed {seed}): no pretrained weights (stand-in character tokenizer)"
+    else:
+        where = "folder" if Path(source).exists() or source.startswith(("/", ".", "~")) else "hub id"
+        if where == "folder" and not Path(source).is_dir():
+            raise BackboneError(f"BLIP folder not found: {source}")
+        if where == "folder" and not (Path(source) / "config.json").is_file():
+            raise BackboneError(f"{source}: not a BLIP folder (no config.json; write one with save_pretrained)")
+        try:
+            model = BlipForImageTextRetrieval.from_pretrained(source)
+            processor = BlipProcessor.from_pretrained(source)
+        except Exception as error:  # hub, network and file errors come in many library types
+            if where == "folder":
+                raise BackboneError(f"could not load BLIP from folder {source}: {error}") from error
+            raise BackboneError(f"could not fetch BLIP weights for {source} "
+                                f"(no network, or the hub is unreachable): {error}") from error
+        weights = f"local folder {source}" if where == "folder" else f"pretrained {source}"
+    return BlipBackbone(spec, model, processor, weights, seed)
+
+
+class BlipBackbone(Backbone):
+    family = "blip"
+    supports_matching = True
+
+    def __init__(self, spec, model, processor, weights, seed):
+        super().__init__()
+        self.spec, self.weights, self.seed = spec, weights, seed
+        self.model = model.eval()
+        self.processor = processor
+        self.pad_id = processor.tokenizer.pad_token_id
+        # BLIP's ITC temperature is not part of transformers' retrieval model: BLIP's init, 0.07.
+        self.register_buffer("_logit_scale", torch.tensor(math.log(1 / 0.07)))
+        self.towers = {"vision": self._vision_tower(), "text": self._text_tower()}
+
+    def image_transform(self, image) -> torch.Tensor:
+        return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+    def _vision_tower(self) -> TowerLayout:
+        blocks = []
+        for i, layer in enumerate(self.model.vision_model.encoder.layers):
+            attn, width = layer.self_attn, layer.self_attn.embed_dim
+            blocks.append(BlockLayout(
+                index=i, module=layer,
+                projections={"q": Projection(attn.qkv, slice(0, width)),
+                             "k": Projection(attn.qkv, slice(width, 2 * width)),
+                             "v": Projection(attn.qkv, slice(2 * width, 3 * width)),
+                             "out": Projection(attn.projection),
+                             "fc1": Projection(layer.mlp.fc1), "fc2": Projection(layer.mlp.fc2)},
+                sites={}, layernorms=[layer.layer_norm1, layer.layer_norm2], width=width,
+                mlp_width=layer.mlp.fc1.out_features, heads=attn.num_heads))
+        return TowerLayout(name="vision", width=self.model.config.vision_config.hidden_size, blocks=blocks,
+                           output_parameters=tuple(self.model.vision_proj.parameters()), causal=False,
+                           prompt_slot=None)
+
+    def _text_tower(self) -> TowerLayout:
+        blocks = []
+        for i, layer in enumerate(self.model.text_encoder.encoder.layer):
+            own, cross = layer.attention, layer.crossattention
+            blocks.append(BlockLayout(
+                index=i, module=layer,
+                projections={"q": Projection(own.self.query), "k": Projection(own.self.key),
+                             "v": Projection(own.self.value), "out": Projection(own.output.dense),
+                             "cross_q": Projection(cross.self.query),
+                             "cross_k": Projection(cross.self.key, source="vision"),
+                             "cross_v": Projection(cross.self.value, source="vision"),
+                             "cross_out": Projection(cross.output.dense),
+                             "fc1": Projection(layer.intermediate.dense), "fc2": Projection(layer.output.dense)},
+                sites={}, layernorms=[own.output.LayerNorm, cross.output.LayerNorm, layer.output.LayerNorm],
+                width=own.output.dense.out_features, mlp_width=layer.intermediate.dense.out_features,
+                heads=own.self.num_attention_heads,
+                sublayers={"self": own, "cross": cross}))
+        return TowerLayout(name="text", width=self.model.config.text_config.hidden_size, blocks=blocks,
+                           output_parameters=tuple(self.model.text_proj.parameters()), causal=False,
+                           prompt_slot=None)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [*self.model.vision_proj.parameters(), *self.model.itm_head.parameters()]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self._logit_scale
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.processor.tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS,
+                                        return_tensors="pt")["input_ids"]
+
+    def _trim(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop padding columns (exact: padded keys are masked) and return (ids, mask)."""
+        tokens = tokens.to(self.device)
+        mask = (tokens != self.pad_id).long()
+        length = max(int(mask.sum(dim=1).max()), 1)
+        return tokens[:, :length], mask[:, :length]
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model(pixel_values=pixels.to(self.device)).last_hidden_state
+
+    def embed_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_proj(image_tokens[:, 0])
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.embed_image_tokens(self.image_tokens(pixels))
+
+    def text_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The unimodal text [CLS] (text encoder without cross-attention)."""
+        ids, mask = self._trim(tokens)
+        return self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+
+    def embed_text_cls(self, text_cls: torch.Tensor) -> torch.Tensor:
+        return self.model.text_proj(text_cls)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_text_cls(self.text_cls(tokens))
+
+    def fused_cls(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The multimodal [CLS]: the text encoder cross-attending to the image tokens."""
+        ids, mask = self._trim(tokens)
+        image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
+        return self.model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_tokens,
+                                       encoder_attention_mask=image_mask).last_hidden_state[:, 0]
+
+    def match_logits(self, fused_cls: torch.Tensor) -> torch.Tensor:
+        """ITM logits (no match, match) from fused [CLS] vectors."""
+        return self.model.itm_head(fused_cls)
