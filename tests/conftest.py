@@ -23,6 +23,43 @@ def shapes(tmp_path_factory):
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes") / "data")
 
 
+def write_tiny_blip(folder, seed=0):
+    """A 2-layer, 32-wide BLIP retrieval model and its processor, written with save_pretrained.
+
+    initializer_range 0.3 (BLIP's is 0.02) keeps a random tiny model's features diverse
+    enough for few-step tuning tests.
+    """
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
+
+    from core.backbones.blip import stand_in_tokenizer
+
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, initializer_range=0.3),
+        text_config=dict(vocab_size=160, bos_token_id=2, hidden_size=32, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                         encoder_hidden_size=32, initializer_range=0.3),
+        image_text_hidden_size=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForImageTextRetrieval(config)
+    model.save_pretrained(folder)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                              tokenizer=stand_in_tokenizer())
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_folder(tmp_path_factory):
+    return write_tiny_blip(tmp_path_factory.mktemp("blip") / "tiny")
+
+
+@pytest.fixture
+def tiny_blip(tiny_blip_folder):
+    return load_backbone(f"blip:{tiny_blip_folder}")
+
+
 @pytest.fixture
 def batch(tiny):
     torch.manual_seed(1)

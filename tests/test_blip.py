@@ -1,0 +1,142 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BlipForImageTextRetrieval
+
+from core.backbones import BackboneError, load_backbone
+from core.pet import PetError, attach
+from core.runs import evaluate, load_run, tune
+from core.tasks.retrieval import RetrievalObjective, RetrievalSet
+from tests.test_pet import _randomise
+
+
+@pytest.fixture
+def inputs(tiny_blip):
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = tiny_blip.tokenize(["a red circle", "one blue square on a plain background"])
+    return pixels, tokens
+
+
+def outputs(backbone, pixels, tokens):
+    backbone.eval()
+    with torch.no_grad():
+        image_tokens = backbone.image_tokens(pixels)
+        return (backbone.encode_image(pixels), backbone.encode_text(tokens),
+                backbone.match_logits(backbone.fused_cls(image_tokens, tokens)))
+
+
+def test_blip_base_budget_is_the_papers(request):
+    backbone = load_backbone("blip:base")
+    assert backbone.num_backbone_params() == 223_744_258 and not backbone.pretrained
+    handle = attach(backbone, "aurora")
+    assert handle.budget() == {"shared": 81_920, "modes": 6_912} and handle.num_trainable() == 88_832
+    assert round(100 * 88_832 / 223_744_258, 3) == 0.040
+    handle.detach()
+    handle = attach(backbone, "aurora", {"gqt": True})
+    assert handle.budget() == {"shared": 81_920, "modes": 6_912, "gqt": 36_864}
+
+
+def test_local_folder_loads_through_from_pretrained_and_matches_transformers(tiny_blip_folder, tiny_blip, inputs):
+    pixels, tokens = inputs
+    reference = BlipForImageTextRetrieval.from_pretrained(tiny_blip_folder).eval()
+    mask = (tokens != 0).long()
+    image, text, itm = outputs(tiny_blip, pixels, tokens)
+    with torch.no_grad():
+        expected_itc = reference(input_ids=tokens, pixel_values=pixels, attention_mask=mask, use_itm_head=False)
+        expected_itm = reference(input_ids=tokens, pixel_values=pixels, attention_mask=mask)
+    assert torch.allclose(F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T, expected_itc.itm_score, atol=1e-5)
+    assert torch.allclose(itm, expected_itm.itm_score, atol=1e-5)
+    assert tiny_blip.weights == f"local folder {tiny_blip_folder}"
+
+
+def test_aurora_starts_at_the_frozen_model_and_merges(tiny_blip, inputs):
+    before = outputs(tiny_blip, *inputs)
+    handle = attach(tiny_blip, "aurora", {"rank": 8})
+    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(outputs(tiny_blip, *inputs), before))
+    _randomise(handle, seed=1)
+    unmerged = outputs(tiny_blip, *inputs)
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(unmerged, before))
+    handle.merge()
+    for a, b in zip(outputs(tiny_blip, *inputs), unmerged):
+        assert (a - b).norm() / b.norm() < 1e-5
+    handle.unmerge()
+    for a, b in zip(outputs(tiny_blip, *inputs), unmerged):
+        assert (a - b).norm() / b.norm() < 1e-5
+
+
+def test_cross_attention_key_value_deltas_take_the_image_tokens(tiny_blip, inputs):
+    attach(tiny_blip, "aurora")
+    cross_k = tiny_blip.towers["text"].blocks[0].projections["cross_k"]
+    assert cross_k.source == "vision" and "aurora" in cross_k.deltas
+    seen = []
+    cross_k.add_delta("probe", lambda x: seen.append(x.shape) or torch.zeros(*x.shape[:-1], 32))
+    pixels, tokens = inputs
+    with torch.no_grad():
+        tiny_blip.encode_text(tokens)
+        assert seen == []                                  # unimodal: no cross-attention
+        tiny_blip.fused_cls(tiny_blip.image_tokens(pixels), tokens)
+    assert seen == [(2, 1 + 16, 32)]                       # [CLS] + 4×4 patches
+
+
+def test_gqt_acts_only_in_multimodal_mode(tiny_blip, inputs):
+    before = outputs(tiny_blip, *inputs)
+    handle = attach(tiny_blip, "aurora", {"gqt": True})
+    with torch.no_grad():
+        for name, p in handle.trainable_parameters().items():
+            if ".gqt." in name:
+                p.normal_(std=0.5)
+    image, text, itm = outputs(tiny_blip, *inputs)
+    assert torch.equal(image, before[0]) and torch.allclose(text, before[1], atol=1e-6)
+    assert (itm - before[2]).abs().max() > 1e-3
+    readout = handle.gate_readout()
+    assert readout["text.gqt_gamma_cross"].shape == (2, 32) and readout["vision.modes.fc1"].shape == (2, 4, 32)
+    handle.detach()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(outputs(tiny_blip, *inputs), before))
+
+
+def test_gradients_reach_only_aurora_parameters_and_the_heads(tiny_blip):
+    handle = attach(tiny_blip, "aurora", {"gqt": True, "ice": True, "heads": True})
+    _randomise(handle, seed=2)
+    data = RetrievalSet(torch.randn(4, 3, 32, 32), tiny_blip.tokenize(["a", "b c", "d e f", "g"]), torch.arange(4))
+    torch.manual_seed(0)
+    RetrievalObjective(tiny_blip, data, handle.context_enhancement).train()(torch.arange(4)).backward()
+    trainable = handle.trainable_parameters()
+    heads = {n for n, _ in tiny_blip.named_parameters() if n.startswith(("model.vision_proj", "model.itm_head"))}
+    assert set(trainable) == {n for n, _ in tiny_blip.named_parameters() if n.startswith("pet.")} | heads
+    for name, p in tiny_blip.named_parameters():
+        assert (p.grad is not None) == (name in trainable), name
+
+
+def test_aurora_tunes_tiny_blip_above_chance_and_the_checkpoint_round_trips(tiny_blip_folder, shapes, tmp_path):
+    spec = f"blip:{tiny_blip_folder}"
+    result = tune(spec, shapes, "aurora", {"gqt": True, "ice": True}, epochs=10, lr=1e-2, seed=0, out=tmp_path / "run")
+    losses = result["train"]["epoch_losses"]
+    assert losses[-1] < 0.8 * losses[0]
+    chance = 100 / 24
+    assert result["tuned"]["t2i_r1"] >= 3 * chance and result["tuned"]["i2t_r1"] >= 3 * chance
+    assert evaluate(spec, tmp_path / "run", shapes)["metrics"] == result["tuned"]
+
+
+def test_other_methods_attach_where_their_definition_allows(tiny_blip):
+    handle = attach(tiny_blip, "lora")
+    assert handle.num_trainable() == 2 * 2 * 3 * 2 * (2 * 32)
+    handle.detach()
+    with pytest.raises(PetError, match="has no residual site 'attn' for adapter"):
+        attach(tiny_blip, "adapter")
+    with pytest.raises(PetError, match="prompt tuning is not available on the vision tower"):
+        attach(tiny_blip, "prompt")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("blip:/no/such/folder", "BLIP folder not found: /no/such/folder"),
+    ("blip:Salesforce/blip-itm-base-coco", "could not fetch BLIP weights for Salesforce/blip-itm-base-coco (no network"),
+])
+def test_bad_blip_specs(spec, message):
+    with pytest.raises(BackboneError, match=message.replace("(", r"\(")):
+        load_backbone(spec)
+
+
+def test_a_folder_without_config_is_not_blip(tmp_path):
+    with pytest.raises(BackboneError, match="not a BLIP folder"):
+        load_backbone(f"blip:{tmp_path}")
