@@ -42,6 +42,17 @@ def _test_set(backbone: Backbone, dataset: Dataset) -> retrieval.RetrievalSet:
     return retrieval.prepare(backbone, dataset, test)
 
 
+def score(handle: PetHandle, test_set: retrieval.RetrievalSet) -> dict[str, float]:
+    """Test metrics; methods linear in the weights are merged first, so inference costs nothing extra."""
+    if not handle.mergeable:
+        return retrieval.evaluate(handle.backbone, test_set)
+    handle.merge()
+    try:
+        return retrieval.evaluate(handle.backbone, test_set)
+    finally:
+        handle.unmerge()
+
+
 def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, Any]] = None,
          shots: Optional[int] = None, epochs: int = 5, lr: Optional[float] = None, batch_size: int = 32,
          seed: int = 0, out: Optional[str | Path] = None, bf16: bool = False,
@@ -75,7 +86,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
         objective = retrieval.RetrievalObjective(backbone, retrieval.prepare(backbone, dataset, train_items),
                                                  handle.context_enhancement)
         log = train(objective, handle.trainable_parameters(), settings, progress, cancel)
-    tuned = retrieval.evaluate(backbone, test_set)
+    tuned = score(handle, test_set)
 
     result = {
         "method": method,
@@ -119,6 +130,6 @@ def evaluate(model: str, pet: str | Path, data: str | Path) -> dict[str, Any]:
     run_folder = Path(pet) if Path(pet).is_dir() else Path(pet).parent
     with tempfile.TemporaryDirectory(dir=run_folder, prefix="eval-") as workdir:
         dataset = read_dataset(data, workdir, DEFAULT_LIMITS)
-        metrics = retrieval.evaluate(backbone, _test_set(backbone, dataset))
+        metrics = score(handle, _test_set(backbone, dataset))
     same = dataset.fingerprint == info.get("dataset", {}).get("fingerprint")
     return {"method": info["method"], "backbone": model, "metrics": metrics, "same_data_as_tuning": same}
