@@ -18,6 +18,12 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def vit_b16():
+    """ViT-B/16 with no weights, shared by budget tests (each detaches what it attaches)."""
+    return load_backbone("openclip:ViT-B-16")
+
+
+@pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     """24 test pictures (one per colour × shape, chance R@1 = 1/24) and 72 training pictures."""
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes") / "data")

@@ -8,8 +8,7 @@ from tests.conftest import TINY, embeddings
 from tests.test_pet import _randomise
 
 
-def test_openclip_vit_b16_budget_matches_the_paper_scheme(request):
-    vit_b16 = request.getfixturevalue("vit_b16")
+def test_openclip_vit_b16_budget_matches_the_paper_scheme(vit_b16):
     handle = attach(vit_b16, "aurora")
     # C 32³ + vision U,V 2·768·32 + text U,V 2·512·32; 12 mode vectors per block, 24 blocks
     assert handle.budget() == {"shared": 32_768 + 49_152 + 32_768, "modes": 24 * 12 * 32}
@@ -18,12 +17,6 @@ def test_openclip_vit_b16_budget_matches_the_paper_scheme(request):
     handle = attach(vit_b16, "aurora", {"gqt": True, "heads": True})
     assert handle.budget() == {"shared": 114_688, "modes": 9_216, "gqt": 12 * 2 * 512, "heads": 768 * 512}
     handle.detach()
-
-
-@pytest.fixture(scope="module")
-def vit_b16():
-    from core.backbones import load_backbone
-    return load_backbone("openclip:ViT-B-16")
 
 
 def test_starts_exactly_at_the_frozen_model(tiny, batch):

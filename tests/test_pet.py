@@ -2,17 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.backbones import load_backbone
 from core.pet import METHODS, PetError, attach
 from core.tasks.retrieval import RetrievalObjective, RetrievalSet
 from core.trainer import TrainSettings, make_optimizer
 from tests.conftest import TINY, embeddings
 from tests.test_backbones import reference_model
-
-
-@pytest.fixture(scope="module")
-def vit_b16():
-    return load_backbone("openclip:ViT-B-16")
 
 
 def test_budgets_on_vit_b16_match_closed_forms(vit_b16):

@@ -52,6 +52,10 @@ class Backbone(nn.Module):
         """The task heads a method may tune besides its own parameters (Aurora's `heads`)."""
         return list(self.towers["vision"].output_parameters)
 
+    def patch_grid(self) -> tuple[int, int, int]:
+        """(rows, cols, prefix): vision tokens are `prefix` tokens ([CLS]) then rows × cols patches."""
+        raise NotImplementedError
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -121,6 +121,11 @@ class BlipBackbone(Backbone):
                            output_parameters=tuple(self.model.text_proj.parameters()), causal=False,
                            prompt_slot=None)
 
+    def patch_grid(self) -> tuple[int, int, int]:
+        config = self.model.config.vision_config
+        side = config.image_size // config.patch_size
+        return side, side, 1
+
     def head_parameters(self) -> list[nn.Parameter]:
         return [*self.model.vision_proj.parameters(), *self.model.itm_head.parameters()]
 

@@ -89,6 +89,10 @@ class OpenClipBackbone(Backbone):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale
 
+    def patch_grid(self) -> tuple[int, int, int]:
+        rows, cols = self.model.visual.grid_size
+        return rows, cols, 1
+
     @property
     def pad_id(self) -> int:
         return getattr(self.text, "pad_id", 0)

@@ -6,7 +6,7 @@ import dataclasses
 from types import ModuleType
 from typing import Any
 
-from core.pet import adapter, aurora, bitfit, full, linear_probe, lora, prompt, zero_shot
+from core.pet import adapter, aurora, bitfit, full, linear_probe, lora, prompt, vlpet, zero_shot
 from core.pet.handle import PetError, PetHandle
 
 METHODS: dict[str, ModuleType] = {
@@ -18,6 +18,7 @@ METHODS: dict[str, ModuleType] = {
     "prompt": prompt,
     "full": full,
     "aurora": aurora,
+    "vlpet": vlpet,
 }
 
 __all__ = ["METHODS", "PetError", "PetHandle", "attach", "make_config", "config_to_dict"]
