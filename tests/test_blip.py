@@ -118,12 +118,15 @@ def test_aurora_tunes_tiny_blip_above_chance_and_the_checkpoint_round_trips(tiny
     assert evaluate(spec, tmp_path / "run", shapes)["metrics"] == result["tuned"]
 
 
-def test_other_methods_attach_where_their_definition_allows(tiny_blip):
+def test_other_methods_attach_where_their_definition_allows(tiny_blip, inputs):
     handle = attach(tiny_blip, "lora")
     assert handle.num_trainable() == 2 * 2 * 3 * 2 * (2 * 32)
     handle.detach()
-    with pytest.raises(PetError, match="has no residual site 'attn' for adapter"):
-        attach(tiny_blip, "adapter")
+    before = outputs(tiny_blip, *inputs)
+    handle = attach(tiny_blip, "adapter", {"sites": ["attn", "mlp"]})
+    assert handle.num_trainable() == 2 * 2 * 2 * (2 * 32 * 4 + 4 + 32)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(outputs(tiny_blip, *inputs), before))
+    handle.detach()
     with pytest.raises(PetError, match="prompt tuning is not available on the vision tower"):
         attach(tiny_blip, "prompt")
 

@@ -122,3 +122,36 @@ def test_each_granularity_tunes_with_falling_loss(shapes, tmp_path, granularity)
     losses = result["train"]["epoch_losses"]
     assert losses[-1] < 0.85 * losses[0], losses
     assert result["tuned"]["t2i_r1"] > result["zero_shot"]["t2i_r1"]
+
+
+def test_vlpet_on_blip_gates_vision_and_post_ln_text_sites(tiny_blip):
+    torch.manual_seed(0)
+    pixels, tokens = torch.randn(2, 3, 32, 32), tiny_blip.tokenize(["a red circle", "one blue square here"])
+    tiny_blip.eval()
+    with torch.no_grad():
+        before = tiny_blip.encode_image(pixels), tiny_blip.encode_text(tokens)
+    handle = attach(tiny_blip, "vlpet", {"granularity": "middleX", "sites": ["attn", "cross", "mlp"]})
+    with torch.no_grad():
+        after = tiny_blip.encode_image(pixels), tiny_blip.encode_text(tokens)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(after, before))
+    readout = handle.gate_readout(pixels, tokens)
+    length = int((tokens != 0).sum(dim=1).max())
+    assert readout["vision.1.mlp"].shape == (2, 17) and readout["text.0.attn"].shape == (2, length)
+    assert "text.0.cross" not in readout       # unimodal encoding runs no cross-attention
+    assert handle.patch_map(readout["vision.0.attn"]).shape == (2, 4, 4)
+    # layernorms: vision 2 per block, text 3 per block (self, cross, output), weight and bias
+    assert handle.budget()["layernorms"] == 2 * (2 + 3) * 2 * 32
+
+
+def test_small_gate_ignores_padding_on_blip_text(tiny_blip):
+    handle = attach(tiny_blip, "vlpet", {"granularity": "small", "init": "paper", "towers": ["text"]})
+    alone = handle.gate_readout(tokens=tiny_blip.tokenize(["a red square"]))
+    padded = handle.gate_readout(tokens=tiny_blip.tokenize(["a red square", "one green cross on a white background"]))
+    for name, gate in alone.items():
+        assert torch.allclose(gate[0], padded[name][0], atol=1e-6), name
+
+
+def test_a_site_no_block_has_is_refused_before_anything_is_attached(tiny):
+    with pytest.raises(PetError, match="vlpet: no block of the vision, text tower\\(s\\) of .* has a residual site cross"):
+        attach(tiny, "vlpet", {"sites": ["attn", "cross"]})
+    assert all(s.combiner is None for t in tiny.towers.values() for b in t.blocks for s in b.sites.values())

@@ -16,9 +16,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.backbones.base import Backbone, BackboneError
-from core.backbones.layout import BlockLayout, Projection, TowerLayout
+from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout
 
 MAX_TEXT_TOKENS = 35   # BLIP's retrieval caption length
+
+
+# BLIP's layers re-expressed once so their residual additions run through ResidualSites. The
+# instances keep their weights and parameter names; only their class (their forward) changes.
+def _sited_vision_forward(self, hidden_states, **kwargs):
+    h, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), **kwargs)
+    x = self.attn_site(hidden_states, h)
+    return self.mlp_site(x, self.mlp(self.layer_norm2(x)))
+
+
+def _sited_output_forward(self, hidden_states, input_tensor):
+    """Post-LN (BERT): LN(X + H) becomes LN(site(X, H)), H the sub-layer's output after dropout."""
+    h = self.dropout(self.dense(hidden_states))
+    return self.LayerNorm(self.site(input_tensor, h, self.token_mask()))
+
+
+_SITED_CLASSES: dict[type, type] = {}
+
+
+def _give_sites(module: nn.Module, forward) -> None:
+    cls = type(module)
+    if cls not in _SITED_CLASSES:
+        _SITED_CLASSES[cls] = type(f"Sited{cls.__name__}", (cls,), {"forward": forward})
+    module.__class__ = _SITED_CLASSES[cls]
 
 
 def stand_in_tokenizer():
@@ -76,6 +100,7 @@ class BlipBackbone(Backbone):
         self.model = model.eval()
         self.processor = processor
         self.pad_id = processor.tokenizer.pad_token_id
+        self._text_mask: Optional[torch.Tensor] = None   # real tokens of the text being encoded
         # BLIP's ITC temperature is not part of transformers' retrieval model: BLIP's init, 0.07.
         self.register_buffer("_logit_scale", torch.tensor(math.log(1 / 0.07)))
         self.towers = {"vision": self._vision_tower(), "text": self._text_tower()}
@@ -87,6 +112,8 @@ class BlipBackbone(Backbone):
         blocks = []
         for i, layer in enumerate(self.model.vision_model.encoder.layers):
             attn, width = layer.self_attn, layer.self_attn.embed_dim
+            layer.attn_site, layer.mlp_site = ResidualSite(), ResidualSite()
+            _give_sites(layer, _sited_vision_forward)
             blocks.append(BlockLayout(
                 index=i, module=layer,
                 projections={"q": Projection(attn.qkv, slice(0, width)),
@@ -94,7 +121,8 @@ class BlipBackbone(Backbone):
                              "v": Projection(attn.qkv, slice(2 * width, 3 * width)),
                              "out": Projection(attn.projection),
                              "fc1": Projection(layer.mlp.fc1), "fc2": Projection(layer.mlp.fc2)},
-                sites={}, layernorms=[layer.layer_norm1, layer.layer_norm2], width=width,
+                sites={"attn": layer.attn_site, "mlp": layer.mlp_site},
+                layernorms=[layer.layer_norm1, layer.layer_norm2], width=width,
                 mlp_width=layer.mlp.fc1.out_features, heads=attn.num_heads))
         return TowerLayout(name="vision", width=self.model.config.vision_config.hidden_size, blocks=blocks,
                            output_parameters=tuple(self.model.vision_proj.parameters()), causal=False,
@@ -104,6 +132,9 @@ class BlipBackbone(Backbone):
         blocks = []
         for i, layer in enumerate(self.model.text_encoder.encoder.layer):
             own, cross = layer.attention, layer.crossattention
+            for output in (own.output, cross.output, layer.output):
+                output.site, output.token_mask = ResidualSite(), lambda: self._text_mask
+                _give_sites(output, _sited_output_forward)
             blocks.append(BlockLayout(
                 index=i, module=layer,
                 projections={"q": Projection(own.self.query), "k": Projection(own.self.key),
@@ -113,7 +144,8 @@ class BlipBackbone(Backbone):
                              "cross_v": Projection(cross.self.value, source="vision"),
                              "cross_out": Projection(cross.output.dense),
                              "fc1": Projection(layer.intermediate.dense), "fc2": Projection(layer.output.dense)},
-                sites={}, layernorms=[own.output.LayerNorm, cross.output.LayerNorm, layer.output.LayerNorm],
+                sites={"attn": own.output.site, "cross": cross.output.site, "mlp": layer.output.site},
+                layernorms=[own.output.LayerNorm, cross.output.LayerNorm, layer.output.LayerNorm],
                 width=own.output.dense.out_features, mlp_width=layer.intermediate.dense.out_features,
                 heads=own.self.num_attention_heads,
                 sublayers={"self": own, "cross": cross}))
@@ -153,10 +185,16 @@ class BlipBackbone(Backbone):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.embed_image_tokens(self.image_tokens(pixels))
 
+    def _run_text(self, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        self._text_mask = mask
+        try:
+            return self.model.text_encoder(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state[:, 0]
+        finally:
+            self._text_mask = None
+
     def text_cls(self, tokens: torch.Tensor) -> torch.Tensor:
         """The unimodal text [CLS] (text encoder without cross-attention)."""
-        ids, mask = self._trim(tokens)
-        return self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        return self._run_text(*self._trim(tokens))
 
     def embed_text_cls(self, text_cls: torch.Tensor) -> torch.Tensor:
         return self.model.text_proj(text_cls)
@@ -168,8 +206,7 @@ class BlipBackbone(Backbone):
         """The multimodal [CLS]: the text encoder cross-attending to the image tokens."""
         ids, mask = self._trim(tokens)
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
-        return self.model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_tokens,
-                                       encoder_attention_mask=image_mask).last_hidden_state[:, 0]
+        return self._run_text(ids, mask, encoder_hidden_states=image_tokens, encoder_attention_mask=image_mask)
 
     def match_logits(self, fused_cls: torch.Tensor) -> torch.Tensor:
         """ITM logits (no match, match) from fused [CLS] vectors."""

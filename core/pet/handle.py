@@ -133,15 +133,21 @@ def attach_projection_deltas(handle: PetHandle, towers: Iterable[str], projectio
 
 def attach_site_combiners(handle: PetHandle, towers: Iterable[str], sites: Iterable[str],
                           make: Callable[[str, BlockLayout, str], nn.Module]) -> nn.ModuleDict:
-    """One combiner module per (tower, block, residual site): module(x, h, token_mask)."""
+    """One combiner module per (tower, block, residual site): module(x, h, token_mask).
+
+    A site only some blocks have (BLIP's text `cross`) is used where it exists."""
+    blocks = list(blocks_of(handle.backbone, towers))
+    missing = [name for name in sites if not any(name in block.sites for _, block in blocks)]
+    if missing:
+        raise PetError(f"{handle.method}: no block of the {', '.join(towers)} tower(s) of {handle.backbone.spec} "
+                       f"has a residual site {', '.join(missing)}")
     modules = nn.ModuleDict()
     attached = []
-    for tower, block in blocks_of(handle.backbone, towers):
+    for tower, block in blocks:
         per_block = _block_slot(modules, tower, block)
         for name in sites:
             if name not in block.sites:
-                raise PetError(f"{tower} block {block.index} of {handle.backbone.spec} has no residual site "
-                               f"'{name}' for {handle.method}")
+                continue
             site = block.sites[name]
             if site.combiner is not None:
                 raise PetError(f"{tower} block {block.index} site '{name}' already has a method attached")
