@@ -191,11 +191,8 @@ def _human(command: str, result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every random init; we say it once
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # read by transformers at import
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     handlers = {"info": run_info, "tune": run_tune, "eval": run_eval, "bench": run_bench, "demo": run_demo}
     try:
         result = handlers[args.command](args)
