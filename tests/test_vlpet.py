@@ -10,14 +10,6 @@ from tests.test_pet import _randomise
 GRANULARITIES = ["small", "middleX", "middleY", "large"]
 
 
-@pytest.fixture
-def inputs(tiny):
-    torch.manual_seed(0)
-    pixels = torch.randn(2, 3, 32, 32)
-    tokens = tiny.tokenize(["a red square", "two blue circles left of a big green tree", "x"])
-    return pixels, tokens
-
-
 def test_budget_on_vit_b16_matches_the_closed_form(vit_b16):
     handle = attach(vit_b16, "vlpet", {"granularity": "large"})
 
@@ -41,45 +33,45 @@ def test_budget_on_vit_b16_matches_the_closed_form(vit_b16):
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_gate_readout_shapes_for_both_towers(tiny, inputs, granularity):
+def test_gate_readout_shapes_for_both_towers(tiny, batch, granularity):
     handle = attach(tiny, "vlpet", {"granularity": granularity})
-    readout = handle.gate_readout(*inputs)
+    readout = handle.gate_readout(*batch)
     assert set(readout) == {f"{t}.{i}.{s}" for t in ("vision", "text") for i in (0, 1) for s in ("attn", "mlp")}
-    text_tokens = int((inputs[1] != 0).sum(dim=1).max())
-    expected = {"small": {"vision": (2,), "text": (3,)},
-                "middleX": {"vision": (2, 17), "text": (3, text_tokens)},
+    text_tokens = int((batch[1] != 0).sum(dim=1).max())
+    expected = {"small": {"vision": (3,), "text": (3,)},
+                "middleX": {"vision": (3, 17), "text": (3, text_tokens)},
                 "middleY": {"vision": (64,), "text": (48,)},
-                "large": {"vision": (2, 17, 64), "text": (3, text_tokens, 48)}}[granularity]
+                "large": {"vision": (3, 17, 64), "text": (3, text_tokens, 48)}}[granularity]
     for name, gate in readout.items():
         assert tuple(gate.shape) == expected[name.split(".")[0]], name
         assert torch.allclose(gate, torch.ones_like(gate))       # identity start: G = 1
 
 
 @pytest.mark.parametrize("granularity", ["middleX", "large"])
-def test_vision_token_gates_map_onto_the_patch_grid(tiny, inputs, granularity):
+def test_vision_token_gates_map_onto_the_patch_grid(tiny, batch, granularity):
     handle = attach(tiny, "vlpet", {"granularity": granularity, "init": "paper"})
-    gate = handle.gate_readout(pixels=inputs[0])["vision.1.attn"]
+    gate = handle.gate_readout(pixels=batch[0])["vision.1.attn"]
     grid = handle.patch_map(gate)
-    assert grid.shape == (2, 4, 4)
+    assert grid.shape == (3, 4, 4)
     flat = gate if gate.ndim == 2 else gate.mean(-1)
     assert grid[1, 2, 3] == flat[1, 1 + 2 * 4 + 3]
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_identity_init_keeps_the_frozen_model(tiny, inputs, granularity):
-    before = embeddings(tiny, *inputs)
+def test_identity_init_keeps_the_frozen_model(tiny, batch, granularity):
+    before = embeddings(tiny, *batch)
     attach(tiny, "vlpet", {"granularity": granularity})
-    after = embeddings(tiny, *inputs)
+    after = embeddings(tiny, *batch)
     assert all((a - b).abs().max() <= 1e-6 for a, b in zip(after, before))
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_paper_init_changes_outputs_with_sigmoid_gates_near_half(tiny, inputs, granularity):
-    before = embeddings(tiny, *inputs)
+def test_paper_init_changes_outputs_with_sigmoid_gates_near_half(tiny, batch, granularity):
+    before = embeddings(tiny, *batch)
     handle = attach(tiny, "vlpet", {"granularity": granularity, "init": "paper"})
-    after = embeddings(tiny, *inputs)
+    after = embeddings(tiny, *batch)
     assert all((a - b).abs().max() > 1e-2 for a, b in zip(after, before))
-    gates = torch.cat([g.flatten() for g in handle.gate_readout(*inputs).values()])
+    gates = torch.cat([g.flatten() for g in handle.gate_readout(*batch).values()])
     if granularity == "middleY":
         assert torch.equal(gates, torch.ones_like(gates))   # 1 + z, z = 0: no sigmoid in the authors' code
     else:

@@ -173,23 +173,8 @@ class AuroraHandle(PetHandle):
             return "gqt"
         return "heads"
 
-    def _fold(self, sign: float) -> None:
-        for _, _, _, projection, delta in self.deltas:
-            projection.add_to_weight(sign * delta.delta_weight())
-            if sign > 0:
-                projection.remove_delta(self.method)
-            else:
-                projection.add_delta(self.method, delta)
-
-    def merge(self) -> None:
-        if not self.merged:
-            self._fold(+1.0)
-            self.merged = True
-
-    def unmerge(self) -> None:
-        if self.merged:
-            self._fold(-1.0)
-            self.merged = False
+    def linear_deltas(self):
+        return [(projection, delta) for *_, projection, delta in self.deltas]
 
     @torch.no_grad()
     def gate_readout(self, pixels=None, tokens=None) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from core.backbones import Backbone, BlockLayout
+from core.backbones import Backbone, BlockLayout, Projection
 
 
 class PetError(ValueError):
@@ -77,11 +77,30 @@ class PetHandle:
             for name, p in own.items():
                 p.copy_(state[name])
 
+    def linear_deltas(self) -> list[tuple[Projection, Any]]:
+        """(projection, delta) pairs whose delta is linear in x, with a `delta_weight()` (out×in)."""
+        return []
+
+    def _fold(self, sign: float) -> None:
+        if not self.mergeable:
+            raise PetError(f"{self.method} is not linear in the weights: it cannot be merged")
+        for projection, delta in self.linear_deltas():
+            projection.add_to_weight(sign * delta.delta_weight())
+            if sign > 0:
+                projection.remove_delta(self.method)
+            else:
+                projection.add_delta(self.method, delta)
+
     def merge(self) -> None:
-        raise PetError(f"{self.method} is not linear in the weights: it cannot be merged")
+        """Fold every linear delta into its frozen weight: inference then costs nothing extra."""
+        if not self.merged:
+            self._fold(+1.0)
+            self.merged = True
 
     def unmerge(self) -> None:
-        raise PetError(f"{self.method} is not linear in the weights: it cannot be merged")
+        if self.merged:
+            self._fold(-1.0)
+            self.merged = False
 
     def detach(self) -> None:
         """Remove the method's computation and parameters; tuned backbone weights stay as they are."""

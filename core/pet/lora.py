@@ -41,27 +41,10 @@ class LowRankDelta(nn.Module):
 class LoraHandle(PetHandle):
     mergeable = True
 
-    def _fold(self, sign: float) -> None:
-        for tower, blocks in self.backbone.pet.items():
-            for index, deltas in blocks.items():
-                block = self.backbone.towers[tower].blocks[int(index)]
-                for name, delta in deltas.items():
-                    projection = block.projections[name]
-                    projection.add_to_weight(sign * delta.delta_weight())
-                    if sign > 0:
-                        projection.remove_delta(self.method)
-                    else:
-                        projection.add_delta(self.method, delta)
-
-    def merge(self) -> None:
-        if not self.merged:
-            self._fold(+1.0)
-            self.merged = True
-
-    def unmerge(self) -> None:
-        if self.merged:
-            self._fold(-1.0)
-            self.merged = False
+    def linear_deltas(self):
+        return [(self.backbone.towers[tower].blocks[int(index)].projections[name], delta)
+                for tower, blocks in self.backbone.pet.items()
+                for index, deltas in blocks.items() for name, delta in deltas.items()]
 
 
 def attach(backbone, config: Config) -> LoraHandle:
