@@ -20,9 +20,10 @@ from core.checkpoint import CheckpointError
 from core.data import DatasetError
 from core.pet import METHODS, PetError
 from core.runs import RunError
+from core.tasks import TaskError
 from core.trainer import Progress, TrainingDiverged
 
-USER_ERRORS = (BackboneError, CheckpointError, DatasetError, PetError, RunError, TrainingDiverged)
+USER_ERRORS = (BackboneError, CheckpointError, DatasetError, PetError, RunError, TaskError, TrainingDiverged)
 
 
 def _method_options() -> dict[str, dataclasses.Field]:
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--model", required=True)
     tune.add_argument("--data", required=True, help="dataset folder or .zip")
     _add_method_arguments(tune)
+    tune.add_argument("--task", choices=["retrieval", "vqa"], default="retrieval")
+    tune.add_argument("--answers", type=lambda s: tuple(a for a in s.split(",") if a), default=(),
+                      help="VQA: extra candidate answers, comma-separated")
     tune.add_argument("--shots", type=int, help="keep K training items (each with all its captions)")
     tune.add_argument("--epochs", type=int, default=5)
     tune.add_argument("--lr", type=float, help="learning rate (default: the method's)")
@@ -131,9 +135,10 @@ def run_tune(args) -> dict[str, Any]:
 
     result = tune(args.model, args.data, args.method, _collect_options(args), shots=args.shots,
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                  out=args.out, bf16=args.bf16, progress=_progress_printer())
+                  out=args.out, bf16=args.bf16, task=args.task, extra_answers=args.answers,
+                  progress=_progress_printer())
     _note(f"backbone: {result['backbone']} — {result['backbone_weights']}")
-    return {k: result[k] for k in ("method", "trainable_params", "trainable_pct", "zero_shot", "tuned",
+    return {k: result[k] for k in ("task", "method", "trainable_params", "trainable_pct", "zero_shot", "tuned",
                                    "seconds", "out", "backbone_weights")}
 
 

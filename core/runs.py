@@ -16,7 +16,7 @@ from core import checkpoint
 from core.backbones import Backbone, load_backbone
 from core.data import DEFAULT_LIMITS, Dataset, few_shot, read_dataset
 from core.pet import PetHandle, attach, config_to_dict, default_lr, make_config
-from core.tasks import retrieval
+from core.tasks import Task, get_task
 from core.trainer import Progress, TrainSettings, bf16_supported, pick_device, train
 
 
@@ -34,31 +34,38 @@ def default_run_folder(method: str) -> Path:
     return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{method}"
 
 
-def _test_set(backbone: Backbone, dataset: Dataset) -> retrieval.RetrievalSet:
-    test = dataset.split("test")
+def _items(task: Task, dataset: Dataset, split: str) -> list:
+    return [item for item in dataset.split(split) if task.usable(item)]
+
+
+def _test_set(task: Task, backbone: Backbone, dataset: Dataset):
+    test = _items(task, dataset, "test")
     if not test:
-        raise RunError(f"{dataset.manifest}: the dataset has no test items to evaluate on "
+        raise RunError(f"{dataset.manifest}: the dataset has no test items for {task.name} to evaluate on "
                        f"(it needs at least two media files, or rows with split=test)")
-    return retrieval.prepare(backbone, dataset, test)
+    return task.prepare(backbone, test)
 
 
-def score(handle: PetHandle, test_set: retrieval.RetrievalSet) -> dict[str, float]:
+def score(task: Task, handle: PetHandle, test_set) -> dict[str, float]:
     """Test metrics; methods linear in the weights are merged first, so inference costs nothing extra."""
     if not handle.mergeable:
-        return retrieval.evaluate(handle.backbone, test_set)
+        return task.evaluate(handle.backbone, test_set)
     handle.merge()
     try:
-        return retrieval.evaluate(handle.backbone, test_set)
+        return task.evaluate(handle.backbone, test_set)
     finally:
         handle.unmerge()
 
 
 def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, Any]] = None,
          shots: Optional[int] = None, epochs: int = 5, lr: Optional[float] = None, batch_size: int = 32,
-         seed: int = 0, out: Optional[str | Path] = None, bf16: bool = False,
+         seed: int = 0, out: Optional[str | Path] = None, bf16: bool = False, task: str = "retrieval",
+         extra_answers: tuple[str, ...] = (),
          progress: Optional[Callable[[Progress], None]] = None,
          cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
-    """Tune `method` on `model` with the training split of `data`; score the test split before and after."""
+    """Tune `method` on `model` with the training split of `data`; score the test split before and after.
+
+    `task` is retrieval or vqa; `extra_answers` adds VQA candidate answers to the dataset's own."""
     started = time.perf_counter()
     config = make_config(method, options)
     lr = default_lr(method) if lr is None else lr
@@ -68,27 +75,29 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     dataset = read_dataset(data, out, DEFAULT_LIMITS)
+    task_def = get_task(task, dataset, tuple(extra_answers))
     device = pick_device()
     if bf16 and not bf16_supported(device):
         raise RunError(f"bf16 was asked for, but this {device.type.upper()} does not support it")
     backbone = load_backbone(model, seed).to(device)
-    test_set = _test_set(backbone, dataset)
-    train_items = few_shot(dataset.split("train"), shots, seed)
+    test_set = _test_set(task_def, backbone, dataset)
+    train_items = few_shot(_items(task_def, dataset, "train"), shots, seed)
     if not train_items:
-        raise RunError(f"{dataset.manifest}: the dataset has no training items")
-    zero_shot = retrieval.evaluate(backbone, test_set)
+        raise RunError(f"{dataset.manifest}: the dataset has no training items for {task}")
+    zero_shot = task_def.evaluate(backbone, test_set)
 
     seed_everything(seed)
     handle = attach(backbone, method, config)
     settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16)
     log = None
     if handle.num_trainable() and epochs > 0:
-        objective = retrieval.RetrievalObjective(backbone, retrieval.prepare(backbone, dataset, train_items),
-                                                 handle.context_enhancement)
+        objective = task_def.objective(backbone, task_def.prepare(backbone, train_items), handle.context_enhancement)
         log = train(objective, handle.trainable_parameters(), settings, progress, cancel)
-    tuned = score(handle, test_set)
+    tuned = score(task_def, handle, test_set)
 
     result = {
+        "task": task,
+        "extra_answers": list(extra_answers),
         "method": method,
         "config": config_to_dict(config),
         "backbone": model,
@@ -130,6 +139,8 @@ def evaluate(model: str, pet: str | Path, data: str | Path) -> dict[str, Any]:
     run_folder = Path(pet) if Path(pet).is_dir() else Path(pet).parent
     with tempfile.TemporaryDirectory(dir=run_folder, prefix="eval-") as workdir:
         dataset = read_dataset(data, workdir, DEFAULT_LIMITS)
-        metrics = score(handle, _test_set(backbone, dataset))
+        task = get_task(info.get("task", "retrieval"), dataset, tuple(info.get("extra_answers", ())))
+        metrics = score(task, handle, _test_set(task, backbone, dataset))
     same = dataset.fingerprint == info.get("dataset", {}).get("fingerprint")
-    return {"method": info["method"], "backbone": model, "metrics": metrics, "same_data_as_tuning": same}
+    return {"method": info["method"], "task": task.name, "backbone": model, "metrics": metrics,
+            "same_data_as_tuning": same}

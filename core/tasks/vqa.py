@@ -1,0 +1,135 @@
+"""Visual question answering by answer ranking, for dual encoders.
+
+Each candidate answer a is scored against the image as the text "question: {q} answer: {a}";
+training is cross-entropy over the candidate set (soft targets when several annotators
+answered), and zero-shot works the same way. The candidates are every answer in the dataset
+plus any the user adds. VQA accuracy: min(#annotators who gave the answer / 3, 1) when several
+answers are given, exact match otherwise, after normalisation.
+"""
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from core.backbones import Backbone
+from core.data import Dataset, Item
+
+METRIC_KEYS = ("vqa_acc",)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(answer: str) -> str:
+    """Lower case, punctuation and articles removed, spaces collapsed."""
+    return " ".join(_ARTICLES.sub(" ", answer.lower().translate(_PUNCTUATION)).split())
+
+
+def vqa_accuracy(predicted: str, answers: tuple[str, ...] | list[str]) -> float:
+    predicted = normalize_answer(predicted)
+    matches = sum(normalize_answer(a) == predicted for a in answers)
+    if len(answers) > 1:
+        return min(matches / 3.0, 1.0)
+    return float(matches > 0)
+
+
+def prompt(question: str, answer: str) -> str:
+    return f"question: {question} answer: {answer}"
+
+
+def candidate_answers(items: list[Item], extra: tuple[str, ...] = ()) -> list[str]:
+    """Every distinct normalised answer in `items`, then the user's extra ones, in first-seen order."""
+    seen: dict[str, None] = {}
+    for item in items:
+        for qa in item.qa:
+            for answer in qa.answers:
+                seen.setdefault(normalize_answer(answer), None)
+    for answer in extra:
+        seen.setdefault(normalize_answer(answer), None)
+    return [a for a in seen if a]
+
+
+@dataclass
+class VqaSet:
+    pixels: torch.Tensor               # (images, 3, H, W)
+    question_image: torch.Tensor       # (questions,)
+    questions: list[str]
+    answers: list[tuple[str, ...]]
+    targets: torch.Tensor              # (questions, candidates): share of annotators per candidate
+    candidates: list[str]
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def prepare(backbone: Backbone, dataset: Dataset, items: list[Item], candidates: list[str]) -> VqaSet:
+    index = {a: i for i, a in enumerate(candidates)}
+    pixels, owners, questions, answers, targets = [], [], [], [], []
+    for image_index, item in enumerate(items):
+        with Image.open(dataset.path(item)) as image:
+            pixels.append(backbone.image_transform(image.convert("RGB")))
+        for qa in item.qa:
+            target = torch.zeros(len(candidates))
+            for answer in qa.answers:
+                if normalize_answer(answer) in index:
+                    target[index[normalize_answer(answer)]] += 1
+            owners.append(image_index)
+            questions.append(qa.question)
+            answers.append(qa.answers)
+            targets.append(target / target.sum().clamp(min=1))
+    if not questions:
+        raise ValueError("VQA needs questions with answers, and these items have none")
+    return VqaSet(torch.stack(pixels), torch.tensor(owners), questions, answers, torch.stack(targets), candidates)
+
+
+def answer_scores(backbone: Backbone, image_emb: torch.Tensor, questions: list[str],
+                  candidates: list[str]) -> torch.Tensor:
+    """(questions, candidates) logits: scaled cosine of each image with each question-answer text."""
+    texts = [prompt(q, a) for q in questions for a in candidates]
+    text_emb = backbone.encode_text(backbone.tokenize(texts)).view(len(questions), len(candidates), -1)
+    cosine = torch.einsum("bd,bcd->bc", F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1))
+    return backbone.logit_scale.exp() * cosine
+
+
+class VqaObjective(nn.Module):
+    """A batch of question indices -> cross-entropy over the candidate answers."""
+
+    def __init__(self, backbone: Backbone, data: VqaSet):
+        super().__init__()
+        self.backbone, self.data = backbone, data
+
+    def forward(self, question_ids: torch.Tensor) -> torch.Tensor:
+        image_ids = self.data.question_image[question_ids]
+        unique, inverse = torch.unique(image_ids, return_inverse=True)
+        device = self.backbone.device
+        image_emb = self.backbone.encode_image(self.data.pixels[unique].to(device))[inverse.to(device)]
+        logits = answer_scores(self.backbone, image_emb, [self.data.questions[i] for i in question_ids],
+                               self.data.candidates)
+        return F.cross_entropy(logits.float(), self.data.targets[question_ids].to(device))
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+        return list(torch.randperm(len(self.data), generator=generator).split(batch_size))
+
+
+@torch.no_grad()
+def predict(backbone: Backbone, data: VqaSet, batch_size: int = 16) -> list[str]:
+    was_training = backbone.training
+    backbone.eval()
+    predictions = []
+    for ids in torch.arange(len(data)).split(batch_size):
+        image_emb = backbone.encode_image(data.pixels[data.question_image[ids]].to(backbone.device))
+        scores = answer_scores(backbone, image_emb, [data.questions[i] for i in ids], data.candidates)
+        predictions += [data.candidates[i] for i in scores.argmax(dim=1).tolist()]
+    backbone.train(was_training)
+    return predictions
+
+
+def evaluate(backbone: Backbone, data: VqaSet) -> dict[str, float]:
+    predictions = predict(backbone, data)
+    accuracy = sum(vqa_accuracy(p, a) for p, a in zip(predictions, data.answers)) / len(predictions)
+    return {"vqa_acc": 100.0 * accuracy}

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+import torch
+
+from core.data.shapes import write_shapes_vqa_dataset
+from core.tasks import TaskError, get_task
+from core.tasks.vqa import candidate_answers, normalize_answer, vqa_accuracy
+from core.data import read_dataset
+from tests.test_cli import cli
+
+
+def test_normalisation_and_accuracy_on_hand_worked_answers():
+    assert normalize_answer("  The Red, square! ") == "red square"
+    assert normalize_answer("an apple") == "apple"
+    assert vqa_accuracy("red", ["red"]) == 1.0 and vqa_accuracy("Red.", ["the red"]) == 1.0
+    assert vqa_accuracy("blue", ["red"]) == 0.0
+    ten = ["two"] * 2 + ["2"] * 7 + ["three"]
+    assert vqa_accuracy("two", ten) == pytest.approx(2 / 3)      # 2 annotators of 10
+    assert vqa_accuracy("2", ten) == 1.0                          # 7 ≥ 3
+    assert vqa_accuracy("three", ten) == pytest.approx(1 / 3)
+    assert vqa_accuracy("four", ten) == 0.0
+
+
+def test_candidates_are_the_datasets_answers_then_the_users(tmp_path):
+    dataset = read_dataset(write_shapes_vqa_dataset(tmp_path / "d", train_per_pair=1, colours=("red", "blue"),
+                                                    shapes=("circle",)), tmp_path / "w")
+    assert candidate_answers(dataset.items, ("Green", "red")) == ["red", "circle", "blue", "green"]
+
+
+def test_vqa_needs_questions_and_retrieval_needs_captions(shapes, tmp_path):
+    with pytest.raises(TaskError, match="captions.csv: VQA needs rows with a question and an answer"):
+        get_task("vqa", read_dataset(shapes, tmp_path / "a"))
+    vqa_only = read_dataset(write_shapes_vqa_dataset(tmp_path / "v", train_per_pair=1), tmp_path / "b")
+    with pytest.raises(TaskError, match="data.jsonl: retrieval needs captions"):
+        get_task("retrieval", vqa_only)
+
+
+def test_answer_ranking_learns_and_eval_reproduces(tmp_path):
+    data = write_shapes_vqa_dataset(tmp_path / "vqa")
+    code, tuned, stderr = cli("tune", "--task", "vqa", "--model", "openclip:PETStudio-Tiny", "--data", str(data),
+                              "--method", "linear_probe", "--epochs", "10", "--lr", "1e-2",
+                              "--answers", "black,hexagon", "--out", str(tmp_path / "run"))
+    assert code == 0, stderr
+    assert set(tuned["zero_shot"]) == set(tuned["tuned"]) == {"vqa_acc"}
+    chance = 100 / 12   # 6 colours + 4 shapes + 2 extra answers
+    assert tuned["tuned"]["vqa_acc"] >= 3 * chance and tuned["tuned"]["vqa_acc"] > tuned["zero_shot"]["vqa_acc"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["task"] == "vqa" and run["extra_answers"] == ["black", "hexagon"]
+    assert run["train"]["epoch_losses"][-1] < 0.8 * run["train"]["epoch_losses"][0]
+    code, evaluated, stderr = cli("eval", "--model", "openclip:PETStudio-Tiny", "--pet", str(tmp_path / "run"),
+                                  "--data", str(data))
+    assert code == 0, stderr
+    assert evaluated["task"] == "vqa" and evaluated["metrics"] == tuned["tuned"]
