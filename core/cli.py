@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--task", choices=["retrieval", "vqa"], default="retrieval")
     tune.add_argument("--answers", type=lambda s: tuple(a for a in s.split(",") if a), default=(),
                       help="VQA: extra candidate answers, comma-separated")
+    tune.add_argument("--frames", type=int, default=8, help="video: frames sampled uniformly per clip")
     tune.add_argument("--shots", type=int, help="keep K training items (each with all its captions)")
     tune.add_argument("--epochs", type=int, default=5)
     tune.add_argument("--lr", type=float, help="learning rate (default: the method's)")
@@ -136,6 +137,7 @@ def run_tune(args) -> dict[str, Any]:
     result = tune(args.model, args.data, args.method, _collect_options(args), shots=args.shots,
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                   out=args.out, bf16=args.bf16, task=args.task, extra_answers=args.answers,
+                  frames=args.frames,
                   progress=_progress_printer())
     _note(f"backbone: {result['backbone']} — {result['backbone_weights']}")
     return {k: result[k] for k in ("task", "method", "trainable_params", "trainable_pct", "zero_shot", "tuned",

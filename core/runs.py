@@ -15,6 +15,7 @@ import torch
 from core import checkpoint
 from core.backbones import Backbone, load_backbone
 from core.data import DEFAULT_LIMITS, Dataset, few_shot, read_dataset
+from core.data.media import DEFAULT_FRAMES
 from core.pet import PetHandle, attach, config_to_dict, default_lr, make_config
 from core.tasks import Task, get_task
 from core.trainer import Progress, TrainSettings, bf16_supported, pick_device, train
@@ -60,12 +61,13 @@ def score(task: Task, handle: PetHandle, test_set) -> dict[str, float]:
 def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, Any]] = None,
          shots: Optional[int] = None, epochs: int = 5, lr: Optional[float] = None, batch_size: int = 32,
          seed: int = 0, out: Optional[str | Path] = None, bf16: bool = False, task: str = "retrieval",
-         extra_answers: tuple[str, ...] = (),
+         extra_answers: tuple[str, ...] = (), frames: int = DEFAULT_FRAMES,
          progress: Optional[Callable[[Progress], None]] = None,
          cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
     """Tune `method` on `model` with the training split of `data`; score the test split before and after.
 
-    `task` is retrieval or vqa; `extra_answers` adds VQA candidate answers to the dataset's own."""
+    `task` is retrieval or vqa; `extra_answers` adds VQA candidate answers to the dataset's own;
+    video datasets are read at `frames` uniformly sampled frames per clip."""
     started = time.perf_counter()
     config = make_config(method, options)
     lr = default_lr(method) if lr is None else lr
@@ -75,7 +77,9 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     dataset = read_dataset(data, out, DEFAULT_LIMITS)
-    task_def = get_task(task, dataset, tuple(extra_answers))
+    if frames < 1:
+        raise RunError(f"--frames must be at least 1, got {frames}")
+    task_def = get_task(task, dataset, tuple(extra_answers), frames)
     device = pick_device()
     if bf16 and not bf16_supported(device):
         raise RunError(f"bf16 was asked for, but this {device.type.upper()} does not support it")
@@ -98,6 +102,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     result = {
         "task": task,
         "extra_answers": list(extra_answers),
+        "frames": frames,
         "method": method,
         "config": config_to_dict(config),
         "backbone": model,
@@ -139,7 +144,8 @@ def evaluate(model: str, pet: str | Path, data: str | Path) -> dict[str, Any]:
     run_folder = Path(pet) if Path(pet).is_dir() else Path(pet).parent
     with tempfile.TemporaryDirectory(dir=run_folder, prefix="eval-") as workdir:
         dataset = read_dataset(data, workdir, DEFAULT_LIMITS)
-        task = get_task(info.get("task", "retrieval"), dataset, tuple(info.get("extra_answers", ())))
+        task = get_task(info.get("task", "retrieval"), dataset, tuple(info.get("extra_answers", ())),
+                        info.get("frames", DEFAULT_FRAMES))
         metrics = score(task, handle, _test_set(task, backbone, dataset))
     same = dataset.fingerprint == info.get("dataset", {}).get("fingerprint")
     return {"method": info["method"], "task": task.name, "backbone": model, "metrics": metrics,

@@ -11,6 +11,8 @@ class Limits:
     max_total_bytes: int = 2 * 2**30        # an archive, uncompressed
     max_compression_ratio: float = 100.0    # uncompressed / compressed, per archive member
     max_image_pixels: int = 40_000_000      # width × height
+    max_video_seconds: float = 300.0        # one video's duration
+    max_video_frames: int = 20_000          # one video's frame count
 
 
 DEFAULT_LIMITS = Limits()

@@ -19,8 +19,8 @@ from PIL import Image
 from core.data.archive import extract_zip
 from core.data.errors import DatasetError, Problem
 from core.data.limits import DEFAULT_LIMITS, Limits
+from core.data.media import IMAGE_TYPES, VIDEO_TYPES
 
-IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFESTS = ("captions.csv", "data.jsonl")
 SPLITS = ("train", "test")
 
@@ -188,11 +188,13 @@ def _check_media(root: Path, media: str, limits: Limits) -> Optional[str]:
         return "path escapes the dataset folder"
     if not path.is_file():
         return "file not found"
-    if path.suffix.lower() not in IMAGE_TYPES:
-        return f"unsupported file type '{path.suffix}' (supported: {', '.join(IMAGE_TYPES)})"
+    if path.suffix.lower() not in IMAGE_TYPES + VIDEO_TYPES:
+        return f"unsupported file type '{path.suffix}' (supported: {', '.join(IMAGE_TYPES + VIDEO_TYPES)})"
     size = path.stat().st_size
     if size > limits.max_file_bytes:
         return f"file is {size} bytes, more than the limit of {limits.max_file_bytes}"
+    if path.suffix.lower() in VIDEO_TYPES:
+        return _check_video(path, limits)
     try:
         with Image.open(path) as image:
             pixels = image.width * image.height
@@ -203,6 +205,27 @@ def _check_media(root: Path, media: str, limits: Limits) -> Optional[str]:
         return f"image has too many pixels (limit {limits.max_image_pixels})"
     except Exception as error:  # PIL reports broken files through many exception types
         return f"unreadable image ({type(error).__name__}: {error})"
+    return None
+
+
+def _check_video(path: Path, limits: Limits) -> Optional[str]:
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path))
+        frames, fps = len(reader), reader.get_avg_fps()
+        height, width = reader[0].shape[:2] if frames else (0, 0)
+    except Exception as error:  # decord reports broken files through its own and runtime errors
+        return f"unreadable video ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    if frames == 0:
+        return "video has no frames"
+    if frames > limits.max_video_frames:
+        return f"video has {frames} frames, more than the limit of {limits.max_video_frames}"
+    seconds = frames / fps if fps > 0 else 0.0
+    if seconds > limits.max_video_seconds:
+        return f"video is {seconds:.0f} s long, more than the limit of {limits.max_video_seconds:.0f} s"
+    if width * height > limits.max_image_pixels:
+        return f"video frames have {width * height} pixels, more than the limit of {limits.max_image_pixels}"
     return None
 
 
@@ -223,7 +246,12 @@ def _collect_items(root: Path, name: str, rows: list[tuple[int, dict]], limits: 
         if row_problems:
             continue
         key = PurePosixPath((root / media).resolve().relative_to(root).as_posix()).as_posix()
-        item = items.setdefault(key, Item(media=key, kind="video" if "video" in record else "image"))
+        kind = "video" if Path(key).suffix.lower() in VIDEO_TYPES else "image"
+        if ("video" in record and kind != "video") or ("image" in record and kind != "image"):
+            problems.append(Problem(name, f"'{media}' is listed as {'a video' if 'video' in record else 'an image'} "
+                                          f"but is {'a video' if kind == 'video' else 'an image'} file", number))
+            continue
+        item = items.setdefault(key, Item(media=key, kind=kind))
         item.rows.append(number)
         if "caption" in record:
             item.captions.append(record["caption"].strip())
@@ -239,6 +267,8 @@ def _collect_items(root: Path, name: str, rows: list[tuple[int, dict]], limits: 
         raise DatasetError(problems)
     if not items:
         raise DatasetError([Problem(name, "has no rows")])
+    if len({item.kind for item in items.values()}) > 1:
+        raise DatasetError([Problem(name, "mixes images and videos: make one dataset of each")])
     return list(items.values())
 
 

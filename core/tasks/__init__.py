@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from core.data import Dataset, Item
+from core.data.media import DEFAULT_FRAMES
 from core.tasks import retrieval, vqa
 
 TASKS = ("retrieval", "vqa")
@@ -28,12 +29,13 @@ class Task:
     usable: Callable[[Item], bool]                     # items the task can use
 
 
-def get_task(name: str, dataset: Dataset, extra_answers: tuple[str, ...] = ()) -> Task:
+def get_task(name: str, dataset: Dataset, extra_answers: tuple[str, ...] = (), frames: int = DEFAULT_FRAMES) -> Task:
+    """The task `name` over `dataset`; videos are sampled at `frames` frames."""
     if name == "retrieval":
         if not any(item.captions for item in dataset.items):
             raise TaskError(f"{dataset.manifest}: retrieval needs captions, and this dataset has none")
         return Task("retrieval", retrieval.METRIC_KEYS,
-                    lambda backbone, items: retrieval.prepare(backbone, dataset, items),
+                    lambda backbone, items: retrieval.prepare(backbone, dataset, items, frames),
                     retrieval.RetrievalObjective, retrieval.evaluate, lambda item: bool(item.captions))
     if name == "vqa":
         if not any(item.qa for item in dataset.items):
@@ -41,7 +43,7 @@ def get_task(name: str, dataset: Dataset, extra_answers: tuple[str, ...] = ()) -
                             f"(data.jsonl), and this dataset has none")
         candidates = vqa.candidate_answers(dataset.items, extra_answers)
         return Task("vqa", vqa.METRIC_KEYS,
-                    lambda backbone, items: vqa.prepare(backbone, dataset, items, candidates),
+                    lambda backbone, items: vqa.prepare(backbone, dataset, items, candidates, frames),
                     lambda backbone, data, _: vqa.VqaObjective(backbone, data), vqa.evaluate,
                     lambda item: bool(item.qa))
     raise TaskError(f"unknown task '{name}': choose one of {', '.join(TASKS)}")

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from core.backbones import Backbone
 from core.data import Dataset, Item
+from core.data.media import DEFAULT_FRAMES, load_media
+from core.tasks.encoding import encode_media, media_tokens
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_medr", "t2i_medr")
 
@@ -23,7 +24,7 @@ METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2
 class RetrievalSet:
     """Decoded, preprocessed media and tokenized captions, made once per run."""
 
-    pixels: torch.Tensor          # (images, 3, H, W)
+    pixels: torch.Tensor          # (images, 3, H, W), or (videos, frames, 3, H, W)
     tokens: torch.Tensor          # (captions, context)
     caption_image: torch.Tensor   # (captions,) index of each caption's image
 
@@ -31,11 +32,10 @@ class RetrievalSet:
         return len(self.caption_image)
 
 
-def prepare(backbone: Backbone, dataset: Dataset, items: list[Item]) -> RetrievalSet:
+def prepare(backbone: Backbone, dataset: Dataset, items: list[Item], frames: int = DEFAULT_FRAMES) -> RetrievalSet:
     pixels, captions, owners = [], [], []
     for index, item in enumerate(items):
-        with Image.open(dataset.path(item)) as image:
-            pixels.append(backbone.image_transform(image.convert("RGB")))
+        pixels.append(load_media(dataset.path(item), item.kind, backbone.image_transform, frames))
         captions += item.captions
         owners += [index] * len(item.captions)
     if not captions:
@@ -70,7 +70,7 @@ class RetrievalObjective(nn.Module):
         image_ids = self.data.caption_image[caption_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
         device = self.backbone.device
-        image_emb = self.backbone.encode_image(self.data.pixels[unique].to(device))[inverse.to(device)]
+        image_emb = encode_media(self.backbone, self.data.pixels[unique])[inverse.to(device)]
         text_emb = self.backbone.encode_text(self.data.tokens[caption_ids].to(device))
         if self.training and self.context_enhancement:
             text_emb = text_emb + self.context_enhancement * text_emb.mean(dim=0, keepdim=True)
@@ -80,7 +80,7 @@ class RetrievalObjective(nn.Module):
         backbone, device = self.backbone, self.backbone.device
         image_ids = self.data.caption_image[caption_ids].to(device)
         unique, inverse = torch.unique(image_ids, return_inverse=True)
-        image_tokens = backbone.image_tokens(self.data.pixels[unique.cpu()])[inverse]
+        image_tokens = media_tokens(backbone, self.data.pixels[unique.cpu()])[inverse]
         tokens = self.data.tokens[caption_ids].to(device)
         text_cls = backbone.text_cls(tokens)
         image_emb, text_emb = backbone.embed_image_tokens(image_tokens), backbone.embed_text_cls(text_cls)
@@ -114,7 +114,7 @@ def embed(backbone: Backbone, data: RetrievalSet, batch_size: int = 64) -> tuple
     """L2-normalised image and caption embeddings, on CPU."""
     was_training = backbone.training
     backbone.eval()
-    images = torch.cat([backbone.encode_image(p).float().cpu() for p in data.pixels.split(batch_size)])
+    images = torch.cat([encode_media(backbone, p).float().cpu() for p in data.pixels.split(batch_size)])
     texts = torch.cat([backbone.encode_text(t).float().cpu() for t in data.tokens.split(batch_size)])
     backbone.train(was_training)
     return F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
@@ -148,7 +148,7 @@ def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch
     ITM logit + ITC similarity and the rest stay below them (BLIP's evaluation)."""
     was_training = backbone.training
     backbone.eval()
-    image_tokens = torch.cat([backbone.image_tokens(p) for p in data.pixels.split(batch_size)])
+    image_tokens = torch.cat([media_tokens(backbone, p) for p in data.pixels.split(batch_size)])
     tokens = data.tokens.to(backbone.device)
     k_text, k_image = min(k, similarity.shape[1]), min(k, similarity.shape[0])
     i2t = torch.full_like(similarity, -100.0)

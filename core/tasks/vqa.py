@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from core.backbones import Backbone
 from core.data import Dataset, Item
+from core.data.media import DEFAULT_FRAMES, load_media
+from core.tasks.encoding import encode_media
 
 METRIC_KEYS = ("vqa_acc",)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -56,7 +57,7 @@ def candidate_answers(items: list[Item], extra: tuple[str, ...] = ()) -> list[st
 
 @dataclass
 class VqaSet:
-    pixels: torch.Tensor               # (images, 3, H, W)
+    pixels: torch.Tensor               # (images, 3, H, W), or (videos, frames, 3, H, W)
     question_image: torch.Tensor       # (questions,)
     questions: list[str]
     answers: list[tuple[str, ...]]
@@ -67,12 +68,12 @@ class VqaSet:
         return len(self.questions)
 
 
-def prepare(backbone: Backbone, dataset: Dataset, items: list[Item], candidates: list[str]) -> VqaSet:
+def prepare(backbone: Backbone, dataset: Dataset, items: list[Item], candidates: list[str],
+            frames: int = DEFAULT_FRAMES) -> VqaSet:
     index = {a: i for i, a in enumerate(candidates)}
     pixels, owners, questions, answers, targets = [], [], [], [], []
     for image_index, item in enumerate(items):
-        with Image.open(dataset.path(item)) as image:
-            pixels.append(backbone.image_transform(image.convert("RGB")))
+        pixels.append(load_media(dataset.path(item), item.kind, backbone.image_transform, frames))
         for qa in item.qa:
             target = torch.zeros(len(candidates))
             for answer in qa.answers:
@@ -107,7 +108,7 @@ class VqaObjective(nn.Module):
         image_ids = self.data.question_image[question_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
         device = self.backbone.device
-        image_emb = self.backbone.encode_image(self.data.pixels[unique].to(device))[inverse.to(device)]
+        image_emb = encode_media(self.backbone, self.data.pixels[unique])[inverse.to(device)]
         logits = answer_scores(self.backbone, image_emb, [self.data.questions[i] for i in question_ids],
                                self.data.candidates)
         return F.cross_entropy(logits.float(), self.data.targets[question_ids].to(device))
@@ -122,7 +123,7 @@ def predict(backbone: Backbone, data: VqaSet, batch_size: int = 16) -> list[str]
     backbone.eval()
     predictions = []
     for ids in torch.arange(len(data)).split(batch_size):
-        image_emb = backbone.encode_image(data.pixels[data.question_image[ids]].to(backbone.device))
+        image_emb = encode_media(backbone, data.pixels[data.question_image[ids]])
         scores = answer_scores(backbone, image_emb, [data.questions[i] for i in ids], data.candidates)
         predictions += [data.candidates[i] for i in scores.argmax(dim=1).tolist()]
     backbone.train(was_training)
