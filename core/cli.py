@@ -42,7 +42,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         if f.type in ("tuple[str, ...]",) or f.type == tuple[str, ...]:
             group.add_argument(flag, dest=f"option_{name}", type=lambda s: tuple(x for x in s.split(",") if x),
-                               metavar="A,B", help=f"comma-separated (default {','.join(f.default)})")
+                               metavar="A,B", help=f"comma-separated (default {','.join(f.default) or 'all'})")
         elif f.type in ("bool", bool):
             group.add_argument(flag, dest=f"option_{name}", action=argparse.BooleanOptionalAction,
                                help=f"(default {'on' if f.default else 'off'})")

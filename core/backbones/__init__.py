@@ -2,7 +2,8 @@
 
 Specs: `openclip:NAME` (random init from the seed), `openclip:NAME:TAG` (pretrained tag through
 open_clip's hub mechanism), `openclip:NAME:PATH` (a local checkpoint file); `blip:base`,
-`blip:HUB_ID`, `blip:PATH` (transformers BLIP retrieval, see core.backbones.blip).
+`blip:HUB_ID`, `blip:PATH` (transformers BLIP retrieval) and `blip-vqa:...` (BLIP question
+answering), see core.backbones.blip.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ def load_backbone(spec: str, seed: int = 0) -> Backbone:
 
         name, _, source = rest.partition(":")
         return load_openclip(spec, name, source or None, seed)
-    if family == "blip" and rest:
+    if family in ("blip", "blip-vqa") and rest:
         from core.backbones.blip import load_blip
 
-        return load_blip(spec, rest, seed)
-    raise BackboneError(f"unknown backbone spec '{spec}': expected openclip:NAME[:TAG|:PATH] or "
-                        f"blip:base|HUB_ID|PATH")
+        return load_blip(spec, rest, seed, answering=family == "blip-vqa")
+    raise BackboneError(f"unknown backbone spec '{spec}': expected openclip:NAME[:TAG|:PATH], "
+                        f"blip:base|HUB_ID|PATH or blip-vqa:base|HUB_ID|PATH")

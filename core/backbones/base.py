@@ -29,6 +29,8 @@ class Backbone(nn.Module):
     image_transform: Callable
     seed: int
     supports_matching = False   # True for families with an image-text matching head (BLIP's ITM)
+    answers_by_generation = False   # True for families whose VQA generates answers (BLIP VQA)
+    tasks = ("retrieval", "vqa")    # the tasks this backbone serves
 
     def __init__(self):
         super().__init__()

@@ -1,15 +1,17 @@
-"""transformers BLIP for image-text retrieval: ITC embeddings for ranking, ITM for matching.
+"""transformers BLIP: for image-text retrieval (ITC embeddings for ranking, ITM for matching)
+and for question answering (an answer decoder generating the answer).
 
-Specs: `blip:base` (BLIP-base architecture from the default BlipConfig, random init from the
-seed), `blip:HUB_ID` (weights and processor through transformers' from_pretrained, e.g.
-Salesforce/blip-itm-base-coco) and `blip:PATH` (a local folder written by save_pretrained).
+Specs: `blip:base` / `blip-vqa:base` (the BLIP-base architecture from the default BlipConfig,
+random init from the seed), `blip:HUB_ID` / `blip-vqa:HUB_ID` (weights and processor through
+transformers' from_pretrained, e.g. Salesforce/blip-itm-base-coco, Salesforce/blip-vqa-base)
+and `blip:PATH` / `blip-vqa:PATH` (a local folder written by save_pretrained).
 """
 from __future__ import annotations
 
 import math
 import string
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,14 +65,73 @@ def stand_in_tokenizer():
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
-def load_blip(spec: str, source: str, seed: int) -> "BlipBackbone":
-    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
+def vision_tower(vision_model: nn.Module, output_parameters: tuple) -> TowerLayout:
+    """BLIP's ViT: packed qkv (q, k, v slices), projection (out), fc1, fc2; pre-LN sites."""
+    blocks = []
+    for i, layer in enumerate(vision_model.encoder.layers):
+        attn, width = layer.self_attn, layer.self_attn.embed_dim
+        layer.attn_site, layer.mlp_site = ResidualSite(), ResidualSite()
+        _give_sites(layer, _sited_vision_forward)
+        blocks.append(BlockLayout(
+            index=i, module=layer,
+            projections={"q": Projection(attn.qkv, slice(0, width)),
+                         "k": Projection(attn.qkv, slice(width, 2 * width)),
+                         "v": Projection(attn.qkv, slice(2 * width, 3 * width)),
+                         "out": Projection(attn.projection),
+                         "fc1": Projection(layer.mlp.fc1), "fc2": Projection(layer.mlp.fc2)},
+            sites={"attn": layer.attn_site, "mlp": layer.mlp_site},
+            layernorms=[layer.layer_norm1, layer.layer_norm2], width=width,
+            mlp_width=layer.mlp.fc1.out_features, heads=attn.num_heads))
+    return TowerLayout(name="vision", width=vision_model.config.hidden_size, blocks=blocks,
+                       output_parameters=output_parameters, causal=False, prompt_slot=None)
 
+
+def text_tower(name: str, text_model: nn.Module, cross_source: str, output_parameters: tuple,
+               token_mask: Callable[[], Optional[torch.Tensor]], causal: bool = False) -> TowerLayout:
+    """A BLIP BERT with cross-attention (question encoder, answer decoder): self q, k, v, out;
+    cross_q, cross_k, cross_v (their input comes from `cross_source`), cross_out; fc1, fc2;
+    post-LN sites attn, cross, mlp."""
+    blocks = []
+    for i, layer in enumerate(text_model.encoder.layer):
+        own, cross = layer.attention, layer.crossattention
+        for output in (own.output, cross.output, layer.output):
+            output.site, output.token_mask = ResidualSite(), token_mask
+            _give_sites(output, _sited_output_forward)
+        blocks.append(BlockLayout(
+            index=i, module=layer,
+            projections={"q": Projection(own.self.query), "k": Projection(own.self.key),
+                         "v": Projection(own.self.value), "out": Projection(own.output.dense),
+                         "cross_q": Projection(cross.self.query),
+                         "cross_k": Projection(cross.self.key, source=cross_source),
+                         "cross_v": Projection(cross.self.value, source=cross_source),
+                         "cross_out": Projection(cross.output.dense),
+                         "fc1": Projection(layer.intermediate.dense), "fc2": Projection(layer.output.dense)},
+            sites={"attn": own.output.site, "cross": cross.output.site, "mlp": layer.output.site},
+            layernorms=[own.output.LayerNorm, cross.output.LayerNorm, layer.output.LayerNorm],
+            width=own.output.dense.out_features, mlp_width=layer.intermediate.dense.out_features,
+            heads=own.self.num_attention_heads,
+            sublayers={"self": own, "cross": cross}))
+    return TowerLayout(name=name, width=text_model.config.hidden_size, blocks=blocks,
+                       output_parameters=output_parameters, causal=causal, prompt_slot=None)
+
+
+def load_blip(spec: str, source: str, seed: int, answering: bool = False) -> Backbone:
+    """BLIP for retrieval (BlipForImageTextRetrieval) or, with `answering`, for question
+    answering (BlipForQuestionAnswering), from `base`, a hub id or a local folder."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipImageProcessor, \
+        BlipProcessor
+
+    model_class = BlipForQuestionAnswering if answering else BlipForImageTextRetrieval
     if source == "base":
+        tokenizer = stand_in_tokenizer()
+        config = BlipConfig()
+        # The answer decoder starts at bos and stops at sep: use the stand-in tokenizer's.
+        config.text_config.bos_token_id = tokenizer.cls_token_id
+        config.text_config.sep_token_id = tokenizer.sep_token_id
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = BlipForImageTextRetrieval(BlipConfig())
-        processor = BlipProcessor(image_processor=BlipImageProcessor(), tokenizer=stand_in_tokenizer())
+            model = model_class(config)
+        processor = BlipProcessor(image_processor=BlipImageProcessor(), tokenizer=tokenizer)
         weights = f"random init (seed {seed}): no pretrained weights (stand-in character tokenizer)"
     else:
         where = "folder" if Path(source).exists() or source.startswith(("/", ".", "~")) else "hub id"
@@ -79,7 +140,7 @@ def load_blip(spec: str, source: str, seed: int) -> "BlipBackbone":
         if where == "folder" and not (Path(source) / "config.json").is_file():
             raise BackboneError(f"{source}: not a BLIP folder (no config.json; write one with save_pretrained)")
         try:
-            model = BlipForImageTextRetrieval.from_pretrained(source)
+            model = model_class.from_pretrained(source)
             processor = BlipProcessor.from_pretrained(source)
         except Exception as error:  # hub, network and file errors come in many library types
             if where == "folder":
@@ -87,7 +148,8 @@ def load_blip(spec: str, source: str, seed: int) -> "BlipBackbone":
             raise BackboneError(f"could not fetch BLIP weights for {source} "
                                 f"(no network, or the hub is unreachable): {error}") from error
         weights = f"local folder {source}" if where == "folder" else f"pretrained {source}"
-    return BlipBackbone(spec, model, processor, weights, seed)
+    backbone_class = BlipAnsweringBackbone if answering else BlipBackbone
+    return backbone_class(spec, model, processor, weights, seed)
 
 
 class BlipBackbone(Backbone):
@@ -103,55 +165,14 @@ class BlipBackbone(Backbone):
         self._text_mask: Optional[torch.Tensor] = None   # real tokens of the text being encoded
         # BLIP's ITC temperature is not part of transformers' retrieval model: BLIP's init, 0.07.
         self.register_buffer("_logit_scale", torch.tensor(math.log(1 / 0.07)))
-        self.towers = {"vision": self._vision_tower(), "text": self._text_tower()}
+        self.towers = {
+            "vision": vision_tower(model.vision_model, tuple(model.vision_proj.parameters())),
+            "text": text_tower("text", model.text_encoder, "vision", tuple(model.text_proj.parameters()),
+                               lambda: self._text_mask),
+        }
 
     def image_transform(self, image) -> torch.Tensor:
         return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
-
-    def _vision_tower(self) -> TowerLayout:
-        blocks = []
-        for i, layer in enumerate(self.model.vision_model.encoder.layers):
-            attn, width = layer.self_attn, layer.self_attn.embed_dim
-            layer.attn_site, layer.mlp_site = ResidualSite(), ResidualSite()
-            _give_sites(layer, _sited_vision_forward)
-            blocks.append(BlockLayout(
-                index=i, module=layer,
-                projections={"q": Projection(attn.qkv, slice(0, width)),
-                             "k": Projection(attn.qkv, slice(width, 2 * width)),
-                             "v": Projection(attn.qkv, slice(2 * width, 3 * width)),
-                             "out": Projection(attn.projection),
-                             "fc1": Projection(layer.mlp.fc1), "fc2": Projection(layer.mlp.fc2)},
-                sites={"attn": layer.attn_site, "mlp": layer.mlp_site},
-                layernorms=[layer.layer_norm1, layer.layer_norm2], width=width,
-                mlp_width=layer.mlp.fc1.out_features, heads=attn.num_heads))
-        return TowerLayout(name="vision", width=self.model.config.vision_config.hidden_size, blocks=blocks,
-                           output_parameters=tuple(self.model.vision_proj.parameters()), causal=False,
-                           prompt_slot=None)
-
-    def _text_tower(self) -> TowerLayout:
-        blocks = []
-        for i, layer in enumerate(self.model.text_encoder.encoder.layer):
-            own, cross = layer.attention, layer.crossattention
-            for output in (own.output, cross.output, layer.output):
-                output.site, output.token_mask = ResidualSite(), lambda: self._text_mask
-                _give_sites(output, _sited_output_forward)
-            blocks.append(BlockLayout(
-                index=i, module=layer,
-                projections={"q": Projection(own.self.query), "k": Projection(own.self.key),
-                             "v": Projection(own.self.value), "out": Projection(own.output.dense),
-                             "cross_q": Projection(cross.self.query),
-                             "cross_k": Projection(cross.self.key, source="vision"),
-                             "cross_v": Projection(cross.self.value, source="vision"),
-                             "cross_out": Projection(cross.output.dense),
-                             "fc1": Projection(layer.intermediate.dense), "fc2": Projection(layer.output.dense)},
-                sites={"attn": own.output.site, "cross": cross.output.site, "mlp": layer.output.site},
-                layernorms=[own.output.LayerNorm, cross.output.LayerNorm, layer.output.LayerNorm],
-                width=own.output.dense.out_features, mlp_width=layer.intermediate.dense.out_features,
-                heads=own.self.num_attention_heads,
-                sublayers={"self": own, "cross": cross}))
-        return TowerLayout(name="text", width=self.model.config.text_config.hidden_size, blocks=blocks,
-                           output_parameters=tuple(self.model.text_proj.parameters()), causal=False,
-                           prompt_slot=None)
 
     def patch_grid(self) -> tuple[int, int, int]:
         config = self.model.config.vision_config
@@ -211,3 +232,88 @@ class BlipBackbone(Backbone):
     def match_logits(self, fused_cls: torch.Tensor) -> torch.Tensor:
         """ITM logits (no match, match) from fused [CLS] vectors."""
         return self.model.itm_head(fused_cls)
+
+
+class BlipAnsweringBackbone(Backbone):
+    """BLIP for VQA: image -> question encoder (cross-attending to the image) -> answer decoder
+    (cross-attending to the question) that generates the answer. Towers: vision, text (the
+    question encoder), decoder."""
+
+    family = "blip-vqa"
+    tasks = ("vqa",)
+    answers_by_generation = True
+    max_answer_tokens = 10
+
+    def __init__(self, spec, model, processor, weights, seed):
+        super().__init__()
+        self.spec, self.weights, self.seed = spec, weights, seed
+        self.model = model.eval()
+        self.processor = processor
+        self.pad_id = processor.tokenizer.pad_token_id
+        self._masks: dict[str, Optional[torch.Tensor]] = {"text": None, "decoder": None}
+        self.towers = {
+            "vision": vision_tower(model.vision_model, ()),
+            "text": text_tower("text", model.text_encoder, "vision", (), lambda: self._masks["text"]),
+            "decoder": text_tower("decoder", model.text_decoder.bert, "text", (), lambda: self._masks["decoder"],
+                                  causal=True),
+        }
+
+    def image_transform(self, image) -> torch.Tensor:
+        return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+    def patch_grid(self) -> tuple[int, int, int]:
+        config = self.model.config.vision_config
+        side = config.image_size // config.patch_size
+        return side, side, 1
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.processor.tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS,
+                                        return_tensors="pt")["input_ids"]
+
+    def _ids_and_mask(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokens.to(self.device)
+        mask = (tokens != self.pad_id).long()
+        length = max(int(mask.sum(dim=1).max()), 1)
+        return tokens[:, :length], mask[:, :length]
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model(pixel_values=pixels.to(self.device)).last_hidden_state
+
+    def encode_question(self, image_tokens: torch.Tensor, questions: torch.Tensor):
+        ids, mask = self._ids_and_mask(questions)
+        image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
+        self._masks["text"] = mask
+        try:
+            states = self.model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_tokens,
+                                             encoder_attention_mask=image_mask).last_hidden_state
+        finally:
+            self._masks["text"] = None
+        return states, mask
+
+    def answer_loss(self, image_tokens: torch.Tensor, questions: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced cross-entropy of the answer tokens (starting at the decoder's bos)."""
+        states, mask = self.encode_question(image_tokens, questions)
+        ids, answer_mask = self._ids_and_mask(answers)
+        ids = ids.clone()
+        ids[:, 0] = self.model.decoder_start_token_id
+        labels = ids.masked_fill(answer_mask == 0, -100)
+        self._masks["decoder"] = answer_mask
+        try:
+            return self.model.text_decoder(input_ids=ids, attention_mask=answer_mask, encoder_hidden_states=states,
+                                           encoder_attention_mask=mask, labels=labels, reduction="mean").loss
+        finally:
+            self._masks["decoder"] = None
+
+    @torch.no_grad()
+    def generate_answers(self, image_tokens: torch.Tensor, questions: torch.Tensor) -> list[str]:
+        states, mask = self.encode_question(image_tokens, questions)
+        start = torch.full((states.shape[0], 1), self.model.decoder_start_token_id, device=states.device)
+        config = self.model.config.text_config
+        generated = self.model.text_decoder.generate(
+            input_ids=start, eos_token_id=config.sep_token_id, pad_token_id=config.pad_token_id,
+            encoder_hidden_states=states, encoder_attention_mask=mask, max_new_tokens=self.max_answer_tokens,
+            do_sample=False, num_beams=1)
+        return self.processor.tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)

@@ -16,7 +16,7 @@ DEFAULT_LR = 1e-3
 @dataclass
 class Config:
     reduction: int = 8
-    towers: tuple[str, ...] = ("vision", "text")
+    towers: tuple[str, ...] = ()            # empty: every tower of the backbone
     sites: tuple[str, ...] = ("attn", "mlp")
 
 

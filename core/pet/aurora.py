@@ -27,7 +27,7 @@ FULL_BLOCK = ("q", "k", "v", "out", "fc1", "fc2")
 @dataclass
 class Config:
     rank: int = 32
-    towers: tuple[str, ...] = ("vision", "text")
+    towers: tuple[str, ...] = ()            # empty: every tower of the backbone
     projections: tuple[str, ...] = ()      # empty: the authors' choice per tower (see _projections_for)
     dropout: float = 0.1
     scale: float = 1.0

@@ -112,10 +112,17 @@ class PetHandle:
         self.backbone.requires_grad_(False)
 
 
-def blocks_of(backbone: Backbone, towers: Iterable[str]) -> Iterable[tuple[str, BlockLayout]]:
+def resolve_towers(backbone: Backbone, towers: Iterable[str]) -> tuple[str, ...]:
+    """The named towers, checked; none named means every tower of the backbone."""
+    towers = tuple(towers) or tuple(backbone.towers)
     for tower in towers:
         if tower not in backbone.towers:
             raise PetError(f"backbone {backbone.spec} has no tower '{tower}' (has {', '.join(backbone.towers)})")
+    return towers
+
+
+def blocks_of(backbone: Backbone, towers: Iterable[str]) -> Iterable[tuple[str, BlockLayout]]:
+    for tower in resolve_towers(backbone, towers):
         for block in backbone.towers[tower].blocks:
             yield tower, block
 
@@ -158,7 +165,8 @@ def attach_site_combiners(handle: PetHandle, towers: Iterable[str], sites: Itera
     blocks = list(blocks_of(handle.backbone, towers))
     missing = [name for name in sites if not any(name in block.sites for _, block in blocks)]
     if missing:
-        raise PetError(f"{handle.method}: no block of the {', '.join(towers)} tower(s) of {handle.backbone.spec} "
+        raise PetError(f"{handle.method}: no block of the {', '.join(resolve_towers(handle.backbone, towers))} "
+                       f"tower(s) of {handle.backbone.spec} "
                        f"has a residual site {', '.join(missing)}")
     modules = nn.ModuleDict()
     attached = []

@@ -18,7 +18,7 @@ class Config:
     rank: int = 2
     alpha: float = 1.0
     dropout: float = 0.25
-    towers: tuple[str, ...] = ("vision", "text")
+    towers: tuple[str, ...] = ()            # empty: every tower of the backbone
     projections: tuple[str, ...] = ("q", "k", "v")
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.pet.handle import PetError, PetHandle, blocks_of
+from core.pet.handle import PetError, PetHandle, resolve_towers
 
 DEFAULT_LR = 2e-3
 
@@ -17,22 +17,22 @@ DEFAULT_LR = 2e-3
 class Config:
     length: int = 4
     depth: int = 9
-    towers: tuple[str, ...] = ("vision", "text")
+    towers: tuple[str, ...] = ()            # empty: every tower of the backbone
 
 
 def attach(backbone, config: Config) -> PetHandle:
     handle = PetHandle(backbone, "prompt", config, group=lambda n: "prompts")
-    list(blocks_of(backbone, config.towers))  # validates the tower names
-    for name in config.towers:
+    towers = resolve_towers(backbone, config.towers)
+    for name in towers:
         if backbone.towers[name].prompt_slot is None:
             raise PetError(f"prompt tuning is not available on the {name} tower of {backbone.spec}")
     prompts = nn.ParameterDict()
-    for name in config.towers:
+    for name in towers:
         tower = backbone.towers[name]
         prompts[name] = nn.Parameter(torch.randn(min(config.depth, tower.depth), config.length, tower.width) * 0.02)
     handle.install(prompts)
-    for name in config.towers:
+    for name in towers:
         table = prompts[name]
         backbone.towers[name].prompts = lambda layer, table=table: table[layer] if layer < table.shape[0] else None
-    handle.on_detach(lambda: [setattr(backbone.towers[n], "prompts", None) for n in config.towers])
+    handle.on_detach(lambda: [setattr(backbone.towers[n], "prompts", None) for n in towers])
     return handle

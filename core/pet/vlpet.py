@@ -32,7 +32,7 @@ INITS = ("identity", "paper")
 @dataclass
 class Config:
     granularity: str = "large"
-    towers: tuple[str, ...] = ("vision", "text")
+    towers: tuple[str, ...] = ()            # empty: every tower of the backbone
     sites: tuple[str, ...] = ("attn", "mlp")
     adapter_heads: int = 4          # N_h
     reduction: int = 8              # r = g = width / reduction, rounded up to a multiple of N_h
