@@ -84,6 +84,8 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     if bf16 and not bf16_supported(device):
         raise RunError(f"bf16 was asked for, but this {device.type.upper()} does not support it")
     backbone = load_backbone(model, seed).to(device)
+    if task not in backbone.tasks:
+        raise RunError(f"{model} serves {', '.join(backbone.tasks)}, not {task}")
     test_set = _test_set(task_def, backbone, dataset)
     train_items = few_shot(_items(task_def, dataset, "train"), shots, seed)
     if not train_items:

@@ -78,3 +78,27 @@ def embeddings(backbone, pixels, tokens):
     backbone.eval()
     with torch.no_grad():
         return backbone.encode_image(pixels), backbone.encode_text(tokens)
+
+
+def write_tiny_blip_vqa(folder, seed=0):
+    """A 2-layer, 32-wide BLIP question-answering model and its processor (save_pretrained)."""
+    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+
+    from core.backbones.blip import stand_in_tokenizer
+
+    tokenizer = stand_in_tokenizer()
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, initializer_range=0.3),
+        text_config=dict(vocab_size=160, bos_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+                         pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                         encoder_hidden_size=32, initializer_range=0.3),
+        image_text_hidden_size=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForQuestionAnswering(config)
+    model.save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -1,15 +1,18 @@
-"""Visual question answering by answer ranking, for dual encoders.
+"""Visual question answering.
 
-Each candidate answer a is scored against the image as the text "question: {q} answer: {a}";
-training is cross-entropy over the candidate set (soft targets when several annotators
-answered), and zero-shot works the same way. The candidates are every answer in the dataset
-plus any the user adds. VQA accuracy: min(#annotators who gave the answer / 3, 1) when several
-answers are given, exact match otherwise, after normalisation.
+Dual encoders rank answers: each candidate a is scored against the image as the text
+"question: {q} answer: {a}"; training is cross-entropy over the candidate set (soft targets when
+several annotators answered), and zero-shot works the same way. The candidates are every answer
+in the dataset plus any the user adds. Backbones with an answer decoder (BLIP VQA) generate the
+answer instead, trained with teacher forcing on the most common answer.
+VQA accuracy: min(#annotators who gave the answer / 3, 1) when several answers are given,
+exact match otherwise, after normalisation.
 """
 from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +22,7 @@ from torch import nn
 from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
-from core.tasks.encoding import encode_media
+from core.tasks.encoding import encode_media, media_tokens
 
 METRIC_KEYS = ("vqa_acc",)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -63,6 +66,8 @@ class VqaSet:
     answers: list[tuple[str, ...]]
     targets: torch.Tensor              # (questions, candidates): share of annotators per candidate
     candidates: list[str]
+    question_tokens: torch.Tensor      # (questions, length): for answer decoders
+    answer_tokens: torch.Tensor        # (questions, length): each question's most common answer
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -85,7 +90,9 @@ def prepare(backbone: Backbone, dataset: Dataset, items: list[Item], candidates:
             targets.append(target / target.sum().clamp(min=1))
     if not questions:
         raise ValueError("VQA needs questions with answers, and these items have none")
-    return VqaSet(torch.stack(pixels), torch.tensor(owners), questions, answers, torch.stack(targets), candidates)
+    most_common = [Counter(normalize_answer(a) for a in given).most_common(1)[0][0] for given in answers]
+    return VqaSet(torch.stack(pixels), torch.tensor(owners), questions, answers, torch.stack(targets), candidates,
+                  backbone.tokenize(questions), backbone.tokenize(most_common))
 
 
 def answer_scores(backbone: Backbone, image_emb: torch.Tensor, questions: list[str],
@@ -108,6 +115,10 @@ class VqaObjective(nn.Module):
         image_ids = self.data.question_image[question_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
         device = self.backbone.device
+        if self.backbone.answers_by_generation:
+            tokens = media_tokens(self.backbone, self.data.pixels[unique])[inverse.to(device)]
+            return self.backbone.answer_loss(tokens, self.data.question_tokens[question_ids],
+                                             self.data.answer_tokens[question_ids])
         image_emb = encode_media(self.backbone, self.data.pixels[unique])[inverse.to(device)]
         logits = answer_scores(self.backbone, image_emb, [self.data.questions[i] for i in question_ids],
                                self.data.candidates)
@@ -123,6 +134,10 @@ def predict(backbone: Backbone, data: VqaSet, batch_size: int = 16) -> list[str]
     backbone.eval()
     predictions = []
     for ids in torch.arange(len(data)).split(batch_size):
+        if backbone.answers_by_generation:
+            tokens = media_tokens(backbone, data.pixels[data.question_image[ids]])
+            predictions += backbone.generate_answers(tokens, data.question_tokens[ids])
+            continue
         image_emb = encode_media(backbone, data.pixels[data.question_image[ids]])
         scores = answer_scores(backbone, image_emb, [data.questions[i] for i in ids], data.candidates)
         predictions += [data.candidates[i] for i in scores.argmax(dim=1).tolist()]

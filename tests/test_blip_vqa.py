@@ -1,0 +1,49 @@
+"""BLIP question answering: the answer decoder generates answers, PET methods attach to all three towers."""
+import pytest
+import torch
+
+from core.backbones import load_backbone
+from core.data.shapes import write_shapes_vqa_dataset
+from core.pet import attach
+from core.runs import RunError, evaluate, tune
+from tests.conftest import write_tiny_blip_vqa
+
+
+@pytest.fixture(scope="module")
+def blip_vqa(tmp_path_factory):
+    return f"blip-vqa:{write_tiny_blip_vqa(tmp_path_factory.mktemp('blipvqa') / 'tiny')}"
+
+
+@pytest.fixture(scope="module")
+def shapes_vqa(tmp_path_factory):
+    return write_shapes_vqa_dataset(tmp_path_factory.mktemp("shapesvqa") / "data")
+
+
+def test_aurora_adapts_vision_question_encoder_and_answer_decoder(blip_vqa):
+    backbone = load_backbone(blip_vqa)
+    assert set(backbone.towers) == {"vision", "text", "decoder"}
+    assert backbone.towers["decoder"].blocks[0].projections["cross_k"].source == "text"
+    handle = attach(backbone, "aurora", {"rank": 8})
+    # 12 mode vectors per vision block; q, k, v of self- and cross-attention in the two text towers
+    assert handle.budget()["modes"] == (2 * 12 + 2 * 6 + 2 * 6) * 8
+
+
+def test_generated_answers_learn_the_shapes(blip_vqa, shapes_vqa, tmp_path):
+    result = tune(blip_vqa, shapes_vqa, "full", epochs=30, lr=3e-3, batch_size=16, task="vqa", seed=0,
+                  out=tmp_path / "run")
+    losses = result["train"]["epoch_losses"]
+    assert losses[-1] < 0.2 * losses[0]
+    assert result["tuned"]["vqa_acc"] >= 50.0 and result["zero_shot"]["vqa_acc"] < 10.0
+    assert evaluate(blip_vqa, tmp_path / "run", shapes_vqa)["metrics"] == result["tuned"]
+
+
+def test_aurora_tunes_the_answer_decoder(blip_vqa, shapes_vqa, tmp_path):
+    result = tune(blip_vqa, shapes_vqa, "aurora", {"gqt": True}, epochs=4, lr=1e-2, batch_size=16, task="vqa",
+                  seed=0, out=tmp_path / "run")
+    losses = result["train"]["epoch_losses"]
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def test_retrieval_is_refused_on_an_answering_backbone(blip_vqa, tmp_path, shapes):
+    with pytest.raises(RunError, match="serves vqa, not retrieval"):
+        tune(blip_vqa, shapes, "lora", epochs=1, out=tmp_path / "run")
