@@ -7,6 +7,7 @@ reset before each measurement) on CPU, and torch's peak allocation on CUDA.
 from __future__ import annotations
 
 import gc
+import random
 import statistics
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from core.backbones import load_backbone
+from core.backbones import BackboneError, load_backbone
 from core.data.shapes import COLOURS, SHAPES, draw_shape
 from core.pet import METHODS, attach, default_lr
 from core.tasks import retrieval
@@ -58,7 +59,6 @@ def _measure(step: Callable[[], None], steps: int, device: torch.device) -> tupl
 
 
 def _batch(backbone, size: int) -> retrieval.RetrievalSet:
-    import random
     rng = random.Random(0)
     pairs = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(size)]
     pixels = torch.stack([backbone.image_transform(draw_shape(c, s, rng)) for c, s in pairs])
@@ -103,6 +103,8 @@ def _peft_lora_step(model_name: str, data: retrieval.RetrievalSet, device: torch
 def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None = None) -> dict[str, Any]:
     device = pick_device()
     backbone = load_backbone(model, seed=0).to(device)
+    if "retrieval" not in backbone.tasks:
+        raise BackboneError(f"bench times retrieval training steps; {model} serves {', '.join(backbone.tasks)} only")
     frozen = {n: p.detach().clone() for n, p in backbone.backbone_parameters().items()}
     data = _batch(backbone, batch)
 
