@@ -121,12 +121,14 @@ def run_info(args) -> dict[str, Any]:
     from core.backbones import load_backbone
     from core.pet import attach
 
-    backbone = load_backbone(args.model)
+    backbone = load_backbone(args.model, fallback_offline=True)
     handle = attach(backbone, args.method, _collect_options(args))
     total = backbone.num_backbone_params()
+    if backbone.fallback_note:
+        _note(f"note: {backbone.fallback_note}")
     if not backbone.pretrained:
         _note(f"note: {backbone.describe()}")
-    return {"backbone": args.model, "backbone_weights": backbone.weights, "backbone_params": total,
+    return {"backbone": backbone.spec, "backbone_weights": backbone.weights, "backbone_params": total,
             "trainable_params": handle.num_trainable(),
             "trainable_pct": 100.0 * handle.num_trainable() / total, "groups": handle.budget()}
 
@@ -139,9 +141,11 @@ def run_tune(args) -> dict[str, Any]:
                   out=args.out, bf16=args.bf16, task=args.task, extra_answers=args.answers,
                   frames=args.frames,
                   progress=_progress_printer())
+    if result["note"]:
+        _note(f"note: {result['note']}")
     _note(f"backbone: {result['backbone']} — {result['backbone_weights']}")
-    return {k: result[k] for k in ("task", "method", "trainable_params", "trainable_pct", "zero_shot", "tuned",
-                                   "seconds", "out", "backbone_weights")}
+    return {k: result[k] for k in ("task", "method", "backbone", "trainable_params", "trainable_pct", "zero_shot",
+                                   "tuned", "seconds", "out", "backbone_weights", "note")}
 
 
 def run_eval(args) -> dict[str, Any]:

@@ -83,7 +83,8 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     device = pick_device()
     if bf16 and not bf16_supported(device):
         raise RunError(f"bf16 was asked for, but this {device.type.upper()} does not support it")
-    backbone = load_backbone(model, seed).to(device)
+    backbone = load_backbone(model, seed, fallback_offline=True).to(device)
+    model = backbone.spec   # "offline" when the requested weights could not be fetched
     if task not in backbone.tasks:
         raise RunError(f"{model} serves {', '.join(backbone.tasks)}, not {task}")
     test_set = _test_set(task_def, backbone, dataset)
@@ -109,6 +110,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
         "config": config_to_dict(config),
         "backbone": model,
         "backbone_weights": backbone.weights,
+        "note": backbone.fallback_note,
         "seed": seed,
         "backbone_params": backbone.num_backbone_params(),
         "trainable_params": handle.num_trainable(),

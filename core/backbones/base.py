@@ -10,7 +10,14 @@ from core.backbones.layout import TowerLayout
 
 
 class BackboneError(ValueError):
-    """A backbone spec that cannot be loaded, with a message meant for the user."""
+    """A backbone spec that cannot be loaded, with a message meant for the user.
+
+    `unreachable` marks weights that could not be fetched (no network, hub down): the case
+    in which callers may fall back to the bundled offline model."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class Backbone(nn.Module):
@@ -35,6 +42,7 @@ class Backbone(nn.Module):
     def __init__(self):
         super().__init__()
         self.pet: Optional[nn.Module] = None
+        self.fallback_note: Optional[str] = None   # set when this model stands in for an unreachable one
 
     @property
     def pretrained(self) -> bool:

@@ -147,7 +147,7 @@ def load_blip(spec: str, source: str, seed: int, answering: bool = False) -> Bac
             if where == "folder":
                 raise BackboneError(f"could not load BLIP from folder {source}: {error}") from error
             raise BackboneError(f"could not fetch BLIP weights for {source} "
-                                f"(no network, or the hub is unreachable): {error}") from error
+                                f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
         weights = f"local folder {source}" if where == "folder" else f"pretrained {source}"
     backbone_class = BlipAnsweringBackbone if answering else BlipBackbone
     return backbone_class(spec, model, processor, weights, seed)

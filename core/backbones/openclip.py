@@ -45,7 +45,7 @@ def load_openclip(spec: str, name: str, source: Optional[str], seed: int) -> "Op
             if pretrained is not None and _looks_like_path(source):
                 raise BackboneError(f"could not load open_clip {name} weights from file {source}: {error}") from error
             raise BackboneError(f"could not fetch open_clip {name} weights for tag {source} "
-                                f"(no network, or the hub is unreachable): {error}") from error
+                                f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
     return OpenClipBackbone(spec, name, model, preprocess, open_clip.get_tokenizer(name), weights, seed)
 
 
@@ -92,6 +92,12 @@ class OpenClipBackbone(Backbone):
     def patch_grid(self) -> tuple[int, int, int]:
         rows, cols = self.model.visual.grid_size
         return rows, cols, 1
+
+    def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights under open_clip's own names (its loaders read this back)."""
+        return {name.replace(".attn.in_proj.weight", ".attn.in_proj_weight")
+                .replace(".attn.in_proj.bias", ".attn.in_proj_bias"): tensor
+                for name, tensor in self.model.state_dict().items()}
 
     @property
     def pad_id(self) -> int:
