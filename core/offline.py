@@ -1,7 +1,11 @@
 """The offline model: a small CLIP (open_clip config PETStudio-World) pretrained contrastively on
 the base part of the procedural world, shipped in assets/offline.
 
-    python -m core.offline pretrain --steps 3000 --out assets/offline
+    python -m core.offline pretrain --steps 1500 --out assets/offline
+    python -m core.offline compare --part novel-colours --shots 16 --seeds 0,1,2
+
+`compare` writes a novel part as a dataset and tunes every method on it K-shot, for the model
+card's table (mean over seeds).
 
 Scenes are drawn on the fly from the seed, one batch per step, through the engine's trainer
 (full fine-tuning of a random-init backbone), then the model is scored zero-shot on held-out
@@ -101,6 +105,41 @@ def pretrain(out: Path, steps: int, batch_size: int = 128, lr: float = 1e-3, see
     return report
 
 
+COMPARED = [("zero_shot", {}), ("linear_probe", {}), ("bitfit", {}), ("lora", {}), ("prompt", {}),
+            ("adapter", {}), ("aurora", {}), *[("vlpet", {"granularity": g}) for g in ("small", "middleX", "middleY",
+                                                                                     "large")], ("full", {})]
+
+
+def compare(out: Path, part: str, shots: int, seeds: list[int], epochs: int = 30, lr_scale: float = 10.0,
+            items: int = 200) -> list[dict]:
+    """Tune every method `shots`-shot on a novel part of the world; one row per method, metrics
+    averaged over `seeds`. Learning rates are each method's default × `lr_scale` (few steps)."""
+    from core.pet import default_lr
+    from core.runs import tune
+
+    data = world.write_part(out / part, part, items=items)
+    rows = []
+    for method, options in COMPARED:
+        label = "-".join([method, *map(str, options.values())])
+        runs = [tune("offline", data, method, options, shots=shots, epochs=epochs, lr=default_lr(method) * lr_scale,
+                     seed=seed, out=out / "runs" / f"{label}-{seed}") for seed in seeds]
+        mean = lambda key, part_="tuned": sum(r[part_][key] for r in runs) / len(runs)  # noqa: E731
+        rows.append({"method": method + (f" ({options['granularity']})" if options else ""),
+                     "trainable_params": runs[0]["trainable_params"], "trainable_pct": runs[0]["trainable_pct"],
+                     "zero_shot_t2i_r1": mean("t2i_r1", "zero_shot"), "t2i_r1": mean("t2i_r1"),
+                     "i2t_r1": mean("i2t_r1"), "seconds": sum(r["seconds"] for r in runs) / len(runs)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| method | trainable | % | t2i R@1 | i2t R@1 | tuning time (s) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} | {r['t2i_r1']:.1f} | "
+                     f"{r['i2t_r1']:.1f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.offline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,9 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", default=str(OFFLINE_DIR))
+    table = commands.add_parser("compare", help="tune every method K-shot on a novel part, for the model card")
+    table.add_argument("--part", default="novel-colours", choices=[p for p in world.PARTS if p != "base"])
+    table.add_argument("--shots", type=int, default=16)
+    table.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    table.add_argument("--epochs", type=int, default=30)
+    table.add_argument("--lr-scale", type=float, default=10.0)
+    table.add_argument("--out", default="runs/compare")
     args = parser.parse_args(argv)
-    report = pretrain(Path(args.out), args.steps, args.batch_size, args.lr, args.seed)
-    print(json.dumps(report))
+    if args.command == "pretrain":
+        print(json.dumps(pretrain(Path(args.out), args.steps, args.batch_size, args.lr, args.seed)))
+        return 0
+    rows = compare(Path(args.out), args.part, args.shots, args.seeds, args.epochs, args.lr_scale)
+    print(markdown_table(rows))
+    print(json.dumps(rows))
     return 0
 
 

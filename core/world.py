@@ -35,6 +35,8 @@ NOVEL_TEXTURES = ("checks",)
 HELD_OUT_PAIRS = (("blue", "triangle"), ("red", "ring"), ("green", "cross"), ("yellow", "diamond"),
                   ("purple", "square"), ("orange", "circle"))
 MOTIONS = ("sideways", "up and down")
+SPEEDS = {"slowly": 0.25, "quickly": 0.5}                       # distance travelled, as a fraction of the picture
+CLIP_FRAMES, CLIP_FPS = 16, 8
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 PARTS = ("base", "novel-colours", "novel-compositions", "novel-textures", "novel-motion")
 BACKGROUND = (236, 236, 236)
@@ -156,10 +158,50 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
     return qa
 
 
-def motion_centres(motion: str, frames: int, size: int = IMAGE_SIZE) -> list[tuple[float, float]]:
-    low, high = 0.25 * size, 0.75 * size
-    path = [low + (high - low) * i / max(1, frames - 1) for i in range(frames)]
+def motion_centres(motion: str, speed: str, frames: int = CLIP_FRAMES,
+                   size: int = IMAGE_SIZE) -> list[tuple[float, float]]:
+    """The object's centre in each frame: a straight move through the middle of the picture."""
+    half = SPEEDS[speed] * size / 2
+    path = [size / 2 - half + 2 * half * i / max(1, frames - 1) for i in range(frames)]
     return [(p, size / 2) for p in path] if motion == "sideways" else [(size / 2, p) for p in path]
+
+
+def write_clip(path: Path, pictures: list[Image.Image], fps: int = CLIP_FPS) -> None:
+    import av   # PyAV: only needed to write clips
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = pictures[0].size
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 600_000
+        for picture in pictures:
+            for packet in stream.encode(av.VideoFrame.from_image(picture)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_motion_part(folder: str | Path, items: int, seed: int = 0, test_fraction: float = 0.25) -> Path:
+    """Write `items` clips of one object moving (sideways or up and down, slowly or quickly),
+    with captions that say how it moves and questions about the motion, as data.jsonl."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    n_test = int(round(items * test_fraction))
+    for index, (scene, rng) in enumerate(scenes("novel-motion", items, seed)):
+        motion, speed = rng.choice(MOTIONS), rng.choice(tuple(SPEEDS))
+        name = f"novel-motion-{index:05d}.mp4"
+        write_clip(folder / name, [draw_scene(scene, centre=c) for c in motion_centres(motion, speed)])
+        split = "test" if index >= items - n_test else "train"
+        thing = f"{scene.size} {scene.colour} {scene.shape}"
+        texts = [f"a {thing} moving {motion} {speed}", f"a {thing} that moves {speed} {motion}",
+                 f"{motion} motion: a {scene.colour} {scene.shape} moving {speed}"]
+        rows += [{"video": name, "caption": c, "split": split} for c in rng.sample(texts, 2)]
+        rows += [{"video": name, "question": q, "answer": a, "split": split}
+                 for q, a in (("how does the shape move?", motion), ("how fast does it move?", speed),
+                              ("what colour is the shape?", scene.colour))]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return folder
 
 
 def scenes(part: str, count: int, seed: int) -> Iterator[tuple[Scene, random.Random]]:
@@ -171,11 +213,11 @@ def scenes(part: str, count: int, seed: int) -> Iterator[tuple[Scene, random.Ran
 def write_part(folder: str | Path, part: str, items: int, seed: int = 0, test_fraction: float = 0.25) -> Path:
     """Write `items` pictures of a part with data.jsonl (2 captions and every question per picture).
 
-    The last `test_fraction` of the items are the test split. `novel-motion` needs video
-    writing (PyAV) and is written by `write_motion_part`.
+    The last `test_fraction` of the items are the test split. `novel-motion` is video: it is
+    written by `write_motion_part`.
     """
     if part == "novel-motion":
-        raise ValueError("novel-motion is video: use write_motion_part")
+        return write_motion_part(folder, items, seed, test_fraction)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -79,3 +79,25 @@ def test_a_short_pretraining_run_writes_a_loadable_checkpoint(tmp_path):
     backbone = load_backbone(f"openclip:{ARCHITECTURE}:{checkpoint}")
     assert backbone.weights == f"local checkpoint {checkpoint}"
     assert checkpoint.stat().st_size < 25 * 2**20
+
+
+def object_centre(frame: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the pixels that are neither background nor texture."""
+    pixels = frame.astype(int)
+    away = [np.abs(pixels - np.array(c)).sum(axis=2) > 90 for c in (world.BACKGROUND, world.TEXTURE_INK)]
+    ys, xs = np.nonzero(away[0] & away[1])
+    return xs.mean(), ys.mean()
+
+
+def test_motion_clips_move_as_their_captions_say(tmp_path):
+    from core.data import read_dataset
+    from core.data.media import read_video_frames
+    dataset = read_dataset(world.write_part(tmp_path / "motion", "novel-motion", items=6), tmp_path / "w")
+    assert {i.kind for i in dataset.items} == {"video"} and dataset.stats()["test"] == 2
+    for item in dataset.items:
+        answers = {qa.question: qa.answers[0] for qa in item.qa}
+        motion, speed = answers["how does the shape move?"], answers["how fast does it move?"]
+        assert all(motion in c and speed in c for c in item.captions)
+        first, last = (object_centre(np.asarray(f)) for f in read_video_frames(dataset.path(item), frames=2))
+        dx, dy = abs(last[0] - first[0]), abs(last[1] - first[1])
+        assert (dx > dy) == (motion == "sideways"), (motion, dx, dy)
