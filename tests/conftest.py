@@ -29,31 +29,48 @@ def shapes(tmp_path_factory):
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes") / "data")
 
 
-def write_tiny_blip(folder, seed=0):
-    """A 2-layer, 32-wide BLIP retrieval model and its processor, written with save_pretrained.
+def _tiny_blip_config(tokenizer):
+    """2 layers, 32 wide; initializer_range 0.3 (BLIP's is 0.02) keeps a random tiny model's
+    features diverse enough for few-step tuning tests."""
+    from transformers import BlipConfig
 
-    initializer_range 0.3 (BLIP's is 0.02) keeps a random tiny model's features diverse
-    enough for few-step tuning tests.
-    """
-    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor, BlipProcessor
-
-    from core.backbones.blip import stand_in_tokenizer
-
-    config = BlipConfig(
+    return BlipConfig(
         vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8, initializer_range=0.3),
-        text_config=dict(vocab_size=160, bos_token_id=2, hidden_size=32, intermediate_size=128,
+        text_config=dict(vocab_size=160, bos_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+                         pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
                          encoder_hidden_size=32, initializer_range=0.3),
         image_text_hidden_size=32)
+
+
+def _write_tiny_blip(folder, model_class, seed):
+    from transformers import BlipImageProcessor, BlipProcessor
+
+    from core.backbones.blip import stand_in_tokenizer
+
+    tokenizer = stand_in_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BlipForImageTextRetrieval(config)
+        model = model_class(_tiny_blip_config(tokenizer))
     model.save_pretrained(folder)
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
-                              tokenizer=stand_in_tokenizer())
-    processor.save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def write_tiny_blip(folder, seed=0):
+    """A tiny BLIP retrieval model and its processor, written with save_pretrained."""
+    from transformers import BlipForImageTextRetrieval
+
+    return _write_tiny_blip(folder, BlipForImageTextRetrieval, seed)
+
+
+def write_tiny_blip_vqa(folder, seed=0):
+    """A tiny BLIP question-answering model and its processor, written with save_pretrained."""
+    from transformers import BlipForQuestionAnswering
+
+    return _write_tiny_blip(folder, BlipForQuestionAnswering, seed)
 
 
 @pytest.fixture(scope="session")
@@ -79,26 +96,3 @@ def embeddings(backbone, pixels, tokens):
     with torch.no_grad():
         return backbone.encode_image(pixels), backbone.encode_text(tokens)
 
-
-def write_tiny_blip_vqa(folder, seed=0):
-    """A 2-layer, 32-wide BLIP question-answering model and its processor (save_pretrained)."""
-    from transformers import BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
-
-    from core.backbones.blip import stand_in_tokenizer
-
-    tokenizer = stand_in_tokenizer()
-    config = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, initializer_range=0.3),
-        text_config=dict(vocab_size=160, bos_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-                         pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-                         encoder_hidden_size=32, initializer_range=0.3),
-        image_text_hidden_size=32)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BlipForQuestionAnswering(config)
-    model.save_pretrained(folder)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(folder)
-    return folder

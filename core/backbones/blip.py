@@ -153,9 +153,8 @@ def load_blip(spec: str, source: str, seed: int, answering: bool = False) -> Bac
     return backbone_class(spec, model, processor, weights, seed)
 
 
-class BlipBackbone(Backbone):
-    family = "blip"
-    supports_matching = True
+class _BlipBase(Backbone):
+    """What BLIP's retrieval and answering models share: processor, tokenisation, vision tokens."""
 
     def __init__(self, spec, model, processor, weights, seed):
         super().__init__()
@@ -163,14 +162,6 @@ class BlipBackbone(Backbone):
         self.model = model.eval()
         self.processor = processor
         self.pad_id = processor.tokenizer.pad_token_id
-        self._text_mask: Optional[torch.Tensor] = None   # real tokens of the text being encoded
-        # BLIP's ITC temperature is not part of transformers' retrieval model: BLIP's init, 0.07.
-        self.register_buffer("_logit_scale", torch.tensor(math.log(1 / 0.07)))
-        self.towers = {
-            "vision": vision_tower(model.vision_model, tuple(model.vision_proj.parameters())),
-            "text": text_tower("text", model.text_encoder, "vision", tuple(model.text_proj.parameters()),
-                               lambda: self._text_mask),
-        }
 
     def image_transform(self, image) -> torch.Tensor:
         return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
@@ -179,13 +170,6 @@ class BlipBackbone(Backbone):
         config = self.model.config.vision_config
         side = config.image_size // config.patch_size
         return side, side, 1
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return [*self.model.vision_proj.parameters(), *self.model.itm_head.parameters()]
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self._logit_scale
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.processor.tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS,
@@ -200,6 +184,29 @@ class BlipBackbone(Backbone):
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.vision_model(pixel_values=pixels.to(self.device)).last_hidden_state
+
+
+class BlipBackbone(_BlipBase):
+    family = "blip"
+    supports_matching = True
+
+    def __init__(self, spec, model, processor, weights, seed):
+        super().__init__(spec, model, processor, weights, seed)
+        self._text_mask: Optional[torch.Tensor] = None   # real tokens of the text being encoded
+        # BLIP's ITC temperature is not part of transformers' retrieval model: BLIP's init, 0.07.
+        self.register_buffer("_logit_scale", torch.tensor(math.log(1 / 0.07)))
+        self.towers = {
+            "vision": vision_tower(model.vision_model, tuple(model.vision_proj.parameters())),
+            "text": text_tower("text", model.text_encoder, "vision", tuple(model.text_proj.parameters()),
+                               lambda: self._text_mask),
+        }
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [*self.model.vision_proj.parameters(), *self.model.itm_head.parameters()]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self._logit_scale
 
     def embed_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
         return self.model.vision_proj(image_tokens[:, 0])
@@ -235,7 +242,7 @@ class BlipBackbone(Backbone):
         return self.model.itm_head(fused_cls)
 
 
-class BlipAnsweringBackbone(Backbone):
+class BlipAnsweringBackbone(_BlipBase):
     """BLIP for VQA: image -> question encoder (cross-attending to the image) -> answer decoder
     (cross-attending to the question) that generates the answer. Towers: vision, text (the
     question encoder), decoder."""
@@ -246,11 +253,7 @@ class BlipAnsweringBackbone(Backbone):
     max_answer_tokens = 10
 
     def __init__(self, spec, model, processor, weights, seed):
-        super().__init__()
-        self.spec, self.weights, self.seed = spec, weights, seed
-        self.model = model.eval()
-        self.processor = processor
-        self.pad_id = processor.tokenizer.pad_token_id
+        super().__init__(spec, model, processor, weights, seed)
         self._masks: dict[str, Optional[torch.Tensor]] = {"text": None, "decoder": None}
         self.towers = {
             "vision": vision_tower(model.vision_model, ()),
@@ -259,32 +262,11 @@ class BlipAnsweringBackbone(Backbone):
                                   causal=True),
         }
 
-    def image_transform(self, image) -> torch.Tensor:
-        return self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
-
-    def patch_grid(self) -> tuple[int, int, int]:
-        config = self.model.config.vision_config
-        side = config.image_size // config.patch_size
-        return side, side, 1
-
     def head_parameters(self) -> list[nn.Parameter]:
         return []
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.processor.tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_TEXT_TOKENS,
-                                        return_tensors="pt")["input_ids"]
-
-    def _ids_and_mask(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = tokens.to(self.device)
-        mask = (tokens != self.pad_id).long()
-        length = max(int(mask.sum(dim=1).max()), 1)
-        return tokens[:, :length], mask[:, :length]
-
-    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.vision_model(pixel_values=pixels.to(self.device)).last_hidden_state
-
     def encode_question(self, image_tokens: torch.Tensor, questions: torch.Tensor):
-        ids, mask = self._ids_and_mask(questions)
+        ids, mask = self._trim(questions)
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
         self._masks["text"] = mask
         try:
@@ -297,7 +279,7 @@ class BlipAnsweringBackbone(Backbone):
     def answer_loss(self, image_tokens: torch.Tensor, questions: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
         """Teacher-forced cross-entropy of the answer tokens (starting at the decoder's bos)."""
         states, mask = self.encode_question(image_tokens, questions)
-        ids, answer_mask = self._ids_and_mask(answers)
+        ids, answer_mask = self._trim(answers)
         ids = ids.clone()
         ids[:, 0] = self.model.decoder_start_token_id
         labels = ids.masked_fill(answer_mask == 0, -100)
