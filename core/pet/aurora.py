@@ -46,7 +46,7 @@ def _projections_for(block: BlockLayout, config: Config) -> tuple[str, ...]:
     return SELF_AND_CROSS if "cross_q" in block.projections else FULL_BLOCK
 
 
-def _pieces(projection: Projection, name: str) -> tuple[int, str]:
+def _pieces(projection: Projection) -> tuple[int, str]:
     """How many mode vectors a projection takes and how its delta is laid out."""
     if projection.out_features > projection.in_features:        # fc1: one per output quarter
         return projection.out_features // projection.in_features, "split_out"
@@ -196,7 +196,7 @@ def attach(backbone, config: Config) -> AuroraHandle:
     if config.rank < 1:
         raise PetError(f"aurora rank must be at least 1, got {config.rank}")
     handle = AuroraHandle(backbone, config)
-    plan = []     # (tower, block, name, projection, pieces, layout)
+    plan = []     # (tower, block, name, projection, pieces, layout, U key, V key)
     widths: dict[str, int] = {}
     counts: dict[str, int] = {}
 
@@ -209,7 +209,7 @@ def attach(backbone, config: Config) -> AuroraHandle:
                 raise PetError(f"{tower} block {block.index} has no projection '{name}' "
                                f"(has {', '.join(block.projections)})")
             projection = block.projections[name]
-            pieces, layout = _pieces(projection, name)
+            pieces, layout = _pieces(projection)
             source = projection.source or tower
             width_in = projection.in_features // (pieces if layout == "split_in" else 1)
             width_out = projection.out_features // (pieces if layout == "split_out" else 1)
