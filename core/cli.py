@@ -20,7 +20,8 @@ from core.checkpoint import CheckpointError
 from core.data import DatasetError
 from core.pet import METHODS, PetError
 from core.runs import RunError
-from core.tasks import TaskError
+from core.data.media import DEFAULT_FRAMES
+from core.tasks import TASKS, TaskError
 from core.trainer import Progress, TrainingDiverged
 
 USER_ERRORS = (BackboneError, CheckpointError, DatasetError, PetError, RunError, TaskError, TrainingDiverged)
@@ -67,10 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--model", required=True)
     tune.add_argument("--data", required=True, help="dataset folder or .zip")
     _add_method_arguments(tune)
-    tune.add_argument("--task", choices=["retrieval", "vqa"], default="retrieval")
+    tune.add_argument("--task", choices=TASKS, default="retrieval")
     tune.add_argument("--answers", type=lambda s: tuple(a for a in s.split(",") if a), default=(),
                       help="VQA: extra candidate answers, comma-separated")
-    tune.add_argument("--frames", type=int, default=8, help="video: frames sampled uniformly per clip")
+    tune.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="video: frames sampled uniformly per clip")
     tune.add_argument("--shots", type=int, help="keep K training items (each with all its captions)")
     tune.add_argument("--epochs", type=int, default=5)
     tune.add_argument("--lr", type=float, help="learning rate (default: the method's)")
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=5)
     bench.add_argument("--methods", type=lambda s: s.split(","), help="comma-separated (default: all)")
 
-    demo = commands.add_parser("demo", help="generate a small shapes dataset and compare methods on it")
+    demo = commands.add_parser("demo", help="16-shot tuning of the offline model on a novel part of its world")
     demo.add_argument("--out", help="folder for the dataset and the runs (default runs/demo-DATE)")
 
     for sub in (info, tune, evaluate, bench, demo):
@@ -170,20 +171,21 @@ def run_bench(args) -> dict[str, Any]:
 
 
 def run_demo(args) -> dict[str, Any]:
-    from core.data.shapes import write_shapes_dataset
+    from core import world
     from core.runs import tune
 
     out = Path(args.out) if args.out else Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
-    data = write_shapes_dataset(out / "shapes")
-    _note(f"dataset: {data} (coloured shapes; test split has one picture per colour and shape)")
+    data = world.write_part(out / "novel-colours", "novel-colours", items=200)
+    _note(f"dataset: {data} (scenes in colours the offline model never saw; 50 test scenes)")
     rows = {}
-    for method, lr in (("zero_shot", None), ("linear_probe", 1e-2), ("lora", 1e-2), ("full", 1e-3)):
-        result = tune("openclip:PETStudio-Tiny", data, method, epochs=10, lr=lr, out=out / method)
+    for method, options in (("zero_shot", {}), ("linear_probe", {}), ("lora", {}), ("aurora", {}),
+                            ("vlpet", {"granularity": "middleY"})):
+        result = tune("offline", data, method, options, shots=16, epochs=15, lr=1e-2, out=out / method)
         rows[method] = {"trainable_params": result["trainable_params"], "t2i_r1": result["tuned"]["t2i_r1"],
                         "i2t_r1": result["tuned"]["i2t_r1"], "seconds": result["seconds"]}
-        _note(f"{method:>13}: {result['trainable_params']:>9,} params  t2i R@1 {result['tuned']['t2i_r1']:5.1f}  "
+        _note(f"{method:>13}: {result['trainable_params']:>7,} params  t2i R@1 {result['tuned']['t2i_r1']:5.1f}  "
               f"i2t R@1 {result['tuned']['i2t_r1']:5.1f}  ({result['seconds']:.1f}s)")
-    return {"model": "openclip:PETStudio-Tiny", "data": str(data), "methods": rows}
+    return {"model": "offline", "data": str(data), "shots": 16, "methods": rows}
 
 
 def _human(command: str, result: dict[str, Any]) -> str:
