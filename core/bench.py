@@ -100,6 +100,19 @@ def _peft_lora_step(model_name: str, data: retrieval.RetrievalSet, device: torch
     return step, sum(p.numel() for p in params.values())
 
 
+def _variants(methods: list[str]) -> list[tuple[str, str, dict]]:
+    """(label, method, options): VL-PET is measured at each of its four granularities."""
+    from core.pet.vlpet import GRANULARITIES
+
+    variants = []
+    for method in methods:
+        if method == "vlpet":
+            variants += [(f"vlpet_{g}", "vlpet", {"granularity": g}) for g in GRANULARITIES]
+        else:
+            variants.append((method, method, {}))
+    return variants
+
+
 def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None = None) -> dict[str, Any]:
     device = pick_device()
     backbone = load_backbone(model, seed=0).to(device)
@@ -115,13 +128,13 @@ def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None
 
     forward_s, _ = _measure(forward, steps, device)
     results: dict[str, Any] = {}
-    for method in methods or [m for m in METHODS if m != "zero_shot"]:
+    for label, method, options in _variants(methods or [m for m in METHODS if m != "zero_shot"]):
         torch.manual_seed(0)
-        handle = attach(backbone, method)
+        handle = attach(backbone, method, options)
         objective = retrieval.RetrievalObjective(backbone, data).train()
         step_s, peak = _measure(_training_step(objective, handle.trainable_parameters(), default_lr(method)),
                                 steps, device)
-        results[method] = {"step_s": step_s, "step_over_forward": step_s / forward_s,
+        results[label] = {"step_s": step_s, "step_over_forward": step_s / forward_s,
                            "peak_mem_mb": peak, "trainable_params": handle.num_trainable()}
         handle.detach()
         backbone.eval()

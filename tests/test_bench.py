@@ -5,7 +5,9 @@ from tests.conftest import TINY
 
 def test_bench_measures_every_method_and_the_peft_peer_on_one_batch():
     result = bench(TINY, batch=4, steps=1)
-    assert set(result["methods"]) == set(METHODS) - {"zero_shot"}
+    assert set(result["methods"]) == set(METHODS) - {"zero_shot", "vlpet"} | {
+        "vlpet_small", "vlpet_middleX", "vlpet_middleY", "vlpet_large"}
+    assert result["methods"]["vlpet_middleY"]["trainable_params"] < result["methods"]["vlpet_large"]["trainable_params"]
     assert result["methods"]["lora"]["trainable_params"] == 2688
     assert result["methods"]["full"]["trainable_params"] == 2_550_593
     # PEFT's LoRA on nn.MultiheadAttention adapts the packed in_proj (r=2) and out_proj.
