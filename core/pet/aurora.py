@@ -70,6 +70,17 @@ class AuroraFactors(nn.Module):
             self.modes[tower] = nn.Parameter(torch.empty(count, rank))
             nn.init.xavier_uniform_(self.modes[tower])
         self.dropout = nn.Dropout(dropout)
+        self._last_projection: Optional[tuple] = None
+
+    def project(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """U x. Projections fed the same input (q, k and v; cross-attention k and v) reuse it:
+        the last input is remembered by identity, and every forward pass makes new inputs."""
+        last = self._last_projection
+        if last is not None and last[0] is x and last[1] == key:
+            return last[2]
+        u = x @ self.U[key].to(x.dtype).T
+        self._last_projection = (x, key, u)
+        return u
 
     def mode_matrices(self, tower: str, rows: slice) -> torch.Tensor:
         """(pieces, R, R): M = Σ_c C[:, :, c] λ[c] for each mode vector in `rows`."""
@@ -86,13 +97,14 @@ class AuroraDelta:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         f = self.factors
-        U, V = f.U[self.in_key].to(x.dtype), f.V[self.out_key].to(x.dtype)
+        V = f.V[self.out_key].to(x.dtype)
         M = f.mode_matrices(self.tower, self.rows).to(x.dtype)
         if self.layout == "plain":
-            return f.dropout((x @ U.T) @ M[0]) @ V.T * self.scale
+            return f.dropout(f.project(x, self.in_key) @ M[0]) @ V.T * self.scale
         if self.layout == "split_out":
-            u = x @ U.T
+            u = f.project(x, self.in_key)
             return torch.cat([f.dropout(u @ m) @ V.T for m in M], dim=-1) * self.scale
+        U = f.U[self.in_key].to(x.dtype)
         quarters = x.chunk(len(M), dim=-1)
         return sum(f.dropout((q @ U.T) @ m) @ V.T for q, m in zip(quarters, M)) * self.scale
 
