@@ -5,7 +5,7 @@ from transformers import BlipForImageTextRetrieval
 
 from core.backbones import BackboneError, load_backbone
 from core.pet import PetError, attach
-from core.runs import evaluate, load_run, tune
+from core.runs import evaluate, tune
 from core.tasks.retrieval import RetrievalObjective, RetrievalSet
 from tests.test_pet import _randomise
 

@@ -1,6 +1,5 @@
 """BLIP question answering: the answer decoder generates answers, PET methods attach to all three towers."""
 import pytest
-import torch
 
 from core.backbones import load_backbone
 from core.data.shapes import write_shapes_vqa_dataset

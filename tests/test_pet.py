@@ -1,11 +1,10 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from core.pet import METHODS, PetError, attach
 from core.tasks.retrieval import RetrievalObjective, RetrievalSet
 from core.trainer import TrainSettings, make_optimizer
-from tests.conftest import TINY, embeddings
+from tests.conftest import embeddings
 from tests.test_backbones import reference_model
 
 

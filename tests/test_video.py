@@ -1,12 +1,12 @@
 """Video: clips written here with PyAV, read back through decord, frames sampled uniformly."""
 import json
 
-import av
 import numpy as np
 import pytest
-import torch
+from PIL import Image
 
 import core.data.media as media
+from core import world
 from core.data import DatasetError, Limits, read_dataset
 from core.runs import tune
 from tests.conftest import TINY
@@ -24,18 +24,13 @@ def square_position(motion: str, frame: int, offset: int) -> tuple[int, int]:
 
 
 def write_clip(path, colour, motion, offset, frames=FRAMES, fps=8):
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width = stream.height = SIZE
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            picture = np.full((SIZE, SIZE, 3), 240, np.uint8)
-            x, y = square_position(motion, i, offset)
-            picture[y:y + SQUARE, x:x + SQUARE] = COLOURS[colour]
-            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    pictures = []
+    for i in range(frames):
+        picture = np.full((SIZE, SIZE, 3), 240, np.uint8)
+        x, y = square_position(motion, i, offset)
+        picture[y:y + SQUARE, x:x + SQUARE] = COLOURS[colour]
+        pictures.append(Image.fromarray(picture))
+    world.write_clip(path, pictures, fps)
     return path
 
 
@@ -91,8 +86,7 @@ def test_bad_videos_are_named(tmp_path):
     assert found[2].startswith("data.jsonl → empty.webm, row 3: unreadable video")
 
 
-def test_images_and_videos_do_not_mix(tmp_path, motion_data):
-    from PIL import Image
+def test_images_and_videos_do_not_mix(tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
     write_clip(folder / "a.mp4", "red", "sideways", 8)

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from core.data.shapes import write_shapes_vqa_dataset
 from core.tasks import TaskError, get_task

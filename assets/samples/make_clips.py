@@ -1,14 +1,17 @@
 """Makes the sample clips in clips/ from the photos in photos/: short camera moves (pans and a
-zoom) over each photo, written with PyAV (a test dependency). Run from the repository root:
+zoom) over each photo, written by the engine's clip writer (PyAV). Run from the repository root:
     .venv/bin/python assets/samples/make_clips.py
 """
+import sys
 from pathlib import Path
 
-import av
-import numpy as np
 from PIL import Image
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parents[1]))   # the repository root, for core
+
+from core.world import write_clip  # noqa: E402
+
 SIZE, FRAMES, FPS = 96, 16, 8
 
 # photo, move, captions, (question, answer)
@@ -47,19 +50,6 @@ def crops(image: Image.Image, move: str):
         yield image.crop(box).resize((SIZE, SIZE), Image.BICUBIC)
 
 
-def write_clip(path: Path, frames) -> None:
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=FPS)
-        stream.width = stream.height = SIZE
-        stream.pix_fmt = "yuv420p"
-        stream.bit_rate = 600_000
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def main() -> None:
     out = HERE / "clips"
     out.mkdir(exist_ok=True)
@@ -67,7 +57,7 @@ def main() -> None:
     for photo, move, captions, (question, answer) in CLIPS:
         name = f"{Path(photo).stem}_{move}.mp4"
         with Image.open(HERE / "photos" / photo) as image:
-            write_clip(out / name, crops(image.convert("RGB"), move))
+            write_clip(out / name, list(crops(image.convert("RGB"), move)), FPS)
         rows += [f'{{"video": "{name}", "caption": "{c}"}}' for c in captions]
         rows.append(f'{{"video": "{name}", "question": "{question}", "answer": "{answer}"}}')
     (out / "data.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.backbones.base import Backbone, BackboneError

@@ -98,7 +98,7 @@ def _find_manifest(root: Path, shown: str) -> tuple[Path, Path]:
         subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "__MACOSX"))]
         if len(subdirs) == 1:
             return _find_manifest(subdirs[0], shown)
-        raise DatasetError([Problem(shown, f"no manifest found: add captions.csv or data.jsonl at the top level")])
+        raise DatasetError([Problem(shown, "no manifest found: add captions.csv or data.jsonl at the top level")])
     if len(found) > 1:
         raise DatasetError([Problem(shown, "has both captions.csv and data.jsonl: keep one")])
     if not found[0].resolve().is_relative_to(root):
