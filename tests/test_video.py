@@ -102,7 +102,7 @@ def test_images_and_videos_do_not_mix(tmp_path):
         read_dataset(folder, tmp_path / "w")
 
 
-def test_video_retrieval_learns_motion_and_decodes_each_clip_once(motion_data, tmp_path, monkeypatch):
+def test_video_retrieval_learns_and_decodes_each_clip_once(motion_data, tmp_path, monkeypatch):
     calls = []
     original = media.read_video_frames
     monkeypatch.setattr(media, "read_video_frames", lambda path, frames: calls.append(path) or original(path, frames))
