@@ -15,16 +15,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from core.backbones import BackboneError
-from core.checkpoint import CheckpointError
-from core.data import DatasetError
-from core.pet import METHODS, PetError
-from core.runs import RunError
 from core.data.media import DEFAULT_FRAMES
-from core.tasks import TASKS, TaskError
-from core.trainer import Progress, TrainingDiverged
-
-USER_ERRORS = (BackboneError, CheckpointError, DatasetError, PetError, RunError, TaskError, TrainingDiverged)
+from core.pet import METHODS
+from core.runs import USER_ERRORS
+from core.tasks import TASKS
+from core.trainer import Progress
 
 
 def _method_options() -> dict[str, dataclasses.Field]:
@@ -79,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with avx512_bf16/AMX, GPUs)")
     tune.add_argument("--out", help="run folder (default runs/DATE-METHOD)")
+    tune.add_argument("--epoch-metrics", action="store_true", help="also score the test split after every epoch")
 
     evaluate = commands.add_parser("eval", help="score a saved run on a dataset's test split")
     evaluate.add_argument("--model", required=True)
@@ -140,13 +136,13 @@ def run_tune(args) -> dict[str, Any]:
     result = tune(args.model, args.data, args.method, _collect_options(args), shots=args.shots,
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                   out=args.out, bf16=args.bf16, task=args.task, extra_answers=args.answers,
-                  frames=args.frames,
-                  progress=_progress_printer())
+                  frames=args.frames, progress=_progress_printer(), epoch_metrics=args.epoch_metrics)
     if result["note"]:
         _note(f"note: {result['note']}")
     _note(f"backbone: {result['backbone']} — {result['backbone_weights']}")
-    return {k: result[k] for k in ("task", "method", "backbone", "trainable_params", "trainable_pct", "zero_shot",
-                                   "tuned", "seconds", "out", "backbone_weights", "note")}
+    summary = {k: result[k] for k in ("task", "method", "backbone", "trainable_params", "trainable_pct", "zero_shot",
+                                      "tuned", "seconds", "out", "backbone_weights", "note")}
+    return {**summary, "epoch_metrics": result["train"]["epoch_metrics"]}
 
 
 def run_eval(args) -> dict[str, Any]:

@@ -13,16 +13,21 @@ import numpy as np
 import torch
 
 from core import checkpoint
-from core.backbones import Backbone, load_backbone
-from core.data import DEFAULT_LIMITS, Dataset, few_shot, read_dataset
+from core.backbones import Backbone, BackboneError, load_backbone
+from core.data import DEFAULT_LIMITS, Dataset, DatasetError, few_shot, read_dataset
 from core.data.media import DEFAULT_FRAMES
-from core.pet import PetHandle, attach, config_to_dict, default_lr, make_config
-from core.tasks import Task, get_task
-from core.trainer import Progress, TrainSettings, bf16_supported, pick_device, train
+from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, make_config
+from core.tasks import Task, TaskError, get_task
+from core.trainer import Progress, TrainingDiverged, TrainSettings, bf16_supported, pick_device, train
 
 
 class RunError(ValueError):
     """A run that cannot start as asked, with a message meant for the user."""
+
+
+# Failures whose message is meant for the user as it is (the CLI prints it, the app shows it).
+USER_ERRORS = (BackboneError, checkpoint.CheckpointError, DatasetError, PetError, RunError, TaskError,
+               TrainingDiverged)
 
 
 def seed_everything(seed: int) -> None:
@@ -63,11 +68,12 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
          seed: int = 0, out: Optional[str | Path] = None, bf16: bool = False, task: str = "retrieval",
          extra_answers: tuple[str, ...] = (), frames: int = DEFAULT_FRAMES,
          progress: Optional[Callable[[Progress], None]] = None,
-         cancel: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+         cancel: Optional[Callable[[], bool]] = None, epoch_metrics: bool = False) -> dict[str, Any]:
     """Tune `method` on `model` with the training split of `data`; score the test split before and after.
 
     `task` is retrieval or vqa; `extra_answers` adds VQA candidate answers to the dataset's own;
-    video datasets are read at `frames` uniformly sampled frames per clip."""
+    video datasets are read at `frames` uniformly sampled frames per clip. With `epoch_metrics`
+    the test split is also scored after every epoch (result["train"]["epoch_metrics"])."""
     started = time.perf_counter()
     config = make_config(method, options)
     lr = default_lr(method) if lr is None else lr
@@ -96,10 +102,11 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     seed_everything(seed)
     handle = attach(backbone, method, config)
     settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16)
-    log = None
+    log, per_epoch = None, []
     if handle.num_trainable() and epochs > 0:
         objective = task_def.objective(backbone, task_def.prepare(backbone, train_items), handle.context_enhancement)
-        log = train(objective, handle.trainable_parameters(), settings, progress, cancel)
+        epoch_end = (lambda epoch: per_epoch.append(task_def.evaluate(backbone, test_set))) if epoch_metrics else None
+        log = train(objective, handle.trainable_parameters(), settings, progress, cancel, epoch_end)
     tuned = score(task_def, handle, test_set)
 
     result = {
@@ -120,7 +127,8 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
                     "train_used": len(train_items)},
         "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "shots": shots, "bf16": bf16,
                   "device": device.type, "epoch_losses": log.epoch_losses if log else [],
-                  "step_losses": log.step_losses if log else [], "cancelled": bool(log and log.cancelled)},
+                  "step_losses": log.step_losses if log else [], "epoch_metrics": per_epoch,
+                  "cancelled": bool(log and log.cancelled)},
         "zero_shot": zero_shot,
         "tuned": tuned,
         "seconds": time.perf_counter() - started,

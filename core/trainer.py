@@ -85,10 +85,12 @@ def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_sche
 
 def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: TrainSettings,
           progress: Optional[Callable[[Progress], None]] = None,
-          cancel: Optional[Callable[[], bool]] = None) -> TrainLog:
+          cancel: Optional[Callable[[], bool]] = None,
+          epoch_end: Optional[Callable[[int], None]] = None) -> TrainLog:
     """Train `params` (already marked trainable) by minimising objective(batch).
 
-    `objective.batches(batch_size, generator)` gives one epoch's batches.
+    `objective.batches(batch_size, generator)` gives one epoch's batches; `epoch_end(epoch)`
+    runs after each epoch (the objective back in eval mode meanwhile).
     """
     if not params:
         raise ValueError("nothing to train: the method has no trainable parameters")
@@ -128,6 +130,10 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
                 if progress is not None:
                     progress(Progress(step, total, epoch + 1, loss.item(), time.perf_counter() - start))
             log.epoch_losses.append(sum(epoch_losses) / max(1, len(epoch_losses)))
+            if epoch_end is not None:
+                objective.eval()
+                epoch_end(epoch + 1)
+                objective.train()
     finally:
         objective.eval()
         log.seconds = time.perf_counter() - start

@@ -275,19 +275,35 @@ class BlipAnsweringBackbone(_BlipBase):
             self._masks["text"] = None
         return states, mask
 
-    def answer_loss(self, image_tokens: torch.Tensor, questions: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced cross-entropy of the answer tokens (starting at the decoder's bos)."""
+    def _answer_logits(self, image_tokens: torch.Tensor, questions: torch.Tensor, answers: torch.Tensor,
+                       **kwargs):
+        """The answer decoder run with teacher forcing (answers start at the decoder's bos)."""
         states, mask = self.encode_question(image_tokens, questions)
         ids, answer_mask = self._trim(answers)
         ids = ids.clone()
         ids[:, 0] = self.model.decoder_start_token_id
-        labels = ids.masked_fill(answer_mask == 0, -100)
         self._masks["decoder"] = answer_mask
         try:
-            return self.model.text_decoder(input_ids=ids, attention_mask=answer_mask, encoder_hidden_states=states,
-                                           encoder_attention_mask=mask, labels=labels, reduction="mean").loss
+            output = self.model.text_decoder(input_ids=ids, attention_mask=answer_mask, encoder_hidden_states=states,
+                                             encoder_attention_mask=mask, **kwargs)
         finally:
             self._masks["decoder"] = None
+        return output, ids, answer_mask
+
+    def answer_loss(self, image_tokens: torch.Tensor, questions: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced cross-entropy of the answer tokens."""
+        tokens = self._trim(answers)
+        labels = tokens[0].masked_fill(tokens[1] == 0, -100)
+        return self._answer_logits(image_tokens, questions, answers, labels=labels, reduction="mean")[0].loss
+
+    @torch.no_grad()
+    def answer_log_likelihoods(self, image_tokens: torch.Tensor, questions: torch.Tensor,
+                               answers: torch.Tensor) -> torch.Tensor:
+        """(B,) summed log-probability of each answer's tokens: BLIP's ranking of candidate answers."""
+        output, ids, answer_mask = self._answer_logits(image_tokens, questions, answers)
+        log_probs = output.logits[:, :-1].float().log_softmax(dim=-1)
+        picked = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return (picked * answer_mask[:, 1:]).sum(dim=1)
 
     @torch.no_grad()
     def generate_answers(self, image_tokens: torch.Tensor, questions: torch.Tensor) -> list[str]:

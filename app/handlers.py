@@ -1,0 +1,424 @@
+"""Event handlers: each takes the page's values and the request, calls core, and returns what
+the page shows. User errors come back as gr.Error with core's message (file and row included)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+
+from app import views
+from app.gpu import gpu_bound
+from app.sessions import Run, Session, SessionStore
+from core import checkpoint, figures, query
+from core.backbones import load_backbone
+from core.data import DatasetError, read_dataset
+from core.data.samples import SAMPLES, sample_path
+from core.pet import make_config
+from core.runs import USER_ERRORS, load_run, tune
+from core.trainer import Progress, pick_device
+from core.world import write_part
+
+STORE = SessionStore()
+WORLD_ITEMS = {"novel-motion": 24}   # clips take longer to write and decode than pictures
+WORLD_PICTURES = 64
+
+DATASETS = {
+    "Photos: 8 photographs with captions and questions (image-text, VQA)": ("sample", "photos"),
+    "Clips: 6 short videos with captions and questions (video-text, VQA)": ("sample", "clips"),
+    "Offline world: novel colours (image-text, VQA)": ("world", "novel-colours"),
+    "Offline world: novel compositions (image-text, VQA)": ("world", "novel-compositions"),
+    "Offline world: novel textures (image-text, VQA)": ("world", "novel-textures"),
+    "Offline world: novel motion (video-text, VQA)": ("world", "novel-motion"),
+    "Offline world: base scenes, as pretrained (image-text, VQA)": ("world", "base"),
+}
+BACKBONES = [
+    ("Offline model (bundled, works with no network)", "offline"),
+    ("open_clip ViT-B-32 · openai", "openclip:ViT-B-32:openai"),
+    ("open_clip ViT-B-16 · laion2b_s34b_b88k", "openclip:ViT-B-16:laion2b_s34b_b88k"),
+    ("BLIP base retrieval · Salesforce/blip-itm-base-coco", "blip:Salesforce/blip-itm-base-coco"),
+    ("BLIP base VQA · Salesforce/blip-vqa-base", "blip-vqa:Salesforce/blip-vqa-base"),
+    ("PETStudio-Tiny (random init, for trying things out)", "openclip:PETStudio-Tiny"),
+]
+METHOD_LABELS = [("Aurora (mode approximation)", "aurora"), ("VL-PET (gates)", "vlpet"), ("LoRA", "lora"),
+                 ("Bottleneck adapter", "adapter"), ("Deep prompt tuning", "prompt"), ("BitFit", "bitfit"),
+                 ("Linear probe", "linear_probe"), ("Full fine-tuning", "full"), ("Zero-shot (no tuning)", "zero_shot")]
+PREVIEW_LIMIT = 48
+NO_RUN = "frozen model only"
+
+
+def session_of(request: gr.Request) -> Session:
+    return STORE.get(request.session_hash)
+
+
+def release(request: gr.Request) -> None:
+    STORE.release(request.session_hash)
+
+
+def _user_error(error: Exception) -> gr.Error:
+    return gr.Error(str(error), duration=None)
+
+
+# --- Data -------------------------------------------------------------------------------------
+
+def _media_choices(session: Session) -> list[str]:
+    return [item.media for item in session.dataset.items] if session.dataset else []
+
+
+def _open_dataset(session: Session, source: Path, label: str):
+    """Read and validate `source` into a fresh folder of the session; show it, or the report."""
+    with session.lock:
+        workdir = session.new_folder("data", label)
+        try:
+            dataset = read_dataset(source, workdir)
+        except DatasetError as error:
+            shutil.rmtree(workdir, ignore_errors=True)
+            gr.Warning(f"{label}: {len(error.problems)} problem(s), see the validation report")
+            return [], "", views.validation_report(error.problems), *_media_updates(session)
+        for old in session.folder.glob("data/*"):   # one dataset at a time per session
+            if old != workdir and (session.dataset is None or not session.dataset.root.is_relative_to(old)):
+                shutil.rmtree(old, ignore_errors=True)
+        session.dataset, session.dataset_label = dataset, label
+        session.galleries.clear()
+        preview = [(str(dataset.path(item)), views.preview_caption(item)) for item in dataset.items[:PREVIEW_LIMIT]]
+        return (preview, views.dataset_stats(label, dataset), views.validation_report([]),
+                *_media_updates(session))
+
+
+def _media_updates(session: Session) -> tuple:
+    choices = _media_choices(session)
+    value = choices[0] if choices else None
+    return gr.update(choices=choices, value=value), gr.update(choices=choices, value=value)
+
+
+def load_sample(choice: str, request: gr.Request):
+    """A bundled set: the sample photos or clips, or a part of the offline world written for this session."""
+    session = session_of(request)
+    if choice not in DATASETS:
+        raise gr.Error(f"unknown sample set '{choice}': choose one of {', '.join(DATASETS)}")
+    kind, name = DATASETS[choice]
+    if kind == "sample":
+        return _open_dataset(session, sample_path(name), name)
+    folder = session.new_folder("world", name)
+    write_part(folder, name, WORLD_ITEMS.get(name, WORLD_PICTURES))
+    return _open_dataset(session, folder, f"world-{name}")
+
+
+def upload_data(files: Optional[list[str]], request: gr.Request):
+    """A .zip of a dataset folder, or the manifest and media files themselves."""
+    session = session_of(request)
+    if not files:
+        raise gr.Error("choose a .zip or the files of a dataset (captions.csv or data.jsonl and its media)")
+    paths = [Path(f) for f in files]
+    if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
+        return _open_dataset(session, paths[0], paths[0].stem)
+    folder = session.new_folder("uploads", "files")
+    for path in paths:
+        if path.suffix.lower() == ".zip":
+            raise gr.Error(f"{path.name}: upload a .zip on its own, not with other files")
+        shutil.copyfile(path, folder / path.name)
+    return _open_dataset(session, folder, "uploaded files")
+
+
+# --- Tune -------------------------------------------------------------------------------------
+
+def method_options(method: str, aurora_rank: float, aurora_parts: list[str], lora_rank: float,
+                   granularity: str, reduction: float, prompt_length: float) -> dict[str, Any]:
+    """The main knobs of `method` as core options; every other option keeps its default."""
+    if method == "aurora":
+        return {"rank": int(aurora_rank), **{part: part in aurora_parts for part in ("gqt", "ice", "heads")}}
+    if method == "lora":
+        return {"rank": int(lora_rank)}
+    if method == "vlpet":
+        return {"granularity": granularity, "reduction": int(reduction)}
+    if method == "adapter":
+        return {"reduction": int(reduction)}
+    if method == "prompt":
+        return {"length": int(prompt_length)}
+    return {}
+
+
+def show_method_options(method: str):
+    """Which knobs the chosen method has: aurora, lora, vlpet+adapter (reduction), vlpet, prompt."""
+    return (gr.update(visible=method == "aurora"), gr.update(visible=method == "lora"),
+            gr.update(visible=method == "vlpet"), gr.update(visible=method in ("vlpet", "adapter")),
+            gr.update(visible=method == "prompt"))
+
+
+@gpu_bound
+def _tune_on_device(**arguments) -> dict[str, Any]:
+    return tune(**arguments)
+
+
+def _run_choices(session: Session, selected: Optional[str]) -> tuple:
+    choices = [NO_RUN, *session.runs]
+    value = selected if selected in session.runs else (choices[-1] if session.runs else NO_RUN)
+    return gr.update(choices=choices, value=value), gr.update(choices=choices, value=value)
+
+
+def start_tuning(request: gr.Request):
+    session = session_of(request)
+    session.live_losses, session.live_status = [], "starting…"
+    session.cancel.clear()
+    return gr.Timer(active=True)
+
+
+def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_parts: list[str], lora_rank: float,
+               granularity: str, reduction: float, prompt_length: float, shots: float, epochs: float,
+               lr: Optional[float], batch_size: float, bf16: bool, answers: str, frames: float,
+               request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    """Tune on the session's dataset; returns the before/after card, the training figure, the
+    weights to download and the updated run lists."""
+    session = session_of(request)
+    if session.dataset is None:
+        raise gr.Error("load a dataset first (Data tab)")
+    session.live_losses, session.live_status = [], "loading the model and scoring it zero-shot…"
+    session.cancel.clear()
+    progress(0, desc="loading the model and scoring it zero-shot")
+
+    def report(p: Progress) -> None:
+        session.live_losses.append(p.loss)
+        session.live_status = (f"step {p.step}/{p.total_steps} · epoch {p.epoch} · loss {p.loss:.4f} · "
+                               f"ETA {p.eta:.0f} s")
+        progress((p.step, p.total_steps), desc=f"epoch {p.epoch} · loss {p.loss:.3f} · ETA {p.eta:.0f} s",
+                 unit="steps")
+
+    out = session.new_folder("runs", method)
+    try:
+        result = _tune_on_device(
+            model=model.strip(), data=session.dataset.root, method=method,
+            options=method_options(method, aurora_rank, aurora_parts, lora_rank, granularity, reduction, prompt_length),
+            shots=int(shots) if shots else None, epochs=int(epochs), lr=float(lr) if lr else None,
+            batch_size=int(batch_size), bf16=bool(bf16), task=task, frames=int(frames),
+            extra_answers=tuple(a.strip() for a in (answers or "").split(",") if a.strip()),
+            out=out, progress=report, cancel=session.cancel.is_set, epoch_metrics=True)
+    except USER_ERRORS as error:
+        shutil.rmtree(out, ignore_errors=True)
+        session.live_status = f"stopped: {error}"
+        raise _user_error(error) from error
+    name = f"{len(session.runs) + 1} · {method} · {result['backbone']}"
+    session.runs[name] = Run(name, out, result)
+    session.live_status = f"done in {result['seconds']:.0f} s" + (" (cancelled early)" if result["train"]["cancelled"] else "")
+    if result["note"]:
+        gr.Warning(result["note"])
+    return (views.run_card(name, result), figures.training_figure(result), _weights_files(out),
+            *_run_choices(session, name))
+
+
+def cancel_tuning(request: gr.Request) -> str:
+    session = session_of(request)
+    session.cancel.set()
+    session.live_status = "cancelling after the current step…"
+    return session.live_status
+
+
+def live_progress(request: gr.Request):
+    session = session_of(request)
+    return figures.training_figure({}, live=list(session.live_losses)), session.live_status
+
+
+def stop_live():
+    return gr.Timer(active=False)
+
+
+def model_notice(model: str) -> str:
+    """What the chosen backbone needs, said before anything is tuned."""
+    model = (model or "").strip()
+    if model == "offline":
+        return "The bundled offline model: small, pretrained on PET Studio's procedural world, no network needed."
+    if ":" in model and len(model.split(":")) == 2 and model.startswith("openclip:"):
+        return f"`{model}` has no pretrained tag: random init from the seed (for trying the mechanics, not quality)."
+    return (f"`{model}` downloads its weights on first use. Without a network the run falls back to the bundled "
+            f"offline model and says so here.")
+
+
+# --- Weights ----------------------------------------------------------------------------------
+
+def _weights_files(folder: Path) -> list[str]:
+    return [str(folder / checkpoint.WEIGHTS), str(folder / checkpoint.RUN_INFO)]
+
+
+def download_weights(run: str, request: gr.Request) -> list[str]:
+    session = session_of(request)
+    if run not in session.runs:
+        raise gr.Error("choose one of this session's runs")
+    return _weights_files(session.runs[run].folder)
+
+
+def load_weights(files: Optional[list[str]], request: gr.Request):
+    """Tuned weights back into this session: a pet.safetensors (safetensors only) with its run.json."""
+    session = session_of(request)
+    paths = [Path(f) for f in files or []]
+    weights = [p for p in paths if p.suffix == ".safetensors"]
+    infos = [p for p in paths if p.suffix == ".json"]
+    others = [p.name for p in paths if p not in weights and p not in infos]
+    if others:
+        raise gr.Error(f"{', '.join(others)}: only a .safetensors weights file and its run.json are loaded")
+    if len(weights) != 1 or len(infos) != 1:
+        raise gr.Error("upload exactly two files: the weights (.safetensors) and the run.json saved with them")
+    with session.lock:
+        folder = session.new_folder("runs", "uploaded")
+        shutil.copyfile(weights[0], folder / checkpoint.WEIGHTS)
+        shutil.copyfile(infos[0], folder / checkpoint.RUN_INFO)
+        try:
+            info, _ = checkpoint.read(folder)
+            backbone, handle, _ = load_run(info["backbone"], folder)
+        except USER_ERRORS as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise _user_error(error) from error
+        name = f"{len(session.runs) + 1} · {info['method']} · {info['backbone']} (uploaded)"
+        session.runs[name] = Run(name, folder, info)
+        if handle.mergeable:
+            handle.merge()
+        session.models[f"run:{name}"] = (backbone, handle)
+    card = views.run_card(name, info) if "tuned" in info and "dataset" in info else f"Loaded **{name}**."
+    return card, *_run_choices(session, name)
+
+
+# --- Ask --------------------------------------------------------------------------------------
+
+def _frozen(session: Session, spec: str, seed: int):
+    key = f"frozen:{spec}:{seed}"
+    if key not in session.models:
+        session.models[key] = (load_backbone(spec, seed, fallback_offline=True).to(pick_device()), None)
+    return key
+
+
+def _tuned(session: Session, run: Run):
+    key = f"run:{run.name}"
+    if key not in session.models:
+        backbone, handle, _ = load_run(run.result["backbone"], run.folder)
+        if handle.mergeable:
+            handle.merge()   # zero-overhead inference
+        session.models[key] = (backbone, handle)
+    return key
+
+
+def _models(session: Session, run_name: str, model: str) -> list[tuple[str, str]]:
+    """(label, model key) of the frozen model and, when a run is chosen, the tuned one."""
+    run = session.runs.get(run_name)
+    spec = run.result["backbone"] if run else (model or "offline").strip()
+    keys = [("frozen", _frozen(session, spec, run.result.get("seed", 0) if run else 0))]
+    if run:
+        keys.append((f"tuned ({run.name})", _tuned(session, run)))
+    session.forget_models(keep=tuple(k for _, k in keys))
+    return keys
+
+
+def _gallery(session: Session, key: str):
+    """The dataset's gallery and its embeddings under one model state, computed once."""
+    if session.dataset is None:
+        raise gr.Error("load a dataset first (Data tab)")
+    cache = (key, session.dataset.root)
+    if cache not in session.galleries:
+        backbone = session.models[key][0]
+        gallery = query.load_gallery(backbone, session.dataset)
+        session.galleries[cache] = (gallery, query.embed_gallery(backbone, gallery))
+    return session.galleries[cache]
+
+
+def _query_media(session: Session, upload: Optional[str], pick: Optional[str]) -> Path:
+    if upload:
+        return Path(upload)
+    if session.dataset is not None and pick:
+        for item in session.dataset.items:
+            if item.media == pick:
+                return session.dataset.path(item)
+    raise gr.Error("upload a picture or clip, or pick one of the dataset's")
+
+
+def _pad(results: list, empty) -> list:
+    return results + [empty] * (2 - len(results))
+
+
+def search_text(text: str, run: str, model: str, request: gr.Request):
+    """Text → media over the dataset's gallery, frozen and tuned side by side."""
+    session = session_of(request)
+    with session.lock:
+        try:
+            shown = []
+            for label, key in _models(session, run, model):
+                gallery, embeddings = _gallery(session, key)
+                hits = query.search_by_text(session.models[key][0], gallery, embeddings, text)
+                shown.append([(str(gallery.paths[h.index]), f"{h.score:.3f} · {gallery.names[h.index]}") for h in hits])
+        except (query.QueryError, *USER_ERRORS) as error:
+            raise _user_error(error) from error
+    return tuple(_pad(shown, []))
+
+
+def search_media(upload: Optional[str], pick: Optional[str], run: str, model: str, request: gr.Request):
+    """Picture or clip → the dataset's captions, frozen and tuned side by side."""
+    session = session_of(request)
+    with session.lock:
+        path = _query_media(session, upload, pick)
+        try:
+            shown = []
+            for label, key in _models(session, run, model):
+                gallery, embeddings = _gallery(session, key)
+                hits = query.search_by_media(session.models[key][0], gallery, embeddings, path)
+                shown.append([[i + 1, gallery.captions[h.index], round(h.score, 4),
+                               gallery.names[gallery.caption_media[h.index]]] for i, h in enumerate(hits)])
+        except (query.QueryError, *USER_ERRORS) as error:
+            raise _user_error(error) from error
+    return tuple(_pad(shown, None))
+
+
+def answer_question(upload: Optional[str], pick: Optional[str], question: str, answers: str, run: str, model: str,
+                    request: gr.Request):
+    """VQA: candidate answers ranked (and generated, on BLIP VQA), frozen and tuned side by side."""
+    session = session_of(request)
+    with session.lock:
+        path = _query_media(session, upload, pick)
+        candidates = [a.strip() for a in (answers or "").split(",") if a.strip()]
+        if session.dataset is not None:
+            candidates += [a for item in session.dataset.items for qa in item.qa for a in qa.answers]
+        try:
+            labels, generated = [], []
+            for label, key in _models(session, run, model):
+                result = query.answer(session.models[key][0], path, question, candidates)
+                labels.append({a: p for a, p in result.ranked} or None)
+                if result.generated is not None:
+                    generated.append(f"**{label}** generates: “{result.generated}”")
+        except (query.QueryError, *USER_ERRORS) as error:
+            raise _user_error(error) from error
+    return (*_pad(labels, None), "\n\n".join(generated))
+
+
+# --- Inspect ----------------------------------------------------------------------------------
+
+def inspect_run(run: str, pick: Optional[str], request: gr.Request):
+    """The run's budget, its gates (on the picked picture for per-token gates) and its training curves."""
+    session = session_of(request)
+    if run not in session.runs:
+        raise gr.Error("choose one of this session's runs (tune one, or load weights)")
+    with session.lock:
+        chosen = session.runs[run]
+        result = chosen.result
+        weights = chosen.folder / checkpoint.WEIGHTS
+        budget = figures.budget_figure(result.get("groups", {}), result["backbone_params"], weights.stat().st_size)
+        try:
+            key = _tuned(session, chosen)
+            _, handle = session.models[key]
+            path = _query_media(session, None, pick) if session.dataset is not None and pick else None
+            caption = next((i.captions[0] for i in session.dataset.items if i.media == pick and i.captions), None) \
+                if path else None
+            view = query.read_gates(handle, path, caption or "a photo")
+        except (query.QueryError, *USER_ERRORS) as error:
+            raise _user_error(error) from error
+    gates = figures.gate_figure(result["method"], make_config(result["method"], result["config"]), view.readout)
+    overlay = (figures.patch_overlay_figure(view.picture, view.patch_map, f"vision gates over {pick} "
+                                            f"(mean over layers and sub-layers)")
+               if view.patch_map is not None else
+               figures.message_figure("Per-token gates (VL-PET middleX or large) are drawn over the picture here."))
+    return budget, gates, overlay, figures.training_figure(result)
+
+
+# --- Compare ----------------------------------------------------------------------------------
+
+def compare_runs(request: gr.Request):
+    session = session_of(request)
+    runs = [r for r in session.runs.values() if "tuned" in r.result]
+    rows = [views.compare_row(r.name, r.result, r.folder) for r in runs]
+    return rows or None, \
+        figures.compare_figure([r.result for r in runs])

@@ -1,0 +1,96 @@
+"""Per-session state. Every browser tab (and every gradio_client) has its own working folder,
+dataset, runs and loaded models, keyed by Gradio's session hash, so no user sees another's.
+Models and galleries are heavy and not deep-copyable, so they live here rather than in gr.State;
+a session is released when its page unloads, or after it has been idle for `idle_limit` seconds
+(API clients never unload)."""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+SESSIONS_ROOT = Path(tempfile.gettempdir()) / "petstudio-sessions"
+IDLE_LIMIT_SECONDS = 6 * 3600
+
+
+@dataclass
+class Run:
+    """A run of this session: tuned here, or loaded from uploaded weights."""
+
+    name: str
+    folder: Path
+    result: dict[str, Any]
+
+
+@dataclass
+class Session:
+    key: str
+    folder: Path
+    dataset: Any = None              # core.data.Dataset
+    dataset_label: str = ""
+    runs: dict[str, Run] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)      # model key -> (backbone, handle or None)
+    galleries: dict[tuple, Any] = field(default_factory=dict)  # (model key, dataset) -> (gallery, embeddings)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    live_losses: list[float] = field(default_factory=list)
+    live_status: str = ""
+    counter: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def new_folder(self, kind: str, label: str) -> Path:
+        """A fresh folder inside this session's own folder: kind/NN-label."""
+        self.counter += 1
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or kind
+        folder = self.folder / kind / f"{self.counter:02d}-{safe}"
+        folder.mkdir(parents=True)
+        return folder
+
+    def forget_models(self, keep: tuple[str, ...] = ()) -> None:
+        """Drop loaded models (and their galleries) except `keep`, so memory holds what is in use."""
+        for key in [k for k in self.models if k not in keep]:
+            del self.models[key]
+        for key in [k for k in self.galleries if k[0] not in keep]:
+            del self.galleries[key]
+
+
+class SessionStore:
+    def __init__(self, root: Path = SESSIONS_ROOT, idle_limit: float = IDLE_LIMIT_SECONDS):
+        self.root, self.idle_limit = root, idle_limit
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session_hash: Optional[str]) -> Session:
+        if not session_hash:
+            raise RuntimeError("no session: the app must be used through Gradio's queue")
+        self.sweep()
+        with self._lock:
+            session = self._sessions.get(session_hash)
+            if session is None:
+                folder = self.root / re.sub(r"[^A-Za-z0-9]", "", session_hash)
+                folder.mkdir(parents=True, exist_ok=True)
+                session = self._sessions[session_hash] = Session(session_hash, folder)
+            session.last_used = time.monotonic()
+            return session
+
+    def release(self, session_hash: Optional[str]) -> None:
+        with self._lock:
+            session = self._sessions.pop(session_hash or "", None)
+        if session is not None:
+            session.cancel.set()   # a tuning still running stops at its next step
+            shutil.rmtree(session.folder, ignore_errors=True)
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            idle = [k for k, s in self._sessions.items() if now - s.last_used > self.idle_limit]
+        for key in idle:
+            self.release(key)
+
+    def __contains__(self, session_hash: str) -> bool:
+        return session_hash in self._sessions

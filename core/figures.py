@@ -1,0 +1,206 @@
+"""Plotly figures of a run: its parameter budget, what its gates learned, its training curve,
+and a session's runs side by side. Inputs are plain numbers (a run's result dict, a handle's
+readout); nothing here touches a model."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from PIL import Image
+from plotly.subplots import make_subplots
+
+GATE_SCALE = "Viridis"
+
+
+def _human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def budget_figure(groups: dict[str, int], backbone_params: int, file_bytes: Optional[int] = None) -> go.Figure:
+    """Trainable parameters by group against the whole backbone, on a log scale, with % of the backbone."""
+    trainable = sum(groups.values())
+    names = [*groups, "all trainable", "backbone"]
+    counts = [*groups.values(), trainable, backbone_params]
+    colours = ["#5b8def"] * len(groups) + ["#e8833a", "#9aa0a6"]
+    labels = [f"{_human(c)} ({100.0 * c / backbone_params:.3g}%)" for c in counts]
+    figure = go.Figure(go.Bar(x=[max(c, 1) for c in counts], y=names, orientation="h", marker_color=colours,
+                              text=labels, textposition="outside", cliponaxis=False,
+                              hovertemplate="%{y}: %{x:,} parameters<extra></extra>"))
+    title = f"Trainable {trainable:,} of {backbone_params:,} parameters ({100.0 * trainable / backbone_params:.3g}%)"
+    if file_bytes is not None:
+        title += f" · saved file {file_bytes / 1024:,.1f} KiB"
+    figure.update_layout(title=title, xaxis=dict(type="log", title="parameters (log scale)"),
+                         yaxis=dict(autorange="reversed"), margin=dict(l=10, r=80, t=50, b=40),
+                         height=140 + 32 * len(names))
+    return figure
+
+
+def _layer_site_matrix(readout: dict[str, torch.Tensor], tower: str) -> tuple[list[int], list[str], np.ndarray]:
+    """VL-PET readout keys 'tower.layer.site' -> (layers, sites, mean gate per layer × site)."""
+    cells = {}
+    for key, gate in readout.items():
+        name, layer, site = key.split(".")
+        if name == tower:
+            cells[int(layer), site] = float(gate.float().mean())
+    layers = sorted({layer for layer, _ in cells})
+    sites = [s for s in ("attn", "cross", "mlp") if any(site == s for _, site in cells)]
+    matrix = np.full((len(layers), len(sites)), np.nan)
+    for (layer, site), value in cells.items():
+        matrix[layers.index(layer), sites.index(site)] = value
+    return layers, sites, matrix
+
+
+def _towers(keys) -> list[str]:
+    return list(dict.fromkeys(key.split(".")[0] for key in keys))
+
+
+def vlpet_gate_figure(readout: dict[str, torch.Tensor], granularity: str) -> go.Figure:
+    """Mean gate G per layer and sub-layer, one heatmap per tower."""
+    towers = _towers(readout)
+    figure = make_subplots(rows=1, cols=len(towers), subplot_titles=[f"{t} tower" for t in towers])
+    for column, tower in enumerate(towers, start=1):
+        layers, sites, matrix = _layer_site_matrix(readout, tower)
+        figure.add_trace(go.Heatmap(z=matrix, x=sites, y=[f"layer {i}" for i in layers], colorscale=GATE_SCALE,
+                                    coloraxis="coloraxis",
+                                    hovertemplate="%{y}, %{x}: mean G %{z:.3f}<extra></extra>"), 1, column)
+    figure.update_layout(title=f"VL-PET gates ({granularity}): mean G per layer and sub-layer",
+                         coloraxis=dict(colorscale=GATE_SCALE, colorbar=dict(title="G")),
+                         height=max(320, 60 + 26 * max(len(_layer_site_matrix(readout, t)[0]) for t in towers)))
+    for column in range(1, len(towers) + 1):
+        figure.update_yaxes(autorange="reversed", row=1, col=column)
+    return figure
+
+
+def aurora_figure(readout: dict[str, torch.Tensor]) -> go.Figure:
+    """Per tower: ‖λ‖ of every mode vector and ‖ΔW‖_F of every adapted projection, per layer;
+    GQT γ and β per layer and channel when present."""
+    towers = _towers(readout)
+    gqt = [(t, part) for t in towers for part in ("gamma", "beta") if f"{t}.gqt_{part}" in readout]
+    titles = [f"{t}: ‖λ‖ per layer" for t in towers] + [f"{t}: ‖ΔW‖_F per layer" for t in towers]
+    titles += [f"{t}: GQT {part}" for t, part in gqt]
+    rows = 2 + (1 if gqt else 0)
+    columns = max(len(towers), len(gqt), 1)
+    figure = make_subplots(rows=rows, cols=columns, subplot_titles=titles, vertical_spacing=0.12)
+    for column, tower in enumerate(towers, start=1):
+        layers = _layers_of(readout, tower)
+        for row, kind in enumerate(("modes", "delta_norm"), start=1):
+            names = [k.split(".")[2] for k in readout if k.startswith(f"{tower}.{kind}.")]
+            matrix = np.full((layers, len(names)), np.nan)
+            for j, name in enumerate(names):
+                values = readout[f"{tower}.{kind}.{name}"].float()
+                # fc1/fc2 carry one mode vector (and ΔW) per quarter of the hidden layer: one norm per layer.
+                per_layer = values.reshape(layers, -1) if values.shape[0] % layers == 0 else values[:layers]
+                matrix[:len(per_layer), j] = per_layer.reshape(len(per_layer), -1).pow(2).sum(dim=1).sqrt().numpy()
+            figure.add_trace(go.Heatmap(z=matrix, x=names, y=[f"layer {i}" for i in range(layers)],
+                                        colorscale=GATE_SCALE, showscale=False,
+                                        hovertemplate="%{y}, %{x}: %{z:.4g}<extra></extra>"), row, column)
+            figure.update_yaxes(autorange="reversed", row=row, col=column)
+    for column, (tower, part) in enumerate(gqt, start=1):
+        values = readout[f"{tower}.gqt_{part}"].float()
+        values = values.reshape(values.shape[0], -1).numpy()
+        figure.add_trace(go.Heatmap(z=values, y=[f"layer {i}" for i in range(values.shape[0])],
+                                    colorscale="RdBu", zmid=0, showscale=False,
+                                    hovertemplate="%{y}, channel %{x}: %{z:.4g}<extra></extra>"), rows, column)
+        figure.update_yaxes(autorange="reversed", row=rows, col=column)
+    figure.update_layout(title="Aurora: mode vectors λ, effective ΔW and GQT per layer", height=320 * rows)
+    return figure
+
+
+def _layers_of(readout: dict[str, torch.Tensor], tower: str) -> int:
+    """The number of adapted layers of a tower: the q projection's count (one delta per layer)."""
+    for name in ("q", "v", "k", "out", "cross_q"):
+        key = f"{tower}.modes.{name}"
+        if key in readout:
+            return readout[key].shape[0]
+    return min(readout[k].shape[0] for k in readout if k.startswith(f"{tower}.modes."))
+
+
+def message_figure(message: str) -> go.Figure:
+    """An empty figure that says why there is nothing to draw."""
+    figure = go.Figure()
+    figure.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    figure.update_layout(xaxis=dict(visible=False), yaxis=dict(visible=False), height=240)
+    return figure
+
+
+def gate_figure(method: str, config: Any, readout: dict[str, torch.Tensor]) -> go.Figure:
+    """What a method's gates learned: VL-PET's G, Aurora's λ, ΔW norms and GQT; others have none."""
+    if method == "vlpet" and readout:
+        return vlpet_gate_figure(readout, config.granularity)
+    if method == "aurora" and readout:
+        return aurora_figure(readout)
+    return message_figure(f"{method} has no gates or mode vectors to show: its budget is above.")
+
+
+def patch_overlay_figure(image: Image.Image, patch_map: torch.Tensor, title: str) -> go.Figure:
+    """A (rows, cols) per-patch gate drawn over the picture it was computed on."""
+    rows, cols = patch_map.shape
+    side = 224
+    picture = np.asarray(image.convert("RGB").resize((side, side)))
+    figure = go.Figure(go.Image(z=picture))
+    figure.add_trace(go.Heatmap(z=patch_map.float().numpy(), x0=side / cols / 2, dx=side / cols,
+                                y0=side / rows / 2, dy=side / rows, opacity=0.55, colorscale=GATE_SCALE,
+                                colorbar=dict(title="G"),
+                                hovertemplate="patch (%{y:.0f}, %{x:.0f}): %{z:.3f}<extra></extra>"))
+    figure.update_layout(title=title, height=420, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                         margin=dict(l=10, r=10, t=50, b=10))
+    return figure
+
+
+def training_figure(result: dict[str, Any], live: Optional[list[float]] = None) -> go.Figure:
+    """Loss per step, mean loss per epoch and (when scored) the test metric per epoch."""
+    train = result.get("train", {}) if result else {}
+    steps = live if live is not None else train.get("step_losses", [])
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    figure.add_trace(go.Scatter(x=list(range(1, len(steps) + 1)), y=steps, mode="lines", name="loss per step",
+                                line=dict(color="#5b8def")))
+    epochs = train.get("epoch_losses", []) if live is None else []
+    if epochs and steps:
+        per_epoch = len(steps) / len(epochs)
+        x = [per_epoch * (i + 1) for i in range(len(epochs))]
+        figure.add_trace(go.Scatter(x=x, y=epochs, mode="lines+markers", name="mean loss per epoch",
+                                    line=dict(color="#e8833a")))
+        metrics = train.get("epoch_metrics", [])
+        if metrics:
+            key = headline_metric(metrics[0])
+            figure.add_trace(go.Scatter(x=x[:len(metrics)], y=[m[key] for m in metrics], mode="lines+markers",
+                                        name=f"test {key} per epoch", line=dict(color="#34a853", dash="dot")),
+                             secondary_y=True)
+            figure.update_yaxes(title_text=f"{key} (%)", secondary_y=True)
+    figure.update_xaxes(title_text="step")
+    figure.update_yaxes(title_text="loss", secondary_y=False)
+    figure.update_layout(title="Training loss" + (" (live)" if live is not None else ""), height=360,
+                         legend=dict(orientation="h", y=-0.25))
+    return figure
+
+
+def headline_metric(metrics: dict[str, float]) -> str:
+    """The one number a run is summarised by: VQA accuracy, or text→image Recall@1."""
+    return "vqa_acc" if "vqa_acc" in metrics else "t2i_r1"
+
+
+def compare_figure(runs: list[dict[str, Any]]) -> go.Figure:
+    """Each run's headline metric (tuned, and zero-shot as a reference) against its trainable parameters."""
+    figure = go.Figure()
+    if runs:
+        key = headline_metric(runs[0]["tuned"])
+        same = [r for r in runs if key in r["tuned"]]
+        figure.add_trace(go.Scatter(
+            x=[max(r["trainable_params"], 1) for r in same], y=[r["tuned"][key] for r in same],
+            mode="markers+text", text=[r["method"] for r in same], textposition="top center",
+            marker=dict(size=12, color="#5b8def"), name="tuned",
+            hovertemplate="%{text}: %{x:,} trainable, " + key + " %{y:.1f}<extra></extra>"))
+        zero = min(r["zero_shot"][key] for r in same)
+        figure.add_hline(y=zero, line_dash="dot", annotation_text=f"zero-shot {zero:.1f}")
+        figure.update_layout(yaxis_title=f"{key} (%)")
+        span = [math.log10(max(r["trainable_params"], 1)) for r in same]
+        figure.update_xaxes(range=[min(span) - 0.5, max(span) + 0.5])
+    figure.update_layout(title="Metric against trainable parameters", xaxis=dict(type="log",
+                         title="trainable parameters (log scale)"), height=400)
+    return figure

@@ -1,0 +1,216 @@
+"""Asking a model about a dataset: its gallery ranked for a text, its captions ranked for a
+picture or clip, and candidate answers ranked for a question. The app's Ask tab goes through
+here. A gallery's embeddings are computed once per model state (`embed_gallery`) and reused
+for every query; backbones with a matching head (BLIP) re-score each query's top candidates
+by ITM + ITC, as their evaluation does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from core.backbones import Backbone
+from core.data import Dataset
+from core.data.media import DEFAULT_FRAMES, IMAGE_TYPES, VIDEO_TYPES, load_media, read_video_frames
+from core.pet import PetHandle
+from core.pet.vlpet import VlPetHandle
+from core.tasks.encoding import encode_media, media_tokens
+from core.tasks.vqa import answer_scores, normalize_answer
+
+RERANK_TOP = 16
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered, with a message meant for the user."""
+
+
+@dataclass
+class Hit:
+    index: int      # into the gallery's media (text queries) or captions (media queries)
+    score: float
+
+
+@dataclass
+class Gallery:
+    """A dataset's media and captions, decoded and preprocessed for one backbone's transform."""
+
+    paths: list[Path]
+    kind: str
+    pixels: torch.Tensor            # (media, 3, H, W) or (media, frames, 3, H, W)
+    captions: list[str]
+    caption_media: list[int]        # each caption's media index
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.paths]
+
+
+@dataclass
+class GalleryEmbeddings:
+    """One model state's L2-normalised embeddings of a gallery."""
+
+    media: torch.Tensor              # (media, D)
+    captions: Optional[torch.Tensor]  # (captions, D), None when the dataset has no captions
+
+
+def media_kind(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_TYPES:
+        return "image"
+    if suffix in VIDEO_TYPES:
+        return "video"
+    raise QueryError(f"{Path(path).name}: not an image ({', '.join(IMAGE_TYPES)}) "
+                     f"or a video ({', '.join(VIDEO_TYPES)})")
+
+
+def load_gallery(backbone: Backbone, dataset: Dataset, frames: int = DEFAULT_FRAMES) -> Gallery:
+    """Every item of `dataset` (both splits), through the backbone's image transform."""
+    pixels, captions, owners = [], [], []
+    for index, item in enumerate(dataset.items):
+        pixels.append(load_media(dataset.path(item), item.kind, backbone.image_transform, frames))
+        captions += item.captions
+        owners += [index] * len(item.captions)
+    return Gallery([dataset.path(i) for i in dataset.items], dataset.items[0].kind, torch.stack(pixels),
+                   captions, owners)
+
+
+@torch.no_grad()
+def embed_gallery(backbone: Backbone, gallery: Gallery, batch_size: int = 32) -> GalleryEmbeddings:
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        media = torch.cat([encode_media(backbone, p).float().cpu() for p in gallery.pixels.split(batch_size)])
+        captions = None
+        if gallery.captions:
+            tokens = backbone.tokenize(gallery.captions)
+            captions = F.normalize(torch.cat([backbone.encode_text(t.to(backbone.device)).float().cpu()
+                                              for t in tokens.split(batch_size)]), dim=-1)
+    finally:
+        backbone.train(was_training)
+    return GalleryEmbeddings(F.normalize(media, dim=-1), captions)
+
+
+def _load_query_media(backbone: Backbone, path: str | Path, frames: int) -> torch.Tensor:
+    kind = media_kind(path)
+    try:
+        return load_media(path, kind, backbone.image_transform, frames)[None]
+    except Exception as error:   # PIL and decord raise many types for a broken file
+        raise QueryError(f"{Path(path).name}: could not be read as {kind} ({error})") from error
+
+
+def _matching_scores(backbone: Backbone, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """ITM match logits of paired (media, text) rows."""
+    fused = backbone.fused_cls(media_tokens(backbone, pixels), tokens.to(backbone.device))
+    return backbone.match_logits(fused)[:, 1].float().cpu()
+
+
+def _top(scores: torch.Tensor, k: int) -> list[Hit]:
+    values, indices = scores.topk(min(k, len(scores)))
+    return [Hit(int(i), float(v)) for v, i in zip(values, indices)]
+
+
+@torch.no_grad()
+def search_by_text(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmbeddings, text: str,
+                   k: int = 5) -> list[Hit]:
+    """The gallery's media best matching `text`, best first: cosine similarity (BLIP: ITM + ITC
+    on the top candidates)."""
+    if not text.strip():
+        raise QueryError("type a text to search the gallery with")
+    backbone.eval()
+    tokens = backbone.tokenize([text])
+    query = F.normalize(backbone.encode_text(tokens.to(backbone.device)).float().cpu(), dim=-1)[0]
+    scores = embeddings.media @ query
+    if backbone.supports_matching:
+        top = scores.topk(min(RERANK_TOP, len(scores))).indices
+        rescored = torch.full_like(scores, -100.0)
+        rescored[top] = _matching_scores(backbone, gallery.pixels[top], tokens.expand(len(top), -1)) + scores[top]
+        scores = rescored
+    return _top(scores, k)
+
+
+@torch.no_grad()
+def search_by_media(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmbeddings, path: str | Path,
+                    k: int = 5, frames: int = DEFAULT_FRAMES) -> list[Hit]:
+    """The gallery's captions best matching the picture or clip at `path`, best first."""
+    if embeddings.captions is None:
+        raise QueryError("this dataset has no captions to rank")
+    backbone.eval()
+    pixels = _load_query_media(backbone, path, frames)
+    query = F.normalize(encode_media(backbone, pixels).float().cpu(), dim=-1)[0]
+    scores = embeddings.captions @ query
+    if backbone.supports_matching:
+        top = scores.topk(min(RERANK_TOP, len(scores))).indices
+        tokens = backbone.tokenize([gallery.captions[i] for i in top.tolist()])
+        rescored = torch.full_like(scores, -100.0)
+        rescored[top] = _matching_scores(backbone, pixels.expand(len(top), *pixels.shape[1:]), tokens) + scores[top]
+        scores = rescored
+    return _top(scores, k)
+
+
+@dataclass
+class Answers:
+    ranked: list[tuple[str, float]]   # candidate answers with their probability, best first
+    generated: Optional[str] = None   # the decoder's own answer (answer-generating backbones)
+
+
+@torch.no_grad()
+def answer(backbone: Backbone, path: str | Path, question: str, candidates: list[str], k: int = 5,
+           frames: int = DEFAULT_FRAMES) -> Answers:
+    """Rank `candidates` for `question` about the picture or clip at `path` (probabilities over
+    the candidates); answer-generating backbones also generate their own answer."""
+    if not question.strip():
+        raise QueryError("type a question")
+    candidates = list(dict.fromkeys(a for a in (normalize_answer(c) for c in candidates) if a))
+    if not candidates and not backbone.answers_by_generation:
+        raise QueryError("this model ranks answers: give candidate answers (the dataset has none)")
+    backbone.eval()
+    pixels = _load_query_media(backbone, path, frames)
+    generated = None
+    logits = torch.empty(0)
+    if backbone.answers_by_generation:
+        tokens = media_tokens(backbone, pixels)
+        questions = backbone.tokenize([question])
+        generated = backbone.generate_answers(tokens, questions)[0]
+        if candidates:
+            n = len(candidates)
+            logits = backbone.answer_log_likelihoods(tokens.expand(n, *tokens.shape[1:]), questions.expand(n, -1),
+                                                     backbone.tokenize(candidates)).cpu()
+    else:
+        logits = answer_scores(backbone, encode_media(backbone, pixels), [question], candidates)[0].float().cpu()
+    probabilities = logits.softmax(dim=0) if len(logits) else logits
+    ranked = [(candidates[h.index], h.score) for h in _top(probabilities, k)] if len(logits) else []
+    return Answers(ranked, generated)
+
+
+@dataclass
+class GateView:
+    readout: dict[str, torch.Tensor]   # the handle's gate readout (see PetHandle.gate_readout)
+    picture: Optional[Image.Image]     # the picture it was read on (a clip: its middle frame)
+    patch_map: Optional[torch.Tensor]  # (rows, cols): per-token vision gates, mean over layers and sites
+
+
+@torch.no_grad()
+def read_gates(handle: PetHandle, path: Optional[str | Path] = None, text: Optional[str] = None) -> GateView:
+    """The handle's gates on one picture (a clip: its middle frame) and one text; per-token
+    vision gates (VL-PET middleX, large) are also averaged into one map over the picture's patches."""
+    backbone = handle.backbone
+    picture, pixels = None, None
+    if path is not None:
+        kind = media_kind(path)
+        try:
+            picture = read_video_frames(path, 1)[0] if kind == "video" else Image.open(path).convert("RGB")
+        except Exception as error:   # PIL and decord raise many types for a broken file
+            raise QueryError(f"{Path(path).name}: could not be read as {kind} ({error})") from error
+        pixels = backbone.image_transform(picture)[None].to(backbone.device)
+    tokens = backbone.tokenize([text]) if text else None
+    readout = handle.gate_readout(pixels, tokens.to(backbone.device) if tokens is not None else None)
+    maps = []
+    if isinstance(handle, VlPetHandle):
+        maps = [handle.patch_map(gate)[0] for key, gate in readout.items()
+                if key.startswith("vision.") and gate.ndim in (2, 3)]
+    return GateView(readout, picture, torch.stack(maps).mean(dim=0) if maps else None)
