@@ -25,9 +25,9 @@ WORLD_ITEMS = {"novel-motion": 24}   # clips take longer to write and decode tha
 WORLD_PICTURES = 64
 
 DATASETS = {
+    "Offline world: novel colours (image-text, VQA)": ("world", "novel-colours"),
     "Photos: 8 photographs with captions and questions (image-text, VQA)": ("sample", "photos"),
     "Clips: 6 short videos with captions and questions (video-text, VQA)": ("sample", "clips"),
-    "Offline world: novel colours (image-text, VQA)": ("world", "novel-colours"),
     "Offline world: novel compositions (image-text, VQA)": ("world", "novel-compositions"),
     "Offline world: novel textures (image-text, VQA)": ("world", "novel-textures"),
     "Offline world: novel motion (video-text, VQA)": ("world", "novel-motion"),

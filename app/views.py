@@ -24,9 +24,9 @@ def dataset_stats(label: str, dataset) -> str:
 
 def validation_report(problems: list) -> str:
     if not problems:
-        return "✅ **Validation:** every row checked, no problems."
+        return "✓ **Validation:** every row checked, no problems."
     lines = "\n".join(f"- `{p}`" for p in problems)
-    return f"❌ **Validation: {len(problems)} problem(s)** — nothing was loaded.\n\n{lines}"
+    return f"✗ **Validation: {len(problems)} problem(s)** — nothing was loaded.\n\n{lines}"
 
 
 def preview_caption(item) -> str:
@@ -57,7 +57,7 @@ def run_card(name: str, result: dict[str, Any]) -> str:
              f"**Budget:** {result['trainable_params']:,} trainable of {result['backbone_params']:,} "
              f"({result['trainable_pct']:.4g}%) — {groups}"]
     if result.get("note"):
-        lines.insert(1, f"> ⚠️ {result['note']}")
+        lines.insert(1, f"> **Note:** {result['note']}")
     return "\n".join(lines)
 
 

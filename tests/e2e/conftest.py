@@ -1,0 +1,58 @@
+"""The app as users get it: `python app.py` in its own process, on a free local port, offline.
+Its temporary folder is the test's own, so the tests can see each session's working folder."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORLD = "Offline world: novel colours (image-text, VQA)"
+PHOTOS = "Photos: 8 photographs with captions and questions (image-text, VQA)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """(url, sessions folder) of a running app."""
+    temp = tmp_path_factory.mktemp("app-tmp")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "TMPDIR": str(temp),
+           "GRADIO_TEMP_DIR": str(temp / "gradio"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(temp / "app.log", "w")
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"the app did not start:\n{(temp / 'app.log').read_text()}")
+            time.sleep(0.5)
+    yield url, temp / "petstudio-sessions"
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture
+def client(app_server):
+    from gradio_client import Client
+
+    return Client(app_server[0], verbose=False)

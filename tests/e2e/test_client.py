@@ -1,0 +1,208 @@
+"""The app through gradio_client, the real client, against `python app.py` on a local port."""
+import base64
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import handle_file
+from gradio_client.exceptions import AppError
+from safetensors.torch import load_file
+
+from core.tasks.vqa import normalize_answer
+from core.world import write_part
+from tests.e2e.conftest import PHOTOS, WORLD
+
+TUNE_DEFAULTS = dict(model="offline", task="retrieval", method="aurora", aurora_rank=32, aurora_parts=[],
+                     lora_rank=2, granularity="large", reduction=8, prompt_length=4, shots=16, epochs=3, lr=None,
+                     batch_size=8, bf16=False, answers="", frames=8)
+
+
+def tune(client, **changes):
+    return client.predict(**{**TUNE_DEFAULTS, **changes}, api_name="/tune")
+
+
+def choice_value(update):
+    return update["value"] if isinstance(update, dict) else update
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The same world part the app writes (same part, size and seed), to know what it holds."""
+    folder = write_part(tmp_path_factory.mktemp("world") / "part", "novel-colours", 64)
+    rows = [json.loads(line) for line in (folder / "data.jsonl").read_text().splitlines()]
+    return folder, rows
+
+
+def plot_array(value):
+    """A plotly JSON array: a list, or a typed array (dtype, base64 bytes, shape)."""
+    if isinstance(value, dict):
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"])
+        return flat.reshape([int(n) for n in value.get("shape", str(flat.size)).split(",")])
+    return np.asarray(value)
+
+
+def test_load_tune_ask_inspect_download(client, world, tmp_path):
+    folder, rows = world
+    names = sorted({r["image"] for r in rows})
+    preview, stats, report, ask_pick, inspect_pick = client.predict(WORLD, api_name="/load_sample")
+    assert "64 images" in stats and f"{sum('caption' in r for r in rows)} captions" in stats
+    assert report.startswith("✓")
+    assert len(preview) == 48 and all(p["caption"] for p in preview)
+    assert [c[1] for c in ask_pick["choices"]] == names and ask_pick["value"] == names[0]
+
+    card, loss_plot, weights, ask_run, _ = tune(client)
+    run = choice_value(ask_run)
+    assert run == "1 · aurora · offline" and run in card
+    files = {Path(f).name: Path(f) for f in weights}
+    info = json.loads(files["run.json"].read_text())
+    state = load_file(str(files["pet.safetensors"]))
+    assert sum(t.numel() for t in state.values()) == info["trainable_params"] > 0
+    assert all(name.startswith("pet.") for name in state)
+    # 16 shots × 2 captions in batches of 8: 4 steps an epoch, 3 epochs, the test split scored after each.
+    assert len(info["train"]["step_losses"]) == 12 and len(info["train"]["epoch_metrics"]) == 3
+    assert info["train"]["epoch_metrics"][-1] == info["tuned"]
+    assert f"**{info['tuned']['t2i_r1']:.1f}%**" in card and f"| {info['zero_shot']['t2i_r1']:.1f}% |" in card
+    assert f"{info['trainable_params']:,} trainable" in card
+    assert len(plot_array(json.loads(loss_plot["plot"])["data"][0]["y"])) == 12
+
+    frozen, tuned = client.predict("a small pink circle", run, "offline", api_name="/search_text")
+    for hits in (frozen, tuned):
+        assert len(hits) == 5
+        scores = [float(h["caption"].split(" · ")[0]) for h in hits]
+        assert scores == sorted(scores, reverse=True)
+        assert all(h["caption"].split(" · ")[1] in names for h in hits)
+    assert [h["caption"] for h in frozen] != [h["caption"] for h in tuned]   # the tuned model differs
+
+    frozen, tuned = client.predict(None, names[0], run, "offline", api_name="/search_media")
+    captions = {r["caption"] for r in rows if "caption" in r}
+    for table in (frozen, tuned):
+        assert [row[0] for row in table["data"]] == [1, 2, 3, 4, 5]
+        assert all(row[1] in captions and row[3] in names for row in table["data"])
+        assert [row[2] for row in table["data"]] == sorted((row[2] for row in table["data"]), reverse=True)
+
+    answers = {normalize_answer(a) for r in rows if "answer" in r for a in [r["answer"]]}
+    frozen, tuned, generated = client.predict(None, names[0], "what colour is the shape?", "", run, "offline",
+                                              api_name="/answer")
+    assert generated == ""   # CLIP ranks answers; it does not generate them
+    for label in (frozen, tuned):
+        confidences = [c["confidence"] for c in label["confidences"]]
+        assert len(confidences) == 5 and confidences == sorted(confidences, reverse=True)
+        assert 0 < sum(confidences) <= 1 + 1e-6
+        assert label["label"] == label["confidences"][0]["label"]
+        assert {c["label"] for c in label["confidences"]} <= answers
+
+    budget, gates, overlay, curves = client.predict(run, names[0], api_name="/inspect")
+    budget = json.loads(budget["plot"])
+    assert f"Trainable {info['trainable_params']:,} of {info['backbone_params']:,}" in budget["layout"]["title"]["text"]
+    bars = dict(zip(budget["data"][0]["y"], budget["data"][0]["x"]))
+    assert bars["shared"] == info["groups"]["shared"] and bars["modes"] == info["groups"]["modes"]
+    assert "Aurora" in json.loads(gates["plot"])["layout"]["title"]["text"]
+    assert len(json.loads(curves["plot"])["data"]) == 3   # step losses, epoch losses, metric per epoch
+
+    downloaded = client.predict(run, api_name="/download_weights")
+    assert {Path(f).name for f in downloaded} == {"pet.safetensors", "run.json"}
+    assert json.loads(Path(next(f for f in downloaded if f.endswith(".json"))).read_text())["tuned"] == info["tuned"]
+
+    table, chart = client.predict(api_name="/compare")
+    row = table["data"][0]
+    assert row[:4] == [run, "aurora", "offline", info["trainable_params"]]
+    assert row[7] == round(info["tuned"]["t2i_r1"], 1)
+    assert json.loads(chart["plot"])["data"][0]["x"] == [info["trainable_params"]]
+
+
+def test_vlpet_gates_over_the_picture(client):
+    client.predict(PHOTOS, api_name="/load_sample")
+    _, _, _, ask_run, _ = tune(client, method="vlpet", granularity="middleX", epochs=1, shots=0)
+    _, gates, overlay, _ = client.predict(choice_value(ask_run), "astronaut.png", api_name="/inspect")
+    heatmaps = [t for t in json.loads(gates["plot"])["data"] if t["type"] == "heatmap"]
+    assert len(heatmaps) == 2   # vision and text towers
+    layers = json.loads(gates["plot"])["data"][0]["y"]
+    assert len(layers) == 4   # the offline model's 4 layers
+    overlay = json.loads(overlay["plot"])
+    assert [t["type"] for t in overlay["data"]] == ["image", "heatmap"]
+    patches = plot_array(overlay["data"][1]["z"])
+    assert patches.shape == (8, 8)   # 64-pixel pictures, 8-pixel patches
+    assert ((patches > 0) & (patches < 2)).all() and patches.std() > 0   # G = 2σ(·), per patch
+
+
+def test_validation_report_names_file_and_row(client, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    (tmp_path / "data.jsonl").write_text(
+        '{"image": "red.png", "caption": "a red square"}\n{"image": "missing.png", "caption": "gone"}\n'
+        '{"image": "red.png", "caption": ""}\n', encoding="utf-8")
+    preview, stats, report, ask_pick, _ = client.predict(
+        [handle_file(str(tmp_path / "data.jsonl")), handle_file(str(tmp_path / "red.png"))], api_name="/upload_data")
+    assert preview == [] and stats == "" and ask_pick["choices"] == []
+    assert report.startswith("✗ **Validation: 2 problem(s)**")
+    assert "data.jsonl → missing.png, row 2" in report and "data.jsonl, row 3: empty caption" in report
+
+
+def test_zip_upload(client, tmp_path, world):
+    folder, rows = world
+    archive = tmp_path / "colours.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in folder.iterdir():
+            z.write(path, f"colours/{path.name}")
+    preview, stats, report, _, _ = client.predict([handle_file(str(archive))], api_name="/upload_data")
+    assert "**colours** — 64 images" in stats and report.startswith("✓") and len(preview) == 48
+
+
+def test_weights_round_trip_into_another_session(app_server, client):
+    from gradio_client import Client
+
+    client.predict(WORLD, api_name="/load_sample")
+    _, _, weights, ask_run, _ = tune(client, method="lora", epochs=1)
+    other = Client(app_server[0], verbose=False)
+    other.predict(WORLD, api_name="/load_sample")
+    card, other_run, _ = other.predict([handle_file(f) for f in weights], api_name="/load_weights")
+    name = choice_value(other_run)
+    assert name == "1 · lora · offline (uploaded)" and name in card
+    info = json.loads(Path(next(f for f in weights if f.endswith(".json"))).read_text())
+    table, _ = other.predict(api_name="/compare")
+    assert table["data"][0][3] == info["trainable_params"]
+    # The loaded run answers as the tuned one did.
+    original = client.predict("a pink square", choice_value(ask_run), "offline", api_name="/search_text")[1]
+    loaded = other.predict("a pink square", name, "offline", api_name="/search_text")[1]
+    assert [h["caption"] for h in loaded] == [h["caption"] for h in original]
+
+
+def test_only_safetensors_weights_load(client, tmp_path):
+    (tmp_path / "pet.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "run.json").write_text("{}")
+    with pytest.raises(AppError, match=r"\.safetensors"):   # refused by the upload component itself
+        client.predict([handle_file(str(tmp_path / "pet.pt")), handle_file(str(tmp_path / "run.json"))],
+                       api_name="/load_weights")
+    (tmp_path / "pet.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (tmp_path / "run.json").write_text(json.dumps({"method": "lora", "config": {}, "backbone": "offline"}))
+    with pytest.raises(AppError, match="pet.safetensors"):
+        client.predict([handle_file(str(tmp_path / "pet.safetensors")), handle_file(str(tmp_path / "run.json"))],
+                       api_name="/load_weights")
+
+
+def test_two_sessions_do_not_see_each_other(app_server):
+    from gradio_client import Client
+
+    url, sessions = app_server
+    alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+    before = set(sessions.iterdir()) if sessions.exists() else set()
+    alice.predict(WORLD, api_name="/load_sample")
+    _, _, _, alice_run, _ = tune(alice, method="linear_probe", epochs=1)
+    run = choice_value(alice_run)
+    bob.predict(PHOTOS, api_name="/load_sample")
+    table, _ = bob.predict(api_name="/compare")
+    assert not table["data"] or table["data"] == [[""] * len(table["headers"])]
+    for api_name, arguments in (("/download_weights", (run,)), ("/inspect", (run, "astronaut.png"))):
+        # Refused by Bob's own run list (Gradio checks choices per session), before the handler's own check.
+        with pytest.raises(AppError, match="not in the list of choices|choose one of this session's runs"):
+            bob.predict(*arguments, api_name=api_name)
+    # Bob's gallery is his photos, not Alice's world.
+    frozen, _ = bob.predict("a cat", "frozen model only", "offline", api_name="/search_text")
+    assert all(not h["caption"].split(" · ")[1].startswith("novel-colours") for h in frozen)
+    folders = set(sessions.iterdir()) - before
+    assert len(folders) == 2
+    runs = {f: list((f / "runs").glob("*")) if (f / "runs").exists() else [] for f in folders}
+    assert sorted(len(r) for r in runs.values()) == [0, 1]
