@@ -16,7 +16,7 @@ from core.backbones import load_backbone
 from core.data import DatasetError, read_dataset
 from core.data.samples import SAMPLES, sample_path
 from core.pet import make_config
-from core.runs import USER_ERRORS, load_run, tune
+from core.runs import USER_ERRORS, load_run, suggested_lr, tune
 from core.trainer import Progress, pick_device
 from core.world import write_part
 
@@ -203,7 +203,7 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
     if result["note"]:
         gr.Warning(result["note"])
     return (views.run_card(name, result), figures.training_figure(result), _weights_files(out),
-            *_run_choices(session, name))
+            *_run_choices(session, name), session.live_status)
 
 
 def cancel_tuning(request: gr.Request) -> str:
@@ -220,6 +220,10 @@ def live_progress(request: gr.Request):
 
 def stop_live():
     return gr.Timer(active=False)
+
+
+def suggest_lr(model: str, method: str) -> float:
+    return suggested_lr((model or "").strip(), method)
 
 
 def model_notice(model: str) -> str:

@@ -79,9 +79,10 @@ def build_demo() -> gr.Blocks:
                             prompt_length = gr.Slider(1, 32, value=prompt.length, step=1, label="Prompt length")
                     with gr.Column(scale=1):
                         shots = gr.Number(16, precision=0, minimum=0, label="Shots (training items; 0 = all)")
-                        epochs = gr.Slider(1, 50, value=5, step=1, label="Epochs")
-                        lr = gr.Number(None, label="Learning rate (empty: the method's default)")
-                        batch_size = gr.Slider(2, 128, value=32, step=1, label="Batch size")
+                        epochs = gr.Slider(1, 50, value=10, step=1, label="Epochs")
+                        lr = gr.Number(h.suggest_lr("offline", "aurora"), minimum=0,
+                                       label="Learning rate (set from the method and backbone; yours to change)")
+                        batch_size = gr.Slider(2, 128, value=16, step=1, label="Batch size")
                         frames = gr.Slider(1, 16, value=DEFAULT_FRAMES, step=1, label="Frames per video")
                         answers = gr.Textbox(label="VQA: extra candidate answers, comma-separated")
                         bf16 = gr.Checkbox(False, label="bf16 autocast", interactive=bf16_supported(pick_device()),
@@ -105,8 +106,10 @@ def build_demo() -> gr.Blocks:
                         text_query = gr.Textbox(label="Describe what to find", scale=4)
                         search_text = gr.Button("Search", variant="primary", scale=1)
                     with gr.Row():
-                        frozen_hits = gr.Gallery(label="frozen model: best matches", columns=5, height=280)
-                        tuned_hits = gr.Gallery(label="tuned model (the chosen run): best matches", columns=5, height=280)
+                        frozen_hits = gr.Gallery(label="frozen model: best matches", columns=5, height=280,
+                                                 elem_id="frozen-hits")
+                        tuned_hits = gr.Gallery(label="tuned model (the chosen run): best matches", columns=5, height=280,
+                                                elem_id="tuned-hits")
                 with gr.Tab("Media → text, and questions"):
                     with gr.Row():
                         with gr.Column():
@@ -148,7 +151,8 @@ def build_demo() -> gr.Blocks:
 
             with gr.Tab("Compare", id="compare"):
                 refresh = gr.Button("Refresh")
-                table = gr.Dataframe(headers=views.COMPARE_COLUMNS, label="This session's runs", interactive=False)
+                table = gr.Dataframe(headers=views.COMPARE_COLUMNS, label="This session's runs", interactive=False,
+                                     elem_id="runs-table")
                 compare_plot = gr.Plot(label="Metric against trainable parameters")
 
         dataset_outputs = [preview, stats, report, ask_pick, inspect_pick]
@@ -156,12 +160,15 @@ def build_demo() -> gr.Blocks:
         load_upload.click(h.upload_data, [upload], dataset_outputs, api_name="upload_data")
 
         model.change(h.model_notice, [model], [model_note], api_name="model_notice", queue=False)
+        model.change(h.suggest_lr, [model, method], [lr], api_name="suggest_lr_for_model", queue=False)
+        method.change(h.suggest_lr, [model, method], [lr], api_name="suggest_lr_for_method", queue=False)
         method.change(h.show_method_options, [method], [aurora_box, lora_box, vlpet_box, reduction_box, prompt_box],
                       api_name="method_options", queue=False)
         tune_inputs = [model, task, method, aurora_rank, aurora_parts, lora_rank, granularity, reduction,
                        prompt_length, shots, epochs, lr, batch_size, bf16, answers, frames]
         (start.click(h.start_tuning, None, [timer], api_name="start_live", queue=False)
-         .then(h.tune_model, tune_inputs, [card, loss_plot, weights_out, ask_run, inspect_run], api_name="tune",
+         .then(h.tune_model, tune_inputs, [card, loss_plot, weights_out, ask_run, inspect_run, status],
+               api_name="tune",
                concurrency_limit=TUNING_CONCURRENCY, concurrency_id="tuning")
          .then(h.stop_live, None, [timer], api_name="stop_live", queue=False)
          .then(h.compare_runs, None, [table, compare_plot], api_name="compare_after_tune"))

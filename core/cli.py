@@ -168,7 +168,7 @@ def run_bench(args) -> dict[str, Any]:
 
 def run_demo(args) -> dict[str, Any]:
     from core import world
-    from core.runs import tune
+    from core.runs import suggested_lr, tune
 
     out = Path(args.out) if args.out else Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     data = world.write_part(out / "novel-colours", "novel-colours", items=200)
@@ -176,7 +176,8 @@ def run_demo(args) -> dict[str, Any]:
     rows = {}
     for method, options in (("zero_shot", {}), ("linear_probe", {}), ("lora", {}), ("aurora", {}),
                             ("vlpet", {"granularity": "middleY"})):
-        result = tune("offline", data, method, options, shots=16, epochs=15, lr=1e-2, out=out / method)
+        result = tune("offline", data, method, options, shots=16, epochs=15,
+                      lr=suggested_lr("offline", method), out=out / method)
         rows[method] = {"trainable_params": result["trainable_params"], "t2i_r1": result["tuned"]["t2i_r1"],
                         "i2t_r1": result["tuned"]["i2t_r1"], "seconds": result["seconds"]}
         _note(f"{method:>13}: {result['trainable_params']:>7,} params  t2i R@1 {result['tuned']['t2i_r1']:5.1f}  "

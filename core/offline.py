@@ -28,6 +28,7 @@ from torch import nn
 from core import world
 from core.backbones import load_backbone
 from core.pet import attach
+from core.runs import OFFLINE_FULL_LR, OFFLINE_LR
 from core.tasks import retrieval
 from core.trainer import TrainSettings, train
 
@@ -111,8 +112,8 @@ COMPARED = [("zero_shot", {}), ("linear_probe", {}), ("bitfit", {}), ("lora", {}
                                                                                      "large")], ("full", {})]
 
 
-def compare(out: Path, part: str, shots: int, seeds: list[int], epochs: int = 15, lr: float = 1e-2,
-            full_lr: float = 1e-4, items: int = 200) -> list[dict]:
+def compare(out: Path, part: str, shots: int, seeds: list[int], epochs: int = 15, lr: float = OFFLINE_LR,
+            full_lr: float = OFFLINE_FULL_LR, items: int = 200) -> list[dict]:
     """Tune every method `shots`-shot on a novel part of the world; one row per method, metrics
     averaged over `seeds`. Few steps, so one high learning rate for every PET method and a low
     one for full fine-tuning."""
@@ -202,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--shots", type=int, default=16)
     table.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     table.add_argument("--epochs", type=int, default=15)
-    table.add_argument("--lr", type=float, default=1e-2, help="for every PET method")
-    table.add_argument("--full-lr", type=float, default=1e-4, help="for full fine-tuning")
+    table.add_argument("--lr", type=float, default=OFFLINE_LR, help="for every PET method")
+    table.add_argument("--full-lr", type=float, default=OFFLINE_FULL_LR, help="for full fine-tuning")
     table.add_argument("--items", type=int, default=200)
     table.add_argument("--out", default="runs/compare")
     table.add_argument("--record", help="folder to write compare.json into (for the model card)")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from core import checkpoint
-from core.backbones import Backbone, BackboneError, load_backbone
+from core.backbones import OFFLINE, Backbone, BackboneError, load_backbone
 from core.data import DEFAULT_LIMITS, Dataset, DatasetError, few_shot, read_dataset
 from core.data.media import DEFAULT_FRAMES
 from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, make_config
@@ -28,6 +28,18 @@ class RunError(ValueError):
 # Failures whose message is meant for the user as it is (the CLI prints it, the app shows it).
 USER_ERRORS = (BackboneError, checkpoint.CheckpointError, DatasetError, PetError, RunError, TaskError,
                TrainingDiverged)
+
+
+# The small offline model barely moves in a few steps at the per-method rates, which suit large
+# pretrained models; its model card measures every PET method at 1e-2 and full fine-tuning at 1e-4.
+OFFLINE_LR, OFFLINE_FULL_LR = 1e-2, 1e-4
+
+
+def suggested_lr(model: str, method: str) -> float:
+    """The learning rate to start from for `method` on `model`."""
+    if model == OFFLINE:
+        return OFFLINE_FULL_LR if method == "full" else OFFLINE_LR
+    return default_lr(method)
 
 
 def seed_everything(seed: int) -> None:

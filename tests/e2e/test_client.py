@@ -52,7 +52,8 @@ def test_load_tune_ask_inspect_download(client, world, tmp_path):
     assert len(preview) == 48 and all(p["caption"] for p in preview)
     assert [c[1] for c in ask_pick["choices"]] == names and ask_pick["value"] == names[0]
 
-    card, loss_plot, weights, ask_run, _ = tune(client)
+    card, loss_plot, weights, ask_run, _, status = tune(client)
+    assert status.startswith("done in")
     run = choice_value(ask_run)
     assert run == "1 · aurora · offline" and run in card
     files = {Path(f).name: Path(f) for f in weights}
@@ -114,7 +115,7 @@ def test_load_tune_ask_inspect_download(client, world, tmp_path):
 
 def test_vlpet_gates_over_the_picture(client):
     client.predict(PHOTOS, api_name="/load_sample")
-    _, _, _, ask_run, _ = tune(client, method="vlpet", granularity="middleX", epochs=1, shots=0)
+    _, _, _, ask_run, _, _ = tune(client, method="vlpet", granularity="middleX", epochs=1, shots=0)
     _, gates, overlay, _ = client.predict(choice_value(ask_run), "astronaut.png", api_name="/inspect")
     heatmaps = [t for t in json.loads(gates["plot"])["data"] if t["type"] == "heatmap"]
     assert len(heatmaps) == 2   # vision and text towers
@@ -155,7 +156,7 @@ def test_weights_round_trip_into_another_session(app_server, client):
     from gradio_client import Client
 
     client.predict(WORLD, api_name="/load_sample")
-    _, _, weights, ask_run, _ = tune(client, method="lora", epochs=1)
+    _, _, weights, ask_run, _, _ = tune(client, method="lora", epochs=1)
     other = Client(app_server[0], verbose=False)
     other.predict(WORLD, api_name="/load_sample")
     card, other_run, _ = other.predict([handle_file(f) for f in weights], api_name="/load_weights")
@@ -190,7 +191,7 @@ def test_two_sessions_do_not_see_each_other(app_server):
     alice, bob = Client(url, verbose=False), Client(url, verbose=False)
     before = set(sessions.iterdir()) if sessions.exists() else set()
     alice.predict(WORLD, api_name="/load_sample")
-    _, _, _, alice_run, _ = tune(alice, method="linear_probe", epochs=1)
+    _, _, _, alice_run, _, _ = tune(alice, method="linear_probe", epochs=1)
     run = choice_value(alice_run)
     bob.predict(PHOTOS, api_name="/load_sample")
     table, _ = bob.predict(api_name="/compare")
