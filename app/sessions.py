@@ -46,7 +46,7 @@ class Session:
     def new_folder(self, kind: str, label: str) -> Path:
         """A fresh folder inside this session's own folder: kind/NN-label."""
         self.counter += 1
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or kind
+        safe = re.sub(r"[^A-Za-z0-9_]+", "-", label).strip("-") or kind
         folder = self.folder / kind / f"{self.counter:02d}-{safe}"
         folder.mkdir(parents=True)
         return folder

@@ -4,7 +4,10 @@ import pytest
 from core.backbones import load_backbone
 from core.data.shapes import write_shapes_vqa_dataset
 from core.pet import attach
-from core.runs import RunError, evaluate, tune
+from core.data import read_dataset
+from core.query import answer
+from core.runs import RunError, evaluate, load_run, tune
+from core.tasks.vqa import normalize_answer
 from tests.conftest import write_tiny_blip_vqa
 
 
@@ -34,6 +37,18 @@ def test_generated_answers_learn_the_shapes(blip_vqa, shapes_vqa, tmp_path):
     assert losses[-1] < 0.2 * losses[0]
     assert result["tuned"]["vqa_acc"] >= 50.0 and result["zero_shot"]["vqa_acc"] < 10.0
     assert evaluate(blip_vqa, tmp_path / "run", shapes_vqa)["metrics"] == result["tuned"]
+    # Ranking candidates by the decoder's likelihood (the app's Ask tab) agrees with what it generates.
+    backbone, _, _ = load_run(blip_vqa, tmp_path / "run")
+    dataset = read_dataset(shapes_vqa, tmp_path)
+    candidates = sorted({a for item in dataset.items for qa in item.qa for a in qa.answers})
+    agree = total = 0
+    for item in dataset.split("test"):
+        for qa in item.qa:
+            answers = answer(backbone, dataset.path(item), qa.question, candidates, k=len(candidates))
+            assert sum(p for _, p in answers.ranked) == pytest.approx(1.0, abs=1e-4)
+            agree += answers.ranked[0][0] == normalize_answer(answers.generated)
+            total += 1
+    assert total >= 4 and agree >= 0.8 * total
 
 
 def test_aurora_tunes_the_answer_decoder(blip_vqa, shapes_vqa, tmp_path):

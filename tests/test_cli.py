@@ -18,8 +18,10 @@ def cli(*args: str) -> tuple[int, dict, str]:
 def test_tune_learns_then_eval_reproduces_the_metrics(shapes, tmp_path):
     code, tuned, stderr = cli("tune", "--model", "openclip:PETStudio-Tiny", "--data", str(shapes),
                               "--method", "linear_probe", "--epochs", "10", "--lr", "1e-2",
-                              "--seed", "0", "--out", str(tmp_path / "run"))
+                              "--seed", "0", "--out", str(tmp_path / "run"), "--epoch-metrics")
     assert code == 0, stderr
+    per_epoch = tuned["epoch_metrics"]   # the test split scored after each epoch
+    assert len(per_epoch) == 10 and per_epoch[-1] == tuned["tuned"] and per_epoch[0] != per_epoch[-1]
     assert set(tuned) >= {"method", "trainable_params", "zero_shot", "tuned", "seconds", "out"}
     assert tuned["method"] == "linear_probe" and tuned["trainable_params"] == 64 * 64 + 48 * 64
     assert set(tuned["tuned"]) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}

@@ -1,0 +1,40 @@
+"""Per-session state of the app (app/sessions.py): own folders, released on unload or when idle."""
+import time
+
+import pytest
+
+from app.sessions import SessionStore
+
+
+def test_each_session_has_its_own_folder_and_runs(tmp_path):
+    store = SessionStore(tmp_path)
+    alice, bob = store.get("alice-hash"), store.get("bob-hash")
+    assert alice is store.get("alice-hash") and alice is not bob
+    assert alice.folder != bob.folder and alice.folder.parent == bob.folder.parent == tmp_path
+    first = alice.new_folder("runs", "aurora")
+    second = alice.new_folder("runs", "../../escape me")
+    assert first.name == "01-aurora" and second.name == "02-escape-me"
+    assert second.parent == alice.folder / "runs"
+    assert not (bob.folder / "runs").exists()
+
+
+def test_release_removes_the_folder_and_stops_a_running_tuning(tmp_path):
+    store = SessionStore(tmp_path)
+    session = store.get("abc")
+    (session.new_folder("runs", "lora") / "pet.safetensors").write_bytes(b"x")
+    store.release("abc")
+    assert not session.folder.exists() and session.cancel.is_set() and "abc" not in store
+    store.release("never-seen")   # an unknown session is nothing to release
+
+
+def test_idle_sessions_are_swept(tmp_path):
+    store = SessionStore(tmp_path, idle_limit=0.05)
+    idle = store.get("idle")
+    time.sleep(0.1)
+    active = store.get("active")   # every access sweeps
+    assert not idle.folder.exists() and "idle" not in store and active.folder.exists()
+
+
+def test_a_request_without_session_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="no session"):
+        SessionStore(tmp_path).get(None)
