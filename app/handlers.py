@@ -76,9 +76,10 @@ def _open_dataset(session: Session, source: Path, label: str):
             shutil.rmtree(workdir, ignore_errors=True)
             gr.Warning(f"{label}: {len(error.problems)} problem(s), see the validation report")
             return [], "", views.validation_report(error.problems), *_media_updates(session)
-        for old in session.folder.glob("data/*"):   # one dataset at a time per session
-            if old != workdir and (session.dataset is None or not session.dataset.root.is_relative_to(old)):
-                shutil.rmtree(old, ignore_errors=True)
+        if not session.tuning:   # one dataset at a time per session: earlier ones go
+            for old in (f for kind in ("data", "world", "uploads") for f in session.folder.glob(f"{kind}/*")):
+                if old != workdir and not source.is_relative_to(old):
+                    shutil.rmtree(old, ignore_errors=True)
         session.dataset, session.dataset_label = dataset, label
         session.galleries.clear()
         preview = [(str(dataset.path(item)), views.preview_caption(item)) for item in dataset.items[:PREVIEW_LIMIT]]
@@ -185,6 +186,7 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
                  unit="steps")
 
     out = session.new_folder("runs", method)
+    session.tuning = True
     try:
         result = _tune_on_device(
             model=model.strip(), data=session.dataset.root, method=method,
@@ -197,6 +199,8 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
         shutil.rmtree(out, ignore_errors=True)
         session.live_status = f"stopped: {error}"
         raise _user_error(error) from error
+    finally:
+        session.tuning = False
     name = f"{len(session.runs) + 1} · {method} · {result['backbone']}"
     session.runs[name] = Run(name, out, result)
     session.live_status = f"done in {result['seconds']:.0f} s" + (" (cancelled early)" if result["train"]["cancelled"] else "")

@@ -40,6 +40,7 @@ class Session:
     live_losses: list[float] = field(default_factory=list)
     live_status: str = ""
     counter: int = 0
+    tuning: bool = False             # a tuning is reading this session's data
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock)
 

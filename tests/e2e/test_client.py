@@ -1,6 +1,7 @@
 """The app through gradio_client, the real client, against `python app.py` on a local port."""
 import base64
 import json
+import time
 import zipfile
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from safetensors.torch import load_file
 
+from core.data.samples import SAMPLES_ROOT
 from core.tasks.vqa import normalize_answer
 from core.world import write_part
 from tests.e2e.conftest import PHOTOS, WORLD
@@ -207,3 +209,61 @@ def test_two_sessions_do_not_see_each_other(app_server):
     assert len(folders) == 2
     runs = {f: list((f / "runs").glob("*")) if (f / "runs").exists() else [] for f in folders}
     assert sorted(len(r) for r in runs.values()) == [0, 1]
+
+
+def test_live_loss_curve_then_cancel(client):
+    client.predict(WORLD, api_name="/load_sample")
+    job = client.submit(**{**TUNE_DEFAULTS, "method": "adapter", "epochs": 50, "lr": 1e-3}, api_name="/tune")
+    live = []
+    for _ in range(600):   # the curve grows while the tuning runs (the page polls this every second)
+        plot, status = client.predict(api_name="/live_progress")
+        live = plot_array(json.loads(plot["plot"])["data"][0]["y"])
+        if len(live) >= 3:
+            break
+        time.sleep(0.1)
+    assert len(live) >= 3 and status.startswith("step ") and "/200 · epoch" in status and "ETA" in status
+    assert "(live)" in json.loads(plot["plot"])["layout"]["title"]["text"]
+    assert client.predict(api_name="/cancel") == "cancelling after the current step…"
+    card, _, weights, _, _, status = job.result()
+    info = json.loads(Path(next(f for f in weights if f.endswith(".json"))).read_text())
+    assert info["train"]["cancelled"] and 3 <= len(info["train"]["step_losses"]) < 200
+    assert "(cancelled early)" in card and status.endswith("(cancelled early)")
+
+
+def test_unreachable_weights_fall_back_to_the_offline_model_and_say_so(client, world, tmp_path):
+    from PIL import Image
+
+    client.predict(WORLD, api_name="/load_sample")
+    card, _, _, run, _, _ = tune(client, model="openclip:ViT-B-32:openai", method="bitfit", epochs=1)
+    assert choice_value(run) == "1 · bitfit · offline"
+    assert "**Note:** openclip:ViT-B-32:openai could not be fetched" in card and "bundled offline model" in card
+    # A question about an uploaded picture, not one of the dataset's.
+    Image.new("RGB", (64, 64), (236, 236, 236)).save(tmp_path / "blank.png")
+    arguments = ("how many shapes are there?", "none", choice_value(run), "offline")
+    blank, _, _ = client.predict(handle_file(str(tmp_path / "blank.png")), None, *arguments, api_name="/answer")
+    picked, _, _ = client.predict(None, "novel-colours-00000.png", *arguments, api_name="/answer")
+    answers = {normalize_answer(r["answer"]) for r in world[1] if "answer" in r}
+    assert {c["label"] for c in blank["confidences"]} <= answers | {"none"}
+    assert blank["confidences"] != picked["confidences"]
+
+
+def test_a_video_set_without_tuning(client):
+    _, stats, _, ask_pick, _ = client.predict(
+        "Clips: 6 short videos with captions and questions (video-text, VQA)", api_name="/load_sample")
+    assert "6 videos" in stats
+    frozen, tuned = client.predict("an astronaut", "frozen model only", "offline", api_name="/search_text")
+    assert tuned == [] and len(frozen) == 5
+    assert all(set(h) == {"video", "caption"} and h["video"].endswith(".mp4") for h in frozen)
+    frozen_answers, tuned_answers, _ = client.predict(None, ask_pick["value"], "what is in the picture?", "",
+                                                      "frozen model only", "offline", api_name="/answer")
+    assert not tuned_answers and frozen_answers["label"] == frozen_answers["confidences"][0]["label"]
+    clip_answers = {normalize_answer(json.loads(line)["answer"]) for line in
+                    (SAMPLES_ROOT / "clips" / "data.jsonl").read_text().splitlines() if "answer" in line}
+    assert {c["label"] for c in frozen_answers["confidences"]} <= clip_answers
+
+
+def test_uploads_over_the_size_limit_are_refused(client, tmp_path):
+    big = tmp_path / "big.zip"
+    big.write_bytes(b"\0" * (6 * 2**20))   # the test app's limit is 5 MB
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 5242880 bytes"):
+        client.predict([handle_file(str(big))], api_name="/upload_data")
