@@ -107,3 +107,17 @@ def test_aurora_readout_needs_no_picture(offline):
         assert "vision.modes.q" in view.readout and "text.delta_norm.fc1" in view.readout
     finally:
         handle.detach()
+
+
+@pytest.mark.parametrize("family", ["blip", "blip-vqa"])
+def test_vlpet_gates_on_every_blip_tower(family, tmp_path, base_scenes):
+    from tests.conftest import write_tiny_blip, write_tiny_blip_vqa
+
+    write = write_tiny_blip if family == "blip" else write_tiny_blip_vqa
+    backbone = load_backbone(f"{family}:{write(tmp_path / 'tiny')}")
+    handle = attach(backbone, "vlpet", {"granularity": "middleX", "init": "paper", "sites": ["attn", "cross", "mlp"]})
+    view = query.read_gates(handle, base_scenes.path(base_scenes.items[0]), "what colour is the shape?")
+    towers = {key.split(".")[0] for key in view.readout}
+    assert towers == set(backbone.towers)   # vision, text (and the answer decoder)
+    assert any(key.endswith(".cross") for key in view.readout)   # the text tower ran cross-attending
+    assert view.patch_map.shape == backbone.patch_grid()[:2]

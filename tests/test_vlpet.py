@@ -129,7 +129,7 @@ def test_vlpet_on_blip_gates_vision_and_post_ln_text_sites(tiny_blip):
     readout = handle.gate_readout(pixels, tokens)
     length = int((tokens != 0).sum(dim=1).max())
     assert readout["vision.1.mlp"].shape == (2, 17) and readout["text.0.attn"].shape == (2, length)
-    assert "text.0.cross" not in readout       # unimodal encoding runs no cross-attention
+    assert readout["text.0.cross"].shape == (2, length)   # the readout's fused pass cross-attends
     assert handle.patch_map(readout["vision.0.attn"]).shape == (2, 4, 4)
     # layernorms: vision 2 per block, text 3 per block (self, cross, output), weight and bias
     assert handle.budget()["layernorms"] == 2 * (2 + 3) * 2 * 32

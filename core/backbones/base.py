@@ -75,6 +75,13 @@ class Backbone(nn.Module):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def run_towers(self, pixels: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None) -> None:
+        """One forward pass through the towers a picture and a text go through (for gate readouts)."""
+        if pixels is not None:
+            self.encode_image(pixels)
+        if tokens is not None:
+            self.encode_text(tokens)
+
     @property
     def logit_scale(self) -> torch.Tensor:
         raise NotImplementedError

@@ -240,6 +240,12 @@ class BlipBackbone(_BlipBase):
         """ITM logits (no match, match) from fused [CLS] vectors."""
         return self.model.itm_head(fused_cls)
 
+    def run_towers(self, pixels: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None) -> None:
+        """The unimodal passes, then the fused one (the text tower's cross-attention) when both are given."""
+        super().run_towers(pixels, tokens)
+        if pixels is not None and tokens is not None:
+            self.fused_cls(self.image_tokens(pixels), tokens)
+
 
 class BlipAnsweringBackbone(_BlipBase):
     """BLIP for VQA: image -> question encoder (cross-attending to the image) -> answer decoder
@@ -304,6 +310,14 @@ class BlipAnsweringBackbone(_BlipBase):
         log_probs = output.logits[:, :-1].float().log_softmax(dim=-1)
         picked = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
         return (picked * answer_mask[:, 1:]).sum(dim=1)
+
+    def run_towers(self, pixels: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None) -> None:
+        """Vision, then the question encoder and the answer decoder (answering `tokens` as a question)."""
+        if pixels is None:
+            return   # the question encoder and the decoder both attend to the picture
+        image_tokens = self.image_tokens(pixels)
+        if tokens is not None:
+            self.generate_answers(image_tokens, tokens)
 
     @torch.no_grad()
     def generate_answers(self, image_tokens: torch.Tensor, questions: torch.Tensor) -> list[str]:

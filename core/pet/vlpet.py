@@ -123,7 +123,8 @@ class VlPetHandle(PetHandle):
                      tokens: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """G per tower, layer and site for this batch: small (B,), middleX (B, N), middleY (d,),
         large (B, N, d). Vision tokens are [CLS] then the patches in row-major order
-        (see `Backbone.patch_grid`)."""
+        (see `Backbone.patch_grid`). The towers run as `Backbone.run_towers` runs them; a tower
+        run twice (BLIP's text: unimodal, then fused) reports its last pass."""
         adapters = [(t, i, s, m) for t, blocks in self.backbone.pet.items()
                     for i, sites in blocks.items() for s, m in sites.items()]
         for *_, module in adapters:
@@ -131,10 +132,7 @@ class VlPetHandle(PetHandle):
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            if pixels is not None:
-                self.backbone.encode_image(pixels)
-            if tokens is not None:
-                self.backbone.encode_text(tokens)
+            self.backbone.run_towers(pixels, tokens)
         finally:
             self.backbone.train(was_training)
             for *_, module in adapters:

@@ -267,3 +267,24 @@ def test_uploads_over_the_size_limit_are_refused(client, tmp_path):
     big.write_bytes(b"\0" * (6 * 2**20))   # the test app's limit is 5 MB
     with pytest.raises(ValueError, match="exceeds the maximum file size of 5242880 bytes"):
         client.predict([handle_file(str(big))], api_name="/upload_data")
+
+
+def test_blip_vqa_typed_as_a_local_folder(client, tmp_path):
+    from tests.conftest import write_tiny_blip_vqa
+
+    model = f"blip-vqa:{write_tiny_blip_vqa(tmp_path / 'tiny-blip-vqa')}"
+    client.predict(PHOTOS, api_name="/load_sample")
+    card, _, _, run, _, _ = tune(client, model=model, task="vqa", method="vlpet", granularity="middleX", epochs=1,
+                                 shots=0, lr=1e-3)
+    run = choice_value(run)
+    assert run == f"1 · vlpet · {model}" and "VQA accuracy" in card
+    frozen, tuned, generated = client.predict(None, "astronaut.png", "what colour is the spacesuit?", "orange, red",
+                                              run, model, api_name="/answer")
+    assert generated.startswith("**frozen** generates: “") and f"**tuned ({run})** generates: “" in generated
+    for label in (frozen, tuned):   # candidates ranked by the answer decoder's likelihood
+        confidences = [c["confidence"] for c in label["confidences"]]
+        assert confidences == sorted(confidences, reverse=True) and sum(confidences) <= 1 + 1e-6
+    _, gates, overlay, _ = client.predict(run, "astronaut.png", api_name="/inspect")
+    titles = [a["text"] for a in json.loads(gates["plot"])["layout"]["annotations"]]
+    assert titles == ["vision tower", "text tower", "decoder tower"]
+    assert plot_array(json.loads(overlay["plot"])["data"][1]["z"]).shape == (4, 4)   # 32-pixel pictures, 8-pixel patches
