@@ -14,7 +14,7 @@ from app.sessions import Run, Session, SessionStore
 from core import checkpoint, figures, query
 from core.backbones import load_backbone
 from core.data import DatasetError, read_dataset
-from core.data.samples import SAMPLES, sample_path
+from core.data.samples import sample_path
 from core.pet import make_config
 from core.runs import USER_ERRORS, load_run, suggested_lr, tune
 from core.trainer import Progress, pick_device
@@ -75,7 +75,9 @@ def _open_dataset(session: Session, source: Path, label: str):
         except DatasetError as error:
             shutil.rmtree(workdir, ignore_errors=True)
             gr.Warning(f"{label}: {len(error.problems)} problem(s), see the validation report")
-            return [], "", views.validation_report(error.problems), *_media_updates(session)
+            kept = f"Still loaded: {views.dataset_stats(session.dataset_label, session.dataset)}" \
+                if session.dataset is not None else ""
+            return [], kept, views.validation_report(error.problems), *_media_updates(session)
         if not session.tuning:   # one dataset at a time per session: earlier ones go
             for old in (f for kind in ("data", "world", "uploads") for f in session.folder.glob(f"{kind}/*")):
                 if old != workdir and not source.is_relative_to(old):
@@ -195,10 +197,12 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
             batch_size=int(batch_size), bf16=bool(bf16), task=task, frames=int(frames),
             extra_answers=tuple(a.strip() for a in (answers or "").split(",") if a.strip()),
             out=out, progress=report, cancel=session.cancel.is_set, epoch_metrics=True)
-    except USER_ERRORS as error:
+    except Exception as error:
         shutil.rmtree(out, ignore_errors=True)
         session.live_status = f"stopped: {error}"
-        raise _user_error(error) from error
+        if isinstance(error, USER_ERRORS):
+            raise _user_error(error) from error
+        raise
     finally:
         session.tuning = False
     name = f"{len(session.runs) + 1} · {method} · {result['backbone']}"
@@ -231,12 +235,16 @@ def suggest_lr(model: str, method: str) -> float:
 
 
 def model_notice(model: str) -> str:
-    """What the chosen backbone needs, said before anything is tuned."""
+    """Where the chosen backbone's weights come from, said before anything is tuned."""
     model = (model or "").strip()
+    family, _, rest = model.partition(":")
+    name, _, source = rest.partition(":") if family == "openclip" else ("", "", rest)
     if model == "offline":
         return "The bundled offline model: small, pretrained on PET Studio's procedural world, no network needed."
-    if ":" in model and len(model.split(":")) == 2 and model.startswith("openclip:"):
-        return f"`{model}` has no pretrained tag: random init from the seed (for trying the mechanics, not quality)."
+    if source and Path(source).exists():
+        return f"`{model}`: weights from the local path `{source}`."
+    if (family == "openclip" and name and not source) or (family in ("blip", "blip-vqa") and source == "base"):
+        return f"`{model}` has no pretrained weights: random init from the seed (for trying the mechanics, not quality)."
     return (f"`{model}` downloads its weights on first use. Without a network the run falls back to the bundled "
             f"offline model and says so here.")
 
@@ -271,36 +279,40 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
         shutil.copyfile(infos[0], folder / checkpoint.RUN_INFO)
         try:
             info, _ = checkpoint.read(folder)
-            backbone, handle, _ = load_run(info["backbone"], folder)
+            run = Run(f"{len(session.runs) + 1} · {info['method']} · {info['backbone']} (uploaded)", folder, info)
+            loaded = _load_tuned(run)   # every name and shape is checked before the run is listed
         except USER_ERRORS as error:
             shutil.rmtree(folder, ignore_errors=True)
             raise _user_error(error) from error
-        name = f"{len(session.runs) + 1} · {info['method']} · {info['backbone']} (uploaded)"
-        session.runs[name] = Run(name, folder, info)
-        if handle.mergeable:
-            handle.merge()
-        session.models[f"run:{name}"] = (backbone, handle)
+        session.runs[run.name] = run
+        session.model(_run_key(run), lambda: loaded)
+    name = run.name
     card = views.run_card(name, info) if "tuned" in info and "dataset" in info else f"Loaded **{name}**."
     return card, *_run_choices(session, name)
 
 
 # --- Ask --------------------------------------------------------------------------------------
 
-def _frozen(session: Session, spec: str, seed: int):
+def _frozen(session: Session, spec: str, seed: int) -> str:
     key = f"frozen:{spec}:{seed}"
-    if key not in session.models:
-        session.models[key] = (load_backbone(spec, seed, fallback_offline=True).to(pick_device()), None)
+    session.model(key, lambda: (load_backbone(spec, seed, fallback_offline=True).to(pick_device()), None))
     return key
 
 
-def _tuned(session: Session, run: Run):
-    key = f"run:{run.name}"
-    if key not in session.models:
-        backbone, handle, _ = load_run(run.result["backbone"], run.folder)
-        if handle.mergeable:
-            handle.merge()   # zero-overhead inference
-        session.models[key] = (backbone, handle)
-    return key
+def _load_tuned(run: Run):
+    backbone, handle, _ = load_run(run.result["backbone"], run.folder)
+    if handle.mergeable:
+        handle.merge()   # zero-overhead inference
+    return backbone, handle
+
+
+def _run_key(run: Run) -> str:
+    return f"run:{run.name}"
+
+
+def _tuned(session: Session, run: Run) -> str:
+    session.model(_run_key(run), lambda: _load_tuned(run))
+    return _run_key(run)
 
 
 def _models(session: Session, run_name: str, model: str) -> list[tuple[str, str]]:
@@ -310,7 +322,6 @@ def _models(session: Session, run_name: str, model: str) -> list[tuple[str, str]
     keys = [("frozen", _frozen(session, spec, run.result.get("seed", 0) if run else 0))]
     if run:
         keys.append((f"tuned ({run.name})", _tuned(session, run)))
-    session.forget_models(keep=tuple(k for _, k in keys))
     return keys
 
 
@@ -403,17 +414,16 @@ def inspect_run(run: str, pick: Optional[str], request: gr.Request):
     with session.lock:
         chosen = session.runs[run]
         result = chosen.result
-        weights = chosen.folder / checkpoint.WEIGHTS
-        budget = figures.budget_figure(result.get("groups", {}), result["backbone_params"], weights.stat().st_size)
         try:
-            key = _tuned(session, chosen)
-            _, handle = session.models[key]
+            _, handle = session.models[_tuned(session, chosen)]
             path = _query_media(session, None, pick) if session.dataset is not None and pick else None
             caption = next((i.captions[0] for i in session.dataset.items if i.media == pick and i.captions), None) \
                 if path else None
             view = query.read_gates(handle, path, caption or "a photo")
         except (query.QueryError, *USER_ERRORS) as error:
             raise _user_error(error) from error
+        budget = figures.budget_figure(handle.budget(), handle.backbone.num_backbone_params(),
+                                       (chosen.folder / checkpoint.WEIGHTS).stat().st_size)
     gates = figures.gate_figure(result["method"], make_config(result["method"], result["config"]), view.readout)
     overlay = (figures.patch_overlay_figure(view.picture, view.patch_map, f"vision gates over {pick} "
                                             f"(mean over layers and sub-layers)")

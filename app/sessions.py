@@ -12,10 +12,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 SESSIONS_ROOT = Path(tempfile.gettempdir()) / "petstudio-sessions"
 IDLE_LIMIT_SECONDS = 6 * 3600
+MODELS_KEPT = 3   # per session: the frozen and the tuned model of a query, and one more
 
 
 @dataclass
@@ -52,12 +53,16 @@ class Session:
         folder.mkdir(parents=True)
         return folder
 
-    def forget_models(self, keep: tuple[str, ...] = ()) -> None:
-        """Drop loaded models (and their galleries) except `keep`, so memory holds what is in use."""
-        for key in [k for k in self.models if k not in keep]:
-            del self.models[key]
-        for key in [k for k in self.galleries if k[0] not in keep]:
-            del self.galleries[key]
+    def model(self, key: str, load: Callable[[], Any]) -> Any:
+        """The model under `key`, loaded by `load()` the first time it is asked for. Only the
+        MODELS_KEPT most recently used stay loaded (with their galleries), so memory holds what is in use."""
+        model = self.models.pop(key) if key in self.models else load()
+        self.models[key] = model
+        for old in list(self.models)[:-MODELS_KEPT]:
+            del self.models[old]
+            for cached in [k for k in self.galleries if k[0] == old]:
+                del self.galleries[cached]
+        return model
 
 
 class SessionStore:
