@@ -100,7 +100,8 @@ def build_demo() -> gr.Blocks:
 
             with gr.Tab("Ask", id="ask"):
                 with gr.Row():
-                    ask_run = gr.Dropdown([h.NO_RUN], value=h.NO_RUN, label="Tuned run to compare with the frozen model")
+                    ask_run = gr.Dropdown([h.NO_RUN], value=h.NO_RUN,
+                                          label="Tuned run to compare with its frozen model (none: the Tune tab's backbone alone)")
                 with gr.Tab("Text → media"):
                     with gr.Row():
                         text_query = gr.Textbox(label="Describe what to find", scale=4)
