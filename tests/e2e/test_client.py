@@ -20,6 +20,9 @@ TUNE_DEFAULTS = dict(model="offline", task="retrieval", method="aurora", aurora_
                      lora_rank=2, granularity="large", reduction=8, prompt_length=4, shots=16, epochs=3, lr=None,
                      batch_size=8, bf16=False, answers="", frames=8)
 
+# 16 shots × 2 captions in batches of 2, 50 epochs: 800 steps, far more than the tests wait for (they cancel it).
+LONG_TUNING = {**TUNE_DEFAULTS, "method": "adapter", "epochs": 50, "batch_size": 2, "lr": 1e-3}
+
 
 def tune(client, **changes):
     return client.predict(**{**TUNE_DEFAULTS, **changes}, api_name="/tune")
@@ -213,7 +216,7 @@ def test_two_sessions_do_not_see_each_other(app_server):
 
 def test_live_loss_curve_then_cancel(client):
     client.predict(WORLD, api_name="/load_sample")
-    job = client.submit(**{**TUNE_DEFAULTS, "method": "adapter", "epochs": 50, "lr": 1e-3}, api_name="/tune")
+    job = client.submit(**LONG_TUNING, api_name="/tune")
     live = []
     for _ in range(600):   # the curve grows while the tuning runs (the page polls this every second)
         plot, status = client.predict(api_name="/live_progress")
@@ -221,12 +224,12 @@ def test_live_loss_curve_then_cancel(client):
         if len(live) >= 3:
             break
         time.sleep(0.1)
-    assert len(live) >= 3 and status.startswith("step ") and "/200 · epoch" in status and "ETA" in status
+    assert len(live) >= 3 and status.startswith("step ") and "/800 · epoch" in status and "ETA" in status
     assert "(live)" in json.loads(plot["plot"])["layout"]["title"]["text"]
     assert client.predict(api_name="/cancel") == "cancelling after the current step…"
     card, _, weights, _, _, status = job.result()
     info = json.loads(Path(next(f for f in weights if f.endswith(".json"))).read_text())
-    assert info["train"]["cancelled"] and 3 <= len(info["train"]["step_losses"]) < 200
+    assert info["train"]["cancelled"] and 3 <= len(info["train"]["step_losses"]) < 800
     assert "(cancelled early)" in card and status.endswith("(cancelled early)")
 
 
@@ -288,3 +291,24 @@ def test_blip_vqa_typed_as_a_local_folder(client, tmp_path):
     titles = [a["text"] for a in json.loads(gates["plot"])["layout"]["annotations"]]
     assert titles == ["vision tower", "text tower", "decoder tower"]
     assert plot_array(json.loads(overlay["plot"])["data"][1]["z"]).shape == (4, 4)   # 32-pixel pictures, 8-pixel patches
+
+
+def test_tunings_wait_in_the_queue_for_each_other(app_server):
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    alice, bob = Client(app_server[0], verbose=False), Client(app_server[0], verbose=False)
+    for client in (alice, bob):
+        client.predict(WORLD, api_name="/load_sample")
+    long = alice.submit(**LONG_TUNING, api_name="/tune")
+    for _ in range(600):
+        if alice.predict(api_name="/live_progress")[1].startswith("step "):
+            break
+        time.sleep(0.1)
+    waiting = bob.submit(**{**TUNE_DEFAULTS, "method": "bitfit", "epochs": 1}, api_name="/tune")
+    time.sleep(2)
+    # One tuning at a time (PETSTUDIO_TUNING_CONCURRENCY=1): Bob's waits in the queue, not started.
+    assert waiting.status().code == Status.IN_QUEUE and bob.predict(api_name="/live_progress")[1] == ""
+    alice.predict(api_name="/cancel")
+    assert "(cancelled early)" in long.result()[0]
+    assert choice_value(waiting.result()[3]) == "1 · bitfit · offline"
