@@ -376,8 +376,8 @@ def search_media(upload: Optional[str], pick: Optional[str], run: str, model: st
             for label, key in _models(session, run, model):
                 gallery, embeddings = _gallery(session, key)
                 hits = query.search_by_media(session.models[key][0], gallery, embeddings, path)
-                shown.append([[i + 1, gallery.captions[h.index], round(h.score, 4),
-                               gallery.names[gallery.caption_media[h.index]]] for i, h in enumerate(hits)])
+                shown.append([[i + 1, round(h.score, 4), gallery.names[gallery.caption_media[h.index]],
+                               gallery.captions[h.index]] for i, h in enumerate(hits)])
         except (query.QueryError, *USER_ERRORS) as error:
             raise _user_error(error) from error
     return tuple(_pad(shown, None))

@@ -20,6 +20,7 @@ QUEUE_SIZE = int(os.environ.get("PETSTUDIO_QUEUE_SIZE", "32"))
 MAX_UPLOAD = os.environ.get("PETSTUDIO_MAX_UPLOAD", "200mb")
 MEDIA_TYPES = [*IMAGE_TYPES, *VIDEO_TYPES]
 DATA_TYPES = [".zip", ".csv", ".jsonl", *MEDIA_TYPES]
+CAPTION_COLUMNS = ["rank", "score", "caption of", "caption"]
 CSS = """
 .petstudio-header h1 { margin-bottom: 0; }
 .petstudio-status { font-family: ui-monospace, monospace; }
@@ -122,9 +123,9 @@ def build_demo() -> gr.Blocks:
                             ask_answers = gr.Textbox(label="Candidate answers, comma-separated (the dataset's are added)")
                             answer = gr.Button("Answer", variant="primary")
                     with gr.Row():
-                        frozen_captions = gr.Dataframe(headers=["rank", "caption", "score", "of"],
+                        frozen_captions = gr.Dataframe(headers=CAPTION_COLUMNS,
                                                        label="frozen: best captions", interactive=False)
-                        tuned_captions = gr.Dataframe(headers=["rank", "caption", "score", "of"],
+                        tuned_captions = gr.Dataframe(headers=CAPTION_COLUMNS,
                                                       label="tuned: best captions", interactive=False)
                     with gr.Row():
                         frozen_answers = gr.Label(label="frozen: top answers", num_top_classes=5)

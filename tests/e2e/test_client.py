@@ -85,8 +85,8 @@ def test_load_tune_ask_inspect_download(client, world, tmp_path):
     captions = {r["caption"] for r in rows if "caption" in r}
     for table in (frozen, tuned):
         assert [row[0] for row in table["data"]] == [1, 2, 3, 4, 5]
-        assert all(row[1] in captions and row[3] in names for row in table["data"])
-        assert [row[2] for row in table["data"]] == sorted((row[2] for row in table["data"]), reverse=True)
+        assert all(row[3] in captions and row[2] in names for row in table["data"])
+        assert [row[1] for row in table["data"]] == sorted((row[1] for row in table["data"]), reverse=True)
 
     answers = {normalize_answer(a) for r in rows if "answer" in r for a in [r["answer"]]}
     frozen, tuned, generated = client.predict(None, names[0], "what colour is the shape?", "", run, "offline",
