@@ -88,15 +88,14 @@ def aurora_figure(readout: dict[str, torch.Tensor]) -> go.Figure:
     columns = max(len(towers), len(gqt), 1)
     figure = make_subplots(rows=rows, cols=columns, subplot_titles=titles, vertical_spacing=0.12)
     for column, tower in enumerate(towers, start=1):
-        layers = _layers_of(readout, tower)
         for row, kind in enumerate(("modes", "delta_norm"), start=1):
             names = [k.split(".")[2] for k in readout if k.startswith(f"{tower}.{kind}.")]
+            # One row per layer; fc1/fc2 hold a mode vector per quarter of the hidden layer: one norm for all.
+            columns_of = [readout[f"{tower}.{kind}.{name}"].float() for name in names]
+            layers = max(values.shape[0] for values in columns_of)
             matrix = np.full((layers, len(names)), np.nan)
-            for j, name in enumerate(names):
-                values = readout[f"{tower}.{kind}.{name}"].float()
-                # fc1/fc2 carry one mode vector (and ΔW) per quarter of the hidden layer: one norm per layer.
-                per_layer = values.reshape(layers, -1) if values.shape[0] % layers == 0 else values[:layers]
-                matrix[:len(per_layer), j] = per_layer.reshape(len(per_layer), -1).pow(2).sum(dim=1).sqrt().numpy()
+            for j, values in enumerate(columns_of):
+                matrix[:values.shape[0], j] = torch.linalg.norm(values.reshape(values.shape[0], -1), dim=1).numpy()
             figure.add_trace(go.Heatmap(z=matrix, x=names, y=[f"layer {i}" for i in range(layers)],
                                         colorscale=GATE_SCALE, showscale=False,
                                         hovertemplate="%{y}, %{x}: %{z:.4g}<extra></extra>"), row, column)
@@ -110,15 +109,6 @@ def aurora_figure(readout: dict[str, torch.Tensor]) -> go.Figure:
         figure.update_yaxes(autorange="reversed", row=rows, col=column)
     figure.update_layout(title="Aurora: mode vectors λ, effective ΔW and GQT per layer", height=320 * rows)
     return figure
-
-
-def _layers_of(readout: dict[str, torch.Tensor], tower: str) -> int:
-    """The number of adapted layers of a tower: the q projection's count (one delta per layer)."""
-    for name in ("q", "v", "k", "out", "cross_q"):
-        key = f"{tower}.modes.{name}"
-        if key in readout:
-            return readout[key].shape[0]
-    return min(readout[k].shape[0] for k in readout if k.startswith(f"{tower}.modes."))
 
 
 def message_figure(message: str) -> go.Figure:
@@ -186,21 +176,21 @@ def headline_metric(metrics: dict[str, float]) -> str:
 
 
 def compare_figure(runs: list[dict[str, Any]]) -> go.Figure:
-    """Each run's headline metric (tuned, and zero-shot as a reference) against its trainable parameters."""
+    """Each run's headline metric, tuned and zero-shot, against its trainable parameters (runs
+    scored by another metric than the first run's are left out)."""
     figure = go.Figure()
-    if runs:
-        key = headline_metric(runs[0]["tuned"])
-        same = [r for r in runs if key in r["tuned"]]
+    key = headline_metric(runs[0]["tuned"]) if runs else "t2i_r1"
+    same = [r for r in runs if key in r["tuned"]]
+    x = [max(r["trainable_params"], 1) for r in same]
+    for name, scores, marker in (("tuned", "tuned", dict(size=12, color="#5b8def")),
+                                 ("zero-shot", "zero_shot", dict(size=10, color="#9aa0a6", symbol="circle-open"))):
         figure.add_trace(go.Scatter(
-            x=[max(r["trainable_params"], 1) for r in same], y=[r["tuned"][key] for r in same],
-            mode="markers+text", text=[r["method"] for r in same], textposition="top center",
-            marker=dict(size=12, color="#5b8def"), name="tuned",
-            hovertemplate="%{text}: %{x:,} trainable, " + key + " %{y:.1f}<extra></extra>"))
-        zero = min(r["zero_shot"][key] for r in same)
-        figure.add_hline(y=zero, line_dash="dot", annotation_text=f"zero-shot {zero:.1f}")
-        figure.update_layout(yaxis_title=f"{key} (%)")
-        span = [math.log10(max(r["trainable_params"], 1)) for r in same]
+            x=x, y=[r[scores][key] for r in same], mode="markers+text" if name == "tuned" else "markers",
+            text=[r["method"] for r in same], textposition="top center", marker=marker, name=name,
+            hovertemplate="%{text}: %{x:,} trainable, " + f"{name} {key}" + " %{y:.1f}<extra></extra>"))
+    if x:
+        span = [math.log10(v) for v in x]
         figure.update_xaxes(range=[min(span) - 0.5, max(span) + 0.5])
-    figure.update_layout(title="Metric against trainable parameters", xaxis=dict(type="log",
-                         title="trainable parameters (log scale)"), height=400)
+    figure.update_layout(title="Metric against trainable parameters", yaxis_title=f"{key} (%)",
+                         xaxis=dict(type="log", title="trainable parameters (log scale)"), height=400)
     return figure

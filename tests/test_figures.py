@@ -1,10 +1,10 @@
 """The plotly figures (core/figures.py) draw the numbers they are given."""
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from core import figures
+from core.pet import attach
 from core.pet.vlpet import Config as VlPetConfig
 
 
@@ -28,21 +28,20 @@ def test_vlpet_heatmap_is_the_mean_gate_per_layer_and_site():
     assert "middleX" in figure.layout.title.text
 
 
-def test_aurora_heatmaps_combine_the_quarters_of_the_mlp():
-    layers, rank = 2, 4
-    readout = {
-        "vision.modes.q": torch.ones(layers, rank),
-        "vision.modes.fc1": torch.ones(4 * layers, rank),               # one mode vector per quarter
-        "vision.delta_norm.q": torch.tensor([1.0, 2.0]),
-        "vision.delta_norm.fc1": torch.tensor([3.0, 4.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]),
-        "vision.gqt_gamma": torch.zeros(layers, 8),
-    }
+def test_aurora_heatmaps_are_the_norms_per_layer_and_projection(tiny):
+    handle = attach(tiny, "aurora", {"rank": 8, "gqt": True})
+    with torch.no_grad():   # a trained-looking state: V and the GQT gates away from zero
+        for p in handle.trainable_parameters().values():
+            p.normal_()
+    readout = handle.gate_readout()
     figure = figures.gate_figure("aurora", None, readout)
-    modes, norms, gamma = figure.data
-    assert list(modes.x) == ["q", "fc1"]
-    assert np.allclose(np.asarray(modes.z), [[2.0, 4.0], [2.0, 4.0]])         # ‖λ‖: √4 and √16
-    assert np.allclose(np.asarray(norms.z), [[1.0, 5.0], [2.0, 2.0]])         # ‖ΔW‖_F of the whole fc1
-    assert np.asarray(gamma.z).shape == (layers, 8)
+    handle.detach()
+    vision_modes, text_modes, vision_norms, text_norms, gamma, beta = figure.data
+    assert list(vision_modes.x) == ["q", "k", "v", "out", "fc1", "fc2"] and list(vision_modes.y) == ["layer 0", "layer 1"]
+    # fc1 holds one mode vector per quarter of its hidden layer: ‖λ‖ is over all four.
+    assert np.allclose(np.asarray(vision_modes.z)[:, 4], readout["vision.modes.fc1"].flatten(1).norm(dim=1).numpy())
+    assert np.allclose(np.asarray(text_norms.z)[:, 2], readout["text.delta_norm.v"].numpy())
+    assert np.asarray(gamma.z).shape == (2, 48) and "text: GQT beta" in [a.text for a in figure.layout.annotations]
 
 
 def test_methods_without_gates_say_so():
@@ -72,7 +71,9 @@ def test_compare_plots_each_run_against_its_budget():
     runs = [{"method": "aurora", "trainable_params": 44_032, "zero_shot": {"t2i_r1": 59.4}, "tuned": {"t2i_r1": 78.1}},
             {"method": "lora", "trainable_params": 1_536, "zero_shot": {"t2i_r1": 59.4}, "tuned": {"t2i_r1": 62.5}}]
     figure = figures.compare_figure(runs)
-    points = figure.data[0]
-    assert list(points.x) == [44_032, 1_536] and list(points.y) == [78.1, 62.5]
-    assert list(points.text) == ["aurora", "lora"]
-    assert figure.layout.shapes[0].y0 == pytest.approx(59.4)
+    tuned, zero_shot = figure.data
+    assert list(tuned.x) == [44_032, 1_536] and list(tuned.y) == [78.1, 62.5]
+    assert list(tuned.text) == ["aurora", "lora"]
+    assert list(zero_shot.x) == [44_032, 1_536] and list(zero_shot.y) == [59.4, 59.4]
+    vqa_run = {**runs[0], "zero_shot": {"vqa_acc": 10.0}, "tuned": {"vqa_acc": 20.0}}
+    assert len(figures.compare_figure([*runs, vqa_run]).data[0].x) == 2   # one metric per chart
