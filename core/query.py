@@ -40,7 +40,6 @@ class Gallery:
     """A dataset's media and captions, decoded and preprocessed for one backbone's transform."""
 
     paths: list[Path]
-    kind: str
     pixels: torch.Tensor            # (media, 3, H, W) or (media, frames, 3, H, W)
     captions: list[str]
     caption_media: list[int]        # each caption's media index
@@ -75,8 +74,7 @@ def load_gallery(backbone: Backbone, dataset: Dataset, frames: int = DEFAULT_FRA
         pixels.append(load_media(dataset.path(item), item.kind, backbone.image_transform, frames))
         captions += item.captions
         owners += [index] * len(item.captions)
-    return Gallery([dataset.path(i) for i in dataset.items], dataset.items[0].kind, torch.stack(pixels),
-                   captions, owners)
+    return Gallery([dataset.path(i) for i in dataset.items], torch.stack(pixels), captions, owners)
 
 
 @torch.no_grad()
