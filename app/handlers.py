@@ -3,21 +3,22 @@ the page shows. User errors come back as gr.Error with core's message (file and 
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Optional
 
 import gradio as gr
 
 from app import views
-from app.gpu import gpu_bound
+from app.tuning import CANCEL_FILE, read_progress, tune_on_device
 from app.sessions import Run, Session, SessionStore
 from core import checkpoint, figures, query
 from core.backbones import load_backbone
 from core.data import DatasetError, read_dataset
 from core.data.samples import sample_path
 from core.pet import make_config
-from core.runs import USER_ERRORS, load_run, suggested_lr, tune
-from core.trainer import Progress, pick_device
+from core.runs import USER_ERRORS, load_run, suggested_lr
+from core.trainer import pick_device
 from core.world import write_part
 
 STORE = SessionStore()
@@ -149,11 +150,6 @@ def show_method_options(method: str):
             gr.update(visible=method == "prompt"))
 
 
-@gpu_bound
-def _tune_on_device(**arguments) -> dict[str, Any]:
-    return tune(**arguments)
-
-
 def _run_choices(session: Session, selected: Optional[str]) -> tuple:
     choices = [NO_RUN, *session.runs]
     value = selected if selected in session.runs else (choices[-1] if session.runs else NO_RUN)
@@ -161,10 +157,13 @@ def _run_choices(session: Session, selected: Optional[str]) -> tuple:
 
 
 def start_tuning(request: gr.Request):
-    session = session_of(request)
-    session.live_losses, session.live_status = [], "starting…"
-    session.cancel.clear()
+    session_of(request).live_status = "starting…"
     return gr.Timer(active=True)
+
+
+def _training(session: Session) -> bool:
+    """A tuning is running and not being cancelled: its steps are the news."""
+    return session.tuning and session.live is not None and not (session.live / CANCEL_FILE).exists()
 
 
 def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_parts: list[str], lora_rank: float,
@@ -172,31 +171,32 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
                lr: Optional[float], batch_size: float, bf16: bool, answers: str, frames: float,
                request: gr.Request, progress=gr.Progress(track_tqdm=True)):
     """Tune on the session's dataset; returns the before/after card, the training figure, the
-    weights to download and the updated run lists."""
+    weights to download, the updated run lists and the status line."""
     session = session_of(request)
     if session.dataset is None:
         raise gr.Error("load a dataset first (Data tab)")
-    session.live_losses, session.live_status = [], "loading the model and scoring it zero-shot…"
-    session.cancel.clear()
+    session.live = live = session.new_folder("live", method)
+    session.live_status = "loading the model and scoring it zero-shot…"
     progress(0, desc="loading the model and scoring it zero-shot")
-
-    def report(p: Progress) -> None:
-        session.live_losses.append(p.loss)
-        session.live_status = (f"step {p.step}/{p.total_steps} · epoch {p.epoch} · loss {p.loss:.4f} · "
-                               f"ETA {p.eta:.0f} s")
-        progress((p.step, p.total_steps), desc=f"epoch {p.epoch} · loss {p.loss:.3f} · ETA {p.eta:.0f} s",
-                 unit="steps")
-
     out = session.new_folder("runs", method)
     session.tuning = True
     try:
-        result = _tune_on_device(
-            model=model.strip(), data=session.dataset.root, method=method,
-            options=method_options(method, aurora_rank, aurora_parts, lora_rank, granularity, reduction, prompt_length),
-            shots=int(shots) if shots else None, epochs=int(epochs), lr=float(lr) if lr else None,
-            batch_size=int(batch_size), bf16=bool(bf16), task=task, frames=int(frames),
-            extra_answers=tuple(a.strip() for a in (answers or "").split(",") if a.strip()),
-            out=out, progress=report, cancel=session.cancel.is_set, epoch_metrics=True)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            job = pool.submit(
+                tune_on_device, str(live), model=model.strip(), data=session.dataset.root, method=method,
+                options=method_options(method, aurora_rank, aurora_parts, lora_rank, granularity, reduction,
+                                       prompt_length),
+                shots=int(shots) if shots else None, epochs=int(epochs), lr=float(lr) if lr else None,
+                batch_size=int(batch_size), bf16=bool(bf16), task=task, frames=int(frames),
+                extra_answers=tuple(a.strip() for a in (answers or "").split(",") if a.strip()),
+                out=out, epoch_metrics=True)
+            while not wait([job], timeout=0.5).done:
+                steps = read_progress(live) if _training(session) else []
+                if steps:
+                    last = steps[-1]
+                    progress((last["step"], last["total_steps"]), unit="steps",
+                             desc=f"epoch {last['epoch']} · loss {last['loss']:.3f} · ETA {last['eta']:.0f} s")
+            result = job.result()
     except Exception as error:
         shutil.rmtree(out, ignore_errors=True)
         session.live_status = f"stopped: {error}"
@@ -205,6 +205,8 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
         raise
     finally:
         session.tuning = False
+    if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
+        shutil.rmtree(session.folder, ignore_errors=True)
     name = f"{len(session.runs) + 1} · {method} · {result['backbone']}"
     session.runs[name] = Run(name, out, result)
     session.live_status = f"done in {result['seconds']:.0f} s" + (" (cancelled early)" if result["train"]["cancelled"] else "")
@@ -216,14 +218,23 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
 
 def cancel_tuning(request: gr.Request) -> str:
     session = session_of(request)
-    session.cancel.set()
+    if session.live is None or not session.tuning:
+        return "nothing is tuning"
+    (session.live / CANCEL_FILE).touch()
     session.live_status = "cancelling after the current step…"
     return session.live_status
 
 
 def live_progress(request: gr.Request):
+    """The loss so far and a status line: the latest step while training, else what happened last."""
     session = session_of(request)
-    return figures.training_figure({}, live=list(session.live_losses)), session.live_status
+    steps = read_progress(session.live) if session.live else []
+    status = session.live_status
+    if steps and _training(session):
+        last = steps[-1]
+        status = (f"step {last['step']}/{last['total_steps']} · epoch {last['epoch']} · loss {last['loss']:.4f} · "
+                  f"ETA {last['eta']:.0f} s")
+    return figures.training_figure({}, live=[step["loss"] for step in steps]), status
 
 
 def stop_live():

@@ -37,8 +37,7 @@ class Session:
     runs: dict[str, Run] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)      # model key -> (backbone, handle or None)
     galleries: dict[tuple, Any] = field(default_factory=dict)  # (model key, dataset) -> (gallery, embeddings)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    live_losses: list[float] = field(default_factory=list)
+    live: Optional[Path] = None      # the live folder of the latest tuning (see app/tuning.py)
     live_status: str = ""
     counter: int = 0
     tuning: bool = False             # a tuning is reading this session's data
@@ -87,8 +86,7 @@ class SessionStore:
     def release(self, session_hash: Optional[str]) -> None:
         with self._lock:
             session = self._sessions.pop(session_hash or "", None)
-        if session is not None:
-            session.cancel.set()   # a tuning still running stops at its next step
+        if session is not None:   # a tuning still running sees its folder gone and stops at its next step
             shutil.rmtree(session.folder, ignore_errors=True)
 
     def sweep(self) -> None:

@@ -4,6 +4,7 @@ import time
 import pytest
 
 from app.sessions import SessionStore
+from app.tuning import cancelled
 
 
 def test_each_session_has_its_own_folder_and_runs(tmp_path):
@@ -22,8 +23,11 @@ def test_release_removes_the_folder_and_stops_a_running_tuning(tmp_path):
     store = SessionStore(tmp_path)
     session = store.get("abc")
     (session.new_folder("runs", "lora") / "pet.safetensors").write_bytes(b"x")
+    live = session.new_folder("live", "lora")
+    assert not cancelled(live)
     store.release("abc")
-    assert not session.folder.exists() and session.cancel.is_set() and "abc" not in store
+    assert not session.folder.exists() and "abc" not in store
+    assert cancelled(live)   # what a tuning of the session checks after every step
     store.release("never-seen")   # an unknown session is nothing to release
 
 
