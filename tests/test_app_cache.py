@@ -1,0 +1,19 @@
+"""The Ask tab embeds a gallery once per model state and dataset (app/handlers.py)."""
+from app import handlers
+from app.sessions import SessionStore
+from core.data import read_dataset
+from core.data.samples import sample_path
+
+
+def test_gallery_embeddings_are_computed_once_per_model_and_dataset(tmp_path):
+    session = SessionStore(tmp_path).get("cache")
+    session.dataset = read_dataset(sample_path("photos"), tmp_path)
+    frozen = handlers._frozen(session, "offline", 0)
+    first = handlers._gallery(session, frozen)
+    assert handlers._gallery(session, frozen) is first
+    assert handlers._frozen(session, "offline", 0) == frozen and len(session.models) == 1
+    other_seed = handlers._frozen(session, "offline", 1)   # another model state, its own embeddings
+    assert handlers._gallery(session, other_seed) is not first
+    session.dataset = read_dataset(sample_path("clips"), tmp_path)
+    videos, embeddings = handlers._gallery(session, frozen)
+    assert videos.pixels.ndim == 5 and embeddings.media.shape[0] == 6
