@@ -15,6 +15,7 @@ from app.sessions import Run, Session, SessionStore
 from core import checkpoint, figures, query
 from core.backbones import load_backbone
 from core.data import DatasetError, read_dataset
+from core.data.media import DEFAULT_FRAMES
 from core.data.samples import sample_path
 from core.pet import make_config
 from core.runs import USER_ERRORS, load_run, suggested_lr
@@ -209,7 +210,8 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
         shutil.rmtree(session.folder, ignore_errors=True)
     name = f"{len(session.runs) + 1} · {method} · {result['backbone']}"
     session.runs[name] = Run(name, out, result)
-    session.live_status = f"done in {result['seconds']:.0f} s" + (" (cancelled early)" if result["train"]["cancelled"] else "")
+    cancelled = " (cancelled early)" if result["train"]["cancelled"] else ""
+    session.live_status = f"done in {result['seconds']:.0f} s{cancelled}"
     if result["note"]:
         gr.Warning(result["note"])
     return (views.run_card(name, result), figures.training_figure(result), _weights_files(out),
@@ -255,7 +257,8 @@ def model_notice(model: str) -> str:
     if source and Path(source).exists():
         return f"`{model}`: weights from the local path `{source}`."
     if (family == "openclip" and name and not source) or (family in ("blip", "blip-vqa") and source == "base"):
-        return f"`{model}` has no pretrained weights: random init from the seed (for trying the mechanics, not quality)."
+        return (f"`{model}` has no pretrained weights: random init from the seed "
+                f"(for trying the mechanics, not quality).")
     return (f"`{model}` downloads its weights on first use. Without a network the run falls back to the bundled "
             f"offline model and says so here.")
 
@@ -336,14 +339,20 @@ def _models(session: Session, run_name: str, model: str) -> list[tuple[str, str]
     return keys
 
 
-def _gallery(session: Session, key: str):
+def _frames(session: Session, run_name: str) -> int:
+    """Frames per video: as the chosen run was tuned with."""
+    run = session.runs.get(run_name)
+    return run.result.get("frames", DEFAULT_FRAMES) if run else DEFAULT_FRAMES
+
+
+def _gallery(session: Session, key: str, frames: int):
     """The dataset's gallery and its embeddings under one model state, computed once."""
     if session.dataset is None:
         raise gr.Error("load a dataset first (Data tab)")
-    cache = (key, session.dataset.root)
+    cache = (key, session.dataset.root, frames)
     if cache not in session.galleries:
         backbone = session.models[key][0]
-        gallery = query.load_gallery(backbone, session.dataset)
+        gallery = query.load_gallery(backbone, session.dataset, frames)
         session.galleries[cache] = (gallery, query.embed_gallery(backbone, gallery))
     return session.galleries[cache]
 
@@ -369,9 +378,10 @@ def search_text(text: str, run: str, model: str, request: gr.Request):
         try:
             shown = []
             for label, key in _models(session, run, model):
-                gallery, embeddings = _gallery(session, key)
+                gallery, embeddings = _gallery(session, key, _frames(session, run))
                 hits = query.search_by_text(session.models[key][0], gallery, embeddings, text)
-                shown.append([(str(gallery.paths[h.index]), f"{h.score:.3f} · {gallery.names[h.index]}") for h in hits])
+                shown.append([(str(gallery.paths[h.index]), f"{h.score:.3f} · {gallery.names[h.index]}")
+                              for h in hits])
         except (query.QueryError, *USER_ERRORS) as error:
             raise _user_error(error) from error
     return tuple(_pad(shown, []))
@@ -385,8 +395,9 @@ def search_media(upload: Optional[str], pick: Optional[str], run: str, model: st
         try:
             shown = []
             for label, key in _models(session, run, model):
-                gallery, embeddings = _gallery(session, key)
-                hits = query.search_by_media(session.models[key][0], gallery, embeddings, path)
+                frames = _frames(session, run)
+                gallery, embeddings = _gallery(session, key, frames)
+                hits = query.search_by_media(session.models[key][0], gallery, embeddings, path, frames=frames)
                 shown.append([[i + 1, round(h.score, 4), gallery.names[gallery.caption_media[h.index]],
                                gallery.captions[h.index]] for i, h in enumerate(hits)])
         except (query.QueryError, *USER_ERRORS) as error:
@@ -406,7 +417,8 @@ def answer_question(upload: Optional[str], pick: Optional[str], question: str, a
         try:
             labels, generated = [], []
             for label, key in _models(session, run, model):
-                result = query.answer(session.models[key][0], path, question, candidates)
+                result = query.answer(session.models[key][0], path, question, candidates,
+                                      frames=_frames(session, run))
                 labels.append({a: p for a, p in result.ranked} or None)
                 if result.generated is not None:
                     generated.append(f"**{label}** generates: “{result.generated}”")

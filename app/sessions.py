@@ -36,7 +36,7 @@ class Session:
     dataset_label: str = ""
     runs: dict[str, Run] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)      # model key -> (backbone, handle or None)
-    galleries: dict[tuple, Any] = field(default_factory=dict)  # (model key, dataset) -> (gallery, embeddings)
+    galleries: dict[tuple, Any] = field(default_factory=dict)  # (model key, dataset, frames) -> (gallery, embeddings)
     live: Optional[Path] = None      # the live folder of the latest tuning (see app/tuning.py)
     live_status: str = ""
     counter: int = 0

@@ -67,7 +67,8 @@ def build_demo() -> gr.Blocks:
                             aurora_rank = gr.Slider(1, 128, value=aurora.rank, step=1, label="Aurora rank R")
                             aurora_parts = gr.CheckboxGroup(
                                 [("gated query transformation", "gqt"), ("context enhancement", "ice"),
-                                 ("tune task heads", "heads")], value=[], label="Aurora extras (authors' recipe: all three)")
+                                 ("tune task heads", "heads")], value=[],
+                                label="Aurora extras (authors' recipe: all three)")
                         with gr.Group(visible=False) as lora_box:
                             lora_rank = gr.Slider(1, 64, value=lora.rank, step=1, label="LoRA r")
                         with gr.Group(visible=False) as vlpet_box:
@@ -102,7 +103,8 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Ask", id="ask"):
                 with gr.Row():
                     ask_run = gr.Dropdown([h.NO_RUN], value=h.NO_RUN,
-                                          label="Tuned run to compare with its frozen model (none: the Tune tab's backbone alone)")
+                                          label="Tuned run to compare with its frozen model "
+                                                "(none: the Tune tab's backbone alone)")
                 with gr.Tab("Text → media"):
                     with gr.Row():
                         text_query = gr.Textbox(label="Describe what to find", scale=4)
@@ -110,7 +112,8 @@ def build_demo() -> gr.Blocks:
                     with gr.Row():
                         frozen_hits = gr.Gallery(label="frozen model: best matches", columns=5, height=280,
                                                  elem_id="frozen-hits")
-                        tuned_hits = gr.Gallery(label="tuned model (the chosen run): best matches", columns=5, height=280,
+                        tuned_hits = gr.Gallery(label="tuned model (the chosen run): best matches", columns=5,
+                                                height=280,
                                                 elem_id="tuned-hits")
                 with gr.Tab("Media → text, and questions"):
                     with gr.Row():
@@ -120,7 +123,8 @@ def build_demo() -> gr.Blocks:
                         with gr.Column():
                             search_media = gr.Button("Find its captions", variant="primary")
                             question = gr.Textbox(label="Question")
-                            ask_answers = gr.Textbox(label="Candidate answers, comma-separated (the dataset's are added)")
+                            ask_answers = gr.Textbox(
+                                label="Candidate answers, comma-separated (the dataset's are added)")
                             answer = gr.Button("Answer", variant="primary")
                     with gr.Row():
                         frozen_captions = gr.Dataframe(headers=CAPTION_COLUMNS,

@@ -67,4 +67,5 @@ def compare_row(name: str, result: dict[str, Any], folder: Path) -> list:
     return [name, result["method"], result["backbone"], result["trainable_params"],
             round(result["trainable_pct"], 4), METRIC_NAMES.get(key, key),
             round(result["zero_shot"].get(key, float("nan")), 1), round(result["tuned"][key], 1),
-            round(result.get("seconds", 0.0), 1), round(weights.stat().st_size / 1024, 1) if weights.is_file() else None]
+            round(result.get("seconds", 0.0), 1),
+            round(weights.stat().st_size / 1024, 1) if weights.is_file() else None]

@@ -9,11 +9,11 @@ def test_gallery_embeddings_are_computed_once_per_model_and_dataset(tmp_path):
     session = SessionStore(tmp_path).get("cache")
     session.dataset = read_dataset(sample_path("photos"), tmp_path)
     frozen = handlers._frozen(session, "offline", 0)
-    first = handlers._gallery(session, frozen)
-    assert handlers._gallery(session, frozen) is first
+    first = handlers._gallery(session, frozen, 8)
+    assert handlers._gallery(session, frozen, 8) is first
     assert handlers._frozen(session, "offline", 0) == frozen and len(session.models) == 1
     other_seed = handlers._frozen(session, "offline", 1)   # another model state, its own embeddings
-    assert handlers._gallery(session, other_seed) is not first
+    assert handlers._gallery(session, other_seed, 8) is not first
     session.dataset = read_dataset(sample_path("clips"), tmp_path)
-    videos, embeddings = handlers._gallery(session, frozen)
-    assert videos.pixels.ndim == 5 and embeddings.media.shape[0] == 6
+    videos, embeddings = handlers._gallery(session, frozen, 4)   # clips read at a run's 4 frames
+    assert videos.pixels.shape[:2] == (6, 4) and embeddings.media.shape[0] == 6

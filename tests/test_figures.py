@@ -37,7 +37,8 @@ def test_aurora_heatmaps_are_the_norms_per_layer_and_projection(tiny):
     figure = figures.gate_figure("aurora", None, readout)
     handle.detach()
     vision_modes, text_modes, vision_norms, text_norms, gamma, beta = figure.data
-    assert list(vision_modes.x) == ["q", "k", "v", "out", "fc1", "fc2"] and list(vision_modes.y) == ["layer 0", "layer 1"]
+    assert list(vision_modes.x) == ["q", "k", "v", "out", "fc1", "fc2"]
+    assert list(vision_modes.y) == ["layer 0", "layer 1"]
     # fc1 holds one mode vector per quarter of its hidden layer: ‖λ‖ is over all four.
     assert np.allclose(np.asarray(vision_modes.z)[:, 4], readout["vision.modes.fc1"].flatten(1).norm(dim=1).numpy())
     assert np.allclose(np.asarray(text_norms.z)[:, 2], readout["text.delta_norm.v"].numpy())

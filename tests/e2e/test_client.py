@@ -290,7 +290,8 @@ def test_blip_vqa_typed_as_a_local_folder(client, tmp_path):
     _, gates, overlay, _ = client.predict(run, "astronaut.png", api_name="/inspect")
     titles = [a["text"] for a in json.loads(gates["plot"])["layout"]["annotations"]]
     assert titles == ["vision tower", "text tower", "decoder tower"]
-    assert plot_array(json.loads(overlay["plot"])["data"][1]["z"]).shape == (4, 4)   # 32-pixel pictures, 8-pixel patches
+    patches = plot_array(json.loads(overlay["plot"])["data"][1]["z"])
+    assert patches.shape == (4, 4)   # 32-pixel pictures, 8-pixel patches
 
 
 def test_tunings_wait_in_the_queue_for_each_other(app_server):
