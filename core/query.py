@@ -6,12 +6,12 @@ by ITM + ITC, as their evaluation does.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from core.backbones import Backbone
@@ -19,7 +19,7 @@ from core.data import Dataset
 from core.data.media import DEFAULT_FRAMES, IMAGE_TYPES, VIDEO_TYPES, load_media, read_video_frames
 from core.pet import PetHandle
 from core.pet.vlpet import VlPetHandle
-from core.tasks.encoding import encode_media, media_tokens
+from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
 from core.tasks.vqa import answer_scores, normalize_answer
 
 RERANK_TOP = 16
@@ -77,20 +77,9 @@ def load_gallery(backbone: Backbone, dataset: Dataset, frames: int = DEFAULT_FRA
     return Gallery([dataset.path(i) for i in dataset.items], torch.stack(pixels), captions, owners)
 
 
-@torch.no_grad()
-def embed_gallery(backbone: Backbone, gallery: Gallery, batch_size: int = 32) -> GalleryEmbeddings:
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        media = torch.cat([encode_media(backbone, p).float().cpu() for p in gallery.pixels.split(batch_size)])
-        captions = None
-        if gallery.captions:
-            tokens = backbone.tokenize(gallery.captions)
-            captions = F.normalize(torch.cat([backbone.encode_text(t.to(backbone.device)).float().cpu()
-                                              for t in tokens.split(batch_size)]), dim=-1)
-    finally:
-        backbone.train(was_training)
-    return GalleryEmbeddings(F.normalize(media, dim=-1), captions)
+def embed_gallery(backbone: Backbone, gallery: Gallery) -> GalleryEmbeddings:
+    captions = embed_texts(backbone, backbone.tokenize(gallery.captions)) if gallery.captions else None
+    return GalleryEmbeddings(embed_media(backbone, gallery.pixels), captions)
 
 
 def _load_query_media(backbone: Backbone, path: str | Path, frames: int) -> torch.Tensor:
@@ -99,6 +88,15 @@ def _load_query_media(backbone: Backbone, path: str | Path, frames: int) -> torc
         return load_media(path, kind, backbone.image_transform, frames)[None]
     except Exception as error:   # PIL and decord raise many types for a broken file
         raise QueryError(f"{Path(path).name}: could not be read as {kind} ({error})") from error
+
+
+def _inference(function: Callable) -> Callable:
+    """No gradients and eval mode (no dropout) for the call; the backbone is the first argument."""
+    @functools.wraps(function)
+    def run(backbone: Backbone, *args, **kwargs):
+        with torch.no_grad(), evaluating(backbone):
+            return function(backbone, *args, **kwargs)
+    return run
 
 
 def _matching_scores(backbone: Backbone, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -112,16 +110,15 @@ def _top(scores: torch.Tensor, k: int) -> list[Hit]:
     return [Hit(int(i), float(v)) for v, i in zip(values, indices)]
 
 
-@torch.no_grad()
+@_inference
 def search_by_text(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmbeddings, text: str,
                    k: int = 5) -> list[Hit]:
     """The gallery's media best matching `text`, best first: cosine similarity (BLIP: ITM + ITC
     on the top candidates)."""
     if not text.strip():
         raise QueryError("type a text to search the gallery with")
-    backbone.eval()
     tokens = backbone.tokenize([text])
-    query = F.normalize(backbone.encode_text(tokens.to(backbone.device)).float().cpu(), dim=-1)[0]
+    query = embed_texts(backbone, tokens)[0]
     scores = embeddings.media @ query
     if backbone.supports_matching:
         top = scores.topk(min(RERANK_TOP, len(scores))).indices
@@ -131,15 +128,14 @@ def search_by_text(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmbe
     return _top(scores, k)
 
 
-@torch.no_grad()
+@_inference
 def search_by_media(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmbeddings, path: str | Path,
                     k: int = 5, frames: int = DEFAULT_FRAMES) -> list[Hit]:
     """The gallery's captions best matching the picture or clip at `path`, best first."""
     if embeddings.captions is None:
         raise QueryError("this dataset has no captions to rank")
-    backbone.eval()
     pixels = _load_query_media(backbone, path, frames)
-    query = F.normalize(encode_media(backbone, pixels).float().cpu(), dim=-1)[0]
+    query = embed_media(backbone, pixels)[0]
     scores = embeddings.captions @ query
     if backbone.supports_matching:
         top = scores.topk(min(RERANK_TOP, len(scores))).indices
@@ -156,7 +152,7 @@ class Answers:
     generated: Optional[str] = None   # the decoder's own answer (answer-generating backbones)
 
 
-@torch.no_grad()
+@_inference
 def answer(backbone: Backbone, path: str | Path, question: str, candidates: list[str], k: int = 5,
            frames: int = DEFAULT_FRAMES) -> Answers:
     """Rank `candidates` for `question` about the picture or clip at `path` (probabilities over
@@ -166,7 +162,6 @@ def answer(backbone: Backbone, path: str | Path, question: str, candidates: list
     candidates = list(dict.fromkeys(a for a in (normalize_answer(c) for c in candidates) if a))
     if not candidates and not backbone.answers_by_generation:
         raise QueryError("this model ranks answers: give candidate answers (the dataset has none)")
-    backbone.eval()
     pixels = _load_query_media(backbone, path, frames)
     generated = None
     logits = torch.empty(0)

@@ -3,9 +3,24 @@ same tower (and the same PET deltas), their embeddings mean-pooled (then normali
 task)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
+import torch.nn.functional as F
 
 from core.backbones import Backbone
+
+
+@contextmanager
+def evaluating(backbone: Backbone) -> Iterator[None]:
+    """Eval mode (no dropout) for the block, then the mode the backbone was in."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        yield
+    finally:
+        backbone.train(was_training)
 
 
 def encode_media(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
@@ -25,3 +40,19 @@ def media_tokens(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
     batch, frames = pixels.shape[:2]
     tokens = backbone.image_tokens(pixels.flatten(0, 1))
     return tokens.view(batch, frames, *tokens.shape[1:]).mean(dim=1)
+
+
+@torch.no_grad()
+def embed_media(backbone: Backbone, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """L2-normalised embeddings of images or videos, in eval mode, on CPU."""
+    with evaluating(backbone):
+        return F.normalize(torch.cat([encode_media(backbone, p).float().cpu() for p in pixels.split(batch_size)]),
+                           dim=-1)
+
+
+@torch.no_grad()
+def embed_texts(backbone: Backbone, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """L2-normalised embeddings of tokenized texts, in eval mode, on CPU."""
+    with evaluating(backbone):
+        return F.normalize(torch.cat([backbone.encode_text(t.to(backbone.device)).float().cpu()
+                                      for t in tokens.split(batch_size)]), dim=-1)

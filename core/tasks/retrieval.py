@@ -15,7 +15,7 @@ from torch import nn
 from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
-from core.tasks.encoding import encode_media, media_tokens
+from core.tasks.encoding import embed_media, embed_texts, encode_media, media_tokens
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_medr", "t2i_medr")
 
@@ -109,15 +109,9 @@ class RetrievalObjective(nn.Module):
         return list(order.split(batch_size))
 
 
-@torch.no_grad()
-def embed(backbone: Backbone, data: RetrievalSet, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(backbone: Backbone, data: RetrievalSet) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image and caption embeddings, on CPU."""
-    was_training = backbone.training
-    backbone.eval()
-    images = torch.cat([encode_media(backbone, p).float().cpu() for p in data.pixels.split(batch_size)])
-    texts = torch.cat([backbone.encode_text(t).float().cpu() for t in data.tokens.split(batch_size)])
-    backbone.train(was_training)
-    return F.normalize(images, dim=-1), F.normalize(texts, dim=-1)
+    return embed_media(backbone, data.pixels), embed_texts(backbone, data.tokens)
 
 
 def recall_metrics(similarity: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
