@@ -162,6 +162,11 @@ def start_tuning(request: gr.Request):
     return gr.Timer(active=True)
 
 
+def _step_text(step: dict) -> str:
+    return f"step {step['step']}/{step['total_steps']} · epoch {step['epoch']} · loss {step['loss']:.4f} · " \
+           f"ETA {step['eta']:.0f} s"
+
+
 def _training(session: Session) -> bool:
     """A tuning is running and not being cancelled: its steps are the news."""
     return session.tuning and session.live is not None and not (session.live / CANCEL_FILE).exists()
@@ -176,6 +181,8 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
     session = session_of(request)
     if session.dataset is None:
         raise gr.Error("load a dataset first (Data tab)")
+    if session.live is not None and not session.tuning:   # the previous tuning's progress is not shown again
+        shutil.rmtree(session.live, ignore_errors=True)
     session.live = live = session.new_folder("live", method)
     session.live_status = "loading the model and scoring it zero-shot…"
     progress(0, desc="loading the model and scoring it zero-shot")
@@ -195,8 +202,7 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
                 steps = read_progress(live) if _training(session) else []
                 if steps:
                     last = steps[-1]
-                    progress((last["step"], last["total_steps"]), unit="steps",
-                             desc=f"epoch {last['epoch']} · loss {last['loss']:.3f} · ETA {last['eta']:.0f} s")
+                    progress((last["step"], last["total_steps"]), unit="steps", desc=_step_text(last))
             result = job.result()
     except Exception as error:
         shutil.rmtree(out, ignore_errors=True)
@@ -233,9 +239,7 @@ def live_progress(request: gr.Request):
     steps = read_progress(session.live) if session.live else []
     status = session.live_status
     if steps and _training(session):
-        last = steps[-1]
-        status = (f"step {last['step']}/{last['total_steps']} · epoch {last['epoch']} · loss {last['loss']:.4f} · "
-                  f"ETA {last['eta']:.0f} s")
+        status = _step_text(steps[-1])
     return figures.training_figure({}, live=[step["loss"] for step in steps]), status
 
 

@@ -30,7 +30,6 @@ class Run:
 
 @dataclass
 class Session:
-    key: str
     folder: Path
     dataset: Any = None              # core.data.Dataset
     dataset_label: str = ""
@@ -79,7 +78,7 @@ class SessionStore:
             if session is None:
                 folder = self.root / re.sub(r"[^A-Za-z0-9]", "", session_hash)
                 folder.mkdir(parents=True, exist_ok=True)
-                session = self._sessions[session_hash] = Session(session_hash, folder)
+                session = self._sessions[session_hash] = Session(folder)
             session.last_used = time.monotonic()
             return session
 

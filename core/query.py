@@ -20,9 +20,9 @@ from core.data.media import DEFAULT_FRAMES, IMAGE_TYPES, VIDEO_TYPES, load_media
 from core.pet import PetHandle
 from core.pet.vlpet import VlPetHandle
 from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
+from core.tasks.retrieval import RERANK_TOP
 from core.tasks.vqa import answer_scores, normalize_answer
 
-RERANK_TOP = 16
 
 
 class QueryError(ValueError):

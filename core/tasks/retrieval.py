@@ -17,6 +17,7 @@ from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
 from core.tasks.encoding import embed_media, embed_texts, encode_media, media_tokens
 
+RERANK_TOP = 16   # candidates per query that a matching head (BLIP's ITM) re-scores
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_medr", "t2i_medr")
 
 
@@ -159,7 +160,7 @@ def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch
     return i2t, t2i
 
 
-def evaluate(backbone: Backbone, data: RetrievalSet, rerank_k: int = 16) -> dict[str, float]:
+def evaluate(backbone: Backbone, data: RetrievalSet, rerank_k: int = RERANK_TOP) -> dict[str, float]:
     images, texts = embed(backbone, data)
     similarity = images @ texts.T
     if not backbone.supports_matching:

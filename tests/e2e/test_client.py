@@ -183,10 +183,15 @@ def test_only_safetensors_weights_load(client, tmp_path):
         client.predict([handle_file(str(tmp_path / "pet.pt")), handle_file(str(tmp_path / "run.json"))],
                        api_name="/load_weights")
     (tmp_path / "pet.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
-    (tmp_path / "run.json").write_text(json.dumps({"method": "lora", "config": {}, "backbone": "offline"}))
-    with pytest.raises(AppError, match="pet.safetensors"):
+    scores = {"t2i_r1": 1.0}   # listable in Compare, were it loaded
+    (tmp_path / "run.json").write_text(json.dumps({"method": "lora", "config": {}, "backbone": "offline",
+                                                   "trainable_params": 1, "trainable_pct": 0.1,
+                                                   "zero_shot": scores, "tuned": scores}))
+    with pytest.raises(AppError, match="pet.safetensors: lora weights do not match: missing"):
         client.predict([handle_file(str(tmp_path / "pet.safetensors")), handle_file(str(tmp_path / "run.json"))],
                        api_name="/load_weights")
+    table, _ = client.predict(api_name="/compare")   # nothing half-loaded is listed
+    assert not table["data"] or table["data"] == [[""] * len(table["headers"])]
 
 
 def test_two_sessions_do_not_see_each_other(app_server):
