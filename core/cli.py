@@ -6,7 +6,6 @@ progress and notes go to stderr.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -17,34 +16,36 @@ from typing import Any
 
 from core.data.media import DEFAULT_FRAMES
 from core.pet import METHODS
+from core.pet.options import describe
 from core.runs import USER_ERRORS
 from core.tasks import TASKS
 from core.trainer import Progress
 
 
-def _method_options() -> dict[str, dataclasses.Field]:
-    """Every option of every method's config; each becomes one --flag."""
-    options: dict[str, dataclasses.Field] = {}
-    for module in METHODS.values():
-        for f in dataclasses.fields(module.Config):
-            options.setdefault(f.name, f)
+def _method_options() -> dict[str, dict[str, Any]]:
+    """Every option every method declares (core.pet.options); each becomes one --flag."""
+    options: dict[str, dict[str, Any]] = {}
+    for name, module in METHODS.items():
+        for spec in describe(module.Config):
+            options.setdefault(spec["name"], {**spec, "methods": []})["methods"].append(name)
     return options
 
 
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=list(METHODS))
-    group = parser.add_argument_group("method options (each method takes its own; see README)")
-    for name, f in _method_options().items():
-        flag = "--" + name.replace("_", "-")
-        if f.type in ("tuple[str, ...]",) or f.type == tuple[str, ...]:
-            group.add_argument(flag, dest=f"option_{name}", type=lambda s: tuple(x for x in s.split(",") if x),
-                               metavar="A,B", help=f"comma-separated (default {','.join(f.default) or 'all'})")
-        elif f.type in ("bool", bool):
-            group.add_argument(flag, dest=f"option_{name}", action=argparse.BooleanOptionalAction,
-                               help=f"(default {'on' if f.default else 'off'})")
+    group = parser.add_argument_group("method options (each method takes its own)")
+    for name, spec in _method_options().items():
+        flag, dest = "--" + name.replace("_", "-"), f"option_{name}"
+        bounds = f", {spec['low']:g}–{spec['high']:g}" if spec["low"] is not None else ""
+        where = f" [{', '.join(spec['methods'])}]"
+        if spec["type"] == "names":
+            group.add_argument(flag, dest=dest, type=lambda s: tuple(x for x in s.split(",") if x), metavar="A,B",
+                               help=f"{spec['help']}, comma-separated{where}")
+        elif spec["type"] == "bool":
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=f"{spec['help']}{where}")
         else:
-            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            group.add_argument(flag, dest=f"option_{name}", type=kind)
+            group.add_argument(flag, dest=dest, type={"int": int, "float": float}.get(spec["type"], str),
+                               choices=spec["choices"], help=f"{spec['help']}{bounds}{where}")
 
 
 def _collect_options(args: argparse.Namespace) -> dict[str, Any]:

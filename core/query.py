@@ -21,12 +21,39 @@ from core.pet import PetHandle
 from core.pet.vlpet import VlPetHandle
 from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
 from core.tasks.retrieval import RERANK_TOP
-from core.tasks.vqa import answer_scores, normalize_answer
+from core.tasks.vqa import answer_scores, normalize_answer, prompt
 
+
+
+MAX_QUERY_CHARACTERS = 1000   # a typed query or question; longer ones are cut, and the result says so
 
 
 class QueryError(ValueError):
     """A query that cannot be answered, with a message meant for the user."""
+
+
+def _fit_text(backbone: Backbone, text: str, what: str,
+              wrap: Callable[[str], list[str]] = lambda text: [text]) -> tuple[str, Optional[str]]:
+    """`text` shortened by whole words until every text `wrap(text)` makes fits the text tower's
+    context, and a note saying so when it had to be cut (None when it fits)."""
+    if not isinstance(text, str) or not text.strip():
+        raise QueryError(f"type a {what}")
+    words = text[:MAX_QUERY_CHARACTERS].split()
+
+    def fits(n: int) -> bool:
+        return not any(backbone.cut_by_tokenizer(wrap(" ".join(words[:n]))))
+
+    if len(text) <= MAX_QUERY_CHARACTERS and fits(len(words)):
+        return text, None
+    low, high = 0, len(words)     # the most words that fit: binary search, the tokenizer is the judge
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    if low == 0:
+        raise QueryError(f"the {what} leaves no room in the model's text context: shorten it")
+    kept = " ".join(words[:low])
+    return kept, (f"the {what} was too long for the model and was cut to its first {low} of "
+                  f"{len(text.split())} words: “{kept[:80]}{'…' if len(kept) > 80 else ''}”")
 
 
 @dataclass
@@ -106,17 +133,25 @@ def _matching_scores(backbone: Backbone, pixels: torch.Tensor, tokens: torch.Ten
 
 
 def _top(scores: torch.Tensor, k: int) -> list[Hit]:
+    if not torch.isfinite(scores).all():
+        raise QueryError("the model gives scores that are not finite numbers (NaN or infinite): it is broken, "
+                         "so nothing is ranked")
     values, indices = scores.topk(min(k, len(scores)))
     return [Hit(int(i), float(v)) for v, i in zip(values, indices)]
 
 
+@dataclass
+class Search:
+    hits: list[Hit]
+    note: Optional[str] = None   # what the query had to give up (a text cut to fit the model)
+
+
 @_inference
 def search_by_text(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmbeddings, text: str,
-                   k: int = 5) -> list[Hit]:
+                   k: int = 5) -> Search:
     """The gallery's media best matching `text`, best first: cosine similarity (BLIP: ITM + ITC
     on the top candidates)."""
-    if not text.strip():
-        raise QueryError("type a text to search the gallery with")
+    text, note = _fit_text(backbone, text, "text to search with")
     tokens = backbone.tokenize([text])
     query = embed_texts(backbone, tokens)[0]
     scores = embeddings.media @ query
@@ -125,12 +160,12 @@ def search_by_text(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmbe
         rescored = torch.full_like(scores, -100.0)
         rescored[top] = _matching_scores(backbone, gallery.pixels[top], tokens.expand(len(top), -1)) + scores[top]
         scores = rescored
-    return _top(scores, k)
+    return Search(_top(scores, k), note)
 
 
 @_inference
 def search_by_media(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmbeddings, path: str | Path,
-                    k: int = 5, frames: int = DEFAULT_FRAMES) -> list[Hit]:
+                    k: int = 5, frames: int = DEFAULT_FRAMES) -> Search:
     """The gallery's captions best matching the picture or clip at `path`, best first."""
     if embeddings.captions is None:
         raise QueryError("this dataset has no captions to rank")
@@ -143,13 +178,14 @@ def search_by_media(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmb
         rescored = torch.full_like(scores, -100.0)
         rescored[top] = _matching_scores(backbone, pixels.expand(len(top), *pixels.shape[1:]), tokens) + scores[top]
         scores = rescored
-    return _top(scores, k)
+    return Search(_top(scores, k))
 
 
 @dataclass
 class Answers:
     ranked: list[tuple[str, float]]   # candidate answers with their probability, best first
     generated: Optional[str] = None   # the decoder's own answer (answer-generating backbones)
+    note: Optional[str] = None        # what the question had to give up (cut to fit the model)
 
 
 @_inference
@@ -157,11 +193,13 @@ def answer(backbone: Backbone, path: str | Path, question: str, candidates: list
            frames: int = DEFAULT_FRAMES) -> Answers:
     """Rank `candidates` for `question` about the picture or clip at `path` (probabilities over
     the candidates); answer-generating backbones also generate their own answer."""
-    if not question.strip():
-        raise QueryError("type a question")
     candidates = list(dict.fromkeys(a for a in (normalize_answer(c) for c in candidates) if a))
     if not candidates and not backbone.answers_by_generation:
         raise QueryError("this model ranks answers: give candidate answers (the dataset has none)")
+    # A dual encoder reads question and answer as one text: the question is cut until every
+    # candidate's text keeps its answer, or all candidates would score alike.
+    wrap = (lambda q: [q]) if backbone.answers_by_generation else (lambda q: [prompt(q, a) for a in candidates])
+    question, note = _fit_text(backbone, question, "question", wrap)
     pixels = _load_query_media(backbone, path, frames)
     generated = None
     logits = torch.empty(0)
@@ -177,7 +215,7 @@ def answer(backbone: Backbone, path: str | Path, question: str, candidates: list
         logits = answer_scores(backbone, encode_media(backbone, pixels), [question], candidates)[0].float().cpu()
     probabilities = logits.softmax(dim=0) if len(logits) else logits
     ranked = [(candidates[h.index], h.score) for h in _top(probabilities, k)] if len(logits) else []
-    return Answers(ranked, generated)
+    return Answers(ranked, generated, note)
 
 
 @dataclass

@@ -3,6 +3,7 @@ and re-evaluating a saved run. The CLI and the app both go through here."""
 from __future__ import annotations
 
 import random
+import shutil
 import tempfile
 import time
 from datetime import datetime
@@ -80,19 +81,55 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
          seed: int = 0, out: Optional[str | Path] = None, bf16: bool = False, task: str = "retrieval",
          extra_answers: tuple[str, ...] = (), frames: int = DEFAULT_FRAMES,
          progress: Optional[Callable[[Progress], None]] = None,
-         cancel: Optional[Callable[[], bool]] = None, epoch_metrics: bool = False) -> dict[str, Any]:
+         cancel: Optional[Callable[[], bool]] = None, epoch_metrics: bool = False,
+         local_paths: bool = True) -> dict[str, Any]:
     """Tune `method` on `model` with the training split of `data`; score the test split before and after.
 
     `task` is retrieval or vqa; `extra_answers` adds VQA candidate answers to the dataset's own;
     video datasets are read at `frames` uniformly sampled frames per clip. With `epoch_metrics`
-    the test split is also scored after every epoch (result["train"]["epoch_metrics"])."""
+    the test split is also scored after every epoch (result["train"]["epoch_metrics"]). Without
+    `local_paths` the model may not name a file or folder (a spec from a remote client).
+    A run that fails leaves nothing behind: the run folder is removed if it made it, emptied if
+    it was given an empty one."""
     started = time.perf_counter()
     config = make_config(method, options)
     lr = default_lr(method) if lr is None else lr
     out = Path(out) if out is not None else default_run_folder(method)
-    if out.exists() and any(out.iterdir()):
+    created = _claim_run_folder(out)
+    try:
+        return _tune(started, model, data, method, config, shots, epochs, lr, batch_size, seed, out, bf16, task,
+                     extra_answers, frames, progress, cancel, epoch_metrics, local_paths)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for entry in out.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        raise
+
+
+def _claim_run_folder(out: Path) -> bool:
+    """Make `out`, or accept an empty one (leftovers of a killed save count as empty and go);
+    True when this run made it."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise RunError(f"{out}: not a folder; choose another --out")
+    if not out.exists():
+        out.mkdir(parents=True)
+        return True
+    leftovers = {checkpoint.partial(out / name) for name in (checkpoint.WEIGHTS, checkpoint.RUN_INFO)}
+    entries = set(out.iterdir())
+    if entries - leftovers:
         raise RunError(f"{out}: the run folder already exists and is not empty; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    for leftover in entries:
+        leftover.unlink()
+    return False
+
+
+def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, seed, out, bf16, task, extra_answers,
+          frames, progress, cancel, epoch_metrics, local_paths) -> dict[str, Any]:
     seed_everything(seed)
     dataset = read_dataset(data, out, DEFAULT_LIMITS)
     if frames < 1:
@@ -101,7 +138,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     device = pick_device()
     if bf16 and not bf16_supported(device):
         raise RunError(f"bf16 was asked for, but this {device.type.upper()} does not support it")
-    backbone = load_backbone(model, seed, fallback_offline=True).to(device)
+    backbone = load_backbone(model, seed, fallback_offline=True, local_paths=local_paths).to(device)
     model = backbone.spec   # "offline" when the requested weights could not be fetched
     if task not in backbone.tasks:
         raise RunError(f"{model} serves {', '.join(backbone.tasks)}, not {task}")
@@ -150,13 +187,14 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     return result
 
 
-def load_run(model: str, pet: str | Path) -> tuple[Backbone, PetHandle, dict[str, Any]]:
-    """The backbone (re-drawn from the run's seed when it has no weights) with the run's PET weights."""
+def load_run(model: str, pet: str | Path, local_paths: bool = True) -> tuple[Backbone, PetHandle, dict[str, Any]]:
+    """The backbone (re-drawn from the run's seed when it has no weights) with the run's PET weights.
+    Without `local_paths` the run's backbone may not name a file or folder (an uploaded run)."""
     info, weights = checkpoint.read(pet)
     if model != info["backbone"]:
         raise checkpoint.CheckpointError(f"{weights.parent / checkpoint.RUN_INFO}: these weights were tuned on "
-                                         f"{info['backbone']}, not {model}")
-    backbone = load_backbone(model, info.get("seed", 0)).to(pick_device())
+                                         f"{info['backbone'][:200]}, not {model}")
+    backbone = load_backbone(model, info.get("seed", 0), local_paths=local_paths).to(pick_device())
     handle = attach(backbone, info["method"], info["config"])
     checkpoint.load_into(handle, weights)
     return backbone, handle, info

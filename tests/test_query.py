@@ -39,7 +39,7 @@ def test_gallery_holds_every_item_and_caption(gallery, base_scenes):
 
 def test_text_search_scores_are_the_cosine_similarities(offline, gallery):
     gallery, embeddings = gallery
-    hits = query.search_by_text(offline, gallery, embeddings, "a large red circle", k=4)
+    hits = query.search_by_text(offline, gallery, embeddings, "a large red circle", k=4).hits
     with torch.no_grad():
         text = F.normalize(offline.encode_text(offline.tokenize(["a large red circle"])), dim=-1)[0]
         images = F.normalize(offline.encode_image(gallery.pixels), dim=-1)
@@ -50,10 +50,10 @@ def test_text_search_scores_are_the_cosine_similarities(offline, gallery):
 
 def test_captions_find_their_pictures_and_pictures_their_captions(offline, gallery):
     gallery, embeddings = gallery
-    found = sum(query.search_by_text(offline, gallery, embeddings, caption, k=1)[0].index == owner
+    found = sum(query.search_by_text(offline, gallery, embeddings, caption, k=1).hits[0].index == owner
                 for caption, owner in zip(gallery.captions, gallery.caption_media))
     assert found >= 20   # of 32; chance is 2
-    own = sum(gallery.caption_media[query.search_by_media(offline, gallery, embeddings, path, k=1)[0].index] == i
+    own = sum(gallery.caption_media[query.search_by_media(offline, gallery, embeddings, path, k=1).hits[0].index] == i
               for i, path in enumerate(gallery.paths))
     assert own >= 10     # of 16; chance is 1
 

@@ -75,6 +75,11 @@ class Backbone(nn.Module):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def cut_by_tokenizer(self, texts: list[str]) -> list[bool]:
+        """Whether each text fills the tokenizer's whole context, i.e. was (or may have been) cut to fit."""
+        tokens = self.tokenize(texts)
+        return ((tokens != self.pad_id).sum(dim=1) >= tokens.shape[1]).tolist()
+
     def run_towers(self, pixels: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None) -> None:
         """One forward pass through the towers a picture and a text go through (for gate readouts)."""
         if pixels is not None:

@@ -115,14 +115,20 @@ def text_tower(name: str, text_model: nn.Module, cross_source: str, output_param
                        output_parameters=output_parameters, causal=causal, prompt_slot=None)
 
 
-def load_blip(spec: str, source: str, seed: int, answering: bool = False) -> Backbone:
+# What a BLIP hub repository must hold for loading: configs, tokenizer files, safetensors weights.
+HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
+
+
+def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: str = "hub") -> Backbone:
     """BLIP for retrieval (BlipForImageTextRetrieval) or, with `answering`, for question
-    answering (BlipForQuestionAnswering), from `base`, a hub id or a local folder."""
+    answering (BlipForQuestionAnswering). `kind` says what `source` is: "random" (`base`),
+    "hub" (a hub id, fetched into the hub cache and never looked up on the local disk) or
+    "folder" (a local folder written by save_pretrained)."""
     from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipImageProcessor, \
         BlipProcessor
 
     model_class = BlipForQuestionAnswering if answering else BlipForImageTextRetrieval
-    if source == "base":
+    if kind == "random":
         tokenizer = stand_in_tokenizer()
         config = BlipConfig()
         # The answer decoder starts at bos and stops at sep: use the stand-in tokenizer's.
@@ -134,20 +140,27 @@ def load_blip(spec: str, source: str, seed: int, answering: bool = False) -> Bac
         processor = BlipProcessor(image_processor=BlipImageProcessor(), tokenizer=tokenizer)
         weights = f"random init (seed {seed}): no pretrained weights (stand-in character tokenizer)"
     else:
-        where = "folder" if Path(source).exists() or source.startswith(("/", ".", "~")) else "hub id"
-        if where == "folder" and not Path(source).is_dir():
-            raise BackboneError(f"BLIP folder not found: {source}")
-        if where == "folder" and not (Path(source) / "config.json").is_file():
-            raise BackboneError(f"{source}: not a BLIP folder (no config.json; write one with save_pretrained)")
+        folder = source
+        if kind == "folder":
+            if not Path(source).is_dir():
+                raise BackboneError(f"BLIP folder not found: {source}")
+            if not (Path(source) / "config.json").is_file():
+                raise BackboneError(f"{source}: not a BLIP folder (no config.json; write one with save_pretrained)")
+        else:
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES)
+            except Exception as error:  # hub, network and validation errors come in many library types
+                raise BackboneError(f"could not fetch BLIP weights for {source} "
+                                    f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
         try:
-            model = model_class.from_pretrained(source)
-            processor = BlipProcessor.from_pretrained(source)
-        except Exception as error:  # hub, network and file errors come in many library types
-            if where == "folder":
-                raise BackboneError(f"could not load BLIP from folder {source}: {error}") from error
-            raise BackboneError(f"could not fetch BLIP weights for {source} "
-                                f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
-        weights = f"local folder {source}" if where == "folder" else f"pretrained {source}"
+            model = model_class.from_pretrained(folder)
+            processor = BlipProcessor.from_pretrained(folder)
+        except Exception as error:  # file and format errors come in many library types
+            raise BackboneError(f"could not load BLIP from {'folder ' if kind == 'folder' else ''}{source}: "
+                                f"{error}") from error
+        weights = f"local folder {source}" if kind == "folder" else f"pretrained {source}"
     backbone_class = BlipAnsweringBackbone if answering else BlipBackbone
     return backbone_class(spec, model, processor, weights, seed)
 

@@ -18,17 +18,14 @@ open_clip.add_model_config(Path(__file__).parent / "configs")
 _TRIMMABLE_POOLS = ("argmax", "eos", "first")
 
 
-def _looks_like_path(source: str) -> bool:
-    return "/" in source or "\\" in source or Path(source).suffix in (".pt", ".pth", ".bin", ".safetensors")
-
-
-def load_openclip(spec: str, name: str, source: Optional[str], seed: int) -> "OpenClipBackbone":
+def load_openclip(spec: str, name: str, source: Optional[str], seed: int, as_path: bool = False) -> "OpenClipBackbone":
+    """`source` is None (random init), a pretrained tag, or (`as_path`) a local checkpoint file."""
     if name not in open_clip.list_models():
         raise BackboneError(f"unknown open_clip model '{name}' in '{spec}': see open_clip.list_models()")
     if source is None:
         weights = f"random init (seed {seed}): no pretrained weights"
         pretrained = None
-    elif _looks_like_path(source):
+    elif as_path:
         if not Path(source).is_file():
             raise BackboneError(f"checkpoint file not found: {source}")
         weights, pretrained = f"local checkpoint {source}", source
@@ -42,7 +39,7 @@ def load_openclip(spec: str, name: str, source: Optional[str], seed: int) -> "Op
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
         except Exception as error:  # hub, network and checkpoint failures come in many library types
-            if pretrained is not None and _looks_like_path(source):
+            if as_path:
                 raise BackboneError(f"could not load open_clip {name} weights from file {source}: {error}") from error
             raise BackboneError(f"could not fetch open_clip {name} weights for tag {source} "
                                 f"(no network, or the hub is unreachable): {error}", unreachable=True) from error

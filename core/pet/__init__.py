@@ -8,6 +8,7 @@ from typing import Any
 
 from core.pet import adapter, aurora, bitfit, full, linear_probe, lora, prompt, vlpet, zero_shot
 from core.pet.handle import PetError, PetHandle
+from core.pet.options import OptionError, check, describe
 
 METHODS: dict[str, ModuleType] = {
     "zero_shot": zero_shot,
@@ -26,23 +27,29 @@ __all__ = ["METHODS", "PetError", "PetHandle", "attach", "make_config", "config_
 
 def _method(name: str) -> ModuleType:
     if name not in METHODS:
-        raise PetError(f"unknown method '{name}': choose one of {', '.join(METHODS)}")
+        raise PetError(f"unknown method '{str(name)[:60]}': choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
 def make_config(method: str, options: dict[str, Any] | None = None) -> Any:
-    """The method's config from plain options (e.g. from JSON or the CLI); unknown keys are errors."""
+    """The method's config from plain options (from JSON, the CLI or the app), each checked
+    against its declared type and range; unknown keys are errors."""
+    if not isinstance(method, str):
+        raise PetError(f"a method must be named by a text, not {method!r:.60}")
     config_cls = _method(method).Config
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(fields))
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise PetError(f"the options of {method} must be a JSON object of option: value, not {options!r:.60}")
+    declared = {spec["name"]: spec for spec in describe(config_cls)}
+    unknown = sorted(str(k)[:40] for k in set(options) - set(declared))
     if unknown:
         raise PetError(f"method {method} has no option {', '.join(unknown)} "
-                       f"(options: {', '.join(fields) or 'none'})")
-    for key, value in options.items():
-        if isinstance(value, list):
-            options[key] = tuple(value)
-    return config_cls(**options)
+                       f"(options: {', '.join(declared) or 'none'})")
+    try:
+        return config_cls(**{key: check(method, declared[key], value) for key, value in options.items()})
+    except OptionError as error:
+        raise PetError(str(error)) from error
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -9,15 +9,16 @@ import torch
 from torch import nn
 
 from core.pet.handle import PetHandle, attach_site_combiners
+from core.pet.options import option
 
 DEFAULT_LR = 1e-3
 
 
 @dataclass
 class Config:
-    reduction: int = 8
-    towers: tuple[str, ...] = ()            # empty: every tower of the backbone
-    sites: tuple[str, ...] = ("attn", "mlp")
+    reduction: int = option(8, "bottleneck = width / reduction", 1, 1024)
+    towers: tuple[str, ...] = option((), "towers to adapt (empty: every tower)")
+    sites: tuple[str, ...] = option(("attn", "mlp"), "residual sites that get an adapter")
 
 
 class Bottleneck(nn.Module):

@@ -17,6 +17,7 @@ from torch import nn
 
 from core.backbones import BlockLayout, Projection
 from core.pet.handle import PetError, PetHandle, blocks_of
+from core.pet.options import option
 
 DEFAULT_LR = 1e-4
 SELF_AND_CROSS = ("q", "k", "v", "cross_q", "cross_k", "cross_v")
@@ -25,16 +26,16 @@ FULL_BLOCK = ("q", "k", "v", "out", "fc1", "fc2")
 
 @dataclass
 class Config:
-    rank: int = 32
-    towers: tuple[str, ...] = ()            # empty: every tower of the backbone
-    projections: tuple[str, ...] = ()      # empty: the authors' choice per tower (see _projections_for)
-    dropout: float = 0.1
-    scale: float = 1.0
-    share_factors: bool = True             # one U, V for towers of equal width
-    gqt: bool = False                      # gated query transformation
-    gqt_towers: tuple[str, ...] = ("text",)
-    ice: bool = False                      # informative context enhancement (training only)
-    heads: bool = False                    # also tune the task heads (vision projection, ITM head)
+    rank: int = option(32, "R, the rank of the shared factors U, V and the core C", 1, 256)
+    towers: tuple[str, ...] = option((), "towers to adapt (empty: every tower)")
+    projections: tuple[str, ...] = option((), "projections to adapt (empty: the authors' choice per tower)")
+    dropout: float = option(0.1, "dropout inside each delta", 0.0, 0.9)
+    scale: float = option(1.0, "s, the scale of every delta", 0.0, 100.0)
+    share_factors: bool = option(True, "one U, V for towers of equal width")
+    gqt: bool = option(False, "gated query transformation")
+    gqt_towers: tuple[str, ...] = option(("text",), "towers that get the gated query transformation")
+    ice: bool = option(False, "informative context enhancement (training only)")
+    heads: bool = option(False, "also tune the task heads (vision projection, ITM head)")
 
 
 def _projections_for(block: BlockLayout, config: Config) -> tuple[str, ...]:

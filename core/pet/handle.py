@@ -62,17 +62,32 @@ class PetHandle:
         return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.trainable_parameters().items()}
+        """The trainable parameters, on the CPU; refused when any is NaN or infinite (a broken
+        model is never saved as if it were a result)."""
+        state = {n: p.detach().cpu().contiguous() for n, p in self.trainable_parameters().items()}
+        broken = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if broken:
+            raise PetError(f"{self.method} parameter {broken[0]} holds NaN or infinite values"
+                           f"{f' (and {len(broken) - 1} more)' if len(broken) > 1 else ''}: "
+                           f"training went wrong; try a lower learning rate")
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load PET weights, checking every name, shape and dtype, and that every value is finite."""
         own = self.trainable_parameters()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise PetError(f"{self.method} weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for name, p in own.items():
-            if tuple(state[name].shape) != tuple(p.shape):
-                raise PetError(f"{self.method} weight {name} has shape {tuple(state[name].shape)}, "
+            tensor = state[name]
+            if tuple(tensor.shape) != tuple(p.shape):
+                raise PetError(f"{self.method} weight {name} has shape {tuple(tensor.shape)}, "
                                f"expected {tuple(p.shape)}")
+            if tensor.dtype != p.dtype:
+                raise PetError(f"{self.method} weight {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                               f"expected {str(p.dtype).removeprefix('torch.')}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise PetError(f"{self.method} weight {name} holds NaN or infinite values: the weights are broken")
         with torch.no_grad():
             for name, p in own.items():
                 p.copy_(state[name])

@@ -9,17 +9,18 @@ import torch
 from torch import nn
 
 from core.pet.handle import PetHandle, attach_projection_deltas
+from core.pet.options import option
 
 DEFAULT_LR = 2e-4
 
 
 @dataclass
 class Config:
-    rank: int = 2
-    alpha: float = 1.0
-    dropout: float = 0.25
-    towers: tuple[str, ...] = ()            # empty: every tower of the backbone
-    projections: tuple[str, ...] = ("q", "k", "v")
+    rank: int = option(2, "r, the rank of B A", 1, 256)
+    alpha: float = option(1.0, "α: the delta is scaled by α / r", 0.0, 1e4)
+    dropout: float = option(0.25, "dropout on the delta's input", 0.0, 0.9)
+    towers: tuple[str, ...] = option((), "towers to adapt (empty: every tower)")
+    projections: tuple[str, ...] = option(("q", "k", "v"), "projections to adapt")
 
 
 class LowRankDelta(nn.Module):

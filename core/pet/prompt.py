@@ -9,15 +9,16 @@ import torch
 from torch import nn
 
 from core.pet.handle import PetError, PetHandle, resolve_towers
+from core.pet.options import option
 
 DEFAULT_LR = 2e-3
 
 
 @dataclass
 class Config:
-    length: int = 4
-    depth: int = 9
-    towers: tuple[str, ...] = ()            # empty: every tower of the backbone
+    length: int = option(4, "prompt tokens per layer", 1, 64)
+    depth: int = option(9, "layers that get prompts, from the first", 1, 64)
+    towers: tuple[str, ...] = option((), "towers that get prompts (empty: every tower)")
 
 
 def attach(backbone, config: Config) -> PetHandle:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.pet.handle import PetError, PetHandle, attach_site_combiners, blocks_of
+from core.pet.options import option
 
 DEFAULT_LR = 1e-3
 GRANULARITIES = ("small", "middleX", "middleY", "large")
@@ -31,13 +32,14 @@ INITS = ("identity", "paper")
 
 @dataclass
 class Config:
-    granularity: str = "large"
-    towers: tuple[str, ...] = ()            # empty: every tower of the backbone
-    sites: tuple[str, ...] = ("attn", "mlp")
-    adapter_heads: int = 4          # N_h
-    reduction: int = 8              # r = g = width / reduction, rounded up to a multiple of N_h
-    scale: float = 1.0              # s
-    init: str = "identity"
+    granularity: str = option("large", "G per sample (small), token (middleX), channel (middleY) or both (large)",
+                              choices=GRANULARITIES)
+    towers: tuple[str, ...] = option((), "towers to adapt (empty: every tower)")
+    sites: tuple[str, ...] = option(("attn", "mlp"), "residual sites to gate")
+    adapter_heads: int = option(4, "N_h, heads of the down-projection", 1, 64)
+    reduction: int = option(8, "r = g = width / reduction, rounded up to a multiple of N_h", 1, 1024)
+    scale: float = option(1.0, "s, the scale of the gated output", 0.0, 100.0)
+    init: str = option("identity", "identity: start at the frozen model; paper: the authors' init", choices=INITS)
 
 
 class GatedAdapter(nn.Module):

@@ -119,8 +119,10 @@ def recall_metrics(similarity: torch.Tensor, caption_image: torch.Tensor) -> dic
     """Recall@1/5/10 (percent) both ways and median rank, from an (images × captions) matrix.
 
     A rank counts the wrong candidates scoring at least as high as the right one, so ties
-    count against the model. i2t takes an image's best-scoring caption.
+    count against the model. i2t takes an image's best-scoring caption. A score that is not
+    finite (NaN, ±inf: a broken model) counts as the worst possible, so it can never look good.
     """
+    similarity = torch.where(torch.isfinite(similarity), similarity, float("-inf"))
     n_images = similarity.shape[0]
     own = caption_image[None, :] == torch.arange(n_images)[:, None]            # (images, captions)
     correct = similarity[caption_image, torch.arange(similarity.shape[1])]       # (captions,)

@@ -139,8 +139,11 @@ def predict(backbone: Backbone, data: VqaSet, batch_size: int = 16) -> list[str]
             predictions += backbone.generate_answers(tokens, data.question_tokens[ids])
             continue
         image_emb = encode_media(backbone, data.pixels[data.question_image[ids]])
-        scores = answer_scores(backbone, image_emb, [data.questions[i] for i in ids], data.candidates)
-        predictions += [data.candidates[i] for i in scores.argmax(dim=1).tolist()]
+        scores = answer_scores(backbone, image_emb, [data.questions[i] for i in ids], data.candidates).float()
+        # A non-finite score (a broken model) picks nothing, so it is never counted as right.
+        scores = torch.where(torch.isfinite(scores), scores, float("-inf"))
+        best = scores.max(dim=1)
+        predictions += [data.candidates[i] if torch.isfinite(v) else "" for v, i in zip(best.values, best.indices)]
     backbone.train(was_training)
     return predictions
 

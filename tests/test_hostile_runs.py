@@ -1,0 +1,222 @@
+"""Hostile and broken run folders: every one is refused through the CLI with exit 2, one
+{"error"} line naming the file (and the tensor or key), no traceback, and nothing written
+outside the run folder; a broken model can never score well."""
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from core import checkpoint
+from core.backbones import BackboneError, load_backbone, parse_spec
+from core.cli import main
+from core.data import read_dataset
+from core.pet import PetError, attach
+from core.runs import RunError, tune
+from core.tasks import get_task
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def good_run(shapes, tmp_path_factory):
+    """A LoRA run on the tiny model: (its run.json, its weights)."""
+    out = tmp_path_factory.mktemp("good") / "run"
+    tune(TINY, shapes, "lora", shots=2, epochs=1, out=out)
+    return json.loads((out / "run.json").read_text()), (out / "pet.safetensors").read_bytes()
+
+
+def _tree(root):
+    """Every path under `root` with a hash of its bytes (None for folders)."""
+    return {p: (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None) for p in root.rglob("*")}
+
+
+def _with(info, **changes):
+    return json.dumps({**info, **changes})
+
+
+def _tensors(weights: bytes, change):
+    """The run's weights with `change(state)` applied, as safetensors bytes."""
+    from safetensors.torch import load
+
+    state = load(weights)
+    change(state)
+    return state
+
+
+FIRST = "pet.text.0.q.down"   # one of a LoRA run's tensors
+
+
+def _set_first(value):
+    def change(state):
+        state[FIRST] = state[FIRST].clone()
+        state[FIRST].view(-1)[0] = value
+    return change
+
+# (id, run.json text or a function of the good info, weights: bytes, a function of the state, or None for the
+# good ones, the substring the error must contain)
+CASES = [
+    ("null", lambda i: "null", None, "run.json: must be a JSON object, not NoneType"),
+    ("number", lambda i: "3.5", None, "run.json: must be a JSON object, not float"),
+    ("list", lambda i: "[1, 2]", None, "run.json: must be a JSON object, not list"),
+    ("string", lambda i: '"lora"', None, "run.json: must be a JSON object, not str"),
+    ("empty object", lambda i: "{}", None, "run.json: has no 'method'"),
+    ("not json", lambda i: "{'method': 'lora'", None, "run.json: not valid JSON"),
+    ("not utf-8", lambda i: b"\xff\xfe{}", None, "run.json: not valid JSON"),
+    ("NaN literal", lambda i: json.dumps(i).replace('"seconds": ', '"seconds": NaN, "x": '), None,
+     "run.json: not valid JSON (NaN is not a number)"),
+    ("infinite number", lambda i: json.dumps(i).replace('"seconds": ', '"seconds": 1e999, "x": '), None,
+     "run.json: 'seconds' must be a finite number"),
+    ("5000-digit number", lambda i: _with(i, seed=0).replace('"seed": 0', '"seed": ' + "9" * 5000), None,
+     "run.json: not valid JSON"),
+    ("nested 100000 deep", lambda i: '{"method": ' + "[" * 100_000 + "]" * 100_000 + "}", None,
+     "run.json: not valid JSON"),
+    ("rank abc", lambda i: _with(i, config={"rank": "abc"}), None,
+     "run.json: lora option rank must be a whole number, not 'abc'"),
+    ("rank huge", lambda i: _with(i, config={"rank": 10**9}), None,
+     "run.json: lora option rank must be between 1 and 256"),
+    ("unknown option", lambda i: _with(i, config={"rnak": 2}), None, "run.json: method lora has no option rnak"),
+    ("config a list", lambda i: _with(i, config=[1]), None, "run.json: 'config' must be a JSON object"),
+    ("method a list", lambda i: _with(i, method=["lora"]), None, "run.json: 'method' must be a text"),
+    ("unknown method", lambda i: _with(i, method="ia3"), None, "run.json: unknown method 'ia3'"),
+    ("tuned a string", lambda i: _with(i, tuned="great"), None, "run.json: 'tuned' must be a JSON object"),
+    ("tuned metric a string", lambda i: _with(i, tuned={"t2i_r1": "100"}), None,
+     "run.json: 'tuned'['t2i_r1'] must be a number"),
+    ("scored run missing its dataset", lambda i: json.dumps({k: v for k, v in i.items() if k != "dataset"}), None,
+     "run.json: has no 'dataset'"),
+    ("seed a string", lambda i: _with(i, seed="0"), None, "run.json: 'seed' must be a whole number"),
+    ("seed negative", lambda i: _with(i, seed=-1), None, "run.json: 'seed' must not be negative"),
+    ("seed too big", lambda i: _with(i, seed=2**40), None, "run.json: 'seed' must be between 0 and"),
+    ("frames zero", lambda i: _with(i, frames=0), None, "run.json: 'frames' must be between 1 and 64"),
+    ("unknown task", lambda i: _with(i, task="captioning"), None, "run.json: 'task' must be one of retrieval, vqa"),
+    ("train a list", lambda i: _with(i, train=[]), None, "run.json: 'train' must be a JSON object"),
+    ("bf16 a number", lambda i: _with(i, train={**i["train"], "bf16": 1}), None,
+     "run.json: 'train'['bf16'] must be true or false"),
+    ("backbone a number", lambda i: _with(i, backbone=7), None, "run.json: 'backbone' must be a text"),
+    ("other backbone", lambda i: _with(i, backbone="openclip:ViT-B-32"), None,
+     "these weights were tuned on openclip:ViT-B-32, not openclip:PETStudio-Tiny"),
+    ("weights garbage", None, b"garbage that is not safetensors", "pet.safetensors: not a readable safetensors file"),
+    ("weights header lies", None, struct.pack("<Q", 10**12) + b"{}", "pet.safetensors: not a readable safetensors file"),
+    ("weights empty", None, b"", "pet.safetensors: not a readable safetensors file"),
+    ("NaN tensor", None, _set_first(float("nan")), f"pet.safetensors: lora weight {FIRST} holds NaN or infinite values"),
+    ("Inf tensor", None, _set_first(float("inf")), f"pet.safetensors: lora weight {FIRST} holds NaN or infinite values"),
+    ("fp16 tensor", None, lambda s: s.update({FIRST: s[FIRST].half()}),
+     f"pet.safetensors: lora weight {FIRST} has dtype float16, expected float32"),
+    ("int tensor", None, lambda s: s.update({FIRST: s[FIRST].long()}),
+     f"pet.safetensors: lora weight {FIRST} has dtype int64, expected float32"),
+    ("wrong shape", None, lambda s: s.update({FIRST: torch.zeros(3, 3)}),
+     f"pet.safetensors: lora weight {FIRST} has shape (3, 3), expected"),
+    ("extra tensor", None, lambda s: s.update({"pet.evil": torch.zeros(10)}),
+     "pet.safetensors: lora weights do not match: missing [], unexpected ['pet.evil']"),
+    ("missing tensor", None, lambda s: s.pop(FIRST), f"lora weights do not match: missing ['{FIRST}']"),
+]
+
+
+@pytest.mark.parametrize("name, info, weights, expected", CASES, ids=[c[0] for c in CASES])
+def test_broken_run_folders_are_refused_by_eval(good_run, shapes, tmp_path, capsys, name, info, weights, expected):
+    good_info, good_weights = good_run
+    run = tmp_path / "run"
+    run.mkdir()
+    text = info(good_info) if info else json.dumps(good_info)
+    (run / "run.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    if callable(weights):
+        save_file(_tensors(good_weights, weights), str(run / "pet.safetensors"))
+    else:
+        (run / "pet.safetensors").write_bytes(good_weights if weights is None else weights)
+    before, data_before = _tree(tmp_path), _tree(shapes)
+    code = main(["eval", "--model", TINY, "--pet", str(run), "--data", str(shapes), "--json"])
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (out, err)
+    message = json.loads(lines[0])["error"]
+    assert expected in message and "Traceback" not in err
+    assert _tree(tmp_path) == before and _tree(shapes) == data_before
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 20
+
+
+def test_saving_refuses_non_finite_parameters(tiny, tmp_path):
+    handle = attach(tiny, "lora")
+    with torch.no_grad():
+        handle.trainable_parameters()["pet.vision.1.v.up"][0, 0] = float("inf")
+    with pytest.raises(PetError, match=r"lora parameter pet\.vision\.1\.v\.up holds NaN or infinite values"):
+        checkpoint.save(tmp_path / "run", handle, {"method": "lora"})
+    assert not any((tmp_path / "run").iterdir())
+
+
+def test_a_broken_model_scores_zero_not_a_hundred(shapes, tmp_path):
+    dataset = read_dataset(shapes, tmp_path)
+    backbone = load_backbone(TINY)
+    task = get_task("retrieval", dataset)
+    test_set = task.prepare(backbone, dataset.split("test"))
+    healthy = task.evaluate(backbone, test_set)
+    assert 0 < healthy["t2i_r10"] < 100
+    with torch.no_grad():
+        backbone.model.visual.proj.fill_(float("nan"))     # every image embedding becomes NaN
+    broken = task.evaluate(backbone, test_set)
+    assert {k: v for k, v in broken.items() if "_r" in k} == dict.fromkeys(
+        ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"), 0.0)
+    n_images, n_captions = len(test_set.pixels), len(test_set)
+    assert broken["t2i_medr"] == n_images and broken["i2t_medr"] == n_captions - 1
+
+
+def test_a_broken_model_answers_nothing_right(tmp_path):
+    from core.data.shapes import write_shapes_vqa_dataset
+
+    dataset = read_dataset(write_shapes_vqa_dataset(tmp_path / "vqa", train_per_pair=0), tmp_path)
+    backbone = load_backbone(TINY)
+    task = get_task("vqa", dataset)
+    test_set = task.prepare(backbone, dataset.items)
+    with torch.no_grad():
+        backbone.text.text_projection.fill_(float("nan"))
+    assert task.evaluate(backbone, test_set) == {"vqa_acc": 0.0}
+
+
+def test_a_failed_tune_leaves_nothing(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "captions.csv").write_text("file,caption\ngone.png,x\n")
+    with pytest.raises(Exception, match="gone.png, row 2: file not found"):
+        tune(TINY, tmp_path / "data", "lora", out=tmp_path / "made")
+    assert not (tmp_path / "made").exists()
+    given = tmp_path / "given"
+    given.mkdir()
+    with pytest.raises(Exception, match="file not found"):
+        tune(TINY, tmp_path / "data", "lora", out=given)
+    assert given.is_dir() and not any(given.iterdir())
+
+
+def test_leftovers_of_a_killed_save_do_not_block_the_folder(shapes, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("pet.safetensors", "run.json"):     # what a run killed while saving leaves
+        checkpoint.partial(out / name).write_bytes(b"half")
+    tune(TINY, shapes, "bitfit", shots=2, epochs=1, out=out)
+    assert sorted(p.name for p in out.iterdir()) == ["pet.safetensors", "run.json"]
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / ".keep").write_text("mine")
+    with pytest.raises(RunError, match="already exists and is not empty"):
+        tune(TINY, shapes, "bitfit", out=tmp_path / "busy")
+    assert (tmp_path / "busy" / ".keep").read_text() == "mine"
+
+
+@pytest.mark.parametrize("spec, weights", [
+    ("offline", "bundled"), ("openclip:ViT-B-32", "random"), ("openclip:ViT-B-32:openai", "tag"),
+    ("openclip:ViT-B-32:/srv/x.pt", "path"), ("openclip:ViT-B-32:ckpt.safetensors", "path"),
+    ("blip:base", "random"), ("blip:Salesforce/blip-itm-base-coco", "hub"), ("blip:/etc", "path"),
+    ("blip:./local", "path"), ("blip:../up/one", "path"), ("blip-vqa:a/b/c", "path"), ("blip:~/m", "path"),
+])
+def test_specs_are_read_by_their_form(spec, weights):
+    assert parse_spec(spec).weights == weights
+
+
+@pytest.mark.parametrize("spec", ["blip:/etc", "blip:/does/not/exist", "openclip:ViT-B-32:/etc/passwd",
+                                  "openclip:ViT-B-32:/nope.pt", "blip:../x"])
+def test_a_remote_spec_may_not_name_a_server_path_and_learns_nothing_of_it(spec):
+    with pytest.raises(BackboneError) as refused:
+        load_backbone(spec, local_paths=False)
+    assert str(refused.value) == (f"'{spec}' names a file or folder on the server, which is not allowed here: use the "
+                                  f"bundled model (offline), an open_clip name with or without a pretrained tag, "
+                                  f"or a Hugging Face hub id")
