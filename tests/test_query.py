@@ -7,7 +7,7 @@ from core import query
 from core.backbones import load_backbone
 from core.data import read_dataset
 from core.pet import attach
-from core.tasks.vqa import answer_scores
+from core.tasks.vqa import answer_scores, prompt
 from core.world import write_part
 
 
@@ -83,6 +83,30 @@ def test_questions_and_files_that_cannot_be_answered(offline, base_scenes, tmp_p
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(query.QueryError, match="broken.png: could not be read as image"):
         query.answer(offline, tmp_path / "broken.png", "what?", ["red"])
+
+
+def test_a_question_too_long_for_the_model_is_cut_and_says_so(offline, base_scenes):
+    path = base_scenes.path(base_scenes.items[0])
+    candidates = ["red", "green", "blue", "yellow", "purple", "orange"]
+    question = "what colour is the shape? " + "please look very carefully " * 25_000   # 100k characters
+    result = query.answer(offline, path, question, candidates, k=6)
+    assert result.note.startswith("the question was too long for the model and was cut to its first ")
+    assert result.note.endswith("of 100005 words: “what colour is the shape? please look very carefully please look very carefully …”")
+    kept = int(result.note.split("first ")[1].split(" of")[0])
+    words = question.split()
+    # The longest kept question leaves every candidate's answer inside the context; one word more would not.
+    assert not any(offline.cut_by_tokenizer([prompt(" ".join(words[:kept]), a) for a in candidates]))
+    assert any(offline.cut_by_tokenizer([prompt(" ".join(words[:kept + 1]), a) for a in candidates]))
+    probabilities = [p for _, p in result.ranked]
+    assert max(probabilities) - min(probabilities) > 1e-3      # the answers still tell apart
+    assert query.answer(offline, path, "what colour is the shape?", candidates).note is None
+    search = query.search_by_text(offline, *query_gallery(offline, base_scenes), "red " * 200)
+    assert search.note.startswith("the text to search with was too long for the model and was cut")
+
+
+def query_gallery(backbone, dataset):
+    gallery = query.load_gallery(backbone, dataset)
+    return gallery, query.embed_gallery(backbone, gallery)
 
 
 def test_vlpet_token_gates_make_one_map_over_the_patches(offline, base_scenes):
