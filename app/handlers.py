@@ -2,6 +2,7 @@
 the page shows. User errors come back as gr.Error with core's message (file and row included)."""
 from __future__ import annotations
 
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -13,7 +14,7 @@ from app import views
 from app.tuning import CANCEL_FILE, read_progress, tune_on_device
 from app.sessions import Run, Session, SessionStore
 from core import checkpoint, figures, query
-from core.backbones import load_backbone
+from core.backbones import BackboneError, load_backbone, parse_spec
 from core.data import DatasetError, read_dataset
 from core.data.media import DEFAULT_FRAMES
 from core.data.samples import sample_path
@@ -23,6 +24,9 @@ from core.trainer import pick_device
 from core.world import write_part
 
 STORE = SessionStore()
+# Typed backbone specs may name files and folders on the server only where its operator allows it
+# (a local app); runs uploaded by a visitor never may.
+LOCAL_PATHS = os.environ.get("PETSTUDIO_LOCAL_PATHS", "") == "1"
 WORLD_ITEMS = {"novel-motion": 24}   # clips take longer to write and decode than pictures
 WORLD_PICTURES = 64
 
@@ -68,14 +72,19 @@ def _media_choices(session: Session) -> list[str]:
     return [item.media for item in session.dataset.items] if session.dataset else []
 
 
-def _open_dataset(session: Session, source: Path, label: str):
-    """Read and validate `source` into a fresh folder of the session; show it, or the report."""
+def _open_dataset(session: Session, source: Path, label: str, made: Optional[Path] = None):
+    """Read and validate `source` into a fresh folder of the session; show it, or the report.
+    `made` is a folder this upload wrote `source` into: it goes too when the dataset is refused."""
     with session.lock:
         workdir = session.new_folder("data", label)
         try:
             dataset = read_dataset(source, workdir)
-        except DatasetError as error:
-            shutil.rmtree(workdir, ignore_errors=True)
+        except BaseException as error:
+            for folder in (workdir, made):
+                if folder is not None:
+                    STORE.remove(folder)
+            if not isinstance(error, DatasetError):
+                raise
             gr.Warning(f"{label}: {len(error.problems)} problem(s), see the validation report")
             kept = f"Still loaded: {views.dataset_stats(session.dataset_label, session.dataset)}" \
                 if session.dataset is not None else ""
@@ -83,7 +92,7 @@ def _open_dataset(session: Session, source: Path, label: str):
         if not session.tuning:   # one dataset at a time per session: earlier ones go
             for old in (f for kind in ("data", "world", "uploads") for f in session.folder.glob(f"{kind}/*")):
                 if old != workdir and not source.is_relative_to(old):
-                    shutil.rmtree(old, ignore_errors=True)
+                    STORE.remove(old)
         session.dataset, session.dataset_label = dataset, label
         session.galleries.clear()
         preview = [(str(dataset.path(item)), views.preview_caption(item)) for item in dataset.items[:PREVIEW_LIMIT]]
@@ -107,7 +116,7 @@ def load_sample(choice: str, request: gr.Request):
         return _open_dataset(session, sample_path(name), name)
     folder = session.new_folder("world", name)
     write_part(folder, name, WORLD_ITEMS.get(name, WORLD_PICTURES))
-    return _open_dataset(session, folder, f"world-{name}")
+    return _open_dataset(session, folder, f"world-{name}", made=folder)
 
 
 def upload_data(files: Optional[list[str]], request: gr.Request):
@@ -118,12 +127,16 @@ def upload_data(files: Optional[list[str]], request: gr.Request):
     paths = [Path(f) for f in files]
     if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
         return _open_dataset(session, paths[0], paths[0].stem)
+    zips = [p.name for p in paths if p.suffix.lower() == ".zip"]
+    if zips:
+        raise gr.Error(f"{', '.join(zips)}: upload a .zip on its own, not with other files")
+    names = [p.name for p in paths]
+    if len(set(names)) < len(names):
+        raise gr.Error("two of the uploaded files have the same name: upload a .zip of the dataset folder instead")
     folder = session.new_folder("uploads", "files")
     for path in paths:
-        if path.suffix.lower() == ".zip":
-            raise gr.Error(f"{path.name}: upload a .zip on its own, not with other files")
         shutil.copyfile(path, folder / path.name)
-    return _open_dataset(session, folder, "uploaded files")
+    return _open_dataset(session, folder, "uploaded files", made=folder)
 
 
 # --- Tune -------------------------------------------------------------------------------------
@@ -182,7 +195,7 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
     if session.dataset is None:
         raise gr.Error("load a dataset first (Data tab)")
     if session.live is not None and not session.tuning:   # the previous tuning's progress is not shown again
-        shutil.rmtree(session.live, ignore_errors=True)
+        STORE.remove(session.live)
     session.live = live = session.new_folder("live", method)
     session.live_status = "loading the model and scoring it zero-shot…"
     progress(0, desc="loading the model and scoring it zero-shot")
@@ -197,7 +210,7 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
                 shots=int(shots) if shots else None, epochs=int(epochs), lr=float(lr) if lr else None,
                 batch_size=int(batch_size), bf16=bool(bf16), task=task, frames=int(frames),
                 extra_answers=tuple(a.strip() for a in (answers or "").split(",") if a.strip()),
-                out=out, epoch_metrics=True)
+                out=out, epoch_metrics=True, local_paths=LOCAL_PATHS)
             while not wait([job], timeout=0.5).done:
                 steps = read_progress(live) if _training(session) else []
                 if steps:
@@ -205,7 +218,7 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
                     progress((last["step"], last["total_steps"]), unit="steps", desc=_step_text(last))
             result = job.result()
     except Exception as error:
-        shutil.rmtree(out, ignore_errors=True)
+        STORE.remove(out)
         session.live_status = f"stopped: {error}"
         if isinstance(error, USER_ERRORS):
             raise _user_error(error) from error
@@ -213,9 +226,9 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
     finally:
         session.tuning = False
     if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
-        shutil.rmtree(session.folder, ignore_errors=True)
+        STORE.remove(session.folder)
     name = f"{len(session.runs) + 1} · {method} · {result['backbone']}"
-    session.runs[name] = Run(name, out, result)
+    session.runs[name] = Run(name, out, result, local_paths=LOCAL_PATHS)
     cancelled = " (cancelled early)" if result["train"]["cancelled"] else ""
     session.live_status = f"done in {result['seconds']:.0f} s{cancelled}"
     if result["note"]:
@@ -252,18 +265,22 @@ def suggest_lr(model: str, method: str) -> float:
 
 
 def model_notice(model: str) -> str:
-    """Where the chosen backbone's weights come from, said before anything is tuned."""
-    model = (model or "").strip()
-    family, _, rest = model.partition(":")
-    name, _, source = rest.partition(":") if family == "openclip" else ("", "", rest)
-    if model == "offline":
+    """Where the chosen backbone's weights come from, said before anything is tuned (from the
+    spec's form alone: nothing on the server is looked at)."""
+    try:
+        spec = parse_spec(model)
+    except BackboneError as error:
+        return str(error)
+    if spec.weights == "bundled":
         return "The bundled offline model: small, pretrained on PET Studio's procedural world, no network needed."
-    if source and Path(source).exists():
-        return f"`{model}`: weights from the local path `{source}`."
-    if (family == "openclip" and name and not source) or (family in ("blip", "blip-vqa") and source == "base"):
-        return (f"`{model}` has no pretrained weights: random init from the seed "
+    if spec.weights == "path":
+        return (f"`{spec.text}`: weights from a local path." if LOCAL_PATHS else
+                f"`{spec.text}` names a file or folder on the server, which this app does not open "
+                f"(its operator can allow it with PETSTUDIO_LOCAL_PATHS=1).")
+    if spec.weights == "random":
+        return (f"`{spec.text}` has no pretrained weights: random init from the seed "
                 f"(for trying the mechanics, not quality).")
-    return (f"`{model}` downloads its weights on first use. Without a network the run falls back to the bundled "
+    return (f"`{spec.text}` downloads its weights on first use. Without a network the run falls back to the bundled "
             f"offline model and says so here.")
 
 
@@ -296,29 +313,31 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
         shutil.copyfile(weights[0], folder / checkpoint.WEIGHTS)
         shutil.copyfile(infos[0], folder / checkpoint.RUN_INFO)
         try:
-            info, _ = checkpoint.read(folder)
-            run = Run(f"{len(session.runs) + 1} · {info['method']} · {info['backbone']} (uploaded)", folder, info)
-            loaded = _load_tuned(run)   # every name and shape is checked before the run is listed
+            info, _ = checkpoint.read(folder)   # run.json checked against its schema
+            run = Run(f"{len(session.runs) + 1} · {info['method']} · {info['backbone']} (uploaded)", folder, info,
+                      local_paths=False)
+            loaded = _load_tuned(run)   # every name, shape, dtype and value is checked before the run is listed
         except USER_ERRORS as error:
-            shutil.rmtree(folder, ignore_errors=True)
+            STORE.remove(folder)
             raise _user_error(error) from error
         session.runs[run.name] = run
         session.model(_run_key(run), lambda: loaded)
     name = run.name
-    card = views.run_card(name, info) if "tuned" in info and "dataset" in info else f"Loaded **{name}**."
+    card = views.run_card(name, info) if "tuned" in info else f"Loaded **{name}**."
     return card, *_run_choices(session, name)
 
 
 # --- Ask --------------------------------------------------------------------------------------
 
-def _frozen(session: Session, spec: str, seed: int) -> str:
+def _frozen(session: Session, spec: str, seed: int, local_paths: bool) -> str:
     key = f"frozen:{spec}:{seed}"
-    session.model(key, lambda: (load_backbone(spec, seed, fallback_offline=True).to(pick_device()), None))
+    session.model(key, lambda: (load_backbone(spec, seed, fallback_offline=True, local_paths=local_paths)
+                                .to(pick_device()), None))
     return key
 
 
 def _load_tuned(run: Run):
-    backbone, handle, _ = load_run(run.result["backbone"], run.folder)
+    backbone, handle, _ = load_run(run.result["backbone"], run.folder, local_paths=run.local_paths)
     if handle.mergeable:
         handle.merge()   # zero-overhead inference
     return backbone, handle
@@ -337,7 +356,8 @@ def _models(session: Session, run_name: str, model: str) -> list[tuple[str, str]
     """(label, model key) of the frozen model and, when a run is chosen, the tuned one."""
     run = session.runs.get(run_name)
     spec = run.result["backbone"] if run else (model or "offline").strip()
-    keys = [("frozen", _frozen(session, spec, run.result.get("seed", 0) if run else 0))]
+    keys = [("frozen", _frozen(session, spec, run.result.get("seed", 0) if run else 0,
+                               run.local_paths if run else LOCAL_PATHS))]
     if run:
         keys.append((f"tuned ({run.name})", _tuned(session, run)))
     return keys
@@ -380,14 +400,17 @@ def search_text(text: str, run: str, model: str, request: gr.Request):
     session = session_of(request)
     with session.lock:
         try:
-            shown = []
+            shown, notes = [], set()
             for label, key in _models(session, run, model):
                 gallery, embeddings = _gallery(session, key, _frames(session, run))
-                hits = query.search_by_text(session.models[key][0], gallery, embeddings, text)
+                found = query.search_by_text(session.models[key][0], gallery, embeddings, text)
+                notes |= {found.note} - {None}
                 shown.append([(str(gallery.paths[h.index]), f"{h.score:.3f} · {gallery.names[h.index]}")
-                              for h in hits])
+                              for h in found.hits])
         except (query.QueryError, *USER_ERRORS) as error:
             raise _user_error(error) from error
+    for note in notes:
+        gr.Warning(note)
     return tuple(_pad(shown, []))
 
 
@@ -401,7 +424,7 @@ def search_media(upload: Optional[str], pick: Optional[str], run: str, model: st
             for label, key in _models(session, run, model):
                 frames = _frames(session, run)
                 gallery, embeddings = _gallery(session, key, frames)
-                hits = query.search_by_media(session.models[key][0], gallery, embeddings, path, frames=frames)
+                hits = query.search_by_media(session.models[key][0], gallery, embeddings, path, frames=frames).hits
                 shown.append([[i + 1, round(h.score, 4), gallery.names[gallery.caption_media[h.index]],
                                gallery.captions[h.index]] for i, h in enumerate(hits)])
         except (query.QueryError, *USER_ERRORS) as error:
@@ -419,16 +442,19 @@ def answer_question(upload: Optional[str], pick: Optional[str], question: str, a
         if session.dataset is not None:
             candidates += [a for item in session.dataset.items for qa in item.qa for a in qa.answers]
         try:
-            labels, generated = [], []
+            labels, generated, notes = [], [], set()
             for label, key in _models(session, run, model):
                 result = query.answer(session.models[key][0], path, question, candidates,
                                       frames=_frames(session, run))
                 labels.append({a: p for a, p in result.ranked} or None)
+                notes |= {result.note} - {None}
                 if result.generated is not None:
                     generated.append(f"**{label}** generates: “{result.generated}”")
         except (query.QueryError, *USER_ERRORS) as error:
             raise _user_error(error) from error
-    return (*_pad(labels, None), "\n\n".join(generated))
+    for note in notes:
+        gr.Warning(note)
+    return (*_pad(labels, None), "\n\n".join([*(f"> **Note:** {n}" for n in sorted(notes)), *generated]))
 
 
 # --- Inspect ----------------------------------------------------------------------------------

@@ -2,10 +2,15 @@
 dataset, runs and loaded models, keyed by Gradio's session hash, so no user sees another's.
 Models and galleries are heavy and not deep-copyable, so they live here rather than in gr.State;
 a session is released when its page unloads, or after it has been idle for `idle_limit` seconds
-(API clients never unload)."""
+(API clients never unload).
+
+The session hash is chosen by the client, so it never names anything on disk: each session's
+folder is a random name the server draws, and every removal goes through `remove_inside`,
+which refuses any path that is not strictly inside the sessions root."""
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -26,6 +31,7 @@ class Run:
     name: str
     folder: Path
     result: dict[str, Any]
+    local_paths: bool   # whether its backbone may name a server path (never for an uploaded run)
 
 
 @dataclass
@@ -63,6 +69,14 @@ class Session:
         return model
 
 
+def remove_inside(root: Path, path: Path) -> None:
+    """Delete `path` (a folder this app made), but only when it lies strictly inside `root`."""
+    root, target = root.resolve(), Path(path)
+    if target.is_symlink() or not target.resolve().is_relative_to(root) or target.resolve() == root:
+        raise ValueError(f"refusing to remove {path}: not strictly inside {root}")
+    shutil.rmtree(target, ignore_errors=True)
+
+
 class SessionStore:
     def __init__(self, root: Path = SESSIONS_ROOT, idle_limit: float = IDLE_LIMIT_SECONDS):
         self.root, self.idle_limit = root, idle_limit
@@ -76,8 +90,8 @@ class SessionStore:
         with self._lock:
             session = self._sessions.get(session_hash)
             if session is None:
-                folder = self.root / re.sub(r"[^A-Za-z0-9]", "", session_hash)
-                folder.mkdir(parents=True, exist_ok=True)
+                folder = self.root / secrets.token_hex(16)
+                folder.mkdir(parents=True)
                 session = self._sessions[session_hash] = Session(folder)
             session.last_used = time.monotonic()
             return session
@@ -86,7 +100,10 @@ class SessionStore:
         with self._lock:
             session = self._sessions.pop(session_hash or "", None)
         if session is not None:   # a tuning still running sees its folder gone and stops at its next step
-            shutil.rmtree(session.folder, ignore_errors=True)
+            self.remove(session.folder)
+
+    def remove(self, path: Path) -> None:
+        remove_inside(self.root, path)
 
     def sweep(self) -> None:
         now = time.monotonic()

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from core.backbones import Backbone
-from core.data import Dataset
-from core.data.media import DEFAULT_FRAMES, IMAGE_TYPES, VIDEO_TYPES, load_media, read_video_frames
+from core.data import Dataset, DatasetError
+from core.data.reader import media_problem
+from core.data.media import DEFAULT_FRAMES, IMAGE_TYPES, VIDEO_TYPES, load_media, open_image, read_video_frames
 from core.pet import PetHandle
 from core.pet.vlpet import VlPetHandle
 from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
@@ -109,12 +110,21 @@ def embed_gallery(backbone: Backbone, gallery: Gallery) -> GalleryEmbeddings:
     return GalleryEmbeddings(embed_media(backbone, gallery.pixels), captions)
 
 
-def _load_query_media(backbone: Backbone, path: str | Path, frames: int) -> torch.Tensor:
+def _checked_media(path: str | Path) -> str:
+    """The kind of a query's picture or clip, after the dataset reader's checks of one file
+    (type, size, pixels, decoding), so a query cannot exhaust memory either."""
     kind = media_kind(path)
+    if problem := media_problem(Path(path)):
+        raise QueryError(f"{Path(path).name}: {problem}")
+    return kind
+
+
+def _load_query_media(backbone: Backbone, path: str | Path, frames: int) -> torch.Tensor:
+    kind = _checked_media(path)
     try:
         return load_media(path, kind, backbone.image_transform, frames)[None]
-    except Exception as error:   # PIL and decord raise many types for a broken file
-        raise QueryError(f"{Path(path).name}: could not be read as {kind} ({error})") from error
+    except DatasetError as error:   # a clip damaged beyond the frames the check decodes
+        raise QueryError(str(error.problems[0])) from error
 
 
 def _inference(function: Callable) -> Callable:
@@ -232,9 +242,9 @@ def read_gates(handle: PetHandle, path: Optional[str | Path] = None, text: Optio
     backbone = handle.backbone
     picture, pixels = None, None
     if path is not None:
-        kind = media_kind(path)
+        kind = _checked_media(path)
         try:
-            picture = read_video_frames(path, 1)[0] if kind == "video" else Image.open(path).convert("RGB")
+            picture = read_video_frames(path, 1)[0] if kind == "video" else open_image(path).convert("RGB")
         except Exception as error:   # PIL and decord raise many types for a broken file
             raise QueryError(f"{Path(path).name}: could not be read as {kind} ({error})") from error
         pixels = backbone.image_transform(picture)[None].to(backbone.device)

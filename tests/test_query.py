@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from core import query
 from core.backbones import load_backbone
@@ -81,8 +82,16 @@ def test_questions_and_files_that_cannot_be_answered(offline, base_scenes, tmp_p
     with pytest.raises(query.QueryError, match="notes.txt: not an image"):
         query.answer(offline, tmp_path / "notes.txt", "what?", ["red"])
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(query.QueryError, match="broken.png: could not be read as image"):
+    with pytest.raises(query.QueryError, match="broken.png: unreadable image"):
         query.answer(offline, tmp_path / "broken.png", "what?", ["red"])
+    Image.new("1", (7000, 7000)).save(tmp_path / "huge.png")    # a few KB on disk, 49 megapixels
+    assert (tmp_path / "huge.png").stat().st_size < 100_000
+    asks = (lambda path: query.answer(offline, path, "what?", ["red"]),
+            lambda path: query.read_gates(attach(offline, "zero_shot"), path))
+    for ask in asks:
+        with pytest.raises(query.QueryError, match="huge.png: image has 49000000 pixels .7000×7000., more than the "
+                                                   "limit of 40000000"):
+            ask(tmp_path / "huge.png")
 
 
 def test_a_question_too_long_for_the_model_is_cut_and_says_so(offline, base_scenes):

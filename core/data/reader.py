@@ -279,17 +279,21 @@ def _check_media(root: Path, media: str, limits: Limits) -> tuple[Optional[str],
     """The media file's path relative to `root` (one key per file, however a row spells it),
     or what is wrong with it."""
     path, problem = _locate(root, media)
-    if problem:
-        return None, problem
-    if path.suffix.lower() not in IMAGE_TYPES + VIDEO_TYPES:
-        return None, f"unsupported file type '{path.suffix}' (supported: {', '.join(IMAGE_TYPES + VIDEO_TYPES)})"
-    size = path.stat().st_size
-    if size > limits.max_file_bytes:
-        return None, f"file is {size} bytes, more than the limit of {limits.max_file_bytes}"
-    check = _check_video if path.suffix.lower() in VIDEO_TYPES else _check_image
-    if problem := check(path, limits):
+    if problem or (problem := media_problem(path, limits)):
         return None, problem
     return path.relative_to(root).as_posix(), None
+
+
+def media_problem(path: Path, limits: Limits = DEFAULT_LIMITS) -> Optional[str]:
+    """What is wrong with one media file — type, size, pixels, decoding — or None. The dataset's
+    rules, also applied to a lone file (a query's picture or clip)."""
+    if path.suffix.lower() not in IMAGE_TYPES + VIDEO_TYPES:
+        return f"unsupported file type '{path.suffix}' (supported: {', '.join(IMAGE_TYPES + VIDEO_TYPES)})"
+    size = path.stat().st_size
+    if size > limits.max_file_bytes:
+        return f"file is {size} bytes, more than the limit of {limits.max_file_bytes}"
+    check = _check_video if path.suffix.lower() in VIDEO_TYPES else _check_image
+    return check(path, limits)
 
 
 def _check_image(path: Path, limits: Limits) -> Optional[str]:

@@ -28,7 +28,8 @@ def app_server(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "TMPDIR": str(temp),
            "GRADIO_TEMP_DIR": str(temp / "gradio"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False", "PETSTUDIO_MAX_UPLOAD": "5mb"}
+           "GRADIO_ANALYTICS_ENABLED": "False", "PETSTUDIO_MAX_UPLOAD": "5mb",
+           "PETSTUDIO_LOCAL_PATHS": "1", "GRADIO_HEARTBEAT_INTERVAL": "0.5"}
     log = open(temp / "app.log", "w")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -1,0 +1,171 @@
+"""The app against hostile clients, through gradio_client: chosen session hashes, uploaded runs
+that name server paths or carry broken weights, malformed datasets, and many short sessions."""
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from tests.e2e.conftest import PHOTOS, WORLD
+from tests.e2e.test_client import TUNE_DEFAULTS, choice_value
+
+
+def _folders(sessions: Path) -> set[Path]:
+    return set(sessions.iterdir()) if sessions.exists() else set()
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _released(sessions: Path, before: set[Path], timeout: float = 30.0) -> bool:
+    """Wait until no session folder beyond `before` is left (releases run after the heartbeat ends)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _folders(sessions) - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not (_folders(sessions) - before)
+
+
+@pytest.mark.parametrize("hostile", ["-", "..", "/", "", "%2e%2e", "../../etc", "a" * 3000])
+def test_a_hostile_session_hash_cannot_touch_another_session(app_server, hostile):
+    url, sessions = app_server
+    victim = Client(url, verbose=False)
+    victim.predict(PHOTOS, api_name="/load_sample")
+    mine = _folders(sessions)
+    victim_files = {f: _files(f) for f in mine}
+    attacker = Client(url, verbose=False)
+    attacker.session_hash = hostile
+    try:
+        attacker.predict(PHOTOS, api_name="/load_sample")
+    except Exception:   # Gradio itself may refuse the hash; what matters is what it could not do
+        pass
+    attacker.close()
+    _released(sessions, mine)
+    assert sessions.is_dir() and {f: _files(f) for f in mine} == victim_files
+    hits, _ = victim.predict("a cat", "frozen model only", "offline", api_name="/search_text")
+    assert len(hits) == 5
+    assert all(len(f.name) == 32 and f.parent == sessions for f in _folders(sessions))   # named by the server
+    victim.close()
+
+
+@pytest.fixture(scope="module")
+def tuned_run(app_server, tmp_path_factory):
+    """A real run's weights and run.json, downloaded from the app."""
+    client = Client(app_server[0], verbose=False)
+    client.predict(WORLD, api_name="/load_sample")
+    _, _, weights, _, _, _ = client.predict(**{**TUNE_DEFAULTS, "method": "lora", "epochs": 1}, api_name="/tune")
+    folder = tmp_path_factory.mktemp("tuned")
+    for f in weights:
+        (folder / Path(f).name).write_bytes(Path(f).read_bytes())
+    client.close()
+    return folder
+
+
+def _upload_run(client, folder: Path, info: dict, weights: bytes = None):
+    (folder / "run.json").write_text(json.dumps(info))
+    if weights is not None:
+        (folder / "pet.safetensors").write_bytes(weights)
+    return client.predict([handle_file(str(folder / "pet.safetensors")), handle_file(str(folder / "run.json"))],
+                          api_name="/load_weights")
+
+
+@pytest.mark.parametrize("backbone", ["blip:/etc", "blip:/no/such/folder", "openclip:ViT-B-32:/etc/hostname",
+                                      "openclip:ViT-B-32:/no/such.pt", "blip-vqa:../../secret"])
+def test_an_uploaded_run_may_not_name_a_server_path(app_server, tuned_run, tmp_path, backbone):
+    url, sessions = app_server
+    client = Client(url, verbose=False)
+    client.predict(PHOTOS, api_name="/load_sample")
+    info = json.loads((tuned_run / "run.json").read_text())
+    weights = (tuned_run / "pet.safetensors").read_bytes()
+    with pytest.raises(AppError) as refused:
+        _upload_run(client, tmp_path, {**info, "backbone": backbone}, weights)
+    # The same words whether the path exists or not: nothing is learnt about the server.
+    assert str(refused.value).endswith(f"'{backbone}' names a file or folder on the server, which is not allowed "
+                                       f"here: use the bundled model (offline), an open_clip name with or without a "
+                                       f"pretrained tag, or a Hugging Face hub id")
+    runs = [p for f in _folders(sessions) for p in f.glob("runs/*")]
+    assert not any("uploaded" in p.name for p in runs)   # nothing half-loaded stays
+    client.close()
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda info: None, "run.json: must be a JSON object, not NoneType"),
+    (lambda info: [info], "run.json: must be a JSON object, not list"),
+    (lambda info: {**info, "config": {"rank": "abc"}}, "lora option rank must be a whole number, not 'abc'"),
+    (lambda info: {**info, "tuned": "great"}, "run.json: 'tuned' must be a JSON object"),
+    (lambda info: {**info, "method": ["lora"]}, "run.json: 'method' must be a text"),
+])
+def test_an_uploaded_run_json_is_checked_against_its_schema(client, tuned_run, tmp_path, change, expected):
+    info = json.loads((tuned_run / "run.json").read_text())
+    with pytest.raises(AppError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        _upload_run(client, tmp_path, change(info), (tuned_run / "pet.safetensors").read_bytes())
+
+
+def test_uploaded_nan_weights_are_refused_by_name(client, tuned_run, tmp_path):
+    from safetensors.torch import load, save
+
+    state = load((tuned_run / "pet.safetensors").read_bytes())
+    name = sorted(state)[3]
+    state[name] = state[name].clone()
+    state[name].view(-1)[-1] = float("nan")
+    info = json.loads((tuned_run / "run.json").read_text())
+    with pytest.raises(AppError, match=f"pet.safetensors: lora weight {name} holds NaN or infinite values"):
+        _upload_run(client, tmp_path, info, save(state))
+    card, run, _ = _upload_run(client, tmp_path, info, (tuned_run / "pet.safetensors").read_bytes())
+    assert choice_value(run).endswith("(uploaded)")    # the healthy one loads
+
+
+def _jpeg(colour="red") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(out, "JPEG")
+    return out.getvalue()
+
+
+def _zip(members: dict[str, bytes], bad_crc: str = None) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    raw = bytearray(out.getvalue())
+    if bad_crc:   # flip a byte of the stored member's data: its CRC no longer matches
+        at = raw.index(members[bad_crc]) + 10
+        raw[at] ^= 0xFF
+    return bytes(raw)
+
+
+CSV = b"file,caption\na.jpg,a red square\nb.jpg,a blue square\n"
+UPLOADS = [
+    ("bad crc", {"set.zip": _zip({"captions.csv": CSV, "a.jpg": _jpeg(), "b.jpg": _jpeg("blue")}, bad_crc="a.jpg")},
+     "set.zip/a.jpg"),
+    ("truncated jpeg", {"captions.csv": CSV, "a.jpg": _jpeg()[:300], "b.jpg": _jpeg("blue")},
+     "captions.csv → a.jpg, row 2"),
+    ("csv field of 200 KiB", {"captions.csv": CSV + b"a.jpg," + b"x" * 200_000 + b"\n", "a.jpg": _jpeg(),
+                              "b.jpg": _jpeg("blue")}, "captions.csv, row 4"),
+    ("json nested 100000 deep", {"data.jsonl": b'{"image": "a.jpg", "caption": "x"}\n{"image": ' + b"[" * 100_000
+                                 + b"]" * 100_000 + b"}\n", "a.jpg": _jpeg()}, "data.jsonl, row 2"),
+    ("json 5000-digit number", {"data.jsonl": b'{"image": "a.jpg", "caption": "x", "n": ' + b"7" * 5000 + b"}\n",
+                                "a.jpg": _jpeg()}, "data.jsonl, row 1"),
+]
+
+
+@pytest.mark.parametrize("name, files, expected", UPLOADS, ids=[u[0] for u in UPLOADS])
+def test_a_malformed_upload_gets_a_clear_report_and_leaves_nothing(app_server, tmp_path, name, files, expected):
+    url, sessions = app_server
+    client = Client(url, verbose=False)
+    before = _folders(sessions)
+    for file, data in files.items():
+        (tmp_path / file).write_bytes(data)
+    preview, stats, report, _, _ = client.predict([handle_file(str(tmp_path / f)) for f in files],
+                                                  api_name="/upload_data")
+    assert preview == [] and report.startswith("✗ **Validation:") and expected in report, report
+    mine = _folders(sessions) - before
+    assert len(mine) == 1
+    left = [p for p in next(iter(mine)).rglob("*") if p.is_file()]
+    assert left == []    # nothing unpacked or copied stays in the session
+    client.close()
