@@ -12,7 +12,7 @@ import gradio as gr
 
 from app import views
 from app.tuning import CANCEL_FILE, read_progress, tune_on_device
-from app.sessions import Run, Session, SessionStore
+from app.sessions import FROZEN_MODELS_KEPT, Run, Session, SessionStore, SharedModels
 from core import checkpoint, figures, query
 from core.backbones import BackboneError, load_backbone, parse_spec
 from core.data import DatasetError, read_dataset
@@ -24,6 +24,8 @@ from core.trainer import pick_device
 from core.world import write_part
 
 STORE = SessionStore()
+# Frozen backbones are never changed by a query, so every session shares one per spec and seed.
+FROZEN = SharedModels(FROZEN_MODELS_KEPT)
 # Typed backbone specs may name files and folders on the server only where its operator allows it
 # (a local app); runs uploaded by a visitor never may.
 LOCAL_PATHS = os.environ.get("PETSTUDIO_LOCAL_PATHS", "") == "1"
@@ -60,6 +62,15 @@ def session_of(request: gr.Request) -> Session:
 
 def release(request: gr.Request) -> None:
     STORE.release(request.session_hash)
+
+
+def _spec(model) -> str:
+    """A backbone spec as the page or an API client sent it (the dropdown takes typed values)."""
+    if model is None or (isinstance(model, str) and not model.strip()):
+        return "offline"
+    if not isinstance(model, str):
+        raise gr.Error(f"the backbone must be a spec like offline or openclip:NAME:TAG, not {model!r:.60}")
+    return model.strip()
 
 
 def _user_error(error: Exception) -> gr.Error:
@@ -204,7 +215,7 @@ def tune_model(model: str, task: str, method: str, aurora_rank: float, aurora_pa
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             job = pool.submit(
-                tune_on_device, str(live), model=model.strip(), data=session.dataset.root, method=method,
+                tune_on_device, str(live), model=_spec(model), data=session.dataset.root, method=method,
                 options=method_options(method, aurora_rank, aurora_parts, lora_rank, granularity, reduction,
                                        prompt_length),
                 shots=int(shots) if shots else None, epochs=int(epochs), lr=float(lr) if lr else None,
@@ -261,7 +272,7 @@ def stop_live():
 
 
 def suggest_lr(model: str, method: str) -> float:
-    return suggested_lr((model or "").strip(), method)
+    return suggested_lr(_spec(model), method)
 
 
 def model_notice(model: str) -> str:
@@ -331,8 +342,8 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
 
 def _frozen(session: Session, spec: str, seed: int, local_paths: bool) -> str:
     key = f"frozen:{spec}:{seed}"
-    session.model(key, lambda: (load_backbone(spec, seed, fallback_offline=True, local_paths=local_paths)
-                                .to(pick_device()), None))
+    session.model(key, lambda: (FROZEN.get((spec, seed, local_paths), lambda: load_backbone(
+        spec, seed, fallback_offline=True, local_paths=local_paths).to(pick_device())), None))
     return key
 
 
@@ -355,7 +366,7 @@ def _tuned(session: Session, run: Run) -> str:
 def _models(session: Session, run_name: str, model: str) -> list[tuple[str, str]]:
     """(label, model key) of the frozen model and, when a run is chosen, the tuned one."""
     run = session.runs.get(run_name)
-    spec = run.result["backbone"] if run else (model or "offline").strip()
+    spec = run.result["backbone"] if run else _spec(model)
     keys = [("frozen", _frozen(session, spec, run.result.get("seed", 0) if run else 0,
                                run.local_paths if run else LOCAL_PATHS))]
     if run:

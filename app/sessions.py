@@ -9,6 +9,8 @@ folder is a random name the server draws, and every removal goes through `remove
 which refuses any path that is not strictly inside the sessions root."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import re
 import secrets
 import shutil
@@ -22,6 +24,7 @@ from typing import Any, Callable, Optional
 SESSIONS_ROOT = Path(tempfile.gettempdir()) / "petstudio-sessions"
 IDLE_LIMIT_SECONDS = 6 * 3600
 MODELS_KEPT = 3   # per session: the frozen and the tuned model of a query, and one more
+FROZEN_MODELS_KEPT = 2   # frozen backbones shared by every session
 
 
 @dataclass
@@ -69,12 +72,49 @@ class Session:
         return model
 
 
+def _return_freed_memory() -> None:
+    """Collect the released session's models now and hand freed heap pages back to the system:
+    glibc keeps them otherwise, and a server's resident memory creeps up session after session."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:   # not glibc (macOS, Windows, musl): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
+
+
 def remove_inside(root: Path, path: Path) -> None:
     """Delete `path` (a folder this app made), but only when it lies strictly inside `root`."""
     root, target = root.resolve(), Path(path)
     if target.is_symlink() or not target.resolve().is_relative_to(root) or target.resolve() == root:
         raise ValueError(f"refusing to remove {path}: not strictly inside {root}")
     shutil.rmtree(target, ignore_errors=True)
+
+
+class SharedModels:
+    """Models shared by every session, loaded once, the `kept` most recently used kept (a
+    session still holding an older one keeps it alive until it lets go)."""
+
+    def __init__(self, kept: int):
+        self.kept = kept
+        self._models: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, load: Callable[[], Any]) -> Any:
+        with self._lock:
+            model = self._models.pop(key) if key in self._models else load()
+            self._models[key] = model
+            for old in list(self._models)[:-self.kept]:
+                del self._models[old]
+            return model
 
 
 class SessionStore:
@@ -101,6 +141,8 @@ class SessionStore:
             session = self._sessions.pop(session_hash or "", None)
         if session is not None:   # a tuning still running sees its folder gone and stops at its next step
             self.remove(session.folder)
+            del session
+            _return_freed_memory()
 
     def remove(self, path: Path) -> None:
         remove_inside(self.root, path)

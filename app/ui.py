@@ -198,7 +198,14 @@ def build_demo() -> gr.Blocks:
         inspect.click(h.inspect_run, [inspect_run, inspect_pick], [budget_plot, gates_plot, overlay_plot, curves_plot],
                       api_name="inspect", concurrency_id="inference")
         refresh.click(h.compare_runs, None, [table, compare_plot], api_name="compare")
-        demo.unload(h.release)
+
+        def release(request: gr.Request) -> None:
+            """The page closed: its session goes, and so does Gradio's copy of its page (every
+            component's config), which Gradio would otherwise keep for thousands of sessions."""
+            h.release(request)
+            demo.state_holder.session_data.pop(request.session_hash, None)
+
+        demo.unload(release)
     return demo
 
 

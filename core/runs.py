@@ -94,6 +94,8 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     started = time.perf_counter()
     config = make_config(method, options)
     lr = default_lr(method) if lr is None else lr
+    _check_settings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, frames=frames,
+                    extra_answers=extra_answers)
     out = Path(out) if out is not None else default_run_folder(method)
     created = _claim_run_folder(out)
     try:
@@ -111,9 +113,37 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
         raise
 
 
+# The training settings a run accepts: (type, lowest, highest); None for shots means all.
+SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (float, 0.0, 10.0),
+            "batch_size": (int, 1, 4096), "seed": (int, 0, checkpoint.MAX_SEED), "frames": (int, 1, checkpoint.MAX_FRAMES)}
+
+
+def _check_settings(extra_answers, **settings) -> None:
+    for name, value in settings.items():
+        kind, low, high = SETTINGS[name]
+        if name == "shots" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
+                or not low <= value <= high:
+            raise RunError(f"{name.replace('_', '-')} must be a {'number' if kind is float else 'whole number'} "
+                           f"from {low} to {high}, not {value!r:.40}")
+    if not isinstance(extra_answers, (list, tuple)) or len(extra_answers) > 1000 or not all(
+            isinstance(a, str) and len(a) <= 200 for a in extra_answers):
+        raise RunError("extra answers must be at most 1000 texts of at most 200 characters")
+
+
 def _claim_run_folder(out: Path) -> bool:
     """Make `out`, or accept an empty one (leftovers of a killed save count as empty and go);
     True when this run made it."""
+    try:
+        return _claim(out)
+    except (OSError, ValueError) as error:   # a name the file system refuses (too long, a NUL byte)
+        if isinstance(error, RunError):
+            raise
+        raise RunError(f"{str(out)[:200]}: cannot be used as a run folder ({error})") from error
+
+
+def _claim(out: Path) -> bool:
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise RunError(f"{out}: not a folder; choose another --out")
     if not out.exists():

@@ -220,3 +220,23 @@ def test_a_remote_spec_may_not_name_a_server_path_and_learns_nothing_of_it(spec)
     assert str(refused.value) == (f"'{spec}' names a file or folder on the server, which is not allowed here: use the "
                                   f"bundled model (offline), an open_clip name with or without a pretrained tag, "
                                   f"or a Hugging Face hub id")
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--shots", "0", "shots must be a whole number from 1 to 1000000, not 0"),
+    ("--epochs", "-1", "epochs must be a whole number from 0 to 10000, not -1"),
+    ("--lr", "nan", "lr must be a number from 0.0 to 10.0, not nan"),
+    ("--batch-size", "0", "batch-size must be a whole number from 1 to 4096, not 0"),
+    ("--frames", "999", "frames must be a whole number from 1 to 64, not 999"),
+    ("--out", "a\0b", "cannot be used as a run folder (embedded null byte)"),
+    ("--out", "x" * 5000, "cannot be used as a run folder ([Errno 36] File name too long"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(shapes, tmp_path, capsys, monkeypatch, flag, value,
+                                                             expected):
+    monkeypatch.chdir(tmp_path)
+    arguments = {"--out": str(tmp_path / "run"), flag: value}
+    code = main(["tune", "--model", TINY, "--data", str(shapes), "--method", "lora", "--json",
+                 *[part for pair in arguments.items() for part in pair]])
+    out, err = capsys.readouterr()
+    assert code == 2 and expected in json.loads(out.strip())["error"] and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PROCESSES: dict[str, subprocess.Popen] = {}   # the running app of each url
+
+
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
     """(url, sessions folder) of a running app."""
@@ -43,6 +46,7 @@ def app_server(tmp_path_factory):
                 process.kill()
                 raise RuntimeError(f"the app did not start:\n{(temp / 'app.log').read_text()}")
             time.sleep(0.5)
+    PROCESSES[url] = process
     yield url, temp / "petstudio-sessions"
     process.terminate()
     try:
@@ -57,3 +61,14 @@ def client(app_server):
     from gradio_client import Client
 
     return Client(app_server[0], verbose=False)
+
+
+@pytest.fixture
+def app_pid(app_server) -> int:
+    return PROCESSES[app_server[0]].pid
+
+
+def resident_mib(pid: int) -> float:
+    """The process's resident memory (VmRSS) in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024

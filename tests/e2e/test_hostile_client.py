@@ -10,7 +10,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from tests.e2e.conftest import PHOTOS, WORLD
+from tests.e2e.conftest import PHOTOS, WORLD, resident_mib
 from tests.e2e.test_client import TUNE_DEFAULTS, choice_value
 
 
@@ -169,3 +169,28 @@ def test_a_malformed_upload_gets_a_clear_report_and_leaves_nothing(app_server, t
     left = [p for p in next(iter(mine)).rglob("*") if p.is_file()]
     assert left == []    # nothing unpacked or copied stays in the session
     client.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the app's memory from /proc")
+def test_many_short_sessions_do_not_grow_the_server(app_server, app_pid):
+    """100 API sessions, each loading a set and searching it with the bundled model, then closed:
+    the app's resident memory after the 100th is within 10% of where it was after the 10th."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, sessions = app_server
+    before = _folders(sessions)
+
+    def short_session(_) -> int:
+        client = Client(url, verbose=False)
+        client.predict(PHOTOS, api_name="/load_sample")
+        hits, _ = client.predict("a cat", "frozen model only", "offline", api_name="/search_text")
+        client.close()   # its heartbeat ends: the app releases the session
+        return len(hits)
+
+    resident = {}
+    with ThreadPoolExecutor(4) as clients:   # the app's work is small; most of a call is waiting
+        for first, last in ((0, 10), (10, 100)):
+            assert list(clients.map(short_session, range(first, last))) == [5] * (last - first)
+            assert _released(sessions, before)   # every session so far is gone, its folder too
+            resident[last] = resident_mib(app_pid)
+    assert resident[100] <= 1.10 * resident[10], resident
