@@ -58,3 +58,37 @@ def test_only_the_most_recently_used_models_stay_loaded(tmp_path):
     session.model("run:3", loader("run:3"))   # run:1 is now the least recently used
     assert list(session.models) == ["run:2", "frozen", "run:3"]
     assert ("run:1", tmp_path) not in session.galleries and ("frozen", tmp_path) in session.galleries
+
+
+@pytest.mark.parametrize("hostile", ["-", "..", "/", ".", "", "%2e%2e", "../../etc", "a" * 3000, "\0", "☃"])
+def test_a_hostile_session_hash_names_nothing_on_disk(tmp_path, hostile):
+    store = SessionStore(tmp_path / "sessions")
+    victim = store.get("victim")
+    (victim.new_folder("runs", "lora") / "pet.safetensors").write_bytes(b"weights")
+    (tmp_path / "outside.txt").write_text("not the app's")
+    if not hostile:
+        with pytest.raises(RuntimeError, match="no session"):
+            store.get(hostile)
+        return
+    attacker = store.get(hostile)
+    assert attacker.folder.parent == store.root and len(attacker.folder.name) == 32   # drawn by the server
+    store.release(hostile)
+    store.sweep()
+    assert not attacker.folder.exists() and store.root.is_dir()
+    assert (victim.folder / "runs" / "01-lora" / "pet.safetensors").read_bytes() == b"weights"
+    assert (tmp_path / "outside.txt").read_text() == "not the app's"
+
+
+def test_nothing_outside_the_sessions_root_is_ever_removed(tmp_path):
+    from app.sessions import remove_inside
+
+    root = tmp_path / "sessions"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "keep").mkdir()
+    (root / "link").symlink_to(tmp_path / "keep")
+    for path in (root, tmp_path / "keep", root / "..", root / "a" / ".." / "..", root / "link"):
+        with pytest.raises(ValueError, match="refusing to remove"):
+            remove_inside(root, path)
+    assert root.is_dir() and (tmp_path / "keep").is_dir()
+    remove_inside(root, root / "a")
+    assert not (root / "a").exists()
