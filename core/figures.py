@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from plotly.subplots import make_subplots
 
+from core.tasks import headline_metric
+
 GATE_SCALE = "Viridis"
 
 
@@ -158,7 +160,7 @@ def training_figure(result: dict[str, Any], live: Optional[list[float]] = None) 
                                     line=dict(color="#e8833a")))
         metrics = train.get("epoch_metrics", [])
         if metrics:
-            key = headline_metric(metrics[0])
+            key = headline_metric(result.get("task", "retrieval"))   # as core.runs reads a run.json without one
             figure.add_trace(go.Scatter(x=x[:len(metrics)], y=[m[key] for m in metrics], mode="lines+markers",
                                         name=f"test {key} per epoch", line=dict(color="#34a853", dash="dot")),
                              secondary_y=True)
@@ -170,16 +172,11 @@ def training_figure(result: dict[str, Any], live: Optional[list[float]] = None) 
     return figure
 
 
-def headline_metric(metrics: dict[str, float]) -> str:
-    """The one number a run is summarised by: VQA accuracy, or text→image Recall@1."""
-    return "vqa_acc" if "vqa_acc" in metrics else "t2i_r1"
-
-
 def compare_figure(runs: list[dict[str, Any]]) -> go.Figure:
     """Each run's headline metric, tuned and zero-shot, against its trainable parameters (runs
-    scored by another metric than the first run's are left out)."""
+    not scored by the first run's task's headline metric are left out)."""
     figure = go.Figure()
-    key = headline_metric(runs[0]["tuned"]) if runs else "t2i_r1"
+    key = headline_metric(runs[0]["task"] if runs else "retrieval")
     same = [r for r in runs if key in r["tuned"]]
     x = [max(r["trainable_params"], 1) for r in same]
     for name, scores, marker in (("tuned", "tuned", dict(size=12, color="#5b8def")),

@@ -21,7 +21,7 @@ from core.data.media import DEFAULT_FRAMES, IMAGE_TYPES, VIDEO_TYPES, load_media
 from core.pet import PetHandle
 from core.pet.vlpet import VlPetHandle
 from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
-from core.tasks.retrieval import RERANK_TOP
+from core.tasks.matching import RERANK_TOP, match_scores, rerank
 from core.tasks.vqa import answer_scores, normalize_answer, prompt
 
 
@@ -136,12 +136,6 @@ def _inference(function: Callable) -> Callable:
     return run
 
 
-def _matching_scores(backbone: Backbone, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """ITM match logits of paired (media, text) rows."""
-    fused = backbone.fused_cls(media_tokens(backbone, pixels), tokens.to(backbone.device))
-    return backbone.match_logits(fused)[:, 1].float().cpu()
-
-
 def _top(scores: torch.Tensor, k: int) -> list[Hit]:
     if not torch.isfinite(scores).all():
         raise QueryError("the model gives scores that are not finite numbers (NaN or infinite): it is broken, "
@@ -165,11 +159,9 @@ def search_by_text(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmbe
     tokens = backbone.tokenize([text])
     query = embed_texts(backbone, tokens)[0]
     scores = embeddings.media @ query
-    if backbone.supports_matching:
-        top = scores.topk(min(RERANK_TOP, len(scores))).indices
-        rescored = torch.full_like(scores, -100.0)
-        rescored[top] = _matching_scores(backbone, gallery.pixels[top], tokens.expand(len(top), -1)) + scores[top]
-        scores = rescored
+    if backbone.has("matching"):
+        scores = rerank(scores, RERANK_TOP, lambda top: match_scores(
+            backbone, media_tokens(backbone, gallery.pixels[top]), tokens.expand(len(top), -1)))
     return Search(_top(scores, k), note)
 
 
@@ -182,12 +174,11 @@ def search_by_media(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmb
     pixels = _load_query_media(backbone, path, frames)
     query = embed_media(backbone, pixels)[0]
     scores = embeddings.captions @ query
-    if backbone.supports_matching:
-        top = scores.topk(min(RERANK_TOP, len(scores))).indices
-        tokens = backbone.tokenize([gallery.captions[i] for i in top.tolist()])
-        rescored = torch.full_like(scores, -100.0)
-        rescored[top] = _matching_scores(backbone, pixels.expand(len(top), *pixels.shape[1:]), tokens) + scores[top]
-        scores = rescored
+    if backbone.has("matching"):
+        image_tokens = media_tokens(backbone, pixels)   # one pass through the vision tower for every candidate
+        scores = rerank(scores, RERANK_TOP, lambda top: match_scores(
+            backbone, image_tokens.expand(len(top), -1, -1),
+            backbone.tokenize([gallery.captions[i] for i in top.tolist()])))
     return Search(_top(scores, k))
 
 
@@ -204,16 +195,16 @@ def answer(backbone: Backbone, path: str | Path, question: str, candidates: list
     """Rank `candidates` for `question` about the picture or clip at `path` (probabilities over
     the candidates); answer-generating backbones also generate their own answer."""
     candidates = list(dict.fromkeys(a for a in (normalize_answer(c) for c in candidates) if a))
-    if not candidates and not backbone.answers_by_generation:
+    if not candidates and not backbone.has("answer_generation"):
         raise QueryError("this model ranks answers: give candidate answers (the dataset has none)")
     # A dual encoder reads question and answer as one text: the question is cut until every
     # candidate's text keeps its answer, or all candidates would score alike.
-    wrap = (lambda q: [q]) if backbone.answers_by_generation else (lambda q: [prompt(q, a) for a in candidates])
+    wrap = (lambda q: [q]) if backbone.has("answer_generation") else (lambda q: [prompt(q, a) for a in candidates])
     question, note = _fit_text(backbone, question, "question", wrap)
     pixels = _load_query_media(backbone, path, frames)
     generated = None
     logits = torch.empty(0)
-    if backbone.answers_by_generation:
+    if backbone.has("answer_generation"):
         tokens = media_tokens(backbone, pixels)
         questions = backbone.tokenize([question])
         generated = backbone.generate_answers(tokens, questions)[0]

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.backbones import BackboneError, load_backbone
+from core.backbones import FAMILIES, BackboneError, Family, describe_spec, load_backbone, register_family
 from tests.conftest import TINY, embeddings
 
 
@@ -109,3 +109,46 @@ def test_bad_specs_get_clear_messages(spec, message):
 def test_pretrained_tag_without_network_says_so():
     with pytest.raises(BackboneError, match=r"could not fetch open_clip ViT-B-32 weights for tag openai \(no network"):
         load_backbone("openclip:ViT-B-32:openai")
+
+
+@pytest.mark.parametrize("spec, local_paths, notice", [
+    ("offline", False, "The bundled offline model: small, pretrained on PET Studio's procedural world, no network "
+                       "needed."),
+    ("openclip:ViT-B-32", False, "`openclip:ViT-B-32` has no pretrained weights: random init from the seed (for "
+                                 "trying the mechanics, not quality)."),
+    ("blip:Salesforce/blip-itm-base-coco", False, "`blip:Salesforce/blip-itm-base-coco` downloads its weights on "
+     "first use. Without a network the run falls back to the bundled offline model and says so here."),
+    ("blip-vqa:/srv/m", True, "`blip-vqa:/srv/m`: weights from a local path."),
+    ("openclip:ViT-B-32:/srv/x.pt", False, "`openclip:ViT-B-32:/srv/x.pt` names a file or folder on the server, "
+     "which this app does not open (its operator can allow it with PETSTUDIO_LOCAL_PATHS=1)."),
+    ("clip-ish:thing", False, "unknown backbone spec 'clip-ish:thing': expected openclip:NAME[:TAG|:PATH], "
+                              "blip:base|HUB_ID|PATH, blip-vqa:base|HUB_ID|PATH or offline"),
+])
+def test_a_spec_is_described_by_its_form_before_anything_loads(spec, local_paths, notice):
+    assert describe_spec(spec, local_paths) == notice
+
+
+def test_a_registered_family_is_read_loaded_and_described_like_the_others():
+    def load(spec, seed, local_paths):
+        return load_backbone(TINY, seed)
+
+    register_family(Family("toy", "toy", lambda rest: None if rest else ("PETStudio-Tiny", None, "random"), load,
+                           ("retrieval",), {"random": "`{spec}` is a toy."}))
+    try:
+        assert load_backbone("toy").tasks == ("retrieval",)
+        assert describe_spec("toy", local_paths=False) == "`toy` is a toy."
+        assert describe_spec("toy:x", local_paths=False).endswith("blip-vqa:base|HUB_ID|PATH, offline or toy")
+        with pytest.raises(ValueError, match="already registered"):
+            register_family(FAMILIES["toy"])
+    finally:
+        FAMILIES.pop("toy")
+
+
+def test_optional_parts_are_declared_and_refused_clearly_where_missing(tiny):
+    assert tiny.tasks == ("retrieval", "vqa") and not tiny.has("matching") and not tiny.has("image_tokens")
+    with pytest.raises(BackboneError, match=r"^openclip:PETStudio-Tiny has no image-text matching head$"):
+        tiny.fused_cls(torch.zeros(1, 4, 64), tiny.tokenize(["a cat"]))
+    with pytest.raises(BackboneError, match="openclip:PETStudio-Tiny has no answer decoder"):
+        tiny.generate_answers(torch.zeros(1, 4, 64), tiny.tokenize(["what?"]))
+    with pytest.raises(ValueError, match="unknown backbone capability 'itm'"):
+        tiny.has("itm")

@@ -59,5 +59,7 @@ def test_aurora_tunes_the_answer_decoder(blip_vqa, shapes_vqa, tmp_path):
 
 
 def test_retrieval_is_refused_on_an_answering_backbone(blip_vqa, tmp_path, shapes):
+    backbone = load_backbone(blip_vqa)
+    assert backbone.tasks == ("vqa",) and backbone.has("answer_generation") and not backbone.has("matching")
     with pytest.raises(RunError, match="serves vqa, not retrieval"):
         tune(blip_vqa, shapes, "lora", epochs=1, out=tmp_path / "run")

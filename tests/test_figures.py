@@ -64,17 +64,22 @@ def test_training_curve_with_metrics_per_epoch():
     assert list(steps.y) == [4.0, 3.0, 2.5, 2.0]
     assert list(epochs.x) == [2.0, 4.0] and list(epochs.y) == [3.5, 2.25]
     assert list(metric.y) == [10.0, 30.0] and metric.yaxis == "y2"
+    vqa = {"task": "vqa", "train": {**result["train"], "epoch_metrics": [{"vqa_acc": 5.0}, {"vqa_acc": 7.5}]}}
+    assert list(figures.training_figure(vqa).data[2].y) == [5.0, 7.5]
     live = figures.training_figure({}, live=[1.0, 0.5])
     assert len(live.data) == 1 and "(live)" in live.layout.title.text
 
 
 def test_compare_plots_each_run_against_its_budget():
-    runs = [{"method": "aurora", "trainable_params": 44_032, "zero_shot": {"t2i_r1": 59.4}, "tuned": {"t2i_r1": 78.1}},
-            {"method": "lora", "trainable_params": 1_536, "zero_shot": {"t2i_r1": 59.4}, "tuned": {"t2i_r1": 62.5}}]
+    runs = [{"method": "aurora", "task": "retrieval", "trainable_params": 44_032, "zero_shot": {"t2i_r1": 59.4},
+             "tuned": {"t2i_r1": 78.1}},
+            {"method": "lora", "task": "retrieval", "trainable_params": 1_536, "zero_shot": {"t2i_r1": 59.4},
+             "tuned": {"t2i_r1": 62.5}}]
     figure = figures.compare_figure(runs)
     tuned, zero_shot = figure.data
     assert list(tuned.x) == [44_032, 1_536] and list(tuned.y) == [78.1, 62.5]
     assert list(tuned.text) == ["aurora", "lora"]
     assert list(zero_shot.x) == [44_032, 1_536] and list(zero_shot.y) == [59.4, 59.4]
-    vqa_run = {**runs[0], "zero_shot": {"vqa_acc": 10.0}, "tuned": {"vqa_acc": 20.0}}
+    vqa_run = {**runs[0], "task": "vqa", "zero_shot": {"vqa_acc": 10.0}, "tuned": {"vqa_acc": 20.0}}
     assert len(figures.compare_figure([*runs, vqa_run]).data[0].x) == 2   # one metric per chart
+    assert figures.compare_figure([vqa_run, *runs]).layout.yaxis.title.text == "vqa_acc (%)"

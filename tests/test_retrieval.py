@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from core.tasks import TASKS, TaskError, headline_metric, lower_is_better, metric_label
 from core.tasks.retrieval import METRIC_KEYS, contrastive_loss, recall_metrics
 
 
@@ -40,3 +41,13 @@ def test_contrastive_loss_treats_captions_of_one_image_as_positives():
     assert soft.item() == pytest.approx(expected.item(), rel=1e-5)
     # Two captions of image 0 scored against image 1's: the third pair is a negative for both.
     assert contrastive_loss(image_emb, text_emb, torch.tensor([0, 0, 0]), scale) != pytest.approx(soft.item())
+
+
+def test_tasks_declare_their_metrics_headline_and_direction():
+    assert list(TASKS) == ["retrieval", "vqa"] and tuple(TASKS["retrieval"].metrics) == METRIC_KEYS
+    assert headline_metric("retrieval") == "t2i_r1" and headline_metric("vqa") == "vqa_acc"
+    assert metric_label("t2i_r1") == "text→image R@1" and metric_label("vqa_acc") == "VQA accuracy"
+    assert metric_label("made_up") == "made_up"
+    assert lower_is_better("i2t_medr") and not lower_is_better("i2t_r10") and not lower_is_better("vqa_acc")
+    with pytest.raises(TaskError, match="unknown task 'captioning': choose one of retrieval, vqa"):
+        headline_metric("captioning")

@@ -5,21 +5,24 @@ open_clip's hub mechanism), `openclip:NAME:PATH` (a local checkpoint file); `bli
 `blip:HUB_ID`, `blip:PATH` (transformers BLIP retrieval) and `blip-vqa:...` (BLIP question
 answering), see core.backbones.blip; `offline`, the small CLIP shipped in assets/offline.
 
-`parse_spec` reads a spec without touching the filesystem, so a spec from a client can be
-refused for naming a server path before anything looks at that path.
+Each family describes itself once in a `Family` registered with `register_family`: how its
+specs are written and read, how it loads, the tasks it serves and what the user is told about
+each kind of weights. `parse_spec` reads a spec without touching the filesystem, so a spec from
+a client can be refused for naming a server path before anything looks at that path.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from core.backbones.base import Backbone, BackboneError
+from core.backbones.base import CAPABILITIES, Backbone, BackboneError
 from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout
 
-__all__ = ["OFFLINE", "Backbone", "BackboneError", "BlockLayout", "Projection", "ResidualSite", "Spec",
-           "TowerLayout", "load_backbone", "parse_spec"]
+__all__ = ["CAPABILITIES", "FAMILIES", "OFFLINE", "Backbone", "BackboneError", "BlockLayout", "Family", "Projection",
+           "ResidualSite", "Spec", "TowerLayout", "describe_spec", "load_backbone", "parse_spec", "register_family"]
 
 
 OFFLINE = "offline"
@@ -29,7 +32,6 @@ OFFLINE_CHECKPOINT = Path(__file__).resolve().parents[2] / "assets" / "offline" 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _PATH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-_FORMS = "openclip:NAME[:TAG|:PATH], blip:base|HUB_ID|PATH, blip-vqa:base|HUB_ID|PATH or offline"
 
 
 @dataclass(frozen=True)
@@ -38,36 +40,71 @@ class Spec:
     "tag" (an open_clip pretrained tag), "hub" (a Hugging Face hub id) or "path" (a local file or folder)."""
 
     text: str
-    family: str                # offline, openclip, blip, blip-vqa
+    family: str                # the registered family's name: offline, openclip, blip, blip-vqa
     name: str                  # the open_clip model name ("" for other families)
     source: Optional[str]      # the tag, hub id or path
     weights: str
 
 
-def _is_path(source: str) -> bool:
-    return ("/" in source or "\\" in source or source.startswith(("~", "."))
-            or Path(source).suffix in _PATH_SUFFIXES)
+@dataclass(frozen=True)
+class Family:
+    """A backbone family as everything else sees it before loading. Its specs are `NAME` alone
+    or `NAME:REST`; `read(REST)` gives (model name, source, weights kind), or None when REST is
+    malformed, and never touches the filesystem. `load(spec, seed, local_paths)` imports the
+    family's library only when called, so reading and describing specs stays light. `notices`
+    says, for each kind of weights it reads, what the user is told before anything is tuned
+    (`{spec}` stands for the spec)."""
+
+    name: str
+    forms: str                      # how its specs are written, for messages
+    read: Callable[[str], Optional[tuple[str, Optional[str], str]]]
+    load: Callable[[Spec, int, bool], Backbone]
+    tasks: tuple[str, ...]          # the tasks its backbones serve
+    notices: dict[str, str]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Make `family` known to `parse_spec`, `load_backbone` and `describe_spec`; names are unique."""
+    if family.name in FAMILIES:
+        raise ValueError(f"a backbone family named {family.name} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def _forms() -> str:
+    forms = [family.forms for family in FAMILIES.values()]
+    return f"{', '.join(forms[:-1])} or {forms[-1]}"
 
 
 def parse_spec(spec: str) -> Spec:
     """Read a spec by its form alone (no filesystem access). A BLIP source of the form
     owner/name is a hub id; a local folder is written as an absolute path or starting with ./"""
     if not isinstance(spec, str) or not spec.strip() or len(spec) > 4096 or "\0" in spec:
-        raise BackboneError(f"a backbone spec must be a non-empty text: {_FORMS}")
+        raise BackboneError(f"a backbone spec must be a non-empty text: {_forms()}")
     spec = spec.strip()
-    if spec == OFFLINE:
-        return Spec(spec, OFFLINE, OFFLINE_ARCHITECTURE, None, "bundled")
-    family, _, rest = spec.partition(":")
-    if family == "openclip" and rest:
-        name, _, source = rest.partition(":")
-        if not source:
-            return Spec(spec, family, name, None, "random")
-        return Spec(spec, family, name, source, "path" if _is_path(source) else "tag")
-    if family in ("blip", "blip-vqa") and rest:
-        if rest == "base":
-            return Spec(spec, family, "", rest, "random")
-        return Spec(spec, family, "", rest, "hub" if HUB_ID.match(rest) and ".." not in rest else "path")
-    raise BackboneError(f"unknown backbone spec '{spec[:200]}': expected {_FORMS}")
+    name, colon, rest = spec.partition(":")
+    family = FAMILIES.get(name)
+    # A colon always introduces something: `offline:` and `openclip:` are not specs.
+    read = family.read(rest) if family is not None and (rest or not colon) else None
+    if read is None:
+        raise BackboneError(f"unknown backbone spec '{spec[:200]}': expected {_forms()}")
+    return Spec(spec, family.name, *read)
+
+
+def describe_spec(spec: str, local_paths: bool) -> str:
+    """Where the weights of `spec` come from, said before anything is tuned: from the spec's form
+    alone, so nothing on the server is looked at. A spec that cannot be read gets the reason instead."""
+    try:
+        parsed = parse_spec(spec)
+    except BackboneError as error:
+        return str(error)
+    if parsed.weights == "path" and not local_paths:
+        return (f"`{parsed.text}` names a file or folder on the server, which this app does not open "
+                f"(its operator can allow it with PETSTUDIO_LOCAL_PATHS=1).")
+    return FAMILIES[parsed.family].notices[parsed.weights].format(spec=parsed.text)
 
 
 def load_backbone(spec: str, seed: int = 0, fallback_offline: bool = False, local_paths: bool = True) -> Backbone:
@@ -92,25 +129,79 @@ def load_backbone(spec: str, seed: int = 0, fallback_offline: bool = False, loca
 
 
 def _load(spec: Spec, seed: int, local_paths: bool) -> Backbone:
-    if spec.family == OFFLINE:
-        from core.backbones.openclip import load_openclip
+    family = FAMILIES[spec.family]
+    backbone = family.load(spec, seed, local_paths)
+    backbone.tasks = family.tasks
+    return backbone
 
-        if not OFFLINE_CHECKPOINT.is_file():
-            raise BackboneError(f"the offline model is missing ({OFFLINE_CHECKPOINT}): "
-                                f"make it with python -m core.offline pretrain")
-        backbone = load_openclip(OFFLINE, OFFLINE_ARCHITECTURE, str(OFFLINE_CHECKPOINT), seed, as_path=True)
-        backbone.weights = "the bundled offline model (PETStudio-World, pretrained on the procedural world)"
-        return backbone
-    if spec.family == "openclip":
-        from core.backbones.openclip import load_openclip
 
-        return load_openclip(spec.text, spec.name, spec.source, seed, as_path=spec.weights == "path")
+# --- The families -------------------------------------------------------------------------------
+
+_RANDOM_NOTICE = ("`{spec}` has no pretrained weights: random init from the seed "
+                  "(for trying the mechanics, not quality).")
+_DOWNLOAD_NOTICE = ("`{spec}` downloads its weights on first use. Without a network the run falls back to the "
+                    "bundled offline model and says so here.")
+_PATH_NOTICE = "`{spec}`: weights from a local path."
+
+
+def _is_path(source: str) -> bool:
+    return ("/" in source or "\\" in source or source.startswith(("~", "."))
+            or Path(source).suffix in _PATH_SUFFIXES)
+
+
+def _read_openclip(rest: str) -> Optional[tuple[str, Optional[str], str]]:
+    if not rest:
+        return None
+    name, _, source = rest.partition(":")
+    if not source:
+        return name, None, "random"
+    return name, source, "path" if _is_path(source) else "tag"
+
+
+def _load_openclip(spec: Spec, seed: int, local_paths: bool) -> Backbone:
+    from core.backbones.openclip import load_openclip
+
+    return load_openclip(spec.text, spec.name, spec.source, seed, as_path=spec.weights == "path")
+
+
+def _load_offline(spec: Spec, seed: int, local_paths: bool) -> Backbone:
+    from core.backbones.openclip import load_openclip
+
+    if not OFFLINE_CHECKPOINT.is_file():
+        raise BackboneError(f"the offline model is missing ({OFFLINE_CHECKPOINT}): "
+                            f"make it with python -m core.offline pretrain")
+    backbone = load_openclip(OFFLINE, OFFLINE_ARCHITECTURE, str(OFFLINE_CHECKPOINT), seed, as_path=True)
+    backbone.weights = "the bundled offline model (PETStudio-World, pretrained on the procedural world)"
+    return backbone
+
+
+def _read_blip(rest: str) -> Optional[tuple[str, Optional[str], str]]:
+    if not rest:
+        return None
+    if rest == "base":
+        return "", rest, "random"
+    return "", rest, "hub" if HUB_ID.match(rest) and ".." not in rest else "path"
+
+
+def _load_blip(spec: Spec, seed: int, local_paths: bool, answering: bool) -> Backbone:
     from core.backbones.blip import load_blip
 
-    return load_blip(spec.text, spec.source, seed, answering=spec.family == "blip-vqa",
-                     kind="folder" if spec.weights == "path" or (local_paths and _local_folder(spec)) else spec.weights)
+    # A relative folder written like a hub id (owner/name) that exists here: for local use only.
+    local_folder = local_paths and spec.weights == "hub" and Path(spec.source).is_dir()
+    return load_blip(spec.text, spec.source, seed, answering=answering,
+                     kind="folder" if spec.weights == "path" or local_folder else spec.weights)
 
 
-def _local_folder(spec: Spec) -> bool:
-    """A relative folder written like a hub id (owner/name) that exists here: for local use only."""
-    return spec.weights == "hub" and Path(spec.source).is_dir()
+register_family(Family(
+    "openclip", "openclip:NAME[:TAG|:PATH]", _read_openclip, _load_openclip, ("retrieval", "vqa"),
+    {"random": _RANDOM_NOTICE, "tag": _DOWNLOAD_NOTICE, "path": _PATH_NOTICE}))
+register_family(Family(
+    "blip", "blip:base|HUB_ID|PATH", _read_blip, functools.partial(_load_blip, answering=False), ("retrieval", "vqa"),
+    {"random": _RANDOM_NOTICE, "hub": _DOWNLOAD_NOTICE, "path": _PATH_NOTICE}))
+register_family(Family(
+    "blip-vqa", "blip-vqa:base|HUB_ID|PATH", _read_blip, functools.partial(_load_blip, answering=True), ("vqa",),
+    {"random": _RANDOM_NOTICE, "hub": _DOWNLOAD_NOTICE, "path": _PATH_NOTICE}))
+register_family(Family(
+    OFFLINE, OFFLINE, lambda rest: None if rest else (OFFLINE_ARCHITECTURE, None, "bundled"), _load_offline,
+    ("retrieval", "vqa"),
+    {"bundled": "The bundled offline model: small, pretrained on PET Studio's procedural world, no network needed."}))

@@ -20,13 +20,23 @@ class BackboneError(ValueError):
         self.unreachable = unreachable
 
 
+# The optional parts of the interface, and what a backbone without one is said to lack. A
+# subclass declares those it implements in `capabilities`; the base class refuses the rest.
+CAPABILITIES = {
+    "image_tokens": "per-token vision output",  # image_tokens
+    "matching": "image-text matching head",     # text_cls, fused_cls, match_logits, embed_image_tokens, embed_text_cls
+    "answer_generation": "answer decoder",      # encode_question, answer_loss, answer_log_likelihoods, generate_answers
+}
+
+
 class Backbone(nn.Module):
     """A dual-encoder vision-language model seen through its tower layouts.
 
     Subclasses set `spec`, `family`, `weights` (a sentence saying where the weights came
     from, e.g. "random init (seed 0): no pretrained weights"), `towers` and `image_transform`,
-    and implement `encode_image`, `encode_text` and `tokenize`. A PET method's own parameters
-    live under the submodule `pet`, so `.to(device)` and DDP see them with the backbone's.
+    implement `encode_image`, `encode_text` and `tokenize`, and declare in `capabilities` the
+    optional parts (CAPABILITIES) they implement. A PET method's own parameters live under the
+    submodule `pet`, so `.to(device)` and DDP see them with the backbone's.
     """
 
     spec: str
@@ -35,14 +45,22 @@ class Backbone(nn.Module):
     towers: dict[str, TowerLayout]
     image_transform: Callable
     seed: int
-    supports_matching = False   # True for families with an image-text matching head (BLIP's ITM)
-    answers_by_generation = False   # True for families whose VQA generates answers (BLIP VQA)
-    tasks = ("retrieval", "vqa")    # the tasks this backbone serves
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(self):
         super().__init__()
         self.pet: Optional[nn.Module] = None
         self.fallback_note: Optional[str] = None   # set when this model stands in for an unreachable one
+        self.tasks: tuple[str, ...] = ()            # the tasks it serves: its family's, set by load_backbone
+
+    def has(self, capability: str) -> bool:
+        """Whether this backbone implements the optional part `capability` (one of CAPABILITIES)."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"unknown backbone capability '{capability}': one of {', '.join(CAPABILITIES)}")
+        return capability in self.capabilities
+
+    def _lacks(self, capability: str) -> BackboneError:
+        return BackboneError(f"{self.spec} has no {CAPABILITIES[capability]}")
 
     @property
     def pretrained(self) -> bool:
@@ -90,6 +108,49 @@ class Backbone(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         raise NotImplementedError
+
+    # --- Optional parts: a backbone without the capability refuses them clearly ---
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) vision tokens for heads that attend to them ("image_tokens")."""
+        raise self._lacks("image_tokens")
+
+    def embed_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """The image embedding from its vision tokens ("matching")."""
+        raise self._lacks("matching")
+
+    def text_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The unimodal text [CLS] ("matching")."""
+        raise self._lacks("matching")
+
+    def embed_text_cls(self, text_cls: torch.Tensor) -> torch.Tensor:
+        """The text embedding from its unimodal [CLS] ("matching")."""
+        raise self._lacks("matching")
+
+    def fused_cls(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The multimodal [CLS] of paired image tokens and texts ("matching")."""
+        raise self._lacks("matching")
+
+    def match_logits(self, fused_cls: torch.Tensor) -> torch.Tensor:
+        """(B, 2) logits (no match, match) from fused [CLS] vectors ("matching")."""
+        raise self._lacks("matching")
+
+    def encode_question(self, image_tokens: torch.Tensor, questions: torch.Tensor):
+        """(question states, their mask): the questions read against the image ("answer_generation")."""
+        raise self._lacks("answer_generation")
+
+    def answer_loss(self, image_tokens: torch.Tensor, questions: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced cross-entropy of the answers ("answer_generation")."""
+        raise self._lacks("answer_generation")
+
+    def answer_log_likelihoods(self, image_tokens: torch.Tensor, questions: torch.Tensor,
+                               answers: torch.Tensor) -> torch.Tensor:
+        """(B,) log-probability of each answer ("answer_generation")."""
+        raise self._lacks("answer_generation")
+
+    def generate_answers(self, image_tokens: torch.Tensor, questions: torch.Tensor) -> list[str]:
+        """The decoder's own answer to each question ("answer_generation")."""
+        raise self._lacks("answer_generation")
 
     def describe(self) -> str:
         return f"{self.spec} — {self.weights}"

@@ -200,7 +200,7 @@ class _BlipBase(Backbone):
 
 class BlipBackbone(_BlipBase):
     family = "blip"
-    supports_matching = True
+    capabilities = frozenset({"image_tokens", "matching"})
 
     def __init__(self, spec, model, processor, weights, seed):
         super().__init__(spec, model, processor, weights, seed)
@@ -266,8 +266,7 @@ class BlipAnsweringBackbone(_BlipBase):
     question encoder), decoder."""
 
     family = "blip-vqa"
-    tasks = ("vqa",)
-    answers_by_generation = True
+    capabilities = frozenset({"image_tokens", "answer_generation"})
     max_answer_tokens = 10
 
     def __init__(self, spec, model, processor, weights, seed):

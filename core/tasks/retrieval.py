@@ -15,10 +15,16 @@ from torch import nn
 from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
-from core.tasks.encoding import embed_media, embed_texts, encode_media, media_tokens
+from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
+from core.tasks.matching import RERANK_TOP, match_scores, rerank
 
-RERANK_TOP = 16   # candidates per query that a matching head (BLIP's ITM) re-scores
-METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_medr", "t2i_medr")
+METRICS = {   # key -> how people read it
+    "i2t_r1": "image→text R@1", "i2t_r5": "image→text R@5", "i2t_r10": "image→text R@10",
+    "t2i_r1": "text→image R@1", "t2i_r5": "text→image R@5", "t2i_r10": "text→image R@10",
+    "i2t_medr": "image→text median rank", "t2i_medr": "text→image median rank",
+}
+METRIC_KEYS = tuple(METRICS)
+LOWER_IS_BETTER = frozenset({"i2t_medr", "t2i_medr"})
 
 
 @dataclass
@@ -66,7 +72,7 @@ class RetrievalObjective(nn.Module):
         self.backbone, self.data, self.context_enhancement = backbone, data, context_enhancement
 
     def forward(self, caption_ids: torch.Tensor) -> torch.Tensor:
-        if self.backbone.supports_matching:
+        if self.backbone.has("matching"):
             return self._contrastive_and_matching_loss(caption_ids)
         image_ids = self.data.caption_image[caption_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
@@ -143,29 +149,23 @@ def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch
                        k: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(i2t, t2i) score matrices where each query's top-k ITC candidates are re-scored by
     ITM logit + ITC similarity and the rest stay below them (BLIP's evaluation)."""
-    was_training = backbone.training
-    backbone.eval()
-    image_tokens = torch.cat([media_tokens(backbone, p) for p in data.pixels.split(batch_size)])
-    tokens = data.tokens.to(backbone.device)
-    k_text, k_image = min(k, similarity.shape[1]), min(k, similarity.shape[0])
-    i2t = torch.full_like(similarity, -100.0)
-    for i in range(similarity.shape[0]):
-        top = similarity[i].topk(k_text).indices
-        fused = backbone.fused_cls(image_tokens[i].expand(k_text, -1, -1), tokens[top])
-        i2t[i, top] = backbone.match_logits(fused)[:, 1].float().cpu() + similarity[i, top]
-    t2i = torch.full_like(similarity, -100.0)
-    for j in range(similarity.shape[1]):
-        top = similarity[:, j].topk(k_image).indices
-        fused = backbone.fused_cls(image_tokens[top.to(image_tokens.device)], tokens[j].expand(k_image, -1))
-        t2i[top, j] = backbone.match_logits(fused)[:, 1].float().cpu() + similarity[top, j]
-    backbone.train(was_training)
+    with evaluating(backbone):
+        image_tokens = torch.cat([media_tokens(backbone, p) for p in data.pixels.split(batch_size)])
+        i2t = torch.stack([
+            rerank(similarity[i], k, lambda top: match_scores(backbone, image_tokens[i].expand(len(top), -1, -1),
+                                                              data.tokens[top]))
+            for i in range(similarity.shape[0])])
+        t2i = torch.stack([
+            rerank(similarity[:, j], k, lambda top: match_scores(backbone, image_tokens[top.to(image_tokens.device)],
+                                                                 data.tokens[j].expand(len(top), -1)))
+            for j in range(similarity.shape[1])], dim=1)
     return i2t, t2i
 
 
 def evaluate(backbone: Backbone, data: RetrievalSet, rerank_k: int = RERANK_TOP) -> dict[str, float]:
     images, texts = embed(backbone, data)
     similarity = images @ texts.T
-    if not backbone.supports_matching:
+    if not backbone.has("matching"):
         return recall_metrics(similarity, data.caption_image)
     i2t, t2i = rerank_by_matching(backbone, data, similarity, rerank_k)
     by_image, by_text = recall_metrics(i2t, data.caption_image), recall_metrics(t2i, data.caption_image)

@@ -22,9 +22,10 @@ from torch import nn
 from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
-from core.tasks.encoding import encode_media, media_tokens
+from core.tasks.encoding import encode_media, evaluating, media_tokens
 
-METRIC_KEYS = ("vqa_acc",)
+METRICS = {"vqa_acc": "VQA accuracy"}   # key -> how people read it
+METRIC_KEYS = tuple(METRICS)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
 
@@ -115,7 +116,7 @@ class VqaObjective(nn.Module):
         image_ids = self.data.question_image[question_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
         device = self.backbone.device
-        if self.backbone.answers_by_generation:
+        if self.backbone.has("answer_generation"):
             tokens = media_tokens(self.backbone, self.data.pixels[unique])[inverse.to(device)]
             return self.backbone.answer_loss(tokens, self.data.question_tokens[question_ids],
                                              self.data.answer_tokens[question_ids])
@@ -130,21 +131,20 @@ class VqaObjective(nn.Module):
 
 @torch.no_grad()
 def predict(backbone: Backbone, data: VqaSet, batch_size: int = 16) -> list[str]:
-    was_training = backbone.training
-    backbone.eval()
     predictions = []
-    for ids in torch.arange(len(data)).split(batch_size):
-        if backbone.answers_by_generation:
-            tokens = media_tokens(backbone, data.pixels[data.question_image[ids]])
-            predictions += backbone.generate_answers(tokens, data.question_tokens[ids])
-            continue
-        image_emb = encode_media(backbone, data.pixels[data.question_image[ids]])
-        scores = answer_scores(backbone, image_emb, [data.questions[i] for i in ids], data.candidates).float()
-        # A non-finite score (a broken model) picks nothing, so it is never counted as right.
-        scores = torch.where(torch.isfinite(scores), scores, float("-inf"))
-        best = scores.max(dim=1)
-        predictions += [data.candidates[i] if torch.isfinite(v) else "" for v, i in zip(best.values, best.indices)]
-    backbone.train(was_training)
+    with evaluating(backbone):
+        for ids in torch.arange(len(data)).split(batch_size):
+            if backbone.has("answer_generation"):
+                tokens = media_tokens(backbone, data.pixels[data.question_image[ids]])
+                predictions += backbone.generate_answers(tokens, data.question_tokens[ids])
+                continue
+            image_emb = encode_media(backbone, data.pixels[data.question_image[ids]])
+            scores = answer_scores(backbone, image_emb, [data.questions[i] for i in ids], data.candidates).float()
+            # A non-finite score (a broken model) picks nothing, so it is never counted as right.
+            scores = torch.where(torch.isfinite(scores), scores, float("-inf"))
+            best = scores.max(dim=1)
+            predictions += [data.candidates[i] if torch.isfinite(v) else ""
+                            for v, i in zip(best.values, best.indices)]
     return predictions
 
 
