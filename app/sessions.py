@@ -1,4 +1,4 @@
-"""Per-session state. Every browser tab (and every gradio_client) has its own working folder,
+"""Per-session state, shared by every tab. Every browser tab (and every gradio_client) has its own working folder,
 dataset, runs and loaded models, keyed by Gradio's session hash, so no user sees another's.
 Models and galleries are heavy and not deep-copyable, so they live here rather than in gr.State;
 a session is released when its page unloads, or after it has been idle for `idle_limit` seconds
@@ -33,7 +33,7 @@ class Run:
 
     name: str
     folder: Path
-    result: dict[str, Any]
+    result: Any                # core.result.RunResult
     local_paths: bool   # whether its backbone may name a server path (never for an uploaded run)
 
 
@@ -156,3 +156,15 @@ class SessionStore:
 
     def __contains__(self, session_hash: str) -> bool:
         return session_hash in self._sessions
+
+
+STORE = SessionStore()
+
+
+def session_of(request) -> Session:
+    """The session of a Gradio request (every event handler takes the request)."""
+    return STORE.get(request.session_hash)
+
+
+def release(request) -> None:
+    STORE.release(request.session_hash)

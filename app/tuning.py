@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from core.result import RunResult
 from core.runs import tune
 from core.trainer import Progress
 
@@ -44,7 +45,7 @@ def read_progress(live: Path) -> list[dict[str, Any]]:
 
 
 @gpu_bound
-def tune_on_device(live: str, **arguments) -> dict[str, Any]:
+def tune_on_device(live: str, **arguments) -> RunResult:
     """core.runs.tune, reporting each step to `live`/progress.jsonl and stopping when `live`/cancel appears."""
     folder = Path(live)
     with open(folder / PROGRESS_FILE, "a", encoding="utf-8") as log:

@@ -16,8 +16,7 @@ from typing import Any
 
 from core.data.media import DEFAULT_FRAMES
 from core.pet import METHODS
-from core.pet.options import describe
-from core.runs import USER_ERRORS
+from core.runs import USER_ERRORS, RunError
 from core.tasks import TASKS
 from core.trainer import Progress
 
@@ -25,14 +24,15 @@ from core.trainer import Progress
 def _method_options() -> dict[str, dict[str, Any]]:
     """Every option every method declares (core.pet.options); each becomes one --flag."""
     options: dict[str, dict[str, Any]] = {}
-    for name, module in METHODS.items():
-        for spec in describe(module.Config):
+    for name, method in METHODS.items():
+        for spec in method.options():
             options.setdefault(spec["name"], {**spec, "methods": []})["methods"].append(name)
     return options
 
 
-def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", required=True, choices=list(METHODS))
+def _add_method_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--method", required=required, choices=list(METHODS),
+                        help=None if required else "a method's budget (without it: every method, with its options)")
     group = parser.add_argument_group("method options (each method takes its own)")
     for name, spec in _method_options().items():
         flag, dest = "--" + name.replace("_", "-"), f"option_{name}"
@@ -56,9 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="PET Studio's tuning engine")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    info = commands.add_parser("info", help="parameter budget of a method on a backbone")
-    info.add_argument("--model", required=True, help="backbone spec, e.g. openclip:ViT-B-32:openai")
-    _add_method_arguments(info)
+    info = commands.add_parser("info", help="the methods and their options, or a method's budget on a backbone")
+    info.add_argument("--model", help="backbone spec, e.g. openclip:ViT-B-32:openai (needed with --method)")
+    _add_method_arguments(info, required=False)
 
     tune = commands.add_parser("tune", help="tune a method on a dataset and score it before and after")
     tune.add_argument("--model", required=True)
@@ -119,6 +119,12 @@ def run_info(args) -> dict[str, Any]:
     from core.backbones import load_backbone
     from core.pet import attach
 
+    if args.method is None:
+        return {"methods": [{"name": m.name, "label": m.label, "trains": m.trains, "default_lr": m.default_lr,
+                             "options": m.options()}
+                            for m in METHODS.values()]}
+    if args.model is None:
+        raise RunError("info --method needs --model: the budget is counted on a backbone")
     backbone = load_backbone(args.model, fallback_offline=True)
     handle = attach(backbone, args.method, _collect_options(args))
     total = backbone.num_backbone_params()
@@ -138,12 +144,12 @@ def run_tune(args) -> dict[str, Any]:
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                   out=args.out, bf16=args.bf16, task=args.task, extra_answers=args.answers,
                   frames=args.frames, progress=_progress_printer(), epoch_metrics=args.epoch_metrics)
-    if result["note"]:
-        _note(f"note: {result['note']}")
-    _note(f"backbone: {result['backbone']} — {result['backbone_weights']}")
-    summary = {k: result[k] for k in ("task", "method", "backbone", "trainable_params", "trainable_pct", "zero_shot",
-                                      "tuned", "seconds", "out", "backbone_weights", "note")}
-    return {**summary, "epoch_metrics": result["train"]["epoch_metrics"]}
+    if result.note:
+        _note(f"note: {result.note}")
+    _note(f"backbone: {result.backbone} — {result.backbone_weights}")
+    summary = {k: getattr(result, k) for k in ("task", "method", "backbone", "trainable_params", "trainable_pct",
+                                               "zero_shot", "tuned", "seconds", "out", "backbone_weights", "note")}
+    return {**summary, "epoch_metrics": result.train.epoch_metrics}
 
 
 def run_eval(args) -> dict[str, Any]:
@@ -179,10 +185,10 @@ def run_demo(args) -> dict[str, Any]:
                             ("vlpet", {"granularity": "middleY"})):
         result = tune("offline", data, method, options, shots=16, epochs=15,
                       lr=suggested_lr("offline", method), out=out / method)
-        rows[method] = {"trainable_params": result["trainable_params"], "t2i_r1": result["tuned"]["t2i_r1"],
-                        "i2t_r1": result["tuned"]["i2t_r1"], "seconds": result["seconds"]}
-        _note(f"{method:>13}: {result['trainable_params']:>7,} params  t2i R@1 {result['tuned']['t2i_r1']:5.1f}  "
-              f"i2t R@1 {result['tuned']['i2t_r1']:5.1f}  ({result['seconds']:.1f}s)")
+        rows[method] = {"trainable_params": result.trainable_params, "t2i_r1": result.tuned["t2i_r1"],
+                        "i2t_r1": result.tuned["i2t_r1"], "seconds": result.seconds}
+        _note(f"{method:>13}: {result.trainable_params:>7,} params  t2i R@1 {result.tuned['t2i_r1']:5.1f}  "
+              f"i2t R@1 {result.tuned['i2t_r1']:5.1f}  ({result.seconds:.1f}s)")
     return {"model": "offline", "data": str(data), "shots": 16, "methods": rows}
 
 

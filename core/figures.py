@@ -1,5 +1,5 @@
 """Plotly figures of a run: its parameter budget, what its gates learned, its training curve,
-and a session's runs side by side. Inputs are plain numbers (a run's result dict, a handle's
+and a session's runs side by side. Inputs are plain numbers (a run's result, a handle's
 readout); nothing here touches a model."""
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from plotly.subplots import make_subplots
 
+from core.pet import get_method
+from core.result import RunResult
 from core.tasks import headline_metric
 
 GATE_SCALE = "Viridis"
@@ -122,12 +124,12 @@ def message_figure(message: str) -> go.Figure:
 
 
 def gate_figure(method: str, config: Any, readout: dict[str, torch.Tensor]) -> go.Figure:
-    """What a method's gates learned: VL-PET's G, Aurora's λ, ΔW norms and GQT; others have none."""
-    if method == "vlpet" and readout:
-        return vlpet_gate_figure(readout, config.granularity)
-    if method == "aurora" and readout:
-        return aurora_figure(readout)
-    return message_figure(f"{method} has no gates or mode vectors to show: its budget is above.")
+    """What a method's gates or mode vectors learned: the figure the method declares for its
+    readout (core.pet.registry); a method without one has nothing of the kind to show."""
+    figure = get_method(method).figure
+    if figure is None or not readout:
+        return message_figure(f"{method} has no gates or mode vectors to show: its budget is above.")
+    return figure(config, readout)
 
 
 def patch_overlay_figure(image: Image.Image, patch_map: torch.Tensor, title: str) -> go.Figure:
@@ -145,25 +147,25 @@ def patch_overlay_figure(image: Image.Image, patch_map: torch.Tensor, title: str
     return figure
 
 
-def training_figure(result: dict[str, Any], live: Optional[list[float]] = None) -> go.Figure:
-    """Loss per step, mean loss per epoch and (when scored) the test metric per epoch."""
-    train = result.get("train", {}) if result else {}
-    steps = live if live is not None else train.get("step_losses", [])
+def training_figure(result: Optional[RunResult], live: Optional[list[float]] = None) -> go.Figure:
+    """Loss per step, mean loss per epoch and (when scored) the test metric per epoch; with
+    `live`, the losses of a tuning still running."""
+    train = result.train if result is not None else None
+    steps = live if live is not None else (train.step_losses if train else [])
     figure = make_subplots(specs=[[{"secondary_y": True}]])
     figure.add_trace(go.Scatter(x=list(range(1, len(steps) + 1)), y=steps, mode="lines", name="loss per step",
                                 line=dict(color="#5b8def")))
-    epochs = train.get("epoch_losses", []) if live is None else []
+    epochs = train.epoch_losses if train and live is None else []
     if epochs and steps:
         per_epoch = len(steps) / len(epochs)
         x = [per_epoch * (i + 1) for i in range(len(epochs))]
         figure.add_trace(go.Scatter(x=x, y=epochs, mode="lines+markers", name="mean loss per epoch",
                                     line=dict(color="#e8833a")))
-        metrics = train.get("epoch_metrics", [])
-        if metrics:
-            key = headline_metric(result.get("task", "retrieval"))   # as core.runs reads a run.json without one
-            figure.add_trace(go.Scatter(x=x[:len(metrics)], y=[m[key] for m in metrics], mode="lines+markers",
-                                        name=f"test {key} per epoch", line=dict(color="#34a853", dash="dot")),
-                             secondary_y=True)
+        if train.epoch_metrics:
+            key = headline_metric(result.task)
+            figure.add_trace(go.Scatter(x=x[:len(train.epoch_metrics)], y=[m[key] for m in train.epoch_metrics],
+                                        mode="lines+markers", name=f"test {key} per epoch",
+                                        line=dict(color="#34a853", dash="dot")), secondary_y=True)
             figure.update_yaxes(title_text=f"{key} (%)", secondary_y=True)
     figure.update_xaxes(title_text="step")
     figure.update_yaxes(title_text="loss", secondary_y=False)
@@ -172,18 +174,18 @@ def training_figure(result: dict[str, Any], live: Optional[list[float]] = None) 
     return figure
 
 
-def compare_figure(runs: list[dict[str, Any]]) -> go.Figure:
+def compare_figure(runs: list[RunResult]) -> go.Figure:
     """Each run's headline metric, tuned and zero-shot, against its trainable parameters (runs
     not scored by the first run's task's headline metric are left out)."""
     figure = go.Figure()
-    key = headline_metric(runs[0]["task"] if runs else "retrieval")
-    same = [r for r in runs if key in r["tuned"]]
-    x = [max(r["trainable_params"], 1) for r in same]
+    key = headline_metric(runs[0].task if runs else "retrieval")
+    same = [r for r in runs if key in r.tuned]
+    x = [max(r.trainable_params, 1) for r in same]
     for name, scores, marker in (("tuned", "tuned", dict(size=12, color="#5b8def")),
                                  ("zero-shot", "zero_shot", dict(size=10, color="#9aa0a6", symbol="circle-open"))):
         figure.add_trace(go.Scatter(
-            x=x, y=[r[scores][key] for r in same], mode="markers+text" if name == "tuned" else "markers",
-            text=[r["method"] for r in same], textposition="top center", marker=marker, name=name,
+            x=x, y=[getattr(r, scores)[key] for r in same], mode="markers+text" if name == "tuned" else "markers",
+            text=[r.method for r in same], textposition="top center", marker=marker, name=name,
             hovertemplate="%{text}: %{x:,} trainable, " + f"{name} {key}" + " %{y:.1f}<extra></extra>"))
     if x:
         span = [math.log10(v) for v in x]

@@ -126,11 +126,11 @@ def compare(out: Path, part: str, shots: int, seeds: list[int], epochs: int = 15
         rate = full_lr if method == "full" else lr
         runs = [tune("offline", data, method, options, shots=shots, epochs=epochs, lr=rate,
                      seed=seed, out=out / "runs" / f"{label}-{seed}") for seed in seeds]
-        mean = lambda key, part_="tuned": sum(r[part_][key] for r in runs) / len(runs)  # noqa: E731
+        mean = lambda key, part_="tuned": sum(getattr(r, part_)[key] for r in runs) / len(runs)  # noqa: E731
         rows.append({"method": method + (f" ({options['granularity']})" if options else ""),
-                     "trainable_params": runs[0]["trainable_params"], "trainable_pct": runs[0]["trainable_pct"],
+                     "trainable_params": runs[0].trainable_params, "trainable_pct": runs[0].trainable_pct,
                      "zero_shot_t2i_r1": mean("t2i_r1", "zero_shot"), "t2i_r1": mean("t2i_r1"),
-                     "i2t_r1": mean("i2t_r1"), "seconds": sum(r["seconds"] for r in runs) / len(runs)})
+                     "i2t_r1": mean("i2t_r1"), "seconds": sum(r.seconds for r in runs) / len(runs)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 

@@ -19,7 +19,6 @@ from core.data import Dataset, DatasetError
 from core.data.reader import media_problem
 from core.data.media import DEFAULT_FRAMES, IMAGE_TYPES, VIDEO_TYPES, load_media, open_image, read_video_frames
 from core.pet import PetHandle
-from core.pet.vlpet import VlPetHandle
 from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
 from core.tasks.matching import RERANK_TOP, match_scores, rerank
 from core.tasks.vqa import answer_scores, normalize_answer, prompt
@@ -241,8 +240,4 @@ def read_gates(handle: PetHandle, path: Optional[str | Path] = None, text: Optio
         pixels = backbone.image_transform(picture)[None].to(backbone.device)
     tokens = backbone.tokenize([text]) if text else None
     readout = handle.gate_readout(pixels, tokens.to(backbone.device) if tokens is not None else None)
-    maps = []
-    if isinstance(handle, VlPetHandle):
-        maps = [handle.patch_map(gate)[0] for key, gate in readout.items()
-                if key.startswith("vision.") and gate.ndim in (2, 3)]
-    return GateView(readout, picture, torch.stack(maps).mean(dim=0) if maps else None)
+    return GateView(readout, picture, handle.vision_token_map(readout))

@@ -18,6 +18,7 @@ from core.backbones import OFFLINE, Backbone, BackboneError, load_backbone
 from core.data import DEFAULT_LIMITS, Dataset, DatasetError, few_shot, read_dataset
 from core.data.media import DEFAULT_FRAMES
 from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, make_config
+from core.result import MAX_FRAMES, MAX_SEED, DatasetSummary, RunResult, TrainSummary
 from core.tasks import Task, TaskError, get_task
 from core.trainer import Progress, TrainingDiverged, TrainSettings, bf16_supported, pick_device, train
 
@@ -82,12 +83,12 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
          extra_answers: tuple[str, ...] = (), frames: int = DEFAULT_FRAMES,
          progress: Optional[Callable[[Progress], None]] = None,
          cancel: Optional[Callable[[], bool]] = None, epoch_metrics: bool = False,
-         local_paths: bool = True) -> dict[str, Any]:
+         local_paths: bool = True) -> RunResult:
     """Tune `method` on `model` with the training split of `data`; score the test split before and after.
 
     `task` is retrieval or vqa; `extra_answers` adds VQA candidate answers to the dataset's own;
     video datasets are read at `frames` uniformly sampled frames per clip. With `epoch_metrics`
-    the test split is also scored after every epoch (result["train"]["epoch_metrics"]). Without
+    the test split is also scored after every epoch (result.train.epoch_metrics). Without
     `local_paths` the model may not name a file or folder (a spec from a remote client).
     A run that fails leaves nothing behind: the run folder is removed if it made it, emptied if
     it was given an empty one."""
@@ -115,7 +116,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
 
 # The training settings a run accepts: (type, lowest, highest); None for shots means all.
 SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (float, 0.0, 10.0),
-            "batch_size": (int, 1, 4096), "seed": (int, 0, checkpoint.MAX_SEED), "frames": (int, 1, checkpoint.MAX_FRAMES)}
+            "batch_size": (int, 1, 4096), "seed": (int, 0, MAX_SEED), "frames": (int, 1, MAX_FRAMES)}
 
 
 def _check_settings(extra_answers, **settings) -> None:
@@ -159,7 +160,7 @@ def _claim(out: Path) -> bool:
 
 
 def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, seed, out, bf16, task, extra_answers,
-          frames, progress, cancel, epoch_metrics, local_paths) -> dict[str, Any]:
+          frames, progress, cancel, epoch_metrics, local_paths) -> RunResult:
     seed_everything(seed)
     dataset = read_dataset(data, out, DEFAULT_LIMITS)
     if frames < 1:
@@ -183,49 +184,36 @@ def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, s
     settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16)
     log, per_epoch = None, []
     if handle.num_trainable() and epochs > 0:
-        objective = task_def.objective(backbone, task_def.prepare(backbone, train_items), handle.context_enhancement)
+        objective = task_def.objective(backbone, task_def.prepare(backbone, train_items), handle)
         epoch_end = (lambda epoch: per_epoch.append(task_def.evaluate(backbone, test_set))) if epoch_metrics else None
         log = train(objective, handle.trainable_parameters(), settings, progress, cancel, epoch_end)
     tuned = score(task_def, handle, test_set)
 
-    result = {
-        "task": task,
-        "extra_answers": list(extra_answers),
-        "frames": frames,
-        "method": method,
-        "config": config_to_dict(config),
-        "backbone": model,
-        "backbone_weights": backbone.weights,
-        "note": backbone.fallback_note,
-        "seed": seed,
-        "backbone_params": backbone.num_backbone_params(),
-        "trainable_params": handle.num_trainable(),
-        "trainable_pct": 100.0 * handle.num_trainable() / backbone.num_backbone_params(),
-        "groups": handle.budget(),
-        "dataset": {"fingerprint": dataset.fingerprint, "manifest": dataset.manifest, **dataset.stats(),
-                    "train_used": len(train_items)},
-        "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "shots": shots, "bf16": bf16,
-                  "device": device.type, "epoch_losses": log.epoch_losses if log else [],
-                  "step_losses": log.step_losses if log else [], "epoch_metrics": per_epoch,
-                  "cancelled": bool(log and log.cancelled)},
-        "zero_shot": zero_shot,
-        "tuned": tuned,
-        "seconds": time.perf_counter() - started,
-        "out": str(out),
-    }
+    result = RunResult(
+        method=method, config=config_to_dict(config), backbone=model, seed=seed, task=task,
+        extra_answers=list(extra_answers), frames=frames, note=backbone.fallback_note,
+        backbone_weights=backbone.weights, backbone_params=backbone.num_backbone_params(),
+        trainable_params=handle.num_trainable(),
+        trainable_pct=100.0 * handle.num_trainable() / backbone.num_backbone_params(), groups=handle.budget(),
+        dataset=DatasetSummary(fingerprint=dataset.fingerprint, manifest=dataset.manifest, **dataset.stats(),
+                               train_used=len(train_items)),
+        train=TrainSummary(epochs=epochs, lr=lr, batch_size=batch_size, shots=shots, bf16=bf16, device=device.type,
+                           epoch_losses=log.epoch_losses if log else [], step_losses=log.step_losses if log else [],
+                           epoch_metrics=per_epoch, cancelled=bool(log and log.cancelled)),
+        zero_shot=zero_shot, tuned=tuned, seconds=time.perf_counter() - started, out=str(out))
     checkpoint.save(out, handle, result)
     return result
 
 
-def load_run(model: str, pet: str | Path, local_paths: bool = True) -> tuple[Backbone, PetHandle, dict[str, Any]]:
+def load_run(model: str, pet: str | Path, local_paths: bool = True) -> tuple[Backbone, PetHandle, RunResult]:
     """The backbone (re-drawn from the run's seed when it has no weights) with the run's PET weights.
     Without `local_paths` the run's backbone may not name a file or folder (an uploaded run)."""
     info, weights = checkpoint.read(pet)
-    if model != info["backbone"]:
+    if model != info.backbone:
         raise checkpoint.CheckpointError(f"{weights.parent / checkpoint.RUN_INFO}: these weights were tuned on "
-                                         f"{info['backbone'][:200]}, not {model}")
-    backbone = load_backbone(model, info.get("seed", 0), local_paths=local_paths).to(pick_device())
-    handle = attach(backbone, info["method"], info["config"])
+                                         f"{info.backbone[:200]}, not {model}")
+    backbone = load_backbone(model, info.seed, local_paths=local_paths).to(pick_device())
+    handle = attach(backbone, info.method, info.config)
     checkpoint.load_into(handle, weights)
     return backbone, handle, info
 
@@ -236,9 +224,8 @@ def evaluate(model: str, pet: str | Path, data: str | Path) -> dict[str, Any]:
     run_folder = Path(pet) if Path(pet).is_dir() else Path(pet).parent
     with tempfile.TemporaryDirectory(dir=run_folder, prefix="eval-") as workdir:
         dataset = read_dataset(data, workdir, DEFAULT_LIMITS)
-        task = get_task(info.get("task", "retrieval"), dataset, tuple(info.get("extra_answers", ())),
-                        info.get("frames", DEFAULT_FRAMES))
+        task = get_task(info.task, dataset, tuple(info.extra_answers), info.frames)
         metrics = score(task, handle, _test_set(task, backbone, dataset))
-    same = dataset.fingerprint == info.get("dataset", {}).get("fingerprint")
-    return {"method": info["method"], "task": task.name, "backbone": model, "metrics": metrics,
+    same = info.dataset is not None and dataset.fingerprint == info.dataset.fingerprint
+    return {"method": info.method, "task": task.name, "backbone": model, "metrics": metrics,
             "same_data_as_tuning": same}

@@ -21,7 +21,7 @@ def test_progress_and_cancel_reach_a_tuning_in_another_process(tmp_path):
         (live / CANCEL_FILE).touch()
         result = job.result()
     steps = read_progress(live)
-    assert result["train"]["cancelled"] and 3 <= len(steps) < steps[0]["total_steps"]
+    assert result.train.cancelled and 3 <= len(steps) < steps[0]["total_steps"]
     assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
-    assert [s["loss"] for s in steps] == result["train"]["step_losses"]
+    assert [s["loss"] for s in steps] == result.train.step_losses
     assert (tmp_path / "run" / "pet.safetensors").is_file()

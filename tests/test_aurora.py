@@ -64,10 +64,10 @@ def test_merge_and_unmerge_agree_and_leave_no_extra_computation(tiny, batch):
 
 
 def test_gradients_reach_only_aurora_parameters_and_declared_heads(tiny):
-    handle = attach(tiny, "aurora", {"gqt": True, "heads": True})
+    handle = attach(tiny, "aurora", {"gqt": True, "heads": True, "ice": True})
     data = RetrievalSet(torch.randn(4, 3, 32, 32), tiny.tokenize(["a", "b c", "d e f", "g"]), torch.arange(4))
     _randomise(handle, seed=4)
-    RetrievalObjective(tiny, data, context_enhancement=0.1).train()(torch.arange(4)).backward()
+    RetrievalObjective(tiny, data, handle).train()(torch.arange(4)).backward()
     trainable = handle.trainable_parameters()
     assert set(trainable) == {n for n, _ in tiny.named_parameters() if n.startswith("pet.")} | {"model.visual.proj"}
     for name, p in tiny.named_parameters():
@@ -89,6 +89,6 @@ def test_readout_has_modes_delta_norms_and_gqt_per_layer(tiny):
 
 def test_aurora_tunes_a_tiny_clip_above_chance(shapes, tmp_path):
     result = tune(TINY, shapes, "aurora", {"rank": 16}, epochs=8, lr=1e-2, seed=0, out=tmp_path / "run")
-    losses = result["train"]["epoch_losses"]
+    losses = result.train.epoch_losses
     assert losses[-1] < 0.8 * losses[0]
-    assert result["tuned"]["t2i_r1"] >= 3 * 100 / 24 and result["tuned"]["t2i_r1"] > result["zero_shot"]["t2i_r1"]
+    assert result.tuned["t2i_r1"] >= 3 * 100 / 24 and result.tuned["t2i_r1"] > result.zero_shot["t2i_r1"]

@@ -100,7 +100,7 @@ def test_gradients_reach_only_aurora_parameters_and_the_heads(tiny_blip):
     _randomise(handle, seed=2)
     data = RetrievalSet(torch.randn(4, 3, 32, 32), tiny_blip.tokenize(["a", "b c", "d e f", "g"]), torch.arange(4))
     torch.manual_seed(0)
-    RetrievalObjective(tiny_blip, data, handle.context_enhancement).train()(torch.arange(4)).backward()
+    RetrievalObjective(tiny_blip, data, handle).train()(torch.arange(4)).backward()
     trainable = handle.trainable_parameters()
     heads = {n for n, _ in tiny_blip.named_parameters() if n.startswith(("model.vision_proj", "model.itm_head"))}
     assert set(trainable) == {n for n, _ in tiny_blip.named_parameters() if n.startswith("pet.")} | heads
@@ -111,11 +111,11 @@ def test_gradients_reach_only_aurora_parameters_and_the_heads(tiny_blip):
 def test_aurora_tunes_tiny_blip_above_chance_and_the_checkpoint_round_trips(tiny_blip_folder, shapes, tmp_path):
     spec = f"blip:{tiny_blip_folder}"
     result = tune(spec, shapes, "aurora", {"gqt": True, "ice": True}, epochs=10, lr=1e-2, seed=0, out=tmp_path / "run")
-    losses = result["train"]["epoch_losses"]
+    losses = result.train.epoch_losses
     assert losses[-1] < 0.8 * losses[0]
     chance = 100 / 24
-    assert result["tuned"]["t2i_r1"] >= 3 * chance and result["tuned"]["i2t_r1"] >= 3 * chance
-    assert evaluate(spec, tmp_path / "run", shapes)["metrics"] == result["tuned"]
+    assert result.tuned["t2i_r1"] >= 3 * chance and result.tuned["i2t_r1"] >= 3 * chance
+    assert evaluate(spec, tmp_path / "run", shapes)["metrics"] == result.tuned
 
 
 def test_other_methods_attach_where_their_definition_allows(tiny_blip, inputs):

@@ -33,10 +33,10 @@ def test_aurora_adapts_vision_question_encoder_and_answer_decoder(blip_vqa):
 def test_generated_answers_learn_the_shapes(blip_vqa, shapes_vqa, tmp_path):
     result = tune(blip_vqa, shapes_vqa, "full", epochs=30, lr=3e-3, batch_size=16, task="vqa", seed=0,
                   out=tmp_path / "run")
-    losses = result["train"]["epoch_losses"]
+    losses = result.train.epoch_losses
     assert losses[-1] < 0.2 * losses[0]
-    assert result["tuned"]["vqa_acc"] >= 50.0 and result["zero_shot"]["vqa_acc"] < 10.0
-    assert evaluate(blip_vqa, tmp_path / "run", shapes_vqa)["metrics"] == result["tuned"]
+    assert result.tuned["vqa_acc"] >= 50.0 and result.zero_shot["vqa_acc"] < 10.0
+    assert evaluate(blip_vqa, tmp_path / "run", shapes_vqa)["metrics"] == result.tuned
     # Ranking candidates by the decoder's likelihood (the app's Ask tab) agrees with what it generates.
     backbone, _, _ = load_run(blip_vqa, tmp_path / "run")
     dataset = read_dataset(shapes_vqa, tmp_path)
@@ -54,7 +54,7 @@ def test_generated_answers_learn_the_shapes(blip_vqa, shapes_vqa, tmp_path):
 def test_aurora_tunes_the_answer_decoder(blip_vqa, shapes_vqa, tmp_path):
     result = tune(blip_vqa, shapes_vqa, "aurora", {"gqt": True}, epochs=4, lr=1e-2, batch_size=16, task="vqa",
                   seed=0, out=tmp_path / "run")
-    losses = result["train"]["epoch_losses"]
+    losses = result.train.epoch_losses
     assert losses[-1] < 0.85 * losses[0]
 
 

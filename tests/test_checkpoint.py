@@ -14,7 +14,7 @@ from tests.conftest import TINY, embeddings
 def test_every_method_round_trips_through_safetensors(shapes, tmp_path, method):
     result = tune(TINY, shapes, method, shots=4, epochs=1, lr=1e-2, seed=2, out=tmp_path / "run")
     _, handle, info = load_run(TINY, tmp_path / "run")
-    assert info["method"] == method and info["trainable_params"] == handle.num_trainable()
+    assert info.method == method and info.trainable_params == handle.num_trainable()
     saved = handle.state_dict()
     pixels = torch.randn(2, 3, 32, 32)
     tokens = handle.backbone.tokenize(["a red circle", "a blue square"])
@@ -24,7 +24,7 @@ def test_every_method_round_trips_through_safetensors(shapes, tmp_path, method):
     _, handle_again, _ = load_run(TINY, tmp_path / "again")
     assert all(torch.equal(saved[n], t) for n, t in handle_again.state_dict().items())
     assert all(torch.equal(a, b) for a, b in zip(reloaded, embeddings(handle_again.backbone, pixels, tokens)))
-    assert result["tuned"] == again["tuned"]
+    assert result.tuned == again.tuned
 
 
 @pytest.fixture

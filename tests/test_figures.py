@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from core import figures
+from core.result import RunResult, TrainSummary
 from core.pet import attach
 from core.pet.vlpet import Config as VlPetConfig
 
@@ -57,29 +58,37 @@ def test_overlay_puts_one_cell_on_each_patch():
     assert heatmap.dx == heatmap.dy == 56 and heatmap.x0 == 28
 
 
+def _train(**changes) -> TrainSummary:
+    return TrainSummary(**{**dict(epochs=2, lr=1e-2, batch_size=2, shots=None, bf16=False, device="cpu",
+                                  epoch_losses=[3.5, 2.25], step_losses=[4.0, 3.0, 2.5, 2.0],
+                                  epoch_metrics=[{"t2i_r1": 10.0}, {"t2i_r1": 30.0}], cancelled=False), **changes})
+
+
+def _run(method, trainable, zero_shot, tuned, task="retrieval", train=None) -> RunResult:
+    return RunResult(method=method, config={}, backbone="offline", task=task, trainable_params=trainable,
+                     zero_shot=zero_shot, tuned=tuned, train=train)
+
+
 def test_training_curve_with_metrics_per_epoch():
-    result = {"train": {"step_losses": [4.0, 3.0, 2.5, 2.0], "epoch_losses": [3.5, 2.25],
-                        "epoch_metrics": [{"t2i_r1": 10.0}, {"t2i_r1": 30.0}]}}
+    result = _run("lora", 1, None, None, train=_train())
     steps, epochs, metric = figures.training_figure(result).data
     assert list(steps.y) == [4.0, 3.0, 2.5, 2.0]
     assert list(epochs.x) == [2.0, 4.0] and list(epochs.y) == [3.5, 2.25]
     assert list(metric.y) == [10.0, 30.0] and metric.yaxis == "y2"
-    vqa = {"task": "vqa", "train": {**result["train"], "epoch_metrics": [{"vqa_acc": 5.0}, {"vqa_acc": 7.5}]}}
+    vqa = _run("lora", 1, None, None, task="vqa", train=_train(epoch_metrics=[{"vqa_acc": 5.0}, {"vqa_acc": 7.5}]))
     assert list(figures.training_figure(vqa).data[2].y) == [5.0, 7.5]
-    live = figures.training_figure({}, live=[1.0, 0.5])
+    live = figures.training_figure(None, live=[1.0, 0.5])
     assert len(live.data) == 1 and "(live)" in live.layout.title.text
 
 
 def test_compare_plots_each_run_against_its_budget():
-    runs = [{"method": "aurora", "task": "retrieval", "trainable_params": 44_032, "zero_shot": {"t2i_r1": 59.4},
-             "tuned": {"t2i_r1": 78.1}},
-            {"method": "lora", "task": "retrieval", "trainable_params": 1_536, "zero_shot": {"t2i_r1": 59.4},
-             "tuned": {"t2i_r1": 62.5}}]
+    runs = [_run("aurora", 44_032, {"t2i_r1": 59.4}, {"t2i_r1": 78.1}),
+            _run("lora", 1_536, {"t2i_r1": 59.4}, {"t2i_r1": 62.5})]
     figure = figures.compare_figure(runs)
     tuned, zero_shot = figure.data
     assert list(tuned.x) == [44_032, 1_536] and list(tuned.y) == [78.1, 62.5]
     assert list(tuned.text) == ["aurora", "lora"]
     assert list(zero_shot.x) == [44_032, 1_536] and list(zero_shot.y) == [59.4, 59.4]
-    vqa_run = {**runs[0], "task": "vqa", "zero_shot": {"vqa_acc": 10.0}, "tuned": {"vqa_acc": 20.0}}
+    vqa_run = _run("aurora", 44_032, {"vqa_acc": 10.0}, {"vqa_acc": 20.0}, task="vqa")
     assert len(figures.compare_figure([*runs, vqa_run]).data[0].x) == 2   # one metric per chart
     assert figures.compare_figure([vqa_run, *runs]).layout.yaxis.title.text == "vqa_acc (%)"

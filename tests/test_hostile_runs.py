@@ -84,12 +84,14 @@ CASES = [
     ("tuned metric a string", lambda i: _with(i, tuned={"t2i_r1": "100"}), None,
      "run.json: 'tuned'['t2i_r1'] must be a number"),
     ("scored run missing its dataset", lambda i: json.dumps({k: v for k, v in i.items() if k != "dataset"}), None,
-     "run.json: has no 'dataset'"),
+     "run.json: a scored run (one with 'tuned') has no 'dataset'"),
     ("seed a string", lambda i: _with(i, seed="0"), None, "run.json: 'seed' must be a whole number"),
     ("seed negative", lambda i: _with(i, seed=-1), None, "run.json: 'seed' must not be negative"),
     ("seed too big", lambda i: _with(i, seed=2**40), None, "run.json: 'seed' must be between 0 and"),
     ("frames zero", lambda i: _with(i, frames=0), None, "run.json: 'frames' must be between 1 and 64"),
     ("unknown task", lambda i: _with(i, task="captioning"), None, "run.json: 'task' must be one of retrieval, vqa"),
+    ("newer schema", lambda i: _with(i, schema_version=99), None,
+     "run.json: 'schema_version' 99 is not one this PET Studio reads (1 to 2)"),
     ("train a list", lambda i: _with(i, train=[]), None, "run.json: 'train' must be a JSON object"),
     ("bf16 a number", lambda i: _with(i, train={**i["train"], "bf16": 1}), None,
      "run.json: 'train'['bf16'] must be true or false"),
@@ -240,3 +242,15 @@ def test_bad_settings_are_refused_before_anything_is_written(shapes, tmp_path, c
     out, err = capsys.readouterr()
     assert code == 2 and expected in json.loads(out.strip())["error"] and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_saved_before_the_schema_version_still_loads(good_run, tmp_path):
+    info, weights = good_run
+    assert info["schema_version"] == 2
+    run = tmp_path / "v1"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "schema_version"}))
+    (run / "pet.safetensors").write_bytes(weights)
+    result, _ = checkpoint.read(run)
+    assert result.schema_version == 2 and result.tuned == info["tuned"] and result.train.step_losses == \
+        info["train"]["step_losses"]

@@ -65,11 +65,11 @@ def test_warmup_then_cosine_by_step():
 def test_same_seed_same_numbers(shapes, tmp_path):
     runs = [tune(TINY, shapes, "lora", {"dropout": 0.25}, shots=8, epochs=2, lr=1e-2, seed=4, out=tmp_path / f"r{i}")
             for i in range(2)]
-    assert runs[0]["train"]["step_losses"] == runs[1]["train"]["step_losses"]
-    assert runs[0]["tuned"] == runs[1]["tuned"]
+    assert runs[0].train.step_losses == runs[1].train.step_losses
+    assert runs[0].tuned == runs[1].tuned
     other = tune(TINY, shapes, "lora", shots=8, epochs=2, lr=1e-2, seed=5, out=tmp_path / "r2")
-    assert other["train"]["step_losses"] != runs[0]["train"]["step_losses"]
-    assert runs[0]["dataset"]["train_used"] == 8
+    assert other.train.step_losses != runs[0].train.step_losses
+    assert runs[0].dataset.train_used == 8
 
 
 def test_bf16_autocast_trains_where_the_cpu_supports_it(shapes, tmp_path):
@@ -77,5 +77,5 @@ def test_bf16_autocast_trains_where_the_cpu_supports_it(shapes, tmp_path):
     if not bf16_supported(torch.device("cpu")):
         pytest.skip("this CPU has no bf16 support")
     result = tune(TINY, shapes, "linear_probe", epochs=4, lr=1e-2, bf16=True, out=tmp_path / "bf16")
-    losses = result["train"]["epoch_losses"]
-    assert result["train"]["bf16"] and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    losses = result.train.epoch_losses
+    assert result.train.bf16 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

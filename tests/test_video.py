@@ -108,15 +108,15 @@ def test_video_retrieval_learns_and_decodes_each_clip_once(motion_data, tmp_path
     monkeypatch.setattr(media, "read_video_frames", lambda path, frames: calls.append(path) or original(path, frames))
     result = tune(TINY, motion_data, "full", epochs=10, lr=1e-3, frames=4, seed=0, out=tmp_path / "run")
     assert len(calls) == 48                           # 48 clips, each decoded once for the run
-    assert result["frames"] == 4 and result["dataset"]["items"] == 48
-    losses = result["train"]["epoch_losses"]
+    assert result.frames == 4 and result.dataset.items == 48
+    losses = result.train.epoch_losses
     assert losses[-1] < 0.8 * losses[0]
     chance = 100 / 12
-    assert result["tuned"]["t2i_r1"] >= 3 * chance and result["tuned"]["i2t_r1"] >= 2 * chance
+    assert result.tuned["t2i_r1"] >= 3 * chance and result.tuned["i2t_r1"] >= 2 * chance
 
 
 def test_video_qa_learns(motion_data, tmp_path):
     result = tune(TINY, motion_data, "full", epochs=10, lr=1e-3, frames=4, seed=0, task="vqa",
                   batch_size=8, out=tmp_path / "run")
     chance = 100 / 6
-    assert result["tuned"]["vqa_acc"] >= 3 * chance and result["tuned"]["vqa_acc"] > result["zero_shot"]["vqa_acc"]
+    assert result.tuned["vqa_acc"] >= 3 * chance and result.tuned["vqa_acc"] > result.zero_shot["vqa_acc"]

@@ -111,9 +111,9 @@ def test_bad_options_are_refused(tiny):
 def test_each_granularity_tunes_with_falling_loss(shapes, tmp_path, granularity):
     result = tune(TINY, shapes, "vlpet", {"granularity": granularity}, epochs=5, lr=1e-2, seed=0,
                   out=tmp_path / "run")
-    losses = result["train"]["epoch_losses"]
+    losses = result.train.epoch_losses
     assert losses[-1] < 0.85 * losses[0], losses
-    assert result["tuned"]["t2i_r1"] > result["zero_shot"]["t2i_r1"]
+    assert result.tuned["t2i_r1"] > result.zero_shot["t2i_r1"]
 
 
 def test_vlpet_on_blip_gates_vision_and_post_ln_text_sites(tiny_blip):

@@ -1,32 +1,25 @@
-"""PET methods: one module per method, each with a `Config` dataclass, a `DEFAULT_LR` and one
-`attach(backbone, config) -> PetHandle`."""
+"""PET methods: one module per method, each declaring a `Config` of self-describing options
+(core.pet.options), an `attach(backbone, config) -> PetHandle`, and registering itself
+(core.pet.registry) with its label, default learning rate and figure. Importing this package
+registers every bundled method, in the order the app lists them; a new method is one module
+plus one name in the import below."""
 from __future__ import annotations
 
 import dataclasses
-from types import ModuleType
 from typing import Any
 
-from core.pet import adapter, aurora, bitfit, full, linear_probe, lora, prompt, vlpet, zero_shot
+from core.pet import (aurora, vlpet, lora, adapter, prompt, bitfit, linear_probe, full,  # noqa: F401 (they register)
+                      zero_shot)
 from core.pet.handle import PetError, PetHandle
-from core.pet.options import OptionError, check, describe
+from core.pet.options import OptionError, check
+from core.pet.registry import METHODS, Method, register, unregister
 
-METHODS: dict[str, ModuleType] = {
-    "zero_shot": zero_shot,
-    "linear_probe": linear_probe,
-    "bitfit": bitfit,
-    "lora": lora,
-    "adapter": adapter,
-    "prompt": prompt,
-    "full": full,
-    "aurora": aurora,
-    "vlpet": vlpet,
-}
-
-__all__ = ["METHODS", "PetError", "PetHandle", "attach", "make_config", "config_to_dict"]
+__all__ = ["METHODS", "Method", "PetError", "PetHandle", "attach", "config_to_dict", "default_lr", "get_method",
+           "make_config", "register", "unregister"]
 
 
-def _method(name: str) -> ModuleType:
-    if name not in METHODS:
+def get_method(name: str) -> Method:
+    if not isinstance(name, str) or name not in METHODS:
         raise PetError(f"unknown method '{str(name)[:60]}': choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
@@ -36,18 +29,17 @@ def make_config(method: str, options: dict[str, Any] | None = None) -> Any:
     against its declared type and range; unknown keys are errors."""
     if not isinstance(method, str):
         raise PetError(f"a method must be named by a text, not {method!r:.60}")
-    config_cls = _method(method).Config
+    declared = {spec["name"]: spec for spec in get_method(method).options()}
     if options is None:
         options = {}
     if not isinstance(options, dict):
         raise PetError(f"the options of {method} must be a JSON object of option: value, not {options!r:.60}")
-    declared = {spec["name"]: spec for spec in describe(config_cls)}
     unknown = sorted(str(k)[:40] for k in set(options) - set(declared))
     if unknown:
         raise PetError(f"method {method} has no option {', '.join(unknown)} "
                        f"(options: {', '.join(declared) or 'none'})")
     try:
-        return config_cls(**{key: check(method, declared[key], value) for key, value in options.items()})
+        return get_method(method).config(**{key: check(method, declared[key], value) for key, value in options.items()})
     except OptionError as error:
         raise PetError(str(error)) from error
 
@@ -57,11 +49,11 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def default_lr(method: str) -> float:
-    return _method(method).DEFAULT_LR
+    return get_method(method).default_lr
 
 
 def attach(backbone, method: str, options: dict[str, Any] | Any | None = None) -> PetHandle:
     config = options if dataclasses.is_dataclass(options) else make_config(method, options)
     if backbone.pet is not None:
         raise PetError("a method is already attached to this backbone: detach it first")
-    return _method(method).attach(backbone, config)
+    return get_method(method).attach(backbone, config)

@@ -9,14 +9,13 @@ import torch
 from torch import nn
 
 from core.pet.handle import PetHandle, attach_site_combiners
+from core.pet.registry import Method, register
 from core.pet.options import option
-
-DEFAULT_LR = 1e-3
 
 
 @dataclass
 class Config:
-    reduction: int = option(8, "bottleneck = width / reduction", 1, 1024)
+    reduction: int = option(8, "bottleneck = width / reduction", 1, 1024, main=True)
     towers: tuple[str, ...] = option((), "towers to adapt (empty: every tower)")
     sites: tuple[str, ...] = option(("attn", "mlp"), "residual sites that get an adapter")
 
@@ -39,3 +38,8 @@ def attach(backbone, config: Config) -> PetHandle:
         handle, config.towers, config.sites,
         lambda tower, block, name: Bottleneck(block.width, max(1, block.width // config.reduction))))
     return handle
+
+
+register(Method(
+    name="adapter", label="Bottleneck adapter", default_lr=1e-3, config=Config, attach=attach,
+    trains="H + W_up·GELU(W_down·H) after each sub-layer"))

@@ -17,25 +17,26 @@ from torch import nn
 
 from core.backbones import BlockLayout, Projection
 from core.pet.handle import PetError, PetHandle, blocks_of
+from core.pet.registry import Method, register
 from core.pet.options import option
 
-DEFAULT_LR = 1e-4
+CONTEXT_WEIGHT = 0.1   # informative context enhancement (the authors' 0.1)
 SELF_AND_CROSS = ("q", "k", "v", "cross_q", "cross_k", "cross_v")
 FULL_BLOCK = ("q", "k", "v", "out", "fc1", "fc2")
 
 
 @dataclass
 class Config:
-    rank: int = option(32, "R, the rank of the shared factors U, V and the core C", 1, 256)
+    rank: int = option(32, "R, the rank of the shared factors U, V and the core C", 1, 256, main=True)
     towers: tuple[str, ...] = option((), "towers to adapt (empty: every tower)")
     projections: tuple[str, ...] = option((), "projections to adapt (empty: the authors' choice per tower)")
     dropout: float = option(0.1, "dropout inside each delta", 0.0, 0.9)
     scale: float = option(1.0, "s, the scale of every delta", 0.0, 100.0)
     share_factors: bool = option(True, "one U, V for towers of equal width")
-    gqt: bool = option(False, "gated query transformation")
+    gqt: bool = option(False, "gated query transformation", main=True)
     gqt_towers: tuple[str, ...] = option(("text",), "towers that get the gated query transformation")
-    ice: bool = option(False, "informative context enhancement (training only)")
-    heads: bool = option(False, "also tune the task heads (vision projection, ITM head)")
+    ice: bool = option(False, "informative context enhancement (training only)", main=True)
+    heads: bool = option(False, "also tune the task heads (vision projection, ITM head)", main=True)
 
 
 def _projections_for(block: BlockLayout, config: Config) -> tuple[str, ...]:
@@ -172,7 +173,6 @@ class AuroraHandle(PetHandle):
     def __init__(self, backbone, config: Config):
         super().__init__(backbone, "aurora", config, tuned_backbone_params=backbone.head_parameters() if config.heads else (),
                          group=self._group_of)
-        self.context_enhancement = 0.1 if config.ice else 0.0
         self.deltas: list[tuple[str, int, str, Projection, AuroraDelta]] = []
 
     @staticmethod
@@ -187,6 +187,12 @@ class AuroraHandle(PetHandle):
 
     def linear_deltas(self):
         return [(projection, delta) for *_, projection, delta in self.deltas]
+
+    def contextualise(self, embeddings: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """ICE: 0.1 × the batch mean of the unimodal text context is added (training only)."""
+        if not self.config.ice:
+            return embeddings
+        return embeddings + CONTEXT_WEIGHT * context.mean(dim=0, keepdim=True)
 
     @torch.no_grad()
     def gate_readout(self, pixels=None, tokens=None) -> dict[str, torch.Tensor]:
@@ -266,3 +272,14 @@ def _attach_query_gates(handle: AuroraHandle, towers: tuple[str, ...]) -> nn.Mod
                            f"{handle.backbone.spec}")
         gates[tower][str(block.index)] = gate
     return gates
+
+
+def _figure(config: Config, readout: dict):
+    from core.figures import aurora_figure
+
+    return aurora_figure(readout)
+
+
+register(Method(
+    name="aurora", label="Aurora (mode approximation)", default_lr=1e-4, config=Config, attach=attach, figure=_figure,
+    trains="shared low-rank factors U, V, core C and one mode vector per projection"))

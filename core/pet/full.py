@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.pet.handle import PetHandle
-
-DEFAULT_LR = 1e-5
+from core.pet.registry import Method, register
 
 
 @dataclass
@@ -16,3 +15,8 @@ class Config:
 def attach(backbone, config: Config) -> PetHandle:
     return PetHandle(backbone, "full", config, tuned_backbone_params=backbone.backbone_parameters().values(),
                      group=lambda n: "backbone")
+
+
+register(Method(
+    name="full", label="Full fine-tuning", default_lr=1e-5, config=Config, attach=attach,
+    trains="every weight"))

@@ -23,7 +23,6 @@ class PetHandle:
     """
 
     mergeable = False
-    context_enhancement = 0.0   # Aurora's ICE weight, applied by the task in training
 
     def __init__(self, backbone: Backbone, method: str, config: Any,
                  tuned_backbone_params: Iterable[nn.Parameter] = (), group: Callable[[str], str] = lambda n: "pet"):
@@ -60,6 +59,16 @@ class PetHandle:
                      tokens: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Named tensors describing what the method's gates do on a batch (none by default)."""
         return {}
+
+    def vision_token_map(self, readout: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """A readout's per-token vision gates as one (rows, cols) map over the picture's patches
+        (first sample, mean over layers and sites); None for a method without such gates."""
+        return None
+
+    def contextualise(self, embeddings: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """In training, what a method that mixes a batch's text context into embeddings makes
+        of them (Aurora's informative context enhancement); others leave them as they are."""
+        return embeddings
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable parameters, on the CPU; refused when any is NaN or infinite (a broken

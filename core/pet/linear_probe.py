@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.pet.handle import PetHandle, PetError
-
-DEFAULT_LR = 1e-3
+from core.pet.registry import Method, register
 
 
 @dataclass
@@ -18,3 +17,8 @@ def attach(backbone, config: Config) -> PetHandle:
     if not heads:
         raise PetError(f"{backbone.spec} has no output projections to tune")
     return PetHandle(backbone, "linear_probe", config, tuned_backbone_params=heads, group=lambda n: "heads")
+
+
+register(Method(
+    name="linear_probe", label="Linear probe", default_lr=1e-3, config=Config, attach=attach,
+    trains="the two output projections into the joint space"))

@@ -9,14 +9,13 @@ import torch
 from torch import nn
 
 from core.pet.handle import PetHandle, attach_projection_deltas
+from core.pet.registry import Method, register
 from core.pet.options import option
-
-DEFAULT_LR = 2e-4
 
 
 @dataclass
 class Config:
-    rank: int = option(2, "r, the rank of B A", 1, 256)
+    rank: int = option(2, "r, the rank of B A", 1, 256, main=True)
     alpha: float = option(1.0, "α: the delta is scaled by α / r", 0.0, 1e4)
     dropout: float = option(0.25, "dropout on the delta's input", 0.0, 0.9)
     towers: tuple[str, ...] = option((), "towers to adapt (empty: every tower)")
@@ -56,3 +55,8 @@ def attach(backbone, config: Config) -> LoraHandle:
                                                 block.projections[name].out_features,
                                                 config.rank, config.alpha, config.dropout)))
     return handle
+
+
+register(Method(
+    name="lora", label="LoRA", default_lr=2e-4, config=Config, attach=attach,
+    trains="ΔW = (α/r)·BA on chosen projections"))

@@ -16,23 +16,25 @@ class OptionError(ValueError):
 
 
 def option(default: Any, help: str, low: Optional[float] = None, high: Optional[float] = None,
-           choices: Optional[tuple] = None) -> Any:
-    """A Config field with its help text and its range [low, high] or its choices."""
-    metadata = {"help": help, "low": low, "high": high, "choices": choices}
+           choices: Optional[tuple] = None, main: bool = False) -> Any:
+    """A Config field with its help text and its range [low, high] or its choices. `main`
+    options get a control in the app; every option is a flag of the CLI."""
+    metadata = {"help": help, "low": low, "high": high, "choices": choices, "main": main}
     if isinstance(default, tuple):
         return dataclasses.field(default_factory=lambda: default, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
 def describe(config_cls: type) -> list[dict[str, Any]]:
-    """Each option: name, type (int, float, bool, str, names), default, help, low, high, choices."""
+    """Each option: name, type (int, float, bool, str, names), default, help, low, high, choices, main."""
     hints = typing.get_type_hints(config_cls)
     described = []
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         described.append({"name": f.name, "type": _kind(hints[f.name]), "default": default,
                           "help": f.metadata.get("help", ""), "low": f.metadata.get("low"),
-                          "high": f.metadata.get("high"), "choices": f.metadata.get("choices")})
+                          "high": f.metadata.get("high"), "choices": f.metadata.get("choices"),
+                          "main": f.metadata.get("main", False)})
     return described
 
 

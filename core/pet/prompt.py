@@ -9,14 +9,13 @@ import torch
 from torch import nn
 
 from core.pet.handle import PetError, PetHandle, resolve_towers
+from core.pet.registry import Method, register
 from core.pet.options import option
-
-DEFAULT_LR = 2e-3
 
 
 @dataclass
 class Config:
-    length: int = option(4, "prompt tokens per layer", 1, 64)
+    length: int = option(4, "prompt tokens per layer", 1, 64, main=True)
     depth: int = option(9, "layers that get prompts, from the first", 1, 64)
     towers: tuple[str, ...] = option((), "towers that get prompts (empty: every tower)")
 
@@ -37,3 +36,8 @@ def attach(backbone, config: Config) -> PetHandle:
         backbone.towers[name].prompts = lambda layer, table=table: table[layer] if layer < table.shape[0] else None
     handle.on_detach(lambda: [setattr(backbone.towers[n], "prompts", None) for n in towers])
     return handle
+
+
+register(Method(
+    name="prompt", label="Deep prompt tuning", default_lr=2e-3, config=Config, attach=attach,
+    trains="learnable tokens after [CLS] / the start token in the first layers"))

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.pet.handle import PetError, PetHandle, attach_site_combiners, blocks_of
+from core.pet.registry import Method, register
 from core.pet.options import option
 
-DEFAULT_LR = 1e-3
 GRANULARITIES = ("small", "middleX", "middleY", "large")
 INITS = ("identity", "paper")
 
@@ -33,11 +33,11 @@ INITS = ("identity", "paper")
 @dataclass
 class Config:
     granularity: str = option("large", "G per sample (small), token (middleX), channel (middleY) or both (large)",
-                              choices=GRANULARITIES)
+                              choices=GRANULARITIES, main=True)
     towers: tuple[str, ...] = option((), "towers to adapt (empty: every tower)")
     sites: tuple[str, ...] = option(("attn", "mlp"), "residual sites to gate")
     adapter_heads: int = option(4, "N_h, heads of the down-projection", 1, 64)
-    reduction: int = option(8, "r = g = width / reduction, rounded up to a multiple of N_h", 1, 1024)
+    reduction: int = option(8, "r = g = width / reduction, rounded up to a multiple of N_h", 1, 1024, main=True)
     scale: float = option(1.0, "s, the scale of the gated output", 0.0, 100.0)
     init: str = option("identity", "identity: start at the frozen model; paper: the authors' init", choices=INITS)
 
@@ -152,6 +152,11 @@ class VlPetHandle(PetHandle):
         values = gate if gate.ndim == 2 else gate.mean(dim=-1)
         return values[:, prefix:prefix + rows * cols].reshape(-1, rows, cols)
 
+    def vision_token_map(self, readout: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        maps = [self.patch_map(gate)[0] for key, gate in readout.items()
+                if key.startswith("vision.") and gate.ndim in (2, 3)]
+        return torch.stack(maps).mean(dim=0) if maps else None
+
 
 def attach(backbone, config: Config) -> VlPetHandle:
     if config.granularity not in GRANULARITIES:
@@ -165,3 +170,14 @@ def attach(backbone, config: Config) -> VlPetHandle:
         for norm in block.layernorms:
             norm.requires_grad_(True)
     return handle
+
+
+def _figure(config: Config, readout: dict):
+    from core.figures import vlpet_gate_figure
+
+    return vlpet_gate_figure(readout, config.granularity)
+
+
+register(Method(
+    name="vlpet", label="VL-PET (gates)", default_lr=1e-3, config=Config, attach=attach, figure=_figure,
+    trains="gated multi-head adapters on sub-layer outputs, and the adapted blocks' LayerNorms"))

@@ -25,7 +25,7 @@ class Task:
     name: str
     metric_keys: tuple[str, ...]
     prepare: Callable[[Any, list[Item]], Any]          # (backbone, items) -> prepared set
-    objective: Callable[[Any, Any, float], Any]        # (backbone, set, context enhancement) -> module
+    objective: Callable[[Any, Any, Any], Any]          # (backbone, set, PET handle) -> module
     evaluate: Callable[[Any, Any], dict[str, float]]   # (backbone, set) -> metrics
     usable: Callable[[Item], bool]                     # items the task can use
 

@@ -7,6 +7,7 @@ top k candidates by ITM, as BLIP does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
 from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
 from core.tasks.matching import RERANK_TOP, match_scores, rerank
+
+if TYPE_CHECKING:
+    from core.pet import PetHandle
 
 METRICS = {   # key -> how people read it
     "i2t_r1": "image→text R@1", "i2t_r5": "image→text R@5", "i2t_r10": "image→text R@10",
@@ -62,14 +66,19 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids:
 class RetrievalObjective(nn.Module):
     """The trained module: a batch of caption indices -> contrastive loss (DDP wraps this).
 
-    `context_enhancement` > 0 adds that multiple of the batch-mean text embedding to every
-    text embedding in training: our dual-encoder adaptation of Aurora's informative context
-    enhancement, which BLIP applies to the fused [CLS] of positive pairs.
+    In training, the attached method may mix the batch's text context into the text side
+    (`PetHandle.contextualise`, e.g. Aurora's informative context enhancement): into each text
+    embedding on a dual encoder, into the fused [CLS] of the positive pairs on BLIP.
     """
 
-    def __init__(self, backbone: Backbone, data: RetrievalSet, context_enhancement: float = 0.0):
+    def __init__(self, backbone: Backbone, data: RetrievalSet, handle: Optional[PetHandle] = None):
         super().__init__()
-        self.backbone, self.data, self.context_enhancement = backbone, data, context_enhancement
+        self.backbone, self.data, self.handle = backbone, data, handle
+
+    def _contextualise(self, embeddings: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.handle is None:
+            return embeddings
+        return self.handle.contextualise(embeddings, context)
 
     def forward(self, caption_ids: torch.Tensor) -> torch.Tensor:
         if self.backbone.has("matching"):
@@ -79,8 +88,7 @@ class RetrievalObjective(nn.Module):
         device = self.backbone.device
         image_emb = encode_media(self.backbone, self.data.pixels[unique])[inverse.to(device)]
         text_emb = self.backbone.encode_text(self.data.tokens[caption_ids].to(device))
-        if self.training and self.context_enhancement:
-            text_emb = text_emb + self.context_enhancement * text_emb.mean(dim=0, keepdim=True)
+        text_emb = self._contextualise(text_emb, text_emb)
         return contrastive_loss(image_emb, text_emb, image_ids.to(device), self.backbone.logit_scale)
 
     def _contrastive_and_matching_loss(self, caption_ids: torch.Tensor) -> torch.Tensor:
@@ -101,10 +109,7 @@ class RetrievalObjective(nn.Module):
             negative_text = torch.multinomial(weights, 1).squeeze(1)
             weights = similarity.float().T.softmax(dim=1).masked_fill(same, 0) + (~same) * 1e-8
             negative_image = torch.multinomial(weights, 1).squeeze(1)
-        positive = backbone.fused_cls(image_tokens, tokens)
-        if self.training and self.context_enhancement:
-            # Aurora's informative context enhancement: the batch's unimodal text context.
-            positive = positive + self.context_enhancement * text_cls.mean(dim=0, keepdim=True)
+        positive = self._contextualise(backbone.fused_cls(image_tokens, tokens), text_cls)
         fused = torch.cat([positive, backbone.fused_cls(image_tokens, tokens[negative_text]),
                            backbone.fused_cls(image_tokens[negative_image], tokens)])
         labels = torch.cat([torch.ones_like(image_ids), torch.zeros(2 * len(image_ids), dtype=torch.long,

@@ -16,8 +16,7 @@ from core.tasks.vqa import normalize_answer
 from core.world import write_part
 from tests.e2e.conftest import PHOTOS, WORLD
 
-TUNE_DEFAULTS = dict(model="offline", task="retrieval", method="aurora", aurora_rank=32, aurora_parts=[],
-                     lora_rank=2, granularity="large", reduction=8, prompt_length=4, shots=16, epochs=3, lr=None,
+TUNE_DEFAULTS = dict(model="offline", task="retrieval", method="aurora", options={}, shots=16, epochs=3, lr=None,
                      batch_size=8, bf16=False, answers="", frames=8)
 
 # 16 shots × 2 captions in batches of 2, 50 epochs: 800 steps, far more than the tests wait for (they cancel it).
@@ -120,7 +119,7 @@ def test_load_tune_ask_inspect_download(client, world, tmp_path):
 
 def test_vlpet_gates_over_the_picture(client):
     client.predict(PHOTOS, api_name="/load_sample")
-    _, _, _, ask_run, _, _ = tune(client, method="vlpet", granularity="middleX", epochs=1, shots=0)
+    _, _, _, ask_run, _, _ = tune(client, method="vlpet", options={"granularity": "middleX"}, epochs=1, shots=0)
     _, gates, overlay, _ = client.predict(choice_value(ask_run), "astronaut.png", api_name="/inspect")
     heatmaps = [t for t in json.loads(gates["plot"])["data"] if t["type"] == "heatmap"]
     assert len(heatmaps) == 2   # vision and text towers
@@ -187,7 +186,7 @@ def test_only_safetensors_weights_load(client, tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"method": "lora", "config": {}, "backbone": "offline",
                                                    "trainable_params": 1, "trainable_pct": 0.1,
                                                    "zero_shot": scores, "tuned": scores}))
-    with pytest.raises(AppError, match="run.json: has no 'task'"):    # a scored run has all its card shows
+    with pytest.raises(AppError, match="a scored run .one with 'tuned'. has no 'dataset'"):   # all its card shows
         client.predict([handle_file(str(tmp_path / "pet.safetensors")), handle_file(str(tmp_path / "run.json"))],
                        api_name="/load_weights")
     table, _ = client.predict(api_name="/compare")   # nothing half-loaded is listed
@@ -282,7 +281,7 @@ def test_blip_vqa_typed_as_a_local_folder(client, tmp_path):
 
     model = f"blip-vqa:{write_tiny_blip_vqa(tmp_path / 'tiny-blip-vqa')}"
     client.predict(PHOTOS, api_name="/load_sample")
-    card, _, _, run, _, _ = tune(client, model=model, task="vqa", method="vlpet", granularity="middleX", epochs=1,
+    card, _, _, run, _, _ = tune(client, model=model, task="vqa", method="vlpet", options={"granularity": "middleX"}, epochs=1,
                                  shots=0, lr=1e-3)
     run = choice_value(run)
     assert run == f"1 · vlpet · {model}" and "VQA accuracy" in card

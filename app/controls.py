@@ -1,0 +1,31 @@
+"""A method option's control, generated from its declaration (core.pet.options): the app names
+no method and no option, so a method registered anywhere gets its controls here."""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+
+def control(spec: dict[str, Any]) -> gr.components.Component:
+    """The control for one declared option: its help is the label, its range or choices bound it."""
+    if spec["type"] == "bool":
+        return gr.Checkbox(spec["default"], label=spec["help"])
+    if spec["choices"] is not None:
+        return gr.Radio(list(spec["choices"]), value=spec["default"], label=spec["help"])
+    if spec["type"] == "int" and spec["low"] is not None:
+        return gr.Slider(spec["low"], spec["high"], value=spec["default"], step=1, label=spec["help"])
+    if spec["type"] in ("int", "float"):
+        return gr.Number(spec["default"], minimum=spec["low"], maximum=spec["high"], label=spec["help"])
+    if spec["type"] == "names":
+        return gr.Textbox(",".join(spec["default"]), label=f"{spec['help']} (comma-separated)")
+    return gr.Textbox(spec["default"], label=spec["help"])
+
+
+def option_value(spec: dict[str, Any], value: Any) -> Any:
+    """A control's value as the option's type (sliders and numbers give floats, texts give names)."""
+    if spec["type"] == "int":
+        return int(value)
+    if spec["type"] == "names":
+        return [name.strip() for name in (value or "").split(",") if name.strip()]
+    return value

@@ -1,0 +1,139 @@
+"""Ask: the frozen model and a tuned run side by side — text → the dataset's pictures or clips,
+a picture or clip → the dataset's captions, questions → ranked (and, on BLIP VQA, generated)
+answers — and a run's weights downloaded or loaded back."""
+from __future__ import annotations
+
+from typing import Optional
+
+import gradio as gr
+
+from app import views
+from app.models import NO_RUN, frames_for, gallery, media_path, models_for
+from app.sessions import session_of
+from app.tabs import weights
+from core import query
+from core.data.media import IMAGE_TYPES, VIDEO_TYPES
+from core.runs import USER_ERRORS
+
+CAPTION_COLUMNS = ["rank", "score", "caption of", "caption"]
+
+
+def layout(page) -> None:
+    with gr.Tab("Ask", id="ask"):
+        with gr.Row():
+            page.ask_run = gr.Dropdown([NO_RUN], value=NO_RUN, label="Tuned run to compare with its frozen model "
+                                                                     "(none: the Tune tab's backbone alone)")
+        with gr.Tab("Text → media"):
+            with gr.Row():
+                page.text_query = gr.Textbox(label="Describe what to find", scale=4)
+                page.search_text = gr.Button("Search", variant="primary", scale=1)
+            with gr.Row():
+                page.frozen_hits = gr.Gallery(label="frozen model: best matches", columns=5, height=280,
+                                              elem_id="frozen-hits")
+                page.tuned_hits = gr.Gallery(label="tuned model (the chosen run): best matches", columns=5,
+                                             height=280, elem_id="tuned-hits")
+        with gr.Tab("Media → text, and questions"):
+            with gr.Row():
+                with gr.Column():
+                    page.ask_pick = gr.Dropdown([], label="A picture or clip of the dataset")
+                    page.ask_upload = gr.File(label="…or upload one", file_types=[*IMAGE_TYPES, *VIDEO_TYPES])
+                with gr.Column():
+                    page.search_media = gr.Button("Find its captions", variant="primary")
+                    page.question = gr.Textbox(label="Question")
+                    page.ask_answers = gr.Textbox(label="Candidate answers, comma-separated (the dataset's are added)")
+                    page.answer = gr.Button("Answer", variant="primary")
+            with gr.Row():
+                page.frozen_captions = gr.Dataframe(headers=CAPTION_COLUMNS, label="frozen: best captions",
+                                                    interactive=False)
+                page.tuned_captions = gr.Dataframe(headers=CAPTION_COLUMNS, label="tuned: best captions",
+                                                   interactive=False)
+            with gr.Row():
+                page.frozen_answers = gr.Label(label="frozen: top answers", num_top_classes=5)
+                page.tuned_answers = gr.Label(label="tuned: top answers", num_top_classes=5)
+            page.generated = gr.Markdown()
+        weights.layout(page)
+
+
+def wire(page) -> None:
+    models = [page.ask_run, page.model]
+    hits = [page.frozen_hits, page.tuned_hits]
+    page.search_text.click(search_text, [page.text_query, *models], hits, api_name="search_text",
+                           concurrency_id="inference", concurrency_limit=2)
+    page.text_query.submit(search_text, [page.text_query, *models], hits, api_name="search_text_submit",
+                           concurrency_id="inference")
+    page.search_media.click(search_media, [page.ask_upload, page.ask_pick, *models],
+                            [page.frozen_captions, page.tuned_captions], api_name="search_media",
+                            concurrency_id="inference")
+    page.answer.click(answer_question, [page.ask_upload, page.ask_pick, page.question, page.ask_answers, *models],
+                      [page.frozen_answers, page.tuned_answers, page.generated], api_name="answer",
+                      concurrency_id="inference")
+    weights.wire(page)
+
+
+def _pad(results: list, empty) -> list:
+    return results + [empty] * (2 - len(results))
+
+
+def _warn(notes: set) -> None:
+    for note in sorted(notes):
+        gr.Warning(note)
+
+
+def search_text(text: str, run: str, model: str, request: gr.Request):
+    """Text → media over the dataset's gallery, frozen and tuned side by side."""
+    session = session_of(request)
+    with session.lock:
+        try:
+            shown, notes = [], set()
+            for _, key in models_for(session, run, model):
+                items, embeddings = gallery(session, key, frames_for(session, run))
+                found = query.search_by_text(session.models[key][0], items, embeddings, text)
+                notes |= {found.note} - {None}
+                shown.append([(str(items.paths[h.index]), f"{h.score:.3f} · {items.names[h.index]}")
+                              for h in found.hits])
+        except (query.QueryError, *USER_ERRORS) as error:
+            raise views.user_error(error) from error
+    _warn(notes)
+    return tuple(_pad(shown, []))
+
+
+def search_media(upload: Optional[str], pick: Optional[str], run: str, model: str, request: gr.Request):
+    """Picture or clip → the dataset's captions, frozen and tuned side by side."""
+    session = session_of(request)
+    with session.lock:
+        path = media_path(session, upload, pick)
+        try:
+            shown = []
+            for _, key in models_for(session, run, model):
+                frames = frames_for(session, run)
+                items, embeddings = gallery(session, key, frames)
+                found = query.search_by_media(session.models[key][0], items, embeddings, path, frames=frames)
+                shown.append([[i + 1, round(h.score, 4), items.names[items.caption_media[h.index]],
+                               items.captions[h.index]] for i, h in enumerate(found.hits)])
+        except (query.QueryError, *USER_ERRORS) as error:
+            raise views.user_error(error) from error
+    return tuple(_pad(shown, None))
+
+
+def answer_question(upload: Optional[str], pick: Optional[str], question: str, answers: str, run: str, model: str,
+                    request: gr.Request):
+    """VQA: candidate answers ranked (and generated, on BLIP VQA), frozen and tuned side by side."""
+    session = session_of(request)
+    with session.lock:
+        path = media_path(session, upload, pick)
+        candidates = [a.strip() for a in (answers or "").split(",") if a.strip()]
+        if session.dataset is not None:
+            candidates += [a for item in session.dataset.items for qa in item.qa for a in qa.answers]
+        try:
+            labels, generated, notes = [], [], set()
+            for label, key in models_for(session, run, model):
+                result = query.answer(session.models[key][0], path, question, candidates,
+                                      frames=frames_for(session, run))
+                labels.append({a: p for a, p in result.ranked} or None)
+                notes |= {result.note} - {None}
+                if result.generated is not None:
+                    generated.append(f"**{label}** generates: “{result.generated}”")
+        except (query.QueryError, *USER_ERRORS) as error:
+            raise views.user_error(error) from error
+    _warn(notes)
+    return (*_pad(labels, None), "\n\n".join([*(f"> **Note:** {n}" for n in sorted(notes)), *generated]))

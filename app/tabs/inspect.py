@@ -1,0 +1,56 @@
+"""Inspect: a run's parameter budget, what its gates or mode vectors learned (each method's own
+figure, declared with the method), its per-token gates over a picture, and its training curves."""
+from __future__ import annotations
+
+from typing import Optional
+
+import gradio as gr
+
+from app import views
+from app.models import NO_RUN, media_path, tuned
+from app.sessions import session_of
+from core import checkpoint, figures, query
+from core.runs import USER_ERRORS
+
+
+def layout(page) -> None:
+    with gr.Tab("Inspect", id="inspect"):
+        with gr.Row():
+            page.inspect_run = gr.Dropdown([NO_RUN], value=NO_RUN, label="Run")
+            page.inspect_pick = gr.Dropdown([], label="Picture for the gates (its first caption is the text)")
+            page.inspect = gr.Button("Inspect", variant="primary")
+        page.budget_plot = gr.Plot(label="Parameter budget")
+        page.gates_plot = gr.Plot(label="Gates")
+        page.overlay_plot = gr.Plot(label="Gates over the picture")
+        page.curves_plot = gr.Plot(label="Loss and metrics per epoch")
+
+
+def wire(page) -> None:
+    page.inspect.click(inspect_run, [page.inspect_run, page.inspect_pick],
+                       [page.budget_plot, page.gates_plot, page.overlay_plot, page.curves_plot],
+                       api_name="inspect", concurrency_id="inference")
+
+
+def inspect_run(run: str, pick: Optional[str], request: gr.Request):
+    """The run's budget, its gates (on the picked picture for per-token gates) and its training curves."""
+    session = session_of(request)
+    if not isinstance(run, str) or run not in session.runs:
+        raise gr.Error("choose one of this session's runs (tune one, or load weights)")
+    with session.lock:
+        chosen = session.runs[run]
+        try:
+            _, handle = session.models[tuned(session, chosen)]
+            path = media_path(session, None, pick) if session.dataset is not None and pick else None
+            caption = next((i.captions[0] for i in session.dataset.items if i.media == pick and i.captions), None) \
+                if path else None
+            view = query.read_gates(handle, path, caption or "a photo")
+        except (query.QueryError, *USER_ERRORS) as error:
+            raise views.user_error(error) from error
+        budget = figures.budget_figure(handle.budget(), handle.backbone.num_backbone_params(),
+                                       (chosen.folder / checkpoint.WEIGHTS).stat().st_size)
+    overlay = (figures.patch_overlay_figure(view.picture, view.patch_map, f"vision gates over {pick} "
+                                            f"(mean over layers and sub-layers)")
+               if view.patch_map is not None else
+               figures.message_figure("This run's method has no per-token vision gates to draw over the picture."))
+    return (budget, figures.gate_figure(handle.method, handle.config, view.readout), overlay,
+            figures.training_figure(chosen.result))

@@ -1,0 +1,193 @@
+"""Tune: backbone, task, method and its main options (controls generated from what each method
+declares, core.pet.registry), training settings; Start shows progress and a live loss curve,
+Cancel stops after the current step, and the result is a before/after card with the weights."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Optional
+
+import gradio as gr
+
+from app import views
+from app.controls import control, option_value
+from app.models import LOCAL_PATHS, run_choices, spec_of
+from app.sessions import STORE, Run, Session, session_of
+from app.tabs.compare import compare_runs
+from app.tuning import CANCEL_FILE, read_progress, tune_on_device
+from core import figures
+from core.backbones import describe_spec
+from core.data.media import DEFAULT_FRAMES
+from core.pet import METHODS
+from core.runs import USER_ERRORS, suggested_lr
+from core.tasks import TASKS
+from core.trainer import bf16_supported, pick_device
+
+BACKBONES = [
+    ("Offline model (bundled, works with no network)", "offline"),
+    ("open_clip ViT-B-32 · openai", "openclip:ViT-B-32:openai"),
+    ("open_clip ViT-B-16 · laion2b_s34b_b88k", "openclip:ViT-B-16:laion2b_s34b_b88k"),
+    ("BLIP base retrieval · Salesforce/blip-itm-base-coco", "blip:Salesforce/blip-itm-base-coco"),
+    ("BLIP base VQA · Salesforce/blip-vqa-base", "blip-vqa:Salesforce/blip-vqa-base"),
+    ("PETStudio-Tiny (random init, for trying things out)", "openclip:PETStudio-Tiny"),
+]
+FIRST_METHOD = next(iter(METHODS))
+# A shared Space stays responsive: at most this many tunings run at once, the rest wait in the queue.
+TUNING_CONCURRENCY = int(os.environ.get("PETSTUDIO_TUNING_CONCURRENCY", "1"))
+
+
+def layout(page) -> None:
+    with gr.Tab("Tune", id="tune"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                page.model = gr.Dropdown(BACKBONES, value="offline", allow_custom_value=True,
+                                         label="Backbone (or type any openclip:NAME:TAG, blip:HUB_ID, a local path)")
+                page.model_note = gr.Markdown(model_notice("offline"))
+                page.task = gr.Radio(list(TASKS), value="retrieval", label="Task")
+                page.method = gr.Dropdown([(m.label, m.name) for m in METHODS.values()], value=FIRST_METHOD,
+                                          label="Method")
+                page.method_groups, page.method_controls = {}, []   # controls: (method, option spec, component)
+                for method in METHODS.values():
+                    main = [spec for spec in method.options() if spec["main"]]
+                    with gr.Group(visible=method.name == FIRST_METHOD) as page.method_groups[method.name]:
+                        gr.Markdown(f"**{method.label}** trains {method.trains}.")
+                        page.method_controls += [(method.name, spec, control(spec)) for spec in main]
+                page.options = gr.JSON(visible=False)   # the chosen method's options, as /tune takes them
+            with gr.Column(scale=1):
+                page.shots = gr.Number(16, precision=0, minimum=0, label="Shots (training items; 0 = all)")
+                page.epochs = gr.Slider(1, 50, value=10, step=1, label="Epochs")
+                page.lr = gr.Number(suggest_lr("offline", FIRST_METHOD), minimum=0,
+                                    label="Learning rate (set from the method and backbone; yours to change)")
+                page.batch_size = gr.Slider(2, 128, value=16, step=1, label="Batch size")
+                page.frames = gr.Slider(1, 16, value=DEFAULT_FRAMES, step=1, label="Frames per video")
+                page.answers = gr.Textbox(label="VQA: extra candidate answers, comma-separated")
+                page.bf16 = gr.Checkbox(False, label="bf16 autocast", interactive=bf16_supported(pick_device()),
+                                        info="on CPUs with avx512_bf16/AMX and on GPUs")
+                with gr.Row():
+                    page.start = gr.Button("Start tuning", variant="primary")
+                    page.cancel = gr.Button("Cancel", variant="stop")
+                page.status = gr.Markdown(elem_classes="petstudio-status")
+        with gr.Row():
+            page.card = gr.Markdown()
+            page.loss_plot = gr.Plot(label="Loss")
+        page.weights_out = gr.File(label="Tuned PET weights (pet.safetensors + run.json)", file_count="multiple",
+                                   interactive=False)
+        page.timer = gr.Timer(1.0, active=False)
+
+
+def wire(page) -> None:
+    page.model.change(model_notice, [page.model], [page.model_note], api_name="model_notice", queue=False)
+    for source, api_name in ((page.model, "suggest_lr_for_model"), (page.method, "suggest_lr_for_method")):
+        source.change(suggest_lr, [page.model, page.method], [page.lr], api_name=api_name, queue=False)
+    groups = list(page.method_groups.values())
+    page.method.change(lambda method: [gr.update(visible=name == method) for name in page.method_groups],
+                       [page.method], groups, api_name="method_options", queue=False)
+    controls = page.method_controls
+
+    def options_of(method: str, *values) -> dict[str, Any]:
+        return {spec["name"]: option_value(spec, value) for (owner, spec, _), value in zip(controls, values)
+                if owner == method}
+
+    inputs = [page.model, page.task, page.method, page.options, page.shots, page.epochs, page.lr, page.batch_size,
+              page.bf16, page.answers, page.frames]
+    (page.start.click(start_tuning, None, [page.timer], api_name="start_live", queue=False)
+     .then(options_of, [page.method, *(c for *_, c in controls)], [page.options], api_name="options_of",
+           queue=False)
+     .then(tune_model, inputs, [page.card, page.loss_plot, page.weights_out, page.ask_run, page.inspect_run,
+                                page.status], api_name="tune",
+           concurrency_limit=TUNING_CONCURRENCY, concurrency_id="tuning")
+     .then(lambda: gr.Timer(active=False), None, [page.timer], api_name="stop_live", queue=False)
+     .then(compare_runs, None, [page.table, page.compare_plot], api_name="compare_after_tune"))
+    page.cancel.click(cancel_tuning, None, [page.status], api_name="cancel", queue=False)
+    page.timer.tick(live_progress, None, [page.loss_plot, page.status], api_name="live_progress",
+                    concurrency_limit=None, show_progress="hidden")
+
+
+def start_tuning(request: gr.Request):
+    session_of(request).live_status = "starting…"
+    return gr.Timer(active=True)
+
+
+def _step_text(step: dict) -> str:
+    return f"step {step['step']}/{step['total_steps']} · epoch {step['epoch']} · loss {step['loss']:.4f} · " \
+           f"ETA {step['eta']:.0f} s"
+
+
+def _training(session: Session) -> bool:
+    """A tuning is running and not being cancelled: its steps are the news."""
+    return session.tuning and session.live is not None and not (session.live / CANCEL_FILE).exists()
+
+
+def tune_model(model: str, task: str, method: str, options: Optional[dict], shots: float, epochs: float,
+               lr: Optional[float], batch_size: float, bf16: bool, answers: str, frames: float,
+               request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    """Tune `method` with its `options` (a JSON object of option: value; the rest keep their
+    defaults) on the session's dataset; returns the before/after card, the training figure, the
+    weights to download, the updated run lists and the status line."""
+    session = session_of(request)
+    if session.dataset is None:
+        raise gr.Error("load a dataset first (Data tab)")
+    if session.live is not None and not session.tuning:   # the previous tuning's progress is not shown again
+        STORE.remove(session.live)
+    session.live = live = session.new_folder("live", str(method))
+    session.live_status = "loading the model and scoring it zero-shot…"
+    progress(0, desc="loading the model and scoring it zero-shot")
+    out = session.new_folder("runs", str(method))
+    session.tuning = True
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            job = pool.submit(
+                tune_on_device, str(live), model=spec_of(model), data=session.dataset.root, method=method,
+                options=options or {}, shots=int(shots) if shots else None, epochs=int(epochs),
+                lr=float(lr) if lr else None, batch_size=int(batch_size), bf16=bool(bf16), task=task,
+                frames=int(frames), extra_answers=tuple(a.strip() for a in (answers or "").split(",") if a.strip()),
+                out=out, epoch_metrics=True, local_paths=LOCAL_PATHS)
+            while not wait([job], timeout=0.5).done:
+                steps = read_progress(live) if _training(session) else []
+                if steps:
+                    progress((steps[-1]["step"], steps[-1]["total_steps"]), unit="steps", desc=_step_text(steps[-1]))
+            result = job.result()
+    except Exception as error:
+        STORE.remove(out)
+        session.live_status = f"stopped: {error}"
+        if isinstance(error, USER_ERRORS):
+            raise views.user_error(error) from error
+        raise
+    finally:
+        session.tuning = False
+    if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
+        STORE.remove(session.folder)
+    name = f"{len(session.runs) + 1} · {method} · {result.backbone}"
+    session.runs[name] = Run(name, out, result, local_paths=LOCAL_PATHS)
+    cancelled = " (cancelled early)" if result.train.cancelled else ""
+    session.live_status = f"done in {result.seconds:.0f} s{cancelled}"
+    if result.note:
+        gr.Warning(result.note)
+    return (views.run_card(name, result), figures.training_figure(result), views.weights_files(out),
+            *run_choices(session, name), session.live_status)
+
+
+def cancel_tuning(request: gr.Request) -> str:
+    session = session_of(request)
+    if session.live is None or not session.tuning:
+        return "nothing is tuning"
+    (session.live / CANCEL_FILE).touch()
+    session.live_status = "cancelling after the current step…"
+    return session.live_status
+
+
+def live_progress(request: gr.Request):
+    """The loss so far and a status line: the latest step while training, else what happened last."""
+    session = session_of(request)
+    steps = read_progress(session.live) if session.live else []
+    status = _step_text(steps[-1]) if steps and _training(session) else session.live_status
+    return figures.training_figure(None, live=[step["loss"] for step in steps]), status
+
+
+def suggest_lr(model: str, method: str) -> float:
+    return suggested_lr(spec_of(model), method)
+
+
+def model_notice(model: str) -> str:
+    """Where the chosen backbone's weights come from, said before anything is tuned."""
+    return describe_spec(spec_of(model), LOCAL_PATHS)

@@ -1,0 +1,72 @@
+"""The Ask tab's weights panel: a run's pet.safetensors and run.json downloaded, or such a pair
+loaded back as a run of this session — checked whole (run.json's schema, every tensor's name,
+shape, dtype and value), and never allowed to name a file or folder on the server."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import gradio as gr
+
+from app import views
+from app.models import run_choices, run_key, load_tuned
+from app.sessions import STORE, Run, session_of
+from app.tabs.compare import compare_runs
+from core import checkpoint
+from core.runs import USER_ERRORS
+
+
+def layout(page) -> None:
+    with gr.Accordion("Tuned weights: download, or load saved ones", open=False):
+        with gr.Row():
+            page.download = gr.Button("Download the chosen run's weights")
+            page.downloaded = gr.File(label="Weights", file_count="multiple", interactive=False)
+        with gr.Row():
+            page.weights_in = gr.File(label="pet.safetensors and run.json", file_count="multiple",
+                                      file_types=[".safetensors", ".json"])
+            page.load_weights = gr.Button("Load weights")
+        page.loaded = gr.Markdown()
+
+
+def wire(page) -> None:
+    page.download.click(download_weights, [page.ask_run], [page.downloaded], api_name="download_weights")
+    page.load_weights.click(load_weights, [page.weights_in], [page.loaded, page.ask_run, page.inspect_run],
+                            api_name="load_weights", concurrency_id="inference").then(
+        compare_runs, None, [page.table, page.compare_plot], api_name="compare_after_load")
+
+
+def download_weights(run: str, request: gr.Request) -> list[str]:
+    session = session_of(request)
+    if not isinstance(run, str) or run not in session.runs:
+        raise gr.Error("choose one of this session's runs")
+    return views.weights_files(session.runs[run].folder)
+
+
+def load_weights(files: Optional[list[str]], request: gr.Request):
+    """Tuned weights back into this session: a pet.safetensors (safetensors only) with its run.json."""
+    session = session_of(request)
+    paths = [Path(f) for f in files or []]
+    weights = [p for p in paths if p.suffix == ".safetensors"]
+    infos = [p for p in paths if p.suffix == ".json"]
+    others = [p.name for p in paths if p not in weights and p not in infos]
+    if others:
+        raise gr.Error(f"{', '.join(others)}: only a .safetensors weights file and its run.json are loaded")
+    if len(weights) != 1 or len(infos) != 1:
+        raise gr.Error("upload exactly two files: the weights (.safetensors) and the run.json saved with them")
+    with session.lock:
+        folder = session.new_folder("runs", "uploaded")
+        shutil.copyfile(weights[0], folder / checkpoint.WEIGHTS)
+        shutil.copyfile(infos[0], folder / checkpoint.RUN_INFO)
+        try:
+            info, _ = checkpoint.read(folder)   # run.json checked against its schema
+            run = Run(f"{len(session.runs) + 1} · {info.method} · {info.backbone} (uploaded)", folder, info,
+                      local_paths=False)
+            loaded = load_tuned(run)   # every name, shape, dtype and value is checked before the run is listed
+        except USER_ERRORS as error:
+            STORE.remove(folder)
+            raise views.user_error(error) from error
+        session.runs[run.name] = run
+        session.model(run_key(run), lambda: loaded)
+    card = views.run_card(run.name, info) if info.scored else f"Loaded **{run.name}**."
+    return card, *run_choices(session, run.name)

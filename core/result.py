@@ -1,0 +1,151 @@
+"""A run's result, typed: what `tune` returns, what run.json holds (with a schema version), and
+what the CLI, the app and the figures read. Reading one back checks every field against the
+types declared here (a run.json is treated as hostile: see README, "Limits and safety")."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+SCHEMA_VERSION = 2      # 1: the same fields without "schema_version" (runs saved before it existed)
+MAX_TEXT = 10_000       # characters of any text
+MAX_LIST = 1_000_000    # entries of any list (the step losses of a long run)
+MAX_SEED = 2**32 - 1
+MAX_FRAMES = 64
+
+
+class ResultError(ValueError):
+    """A run.json that is not a PET Studio run result; the message names the key."""
+
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class DatasetSummary:
+    fingerprint: str
+    manifest: str
+    items: int
+    captions: int
+    questions: int
+    train: int
+    test: int
+    train_used: int
+
+
+@dataclass
+class TrainSummary:
+    epochs: int
+    lr: float
+    batch_size: int
+    shots: Optional[int]
+    bf16: bool
+    device: str
+    epoch_losses: list[float]
+    step_losses: list[float]
+    epoch_metrics: list[Metrics]
+    cancelled: bool
+
+
+@dataclass
+class RunResult:
+    """A run: always its method, options and backbone; once scored (`tuned` is not None), the
+    budget, the data, the training and the metrics before and after."""
+
+    method: str
+    config: dict[str, Any]
+    backbone: str
+    seed: int = 0
+    task: str = "retrieval"
+    extra_answers: list[str] = field(default_factory=list)
+    frames: int = 8
+    note: Optional[str] = None
+    backbone_weights: str = ""
+    backbone_params: int = 0
+    trainable_params: int = 0
+    trainable_pct: float = 0.0
+    groups: dict[str, int] = field(default_factory=dict)
+    dataset: Optional[DatasetSummary] = None
+    train: Optional[TrainSummary] = None
+    zero_shot: Optional[Metrics] = None
+    tuned: Optional[Metrics] = None
+    seconds: float = 0.0
+    out: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def scored(self) -> bool:
+        return self.tuned is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "run.json") -> "RunResult":
+        """Read a run.json's content, refusing wrong types, missing keys and out-of-range values."""
+        if not isinstance(data, dict):
+            raise ResultError(f"{where}: must be a JSON object, not {type(data).__name__}")
+        version = data.get("schema_version", 1)
+        if type(version) is not int or not 1 <= version <= SCHEMA_VERSION:
+            raise ResultError(f"{where}: 'schema_version' {str(version)[:20]} is not one this PET Studio reads "
+                              f"(1 to {SCHEMA_VERSION})")
+        result = _read(cls, {**data, "schema_version": SCHEMA_VERSION}, where, nested=False)
+        if result.scored and (result.dataset is None or result.train is None or result.zero_shot is None):
+            missing = next(k for k in ("dataset", "train", "zero_shot") if getattr(result, k) is None)
+            raise ResultError(f"{where}: a scored run (one with 'tuned') has no '{missing}'")
+        if not result.seed <= MAX_SEED:
+            raise ResultError(f"{where}: 'seed' must be between 0 and {MAX_SEED}")
+        if not 1 <= result.frames <= MAX_FRAMES:
+            raise ResultError(f"{where}: 'frames' must be between 1 and {MAX_FRAMES}")
+        return result
+
+
+def _read(kind: type, data: dict[str, Any], where: str, nested: bool = True):
+    """A dataclass of `kind` from a JSON object: its required fields present, every field of its
+    type (keys it does not declare are left out)."""
+    hints = typing.get_type_hints(kind)
+    values = {}
+    for f in dataclasses.fields(kind):
+        if f.name in data:
+            values[f.name] = _value(data[f.name], hints[f.name],
+                                    f"{where}['{f.name}']" if nested else f"{where}: '{f.name}'")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ResultError(f"{where}{'' if nested else ':'} has no '{f.name}'")
+    return kind(**values)
+
+
+_NAMES = {str: "a text", int: "a whole number", float: "a number", bool: "true or false"}
+
+
+def _value(value: Any, hint: Any, where: str) -> Any:
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:                       # Optional[X]
+        return None if value is None else _value(value, arguments[0], where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ResultError(f"{where} must be a JSON object")
+        return _read(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list) or len(value) > MAX_LIST:
+            raise ResultError(f"{where} must be a list (of at most {MAX_LIST} entries)")
+        return [_value(item, arguments[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ResultError(f"{where} must be a JSON object")
+        if arguments[1] is Any:     # a method's options: checked by the method itself
+            return value
+        return {key: _value(item, arguments[1], f"{where}['{key[:40]}']") for key, item in value.items()}
+    if hint is float and type(value) is int:
+        value = float(value)
+    if type(value) is not hint:
+        raise ResultError(f"{where} must be {_NAMES[hint]}, not {repr(value)[:60]}")
+    if hint is float and not math.isfinite(value):
+        raise ResultError(f"{where} must be a finite number, not {value}")
+    if hint is int and value < 0:
+        raise ResultError(f"{where} must not be negative")
+    if hint is str and len(value) > MAX_TEXT:
+        raise ResultError(f"{where} is longer than {MAX_TEXT} characters")
+    return value
