@@ -105,7 +105,8 @@ def load_into(handle: PetHandle, weights: str | Path) -> None:
             names = set(opened.keys())
             own = set(handle.trainable_parameters())
             if names != own:
-                raise CheckpointError(f"{name}: {handle.method} weights do not match: missing {sorted(own - names)[:5]}, "
+                raise CheckpointError(f"{name}: {handle.method} weights do not match: "
+                                      f"missing {sorted(own - names)[:5]}, "
                                       f"unexpected {sorted(names - own)[:5]}")
             state = {n: opened.get_tensor(n) for n in sorted(names)}
     except (SafetensorError, OSError, ValueError, TypeError) as error:

@@ -46,6 +46,7 @@ def _tensors(weights: bytes, change):
 
 
 FIRST = "pet.text.0.q.down"   # one of a LoRA run's tensors
+WEIGHTS = "pet.safetensors"
 
 
 def _set_first(value):
@@ -99,10 +100,10 @@ CASES = [
     ("other backbone", lambda i: _with(i, backbone="openclip:ViT-B-32"), None,
      "these weights were tuned on openclip:ViT-B-32, not openclip:PETStudio-Tiny"),
     ("weights garbage", None, b"garbage that is not safetensors", "pet.safetensors: not a readable safetensors file"),
-    ("weights header lies", None, struct.pack("<Q", 10**12) + b"{}", "pet.safetensors: not a readable safetensors file"),
-    ("weights empty", None, b"", "pet.safetensors: not a readable safetensors file"),
-    ("NaN tensor", None, _set_first(float("nan")), f"pet.safetensors: lora weight {FIRST} holds NaN or infinite values"),
-    ("Inf tensor", None, _set_first(float("inf")), f"pet.safetensors: lora weight {FIRST} holds NaN or infinite values"),
+    ("weights header lies", None, struct.pack("<Q", 10**12) + b"{}", f"{WEIGHTS}: not a readable safetensors file"),
+    ("weights empty", None, b"", f"{WEIGHTS}: not a readable safetensors file"),
+    ("NaN tensor", None, _set_first(float("nan")), f"{WEIGHTS}: lora weight {FIRST} holds NaN or infinite values"),
+    ("Inf tensor", None, _set_first(float("inf")), f"{WEIGHTS}: lora weight {FIRST} holds NaN or infinite values"),
     ("fp16 tensor", None, lambda s: s.update({FIRST: s[FIRST].half()}),
      f"pet.safetensors: lora weight {FIRST} has dtype float16, expected float32"),
     ("int tensor", None, lambda s: s.update({FIRST: s[FIRST].long()}),

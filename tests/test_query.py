@@ -100,7 +100,8 @@ def test_a_question_too_long_for_the_model_is_cut_and_says_so(offline, base_scen
     question = "what colour is the shape? " + "please look very carefully " * 25_000   # 100k characters
     result = query.answer(offline, path, question, candidates, k=6)
     assert result.note.startswith("the question was too long for the model and was cut to its first ")
-    assert result.note.endswith("of 100005 words: “what colour is the shape? please look very carefully please look very carefully …”")
+    assert result.note.endswith("of 100005 words: “what colour is the shape? please look very carefully "
+                                "please look very carefully …”")
     kept = int(result.note.split("first ")[1].split(" of")[0])
     words = question.split()
     # The longest kept question leaves every candidate's answer inside the context; one word more would not.

@@ -14,6 +14,7 @@ from app.tabs import weights
 from core import query
 from core.data.media import IMAGE_TYPES, VIDEO_TYPES
 from core.runs import USER_ERRORS
+from core.tasks.vqa import candidate_answers
 
 CAPTION_COLUMNS = ["rank", "score", "caption of", "caption"]
 
@@ -121,9 +122,8 @@ def answer_question(upload: Optional[str], pick: Optional[str], question: str, a
     session = session_of(request)
     with session.lock:
         path = media_path(session, upload, pick)
-        candidates = [a.strip() for a in (answers or "").split(",") if a.strip()]
-        if session.dataset is not None:
-            candidates += [a for item in session.dataset.items for qa in item.qa for a in qa.answers]
+        typed = tuple(a.strip() for a in (answers or "").split(",") if a.strip())
+        candidates = candidate_answers(session.dataset.items if session.dataset else [], typed)
         try:
             labels, generated, notes = [], [], set()
             for label, key in models_for(session, run, model):

@@ -171,7 +171,8 @@ class AuroraHandle(PetHandle):
     mergeable = True
 
     def __init__(self, backbone, config: Config):
-        super().__init__(backbone, "aurora", config, tuned_backbone_params=backbone.head_parameters() if config.heads else (),
+        heads = backbone.head_parameters() if config.heads else ()
+        super().__init__(backbone, "aurora", config, tuned_backbone_params=heads,
                          group=self._group_of)
         self.deltas: list[tuple[str, int, str, Projection, AuroraDelta]] = []
 
