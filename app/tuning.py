@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from core.result import RunResult
 from core.runs import tune
+from core.sweep import SweepProgress, SweepResult, sweep
 from core.trainer import Progress
 
 try:
@@ -35,6 +36,15 @@ def cancelled(live: Path) -> bool:
     return (live / CANCEL_FILE).exists() or not live.exists()
 
 
+def request_cancel(session) -> str:
+    """Ask the session's running tuning or comparison to stop after its current step."""
+    if session.live is None or not session.tuning:
+        return "nothing is tuning"
+    (session.live / CANCEL_FILE).touch()
+    session.live_status = "cancelling after the current step…"
+    return session.live_status
+
+
 def read_progress(live: Path) -> list[dict[str, Any]]:
     """Every training step reported so far: step, total_steps, epoch, loss, elapsed, eta."""
     try:
@@ -44,14 +54,34 @@ def read_progress(live: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.endswith("}")]   # the last line may be half written
 
 
+def _step_line(p: Progress) -> dict[str, Any]:
+    return {"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch, "loss": p.loss, "elapsed": p.elapsed,
+            "eta": p.eta}
+
+
 @gpu_bound
 def tune_on_device(live: str, **arguments) -> RunResult:
     """core.runs.tune, reporting each step to `live`/progress.jsonl and stopping when `live`/cancel appears."""
     folder = Path(live)
     with open(folder / PROGRESS_FILE, "a", encoding="utf-8") as log:
         def report(p: Progress) -> None:
-            log.write(json.dumps({"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch, "loss": p.loss,
-                                  "elapsed": p.elapsed, "eta": p.eta}) + "\n")
+            log.write(json.dumps(_step_line(p)) + "\n")
             log.flush()
 
         return tune(**arguments, progress=report, cancel=lambda: cancelled(folder))
+
+
+@gpu_bound
+def sweep_on_device(live: str, **arguments) -> SweepResult:
+    """core.sweep.sweep, reporting each run and step to `live`/progress.jsonl (a step line also
+    says which run of how many it belongs to) and stopping when `live`/cancel appears."""
+    folder = Path(live)
+    with open(folder / PROGRESS_FILE, "a", encoding="utf-8") as log:
+        def report(p: SweepProgress) -> None:
+            step = _step_line(p.step) if p.step else {"step": 0, "total_steps": 1, "epoch": 0, "loss": None,
+                                                      "elapsed": 0.0, "eta": None}
+            log.write(json.dumps({**step, "run": p.run, "runs": p.runs, "label": p.label, "seed": p.seed,
+                                  "fraction": p.fraction}) + "\n")
+            log.flush()
+
+        return sweep(**arguments, progress=report, cancel=lambda: cancelled(folder))

@@ -28,8 +28,17 @@ model side by side and see where the parameters sit and what the gates learned.
 </div>"""
 
 
+class Page(SimpleNamespace):
+    """Every tab's components by name, for events that cross tabs; a name is given once."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if hasattr(self, name):
+            raise ValueError(f"two tabs name a component '{name}'")
+        super().__setattr__(name, value)
+
+
 def build_demo() -> gr.Blocks:
-    page = SimpleNamespace()   # every tab's components, by name, for events that cross tabs
+    page = Page()
     with gr.Blocks(title="PET Studio", delete_cache=(3600, 6 * 3600)) as demo:
         gr.Markdown(INTRO)
         with gr.Tabs():

@@ -88,10 +88,29 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=5)
     bench.add_argument("--methods", type=lambda s: s.split(","), help="comma-separated (default: all)")
 
+    sweep = commands.add_parser("sweep", help="several methods × several seeds on one dataset, compared")
+    sweep.add_argument("--model", required=True)
+    sweep.add_argument("--data", required=True, help="dataset folder or .zip")
+    sweep.add_argument("--methods", required=True,
+                       help="comma-separated, each with its options after a colon: aurora,vlpet:granularity=middleX")
+    sweep.add_argument("--seeds", default="0,1,2", help="comma-separated (default 0,1,2)")
+    sweep.add_argument("--task", choices=TASKS, default="retrieval")
+    sweep.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
+    sweep.add_argument("--shots", type=int, default=16)
+    sweep.add_argument("--epochs", type=int, default=10)
+    sweep.add_argument("--lr", type=float, help="one learning rate for all (default: each method's suggested)")
+    sweep.add_argument("--batch-size", type=int, default=16)
+    sweep.add_argument("--bf16", action="store_true")
+    sweep.add_argument("--out", help="sweep folder (default runs/sweep-DATE)")
+
+    report = commands.add_parser("report", help="one self-contained HTML file of a run or a sweep")
+    report.add_argument("source", help="a run folder or a sweep folder")
+    report.add_argument("--out", required=True, help="the HTML file to write")
+
     demo = commands.add_parser("demo", help="16-shot tuning of the offline model on a novel part of its world")
     demo.add_argument("--out", help="folder for the dataset and the runs (default runs/demo-DATE)")
 
-    for sub in (info, tune, evaluate, bench, demo):
+    for sub in (info, tune, evaluate, bench, sweep, report, demo):
         sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return parser
 
@@ -173,6 +192,31 @@ def run_bench(args) -> dict[str, Any]:
     return bench(args.model, batch=args.batch, steps=args.steps, methods=args.methods)
 
 
+def run_sweep(args) -> dict[str, Any]:
+    from core.sweep import parse_methods, sweep
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError as error:
+        raise RunError(f"--seeds must be whole numbers separated by commas, not {args.seeds!r}") from error
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
+
+    def show(p) -> None:
+        if p.step is None:
+            _note(f"run {p.run + 1}/{p.runs}: {p.label}, seed {p.seed}")
+
+    result = sweep(args.model, args.data, parse_methods(args.methods), seeds, out, shots=args.shots,
+                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, task=args.task, frames=args.frames,
+                   bf16=args.bf16, progress=show)
+    return result.to_json()
+
+
+def run_report(args) -> dict[str, Any]:
+    from core.report import write_report
+
+    return {"report": str(write_report(args.source, args.out))}
+
+
 def run_demo(args) -> dict[str, Any]:
     from core import world
     from core.runs import suggested_lr, tune
@@ -200,6 +244,13 @@ def _human(command: str, result: dict[str, Any]) -> str:
                 f"saved to {result['out']} in {result['seconds']:.1f}s")
     if command == "eval":
         return _format_metrics(result["metrics"])
+    if command == "sweep":
+        from core.tasks import headline_metric
+
+        key = headline_metric(result["task"])
+        rows = [f"{m['label']:<32} {m['trainable_params']:>12,} {m['metrics'][key][0]:6.1f} ± {m['metrics'][key][1]:.1f}"
+                for m in result["methods"]]
+        return "\n".join([f"{'method':<32} {'trainable':>12} {key}", *rows, f"saved under {result['out']}"])
     if command == "demo":
         return f"dataset and runs saved under {Path(result['data']).parent}"
     return json.dumps(result, indent=2)
@@ -210,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every random init; we say it once
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # read by transformers at import
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    handlers = {"info": run_info, "tune": run_tune, "eval": run_eval, "bench": run_bench, "demo": run_demo}
+    handlers = {"info": run_info, "tune": run_tune, "eval": run_eval, "bench": run_bench, "sweep": run_sweep,
+                "report": run_report, "demo": run_demo}
     try:
         result = handlers[args.command](args)
     except USER_ERRORS as error:

@@ -4,7 +4,7 @@ readout); nothing here touches a model."""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import plotly.graph_objects as go
@@ -15,6 +15,9 @@ from plotly.subplots import make_subplots
 from core.pet import get_method
 from core.result import RunResult
 from core.tasks import headline_metric
+
+if TYPE_CHECKING:
+    from core.sweep import SweepResult
 
 GATE_SCALE = "Viridis"
 
@@ -192,4 +195,26 @@ def compare_figure(runs: list[RunResult]) -> go.Figure:
         figure.update_xaxes(range=[min(span) - 0.5, max(span) + 0.5])
     figure.update_layout(title="Metric against trainable parameters", yaxis_title=f"{key} (%)",
                          xaxis=dict(type="log", title="trainable parameters (log scale)"), height=400)
+    return figure
+
+
+def sweep_figure(result: "SweepResult") -> go.Figure:
+    """A sweep's headline metric per method — mean over seeds with a ±1 std error bar — against
+    its trainable parameters (log scale), and the zero-shot score as a line."""
+    key = headline_metric(result.task)
+    methods = [m for m in result.methods if key in m.metrics]
+    x = [max(m.trainable_params, 1) for m in methods]
+    figure = go.Figure(go.Scatter(
+        x=x, y=[m.metrics[key][0] for m in methods], mode="markers+text", text=[m.label for m in methods],
+        textposition="top center", error_y=dict(type="data", array=[m.metrics[key][1] for m in methods]),
+        marker=dict(size=12, color="#5b8def"), name=f"tuned (mean ± std over {len(result.seeds)} seeds)",
+        hovertemplate="%{text}: %{x:,} trainable, " + key + " %{y:.1f}<extra></extra>"))
+    if methods:
+        zero_shot = sum(m.zero_shot[key] for m in methods) / len(methods)
+        figure.add_hline(y=zero_shot, line_dash="dash", line_color="#9aa0a6",
+                         annotation_text=f"zero-shot {zero_shot:.1f}", annotation_position="bottom right")
+        span = [math.log10(v) for v in x]
+        figure.update_xaxes(range=[min(span) - 0.5, max(span) + 0.5])
+    figure.update_layout(title="Methods compared: metric against trainable parameters", yaxis_title=f"{key} (%)",
+                         xaxis=dict(type="log", title="trainable parameters (log scale)"), height=420)
     return figure

@@ -8,7 +8,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, MutableMapping, Optional
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
          extra_answers: tuple[str, ...] = (), frames: int = DEFAULT_FRAMES,
          progress: Optional[Callable[[Progress], None]] = None,
          cancel: Optional[Callable[[], bool]] = None, epoch_metrics: bool = False,
-         local_paths: bool = True) -> RunResult:
+         local_paths: bool = True, zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None) -> RunResult:
     """Tune `method` on `model` with the training split of `data`; score the test split before and after.
 
     `task` is retrieval or vqa; `extra_answers` adds VQA candidate answers to the dataset's own;
@@ -91,7 +91,8 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     the test split is also scored after every epoch (result.train.epoch_metrics). Without
     `local_paths` the model may not name a file or folder (a spec from a remote client).
     A run that fails leaves nothing behind: the run folder is removed if it made it, emptied if
-    it was given an empty one."""
+    it was given an empty one. `zero_shot_cache` keeps zero-shot scores across runs: a run on the
+    same backbone weights, dataset, task, frames and answers reuses them instead of scoring again."""
     started = time.perf_counter()
     config = make_config(method, options)
     lr = default_lr(method) if lr is None else lr
@@ -101,7 +102,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     created = _claim_run_folder(out)
     try:
         return _tune(started, model, data, method, config, shots, epochs, lr, batch_size, seed, out, bf16, task,
-                     extra_answers, frames, progress, cancel, epoch_metrics, local_paths)
+                     extra_answers, frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -160,7 +161,7 @@ def _claim(out: Path) -> bool:
 
 
 def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, seed, out, bf16, task, extra_answers,
-          frames, progress, cancel, epoch_metrics, local_paths) -> RunResult:
+          frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache) -> RunResult:
     seed_everything(seed)
     dataset = read_dataset(data, out, DEFAULT_LIMITS)
     if frames < 1:
@@ -177,7 +178,12 @@ def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, s
     train_items = few_shot(_items(task_def, dataset, "train"), shots, seed)
     if not train_items:
         raise RunError(f"{dataset.manifest}: the dataset has no training items for {task}")
-    zero_shot = task_def.evaluate(backbone, test_set)
+    # The weights text names the seed of a random init, so seeds of an untrained backbone stay apart.
+    scored_as = (backbone.spec, backbone.weights, dataset.fingerprint, task, frames, tuple(extra_answers))
+    cache = zero_shot_cache if zero_shot_cache is not None else {}
+    if scored_as not in cache:
+        cache[scored_as] = task_def.evaluate(backbone, test_set)
+    zero_shot = dict(cache[scored_as])
 
     seed_everything(seed)
     handle = attach(backbone, method, config)

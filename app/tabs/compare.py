@@ -1,12 +1,26 @@
-"""Compare: this session's runs as a table (method, trainable parameters and %, metric zero-shot
-and tuned, time, file size) and a chart of the metric against trainable parameters."""
+"""Compare: this session's runs as a table and a chart of metric against trainable parameters;
+and "Compare methods" — several methods × seeds in one job with the Tune tab's backbone and
+settings, shown as mean ± std per method, with a self-contained HTML report to keep."""
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import gradio as gr
 
 from app import views
-from app.sessions import session_of
-from core import figures
+from app.models import LOCAL_PATHS, run_choices, spec_of
+from app.sessions import STORE, Run, session_of
+from app.tuning import read_progress, request_cancel, sweep_on_device
+from core import checkpoint, figures
+from core.pet import METHODS
+from core.report import write_report
+from core.runs import USER_ERRORS
+from core.sweep import MethodChoice
+from core.tasks import headline_metric, metric_label
+
+COMPARED = ("aurora", "vlpet", "lora", "linear_probe")   # the default one-click comparison
+SWEEP_COLUMNS = ["method", "trainable params", "% of backbone", "metric", "zero-shot", "tuned (mean ± std)",
+                 "seconds per run", "file KiB"]
 
 
 def layout(page) -> None:
@@ -15,10 +29,33 @@ def layout(page) -> None:
         page.table = gr.Dataframe(headers=views.COMPARE_COLUMNS, label="This session's runs", interactive=False,
                                   elem_id="runs-table")
         page.compare_plot = gr.Plot(label="Metric against trainable parameters")
+        with gr.Accordion("Compare methods: every chosen method × seeds in one job (the Tune tab's backbone, "
+                          "task, shots, epochs, batch size and frames; each method at its suggested learning rate)",
+                          open=True):
+            with gr.Row():
+                page.sweep_methods = gr.CheckboxGroup([(m.label, m.name) for m in METHODS.values()],
+                                                      value=list(COMPARED), label="Methods")
+                page.sweep_seeds = gr.Textbox("0,1,2", label="Seeds, comma-separated")
+            with gr.Row():
+                page.compare_methods = gr.Button("Compare methods", variant="primary")
+                page.stop_sweep = gr.Button("Stop", variant="stop")
+            page.sweep_status = gr.Markdown()
+            page.sweep_table = gr.Dataframe(headers=SWEEP_COLUMNS, label="Methods compared", interactive=False,
+                                            elem_id="sweep-table")
+            page.sweep_plot = gr.Plot(label="Mean metric (± std over seeds) against trainable parameters")
+            page.sweep_report = gr.File(label="Report (one HTML file: opens with no network)", interactive=False)
 
 
 def wire(page) -> None:
     page.refresh.click(compare_runs, None, [page.table, page.compare_plot], api_name="compare")
+    inputs = [page.model, page.task, page.sweep_methods, page.sweep_seeds, page.shots, page.epochs, page.batch_size,
+              page.frames, page.bf16]
+    page.compare_methods.click(
+        compare_methods, inputs, [page.sweep_table, page.sweep_plot, page.sweep_report, page.sweep_status, page.ask_run,
+                                  page.inspect_run], api_name="compare_methods",
+        concurrency_limit=1, concurrency_id="tuning").then(
+        compare_runs, None, [page.table, page.compare_plot], api_name="compare_after_sweep")
+    page.stop_sweep.click(stop, None, [page.sweep_status], api_name="stop_sweep", queue=False)
 
 
 def compare_runs(request: gr.Request):
@@ -26,3 +63,67 @@ def compare_runs(request: gr.Request):
     runs = [r for r in session.runs.values() if r.result.scored]
     rows = [views.compare_row(r.name, r.result, r.folder) for r in runs]
     return rows or None, figures.compare_figure([r.result for r in runs])
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text or "").split(",") if s.strip()]
+    except ValueError as error:
+        raise gr.Error(f"seeds are whole numbers separated by commas, not {text!r:.60}") from error
+    if not seeds or len(seeds) > 10:
+        raise gr.Error("give from one to ten seeds")
+    return seeds
+
+
+def compare_methods(model: str, task: str, methods: list[str], seeds: str, shots: float, epochs: float,
+                    batch_size: float, frames: float, bf16: bool, request: gr.Request,
+                    progress=gr.Progress(track_tqdm=True)):
+    """Every chosen method × seed on the session's dataset; returns the per-method table, the
+    chart, the report file, the status line and the updated run pickers (each run is listed)."""
+    session = session_of(request)
+    if session.dataset is None:
+        raise gr.Error("load a dataset first (Data tab)")
+    if not isinstance(methods, list) or not methods or not all(m in METHODS for m in methods):
+        raise gr.Error(f"choose methods among {', '.join(METHODS)}")
+    seed_list = _seeds(seeds)
+    session.live = live = session.new_folder("live", "sweep")
+    out = session.new_folder("sweeps", "compare")
+    session.tuning = True
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            job = pool.submit(sweep_on_device, str(live), model=spec_of(model), data=session.dataset.root,
+                              choices=[MethodChoice(m) for m in methods], seeds=seed_list, out=out / "runs",
+                              shots=int(shots) if shots else None, epochs=int(epochs), batch_size=int(batch_size),
+                              task=task, frames=int(frames), bf16=bool(bf16), local_paths=LOCAL_PATHS)
+            while not wait([job], timeout=0.5).done:
+                steps = read_progress(live)
+                if steps:
+                    last = steps[-1]
+                    progress(last["fraction"], desc=f"run {last['run'] + 1}/{last['runs']}: {last['label']}, "
+                                                     f"seed {last['seed']} · step {last['step']}/{last['total_steps']}")
+            result = job.result()
+            report = write_report(out / "runs", out / "report.html")
+    except Exception as error:
+        STORE.remove(out)
+        if isinstance(error, USER_ERRORS):
+            raise views.user_error(error) from error
+        raise
+    finally:
+        session.tuning = False
+    for summary in result.methods:
+        for folder in summary.runs:
+            info, _ = checkpoint.read(folder)
+            name = f"{len(session.runs) + 1} · {info.method} · {info.backbone} · seed {info.seed}"
+            session.runs[name] = Run(name, folder, info, local_paths=LOCAL_PATHS)
+    key = headline_metric(result.task)
+    rows = [[m.label, m.trainable_params, round(m.trainable_pct, 4), metric_label(key), round(m.zero_shot[key], 1),
+             f"{m.metrics[key][0]:.1f} ± {m.metrics[key][1]:.1f}", round(m.seconds, 1), round(m.file_bytes / 1024, 1)]
+            for m in result.methods]
+    status = f"{'stopped early: ' if result.cancelled else ''}{sum(len(m.runs) for m in result.methods)} runs in " \
+             f"{result.seconds:.0f} s"
+    return rows or None, figures.sweep_figure(result), str(report), status, *run_choices(session, None)
+
+
+def stop(request: gr.Request) -> str:
+    """Stop the comparison after the current step; the runs that finished are kept."""
+    return request_cancel(session_of(request))

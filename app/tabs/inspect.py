@@ -10,6 +10,7 @@ from app import views
 from app.models import NO_RUN, media_path, tuned
 from app.sessions import session_of
 from core import checkpoint, figures, query
+from core.report import write_report
 from core.runs import USER_ERRORS
 
 
@@ -19,6 +20,8 @@ def layout(page) -> None:
             page.inspect_run = gr.Dropdown([NO_RUN], value=NO_RUN, label="Run")
             page.inspect_pick = gr.Dropdown([], label="Picture for the gates (its first caption is the text)")
             page.inspect = gr.Button("Inspect", variant="primary")
+            page.run_report = gr.Button("Report of this run (HTML)")
+        page.run_report_file = gr.File(label="Report (one HTML file: opens with no network)", interactive=False)
         page.budget_plot = gr.Plot(label="Parameter budget")
         page.gates_plot = gr.Plot(label="Gates")
         page.overlay_plot = gr.Plot(label="Gates over the picture")
@@ -29,6 +32,19 @@ def wire(page) -> None:
     page.inspect.click(inspect_run, [page.inspect_run, page.inspect_pick],
                        [page.budget_plot, page.gates_plot, page.overlay_plot, page.curves_plot],
                        api_name="inspect", concurrency_id="inference")
+    page.run_report.click(run_report, [page.inspect_run], [page.run_report_file], api_name="run_report",
+                          concurrency_id="inference")
+
+
+def run_report(run: str, request: gr.Request) -> str:
+    """A self-contained HTML report of the chosen run: its card, budget, gates, curves, command."""
+    session = session_of(request)
+    if not isinstance(run, str) or run not in session.runs or not session.runs[run].result.scored:
+        raise gr.Error("choose one of this session's tuned runs")
+    try:
+        return str(write_report(session.runs[run].folder, session.new_folder("reports", "run") / "report.html"))
+    except USER_ERRORS as error:
+        raise views.user_error(error) from error
 
 
 def inspect_run(run: str, pick: Optional[str], request: gr.Request):

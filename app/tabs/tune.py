@@ -14,7 +14,7 @@ from app.controls import control, option_value
 from app.models import LOCAL_PATHS, run_choices, spec_of
 from app.sessions import STORE, Run, Session, session_of
 from app.tabs.compare import compare_runs
-from app.tuning import CANCEL_FILE, read_progress, tune_on_device
+from app.tuning import CANCEL_FILE, read_progress, request_cancel, tune_on_device
 from core import figures
 from core.backbones import describe_spec
 from core.data.media import DEFAULT_FRAMES
@@ -168,12 +168,7 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
 
 
 def cancel_tuning(request: gr.Request) -> str:
-    session = session_of(request)
-    if session.live is None or not session.tuning:
-        return "nothing is tuning"
-    (session.live / CANCEL_FILE).touch()
-    session.live_status = "cancelling after the current step…"
-    return session.live_status
+    return request_cancel(session_of(request))
 
 
 def live_progress(request: gr.Request):

@@ -103,3 +103,26 @@ def test_click_through_the_app(app_server, browser):
     assert len(mine) == 1 and (next(iter(mine)) / "runs").is_dir()
     page.close()   # the session ends: its folder is removed
     _wait_until(lambda: not next(iter(mine)).exists(), 30, "the session folder to be removed")
+
+
+def test_a_report_opens_with_no_network_and_shows_its_figures(browser, shapes, tmp_path):
+    from core.report import write_report
+    from core.sweep import parse_methods, sweep
+
+    result = sweep("openclip:PETStudio-Tiny", shapes, parse_methods("lora,vlpet:granularity=middleX"), [0, 1],
+                   tmp_path / "sweep", shots=4, epochs=1)
+    report = write_report(result.out, tmp_path / "report.html")
+    context = browser.new_context()
+    context.set_offline(True)
+    requested = []
+    context.route("**/*", lambda route: (requested.append(route.request.url),
+                                         route.continue_() if route.request.url.startswith("file:") else route.abort()))
+    page = context.new_page()
+    page.goto(report.as_uri())
+    expected = 1 + 3 * len(result.methods)   # the comparison, then each method's budget, gates and curve
+    _wait_until(lambda: page.locator(".js-plotly-plot .main-svg").count() >= expected, 60, "the report's figures")
+    assert page.locator(".js-plotly-plot").count() == expected
+    assert page.get_by_text("Methods compared").first.is_visible()
+    assert all(url.startswith("file:") for url in requested), requested
+    _shot(page, "report")
+    context.close()

@@ -1,0 +1,196 @@
+"""A sweep: several methods (each with its options) × several seeds on one dataset and backbone,
+run one after another in one job with zero-shot scored once; per method, the trainable budget,
+every metric's mean ± standard deviation over the seeds, the time per run and the saved file
+size. The CLI's `sweep`, the app's "Compare methods" and the report all read its sweep.json."""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from core import checkpoint
+from core.data.media import DEFAULT_FRAMES
+from core.pet import make_config
+from core.result import RunResult
+from core.runs import RunError, suggested_lr, tune
+from core.trainer import Progress
+
+SWEEP_INFO = "sweep.json"
+
+
+@dataclass
+class MethodChoice:
+    """One method of a sweep with its options, e.g. `vlpet:granularity=middleX`."""
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        settings = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.method} ({settings})" if settings else self.method
+
+
+def parse_methods(text: str) -> list[MethodChoice]:
+    """`aurora,vlpet:granularity=middleX;reduction=4,lora:rank=4` -> the choices, each checked
+    against the method's declared options (values are read as JSON where they can be)."""
+    choices = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        method, _, settings = part.partition(":")
+        options = {}
+        for setting in (s for s in settings.split(";") if s):
+            key, equals, value = setting.partition("=")
+            if not equals:
+                raise RunError(f"'{setting}' in '{part}': write options as name=value")
+            try:
+                options[key.strip()] = json.loads(value)
+            except ValueError:
+                options[key.strip()] = value.strip()
+        make_config(method.strip(), options)   # unknown methods and options are refused here
+        choices.append(MethodChoice(method.strip(), options))
+    if not choices:
+        raise RunError("name at least one method to sweep")
+    return choices
+
+
+@dataclass
+class SweepProgress:
+    run: int                   # 0-based index of the current run
+    runs: int
+    label: str
+    seed: int
+    step: Optional[Progress]   # the current run's step (None before its training starts)
+
+    @property
+    def fraction(self) -> float:
+        done = self.step.step / self.step.total_steps if self.step else 0.0
+        return (self.run + done) / self.runs
+
+
+@dataclass
+class MethodSummary:
+    label: str
+    method: str
+    options: dict[str, Any]
+    trainable_params: int
+    trainable_pct: float
+    runs: list[str]                          # run folders, one per seed
+    metrics: dict[str, tuple[float, float]]  # key -> (mean, std over seeds)
+    zero_shot: dict[str, float]              # mean over seeds (they differ only for an untrained backbone)
+    seconds: float                           # mean time per run
+    file_bytes: int                          # saved pet.safetensors
+
+
+@dataclass
+class SweepResult:
+    model: str
+    fingerprint: str
+    task: str
+    shots: Optional[int]
+    epochs: int
+    seeds: list[int]
+    methods: list[MethodSummary]
+    cancelled: bool                # stopped early: the methods hold the runs that finished
+    seconds: float
+    out: str
+    command: str                   # the command that reproduces it (the data named by its fingerprint)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one seed)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(choice: MethodChoice, results: list[RunResult]) -> MethodSummary:
+    first = results[0]
+    keys = list(first.tuned)
+    folder = Path(first.out)
+    return MethodSummary(
+        label=choice.label, method=choice.method, options=dict(choice.options),
+        trainable_params=first.trainable_params, trainable_pct=first.trainable_pct, runs=[r.out for r in results],
+        metrics={k: _mean_std([r.tuned[k] for r in results]) for k in keys},
+        zero_shot={k: statistics.fmean(r.zero_shot[k] for r in results) for k in keys},
+        seconds=statistics.fmean(r.seconds for r in results),
+        file_bytes=(folder / checkpoint.WEIGHTS).stat().st_size)
+
+
+def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], shots: Optional[int], epochs: int,
+                  lr: Optional[float], batch_size: int, task: str, frames: int) -> str:
+    methods = ",".join(c.method + (":" + ";".join(f"{k}={json.dumps(v)}" for k, v in c.options.items())
+                                   if c.options else "") for c in choices)
+    parts = ["python -m core sweep", f"--model {model}", "--data DATA", f"--methods '{methods}'",
+             f"--seeds {','.join(map(str, seeds))}", f"--epochs {epochs}", f"--batch-size {batch_size}",
+             f"--task {task}", f"--frames {frames}"]
+    parts += [f"--shots {shots}"] if shots else []
+    parts += [f"--lr {lr:g}"] if lr is not None else []
+    return " ".join(parts)
+
+
+def _folder_name(choice: MethodChoice, seed: int) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", choice.label).strip("-") + f"-seed{seed}"
+
+
+def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list[int], out: str | Path,
+          shots: Optional[int] = 16, epochs: int = 10, lr: Optional[float] = None, batch_size: int = 16,
+          task: str = "retrieval", frames: int = DEFAULT_FRAMES, bf16: bool = False,
+          progress: Optional[Callable[[SweepProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
+          local_paths: bool = True) -> SweepResult:
+    """Tune every choice with every seed (the learning rate of each method is `lr`, or the one
+    suggested for it on `model`); a cancel stops after the current step, and the sweep keeps the
+    runs that finished (the interrupted one stays on disk, marked cancelled, outside the means)."""
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise RunError(f"{out}: the sweep folder already exists and is not empty; choose another --out")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise RunError("give one or more different seeds")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = [(number, seed) for number in range(len(choices)) for seed in seeds]
+    finished: dict[int, list[RunResult]] = {}   # choice number -> its finished runs
+    zero_shot_cache: dict = {}
+    cancelled, fingerprint = False, ""
+    for index, (number, seed) in enumerate(plan):
+        choice = choices[number]
+        if cancel is not None and cancel():
+            cancelled = True
+            break
+        report = (lambda step, i=index, c=choice, s=seed: progress(SweepProgress(i, len(plan), c.label, s, step))) \
+            if progress else None
+        if report:
+            report(None)
+        result = tune(model, data, choice.method, choice.options, shots=shots, epochs=epochs,
+                      lr=lr if lr is not None else suggested_lr(model, choice.method), batch_size=batch_size,
+                      seed=seed, out=out / _folder_name(choice, seed), bf16=bf16, task=task, frames=frames,
+                      progress=report, cancel=cancel, local_paths=local_paths, zero_shot_cache=zero_shot_cache)
+        fingerprint = result.dataset.fingerprint
+        if result.train.cancelled:
+            cancelled = True
+            break
+        finished.setdefault(number, []).append(result)
+    summary = SweepResult(
+        model=model, fingerprint=fingerprint, task=task, shots=shots, epochs=epochs, seeds=list(seeds),
+        methods=[summarise(choices[number], results) for number, results in finished.items()], cancelled=cancelled,
+        seconds=time.perf_counter() - started, out=str(out),
+        command=sweep_command(model, choices, seeds, shots, epochs, lr, batch_size, task, frames))
+    (out / SWEEP_INFO).write_text(json.dumps(summary.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return summary
+
+
+def read_sweep(folder: str | Path) -> SweepResult:
+    """A sweep folder's sweep.json (for the report)."""
+    path = Path(folder) / SWEEP_INFO
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["methods"] = [MethodSummary(**{**m, "metrics": {k: tuple(v) for k, v in m["metrics"].items()}})
+                           for m in data["methods"]]
+        return SweepResult(**data)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise RunError(f"{path}: not a sweep written by PET Studio ({str(error)[:200]})") from error
+

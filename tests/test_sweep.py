@@ -1,0 +1,108 @@
+"""Sweeps (core/sweep.py) and reports (core/report.py): methods × seeds in one job, zero-shot
+scored once, means and stds over seeds, cancel keeping what finished, one self-contained HTML."""
+import json
+import statistics
+
+import pytest
+from safetensors.torch import save_file
+
+from core import checkpoint
+from core.backbones import load_backbone
+from core.cli import main
+from core.report import write_report
+from core.runs import RunError
+from core.sweep import MethodChoice, parse_methods, read_sweep, sweep
+from core.tasks import retrieval
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """PETStudio-Tiny's random weights as a local checkpoint: the same backbone whatever the seed."""
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in load_backbone(TINY).open_clip_state_dict().items()}, str(path))
+    return f"{TINY}:{path}"
+
+
+@pytest.fixture(scope="module")
+def swept(shapes, tiny_weights, tmp_path_factory):
+    """Two methods × two seeds, counting how often the test split is scored."""
+    scored = []
+    evaluate = retrieval.evaluate
+
+    def counting(backbone, data, *rest):
+        scored.append(len(data))
+        return evaluate(backbone, data, *rest)
+
+    retrieval.evaluate = counting
+    try:
+        out = tmp_path_factory.mktemp("sweep") / "sweep"
+        result = sweep(tiny_weights, shapes, parse_methods("lora:rank=4,vlpet:granularity=middleX"), [0, 1], out,
+                       shots=4, epochs=2, lr=1e-2)
+    finally:
+        retrieval.evaluate = evaluate
+    return result, scored
+
+
+def test_means_and_stds_are_the_individual_runs(swept):
+    result, _ = swept
+    assert [m.label for m in result.methods] == ["lora (rank=4)", "vlpet (granularity=middleX)"]
+    assert not result.cancelled and result.seeds == [0, 1]
+    for summary in result.methods:
+        runs = [checkpoint.read(folder)[0] for folder in summary.runs]
+        assert [r.seed for r in runs] == [0, 1] and all(r.config == runs[0].config for r in runs)
+        for key, (mean, std) in summary.metrics.items():
+            values = [r.tuned[key] for r in runs]
+            assert mean == pytest.approx(statistics.fmean(values)) and std == pytest.approx(statistics.stdev(values))
+        assert summary.trainable_params == runs[0].trainable_params
+        assert summary.seconds == pytest.approx(statistics.fmean(r.seconds for r in runs))
+        assert summary.file_bytes == (checkpoint.read(summary.runs[0])[1]).stat().st_size
+    assert read_sweep(result.out) == result
+
+
+def test_zero_shot_is_scored_once(swept):
+    result, scored = swept
+    assert len(scored) == 1 + 4     # zero-shot once, then each of the four tuned runs
+    zero_shots = {json.dumps(checkpoint.read(f)[0].zero_shot) for m in result.methods for f in m.runs}
+    assert len(zero_shots) == 1
+
+
+def test_cancel_keeps_what_finished(shapes, tmp_path):
+    asked = {"cancel": False}
+
+    def progress(p):
+        if p.run == 2 and p.step is not None:   # the third run has taken a step
+            asked["cancel"] = True
+
+    result = sweep(TINY, shapes, [MethodChoice("bitfit"), MethodChoice("linear_probe")], [0, 1], tmp_path / "s",
+                   shots=4, epochs=3, lr=1e-2, batch_size=2, progress=progress, cancel=lambda: asked["cancel"])
+    assert result.cancelled and [m.label for m in result.methods] == ["bitfit"]
+    assert len(result.methods[0].runs) == 2
+    interrupted, _ = checkpoint.read(tmp_path / "s" / "linear_probe-seed0")
+    assert interrupted.train.cancelled    # kept on disk, marked, outside the means
+    assert not (tmp_path / "s" / "linear_probe-seed1").exists()
+
+
+def test_methods_are_read_with_their_options():
+    choices = parse_methods("aurora, vlpet:granularity=middleX;reduction=4 ,lora:rank=8;towers=[\"vision\"]")
+    assert [(c.method, c.options) for c in choices] == [
+        ("aurora", {}), ("vlpet", {"granularity": "middleX", "reduction": 4}), ("lora", {"rank": 8, "towers": ["vision"]})]
+    for text, message in (("ia3", "unknown method 'ia3'"), ("lora:rnak=2", "method lora has no option rnak"),
+                          ("lora:rank", "write options as name=value"), ("", "name at least one method")):
+        with pytest.raises(ValueError, match=message):
+            parse_methods(text)
+
+
+def test_the_report_is_one_self_contained_file(swept, tmp_path, capsys):
+    result, _ = swept
+    assert main(["report", result.out, "--out", str(tmp_path / "sweep.html"), "--json"]) == 0
+    page = (tmp_path / "sweep.html").read_text()
+    assert "src=\"http" not in page and "src='http" not in page and "Plotly" in page    # plotly.js inline
+    assert page.count("class=\"plotly-graph-div\"") == 1 + 3 * len(result.methods)   # chart, then each method's
+    assert result.command in page.replace("&#x27;", "'").replace("&quot;", '"')
+    assert "lora (rank=4)" in page and "± " in page
+    run = write_report(result.methods[1].runs[0], tmp_path / "run.html")
+    text = run.read_text()
+    assert "python -m core tune --model" in text and "--granularity middleX" in text
+    with pytest.raises(RunError, match="neither a run folder"):
+        write_report(tmp_path, tmp_path / "x.html")
