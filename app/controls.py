@@ -1,8 +1,9 @@
 """A method option's control, generated from its declaration (core.pet.options): the app names
-no method and no option, so a method registered anywhere gets its controls here."""
+no method and no option, so a method registered anywhere gets its controls here; and the
+numbers an API client sends, read with a clear message when they are not numbers."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import gradio as gr
 
@@ -29,3 +30,24 @@ def option_value(spec: dict[str, Any], value: Any) -> Any:
     if spec["type"] == "names":
         return [name.strip() for name in (value or "").split(",") if name.strip()]
     return value
+
+
+def number(value: Any, name: str) -> Optional[float]:
+    """A number an API client sent (None or empty: not given), or a clear error."""
+    if value is None or value == "":
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as error:
+        raise gr.Error(f"{name} must be a number, not {value!r:.40}") from error
+    if value != value or value in (float("inf"), float("-inf")):
+        raise gr.Error(f"{name} must be a finite number, not {value}")
+    return value
+
+
+def whole(value: Any, name: str) -> int:
+    """A whole number an API client sent (None or empty: 0), or a clear error."""
+    given = number(value, name) or 0.0
+    if given != int(given):
+        raise gr.Error(f"{name} must be a whole number, not {given:g}")
+    return int(given)

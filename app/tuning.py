@@ -20,6 +20,8 @@ except ImportError:
 
 # Seconds a ZeroGPU call may hold the GPU; a tuning run must finish within it.
 GPU_SECONDS = int(os.environ.get("PETSTUDIO_GPU_SECONDS", "300"))
+# A shared Space stays responsive: at most this many tunings (or comparisons) run at once, the rest wait.
+TUNING_CONCURRENCY = int(os.environ.get("PETSTUDIO_TUNING_CONCURRENCY", "1"))
 PROGRESS_FILE = "progress.jsonl"
 CANCEL_FILE = "cancel"
 

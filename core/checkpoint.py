@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from core.pet import PetError, PetHandle, make_config
 from core.result import ResultError, RunResult
-from core.tasks import TASKS
+from core.tasks import TASKS, headline_metric
 
 WEIGHTS = "pet.safetensors"
 RUN_INFO = "run.json"
@@ -89,6 +89,14 @@ def check_result(data: Any, where: str = RUN_INFO) -> RunResult:
         raise CheckpointError(str(error)) from error
     if result.task not in TASKS:
         raise CheckpointError(f"{where}: 'task' must be one of {', '.join(TASKS)}")
+    if result.scored:   # what its card, the comparison and its curves show must be there
+        key = headline_metric(result.task)
+        for name, metrics in (("tuned", result.tuned), ("zero_shot", result.zero_shot),
+                              *((f"train.epoch_metrics[{i}]", m) for i, m in enumerate(result.train.epoch_metrics))):
+            if key not in metrics:
+                raise CheckpointError(f"{where}: '{name}' has no '{key}', the {result.task} task's headline metric")
+        if result.backbone_params < 1:
+            raise CheckpointError(f"{where}: 'backbone_params' must be at least 1")
     try:
         make_config(result.method, result.config)
     except PetError as error:

@@ -1,4 +1,4 @@
-"""`python -m core COMMAND`: info, tune, eval, bench, demo.
+"""`python -m core COMMAND`: info, tune, eval, bench, sweep, report, demo.
 
 With --json, the last line of stdout is one JSON object (on failure: {"error": "..."}, exit 2);
 progress and notes go to stderr.
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", default="0,1,2", help="comma-separated (default 0,1,2)")
     sweep.add_argument("--task", choices=TASKS, default="retrieval")
     sweep.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
-    sweep.add_argument("--shots", type=int, default=16)
+    sweep.add_argument("--shots", type=int, default=16, help="training items per run (0: all)")
     sweep.add_argument("--epochs", type=int, default=10)
     sweep.add_argument("--lr", type=float, help="one learning rate for all (default: each method's suggested)")
     sweep.add_argument("--batch-size", type=int, default=16)
@@ -205,7 +205,7 @@ def run_sweep(args) -> dict[str, Any]:
         if p.step is None:
             _note(f"run {p.run + 1}/{p.runs}: {p.label}, seed {p.seed}")
 
-    result = sweep(args.model, args.data, parse_methods(args.methods), seeds, out, shots=args.shots,
+    result = sweep(args.model, args.data, parse_methods(args.methods), seeds, out, shots=args.shots or None,
                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, task=args.task, frames=args.frames,
                    bf16=args.bf16, progress=show)
     return result.to_json()

@@ -48,16 +48,18 @@ def run_command(result: RunResult) -> str:
         elif value != []:   # an empty list is the option's default (e.g. every tower)
             options += f" --{flag} {','.join(value) if isinstance(value, list) else value}"
     train = result.train
-    shots = f" --shots {train.shots}" if train and train.shots else ""
+    shots = f" --shots {train.shots}" if train and train.shots else ""   # none given: every training item
     settings = f" --epochs {train.epochs} --lr {train.lr:g} --batch-size {train.batch_size}" if train else ""
+    settings += " --bf16" if train and train.bf16 else ""
+    settings += f" --answers '{','.join(result.extra_answers)}'" if result.extra_answers else ""
     return (f"python -m core tune --model {result.backbone} --data DATA --task {result.task} --method {result.method}"
             f"{options}{shots}{settings} --seed {result.seed} --frames {result.frames}")
 
 
-def _gates(folder: Path, result: RunResult) -> go.Figure:
+def _gates(folder: Path, result: RunResult, local_paths: bool) -> go.Figure:
     """What the run's gates learned, read on a plain grey picture and a plain text."""
     try:
-        backbone, handle, _ = load_run(result.backbone, folder)
+        backbone, handle, _ = load_run(result.backbone, folder, local_paths=local_paths)
     except (BackboneError, checkpoint.CheckpointError) as error:
         return figures.message_figure(f"the gates need the run's backbone, which could not be loaded: {error}")
     grey = Image.new("RGB", (224, 224), (128, 128, 128))
@@ -66,15 +68,15 @@ def _gates(folder: Path, result: RunResult) -> go.Figure:
     return figures.gate_figure(result.method, handle.config, readout)
 
 
-def _run_section(folder: Path, result: RunResult, title: str) -> str:
+def _run_section(folder: Path, result: RunResult, title: str, local_paths: bool) -> str:
     weights = folder / checkpoint.WEIGHTS
     rows = [[metric_label(k), f"{result.zero_shot.get(k, float('nan')):.1f}", f"{v:.1f}",
              f"{v - result.zero_shot.get(k, float('nan')):+.1f}"] for k, v in result.tuned.items()]
     card = (f"<p><b>{html.escape(result.method)}</b> on <code>{html.escape(result.backbone)}</code> — "
             f"{html.escape(result.backbone_weights)}; task {result.task}; dataset fingerprint "
-            f"<code>{result.dataset.fingerprint}</code> ({result.dataset.train_used} training items); "
+            f"<code>{html.escape(result.dataset.fingerprint)}</code> ({result.dataset.train_used} training items); "
             f"{result.train.epochs} epochs at lr {result.train.lr:g}, seed {result.seed}; "
-            f"{result.seconds:.0f} s on {result.train.device}"
+            f"{result.seconds:.0f} s on {html.escape(result.train.device)}"
             f"{' (cancelled early)' if result.train.cancelled else ''}.</p>")
     note = f"<p><b>Note:</b> {html.escape(result.note)}</p>" if result.note else ""
     return "".join([
@@ -82,18 +84,18 @@ def _run_section(folder: Path, result: RunResult, title: str) -> str:
         _table(["metric (test split)", "zero-shot", "tuned", "change"], rows),
         _figure(figures.budget_figure(result.groups, result.backbone_params,
                                       weights.stat().st_size if weights.is_file() else None)),
-        _figure(_gates(folder, result)), _figure(figures.training_figure(result)),
+        _figure(_gates(folder, result, local_paths)), _figure(figures.training_figure(result)),
         f"<p>Reproduce:</p><pre>{html.escape(run_command(result))}</pre>"])
 
 
-def _sweep_sections(sweep: SweepResult) -> list[str]:
+def _sweep_sections(sweep: SweepResult, local_paths: bool) -> list[str]:
     keys = list(sweep.methods[0].metrics) if sweep.methods else []
     rows = [[m.label, f"{m.trainable_params:,}", f"{m.trainable_pct:.4g}",
              *(f"{m.metrics[k][0]:.1f} ± {m.metrics[k][1]:.1f}" for k in keys), f"{m.seconds:.1f}",
              f"{m.file_bytes / 1024:.1f}"] for m in sweep.methods]
     status = " — cancelled: the runs that finished" if sweep.cancelled else ""
     sections = [f"<h2>Methods compared{status}</h2>",
-                f"<p><code>{html.escape(sweep.model)}</code>, dataset fingerprint <code>{sweep.fingerprint}</code>, "
+                f"<p><code>{html.escape(sweep.model)}</code>, dataset fingerprint <code>{html.escape(sweep.fingerprint)}</code>, "
                 f"task {sweep.task}, {sweep.shots or 'all'} shots, {sweep.epochs} epochs, seeds "
                 f"{', '.join(map(str, sweep.seeds))}; the whole sweep took {sweep.seconds:.0f} s.</p>",
                 _table(["method", "trainable", "% of backbone", *(f"{metric_label(k)} (mean ± std)" for k in keys),
@@ -103,21 +105,22 @@ def _sweep_sections(sweep: SweepResult) -> list[str]:
     for summary in sweep.methods:
         folder = Path(summary.runs[0])
         result, _ = checkpoint.read(folder)
-        sections.append(_run_section(folder, result, f"{summary.label}, seed {sweep.seeds[0]}"))
+        sections.append(_run_section(folder, result, f"{summary.label}, seed {sweep.seeds[0]}", local_paths))
     return sections
 
 
-def write_report(source: str | Path, out: str | Path, title: Optional[str] = None) -> Path:
-    """The report of a run folder (run.json) or a sweep folder (sweep.json), written to `out`."""
+def write_report(source: str | Path, out: str | Path, title: Optional[str] = None, local_paths: bool = True) -> Path:
+    """The report of a run folder (run.json) or a sweep folder (sweep.json), written to `out`.
+    Without `local_paths` a run's backbone may not name a server path (an uploaded run)."""
     source, out = Path(source), Path(out)
     if (source / SWEEP_INFO).is_file():
         sweep = read_sweep(source)
-        body, heading = _sweep_sections(sweep), title or f"PET Studio: methods compared on {sweep.model}"
+        body, heading = _sweep_sections(sweep, local_paths), title or f"PET Studio: methods compared on {sweep.model}"
     elif (source / checkpoint.RUN_INFO).is_file():
         result, _ = checkpoint.read(source)
         if not result.scored:
             raise RunError(f"{source}: the run has no scores to report (it was never tuned here)")
-        body, heading = [_run_section(source, result, f"{result.method} on {result.backbone}")], \
+        body, heading = [_run_section(source, result, f"{result.method} on {result.backbone}", local_paths)], \
             title or f"PET Studio: {result.method} on {result.backbone}"
     else:
         raise RunError(f"{source}: neither a run folder (run.json) nor a sweep folder ({SWEEP_INFO})")
@@ -126,6 +129,9 @@ def write_report(source: str | Path, out: str | Path, title: Optional[str] = Non
             f"</head><body><h1>{html.escape(heading)}</h1>{''.join(body)}"
             f"<p><small>Made by PET Studio. Versions: "
             f"{html.escape(json.dumps(checkpoint.package_versions()))}</small></p></body></html>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+    except (OSError, ValueError) as error:   # a folder, a name too long, a NUL byte
+        raise RunError(f"{str(out)[:200]}: the report cannot be written there ({error})") from error
     return out

@@ -164,8 +164,6 @@ def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, s
           frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache) -> RunResult:
     seed_everything(seed)
     dataset = read_dataset(data, out, DEFAULT_LIMITS)
-    if frames < 1:
-        raise RunError(f"--frames must be at least 1, got {frames}")
     task_def = get_task(task, dataset, tuple(extra_answers), frames)
     device = pick_device()
     if bf16 and not bf16_supported(device):

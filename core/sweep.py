@@ -14,8 +14,9 @@ from typing import Any, Callable, Optional
 
 from core import checkpoint
 from core.data.media import DEFAULT_FRAMES
-from core.pet import make_config
+from core.pet import get_method, make_config
 from core.result import RunResult
+from core.backbones import load_backbone
 from core.runs import RunError, suggested_lr, tune
 from core.trainer import Progress
 
@@ -35,23 +36,45 @@ class MethodChoice:
         return f"{self.method} ({settings})" if settings else self.method
 
 
+def _top_level(text: str, separator: str) -> list[str]:
+    """`text` split at `separator`s outside brackets and quotes (a list option holds commas)."""
+    parts, depth, quoted, current = [], 0, False, ""
+    for character in text:
+        if character == '"':
+            quoted = not quoted
+        elif not quoted and character == "[":
+            depth += 1
+        elif not quoted and character == "]":
+            depth -= 1
+        if character == separator and depth == 0 and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += character
+    return [p.strip() for p in [*parts, current] if p.strip()]
+
+
 def parse_methods(text: str) -> list[MethodChoice]:
-    """`aurora,vlpet:granularity=middleX;reduction=4,lora:rank=4` -> the choices, each checked
-    against the method's declared options (values are read as JSON where they can be)."""
+    """`aurora,vlpet:granularity=middleX;reduction=4,lora:towers=["vision","text"]` -> the choices,
+    each checked against the method's declared options (values are read as JSON where they can be;
+    a bare name given to a list option is a list of that one name)."""
     choices = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        method, _, settings = part.partition(":")
+    for part in _top_level(text, ","):
+        method, _, settings = (p.strip() for p in part.partition(":"))
+        kinds = {spec["name"]: spec["type"] for spec in get_method(method).options()}
         options = {}
-        for setting in (s for s in settings.split(";") if s):
-            key, equals, value = setting.partition("=")
+        for setting in _top_level(settings, ";"):
+            key, equals, value = (p.strip() for p in setting.partition("="))
             if not equals:
                 raise RunError(f"'{setting}' in '{part}': write options as name=value")
             try:
-                options[key.strip()] = json.loads(value)
+                options[key] = json.loads(value)
             except ValueError:
-                options[key.strip()] = value.strip()
-        make_config(method.strip(), options)   # unknown methods and options are refused here
-        choices.append(MethodChoice(method.strip(), options))
+                options[key] = value
+            if kinds.get(key) == "names" and isinstance(options[key], str):
+                options[key] = [options[key]]
+        make_config(method, options)   # unknown options and values out of range are refused here
+        choices.append(MethodChoice(method, options))
     if not choices:
         raise RunError("name at least one method to sweep")
     return choices
@@ -98,6 +121,7 @@ class SweepResult:
     seconds: float
     out: str
     command: str                   # the command that reproduces it (the data named by its fingerprint)
+    note: Optional[str] = None     # why another backbone was used (weights that could not be fetched)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,14 +146,14 @@ def summarise(choice: MethodChoice, results: list[RunResult]) -> MethodSummary:
 
 
 def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], shots: Optional[int], epochs: int,
-                  lr: Optional[float], batch_size: int, task: str, frames: int) -> str:
+                  lr: Optional[float], batch_size: int, task: str, frames: int, bf16: bool) -> str:
     methods = ",".join(c.method + (":" + ";".join(f"{k}={json.dumps(v)}" for k, v in c.options.items())
                                    if c.options else "") for c in choices)
     parts = ["python -m core sweep", f"--model {model}", "--data DATA", f"--methods '{methods}'",
              f"--seeds {','.join(map(str, seeds))}", f"--epochs {epochs}", f"--batch-size {batch_size}",
-             f"--task {task}", f"--frames {frames}"]
-    parts += [f"--shots {shots}"] if shots else []
+             f"--task {task}", f"--frames {frames}", f"--shots {shots or 0}"]
     parts += [f"--lr {lr:g}"] if lr is not None else []
+    parts += ["--bf16"] if bf16 else []
     return " ".join(parts)
 
 
@@ -147,11 +171,20 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     runs that finished (the interrupted one stays on disk, marked cancelled, outside the means)."""
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise RunError(f"{out}: the sweep folder already exists and is not empty; choose another --out")
     if not seeds or len(set(seeds)) != len(seeds):
         raise RunError("give one or more different seeds")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise RunError(f"{out}: the sweep folder already exists and is not empty; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as error:   # a name the file system refuses
+        if isinstance(error, RunError):
+            raise
+        raise RunError(f"{str(out)[:200]}: cannot be used as a sweep folder ({error})") from error
+    # Resolved once, so that a fallback to the offline model shows, and its learning rates are the offline ones.
+    backbone = load_backbone(model, seeds[0], fallback_offline=True, local_paths=local_paths)
+    model, note = backbone.spec, backbone.fallback_note
+    del backbone
     plan = [(number, seed) for number in range(len(choices)) for seed in seeds]
     finished: dict[int, list[RunResult]] = {}   # choice number -> its finished runs
     zero_shot_cache: dict = {}
@@ -177,8 +210,8 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     summary = SweepResult(
         model=model, fingerprint=fingerprint, task=task, shots=shots, epochs=epochs, seeds=list(seeds),
         methods=[summarise(choices[number], results) for number, results in finished.items()], cancelled=cancelled,
-        seconds=time.perf_counter() - started, out=str(out),
-        command=sweep_command(model, choices, seeds, shots, epochs, lr, batch_size, task, frames))
+        seconds=time.perf_counter() - started, out=str(out), note=note,
+        command=sweep_command(model, choices, seeds, shots, epochs, lr, batch_size, task, frames, bf16))
     (out / SWEEP_INFO).write_text(json.dumps(summary.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return summary
 

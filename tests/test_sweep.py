@@ -2,6 +2,7 @@
 scored once, means and stds over seeds, cancel keeping what finished, one self-contained HTML."""
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 from safetensors.torch import save_file
@@ -84,9 +85,11 @@ def test_cancel_keeps_what_finished(shapes, tmp_path):
 
 
 def test_methods_are_read_with_their_options():
-    choices = parse_methods("aurora, vlpet:granularity=middleX;reduction=4 ,lora:rank=8;towers=[\"vision\"]")
+    choices = parse_methods('aurora, vlpet:granularity=middleX;reduction=4 ,lora:rank=8;towers=["vision", "text"],'
+                            'adapter:towers=vision')
     assert [(c.method, c.options) for c in choices] == [
-        ("aurora", {}), ("vlpet", {"granularity": "middleX", "reduction": 4}), ("lora", {"rank": 8, "towers": ["vision"]})]
+        ("aurora", {}), ("vlpet", {"granularity": "middleX", "reduction": 4}),
+        ("lora", {"rank": 8, "towers": ["vision", "text"]}), ("adapter", {"towers": ["vision"]})]
     for text, message in (("ia3", "unknown method 'ia3'"), ("lora:rnak=2", "method lora has no option rnak"),
                           ("lora:rank", "write options as name=value"), ("", "name at least one method")):
         with pytest.raises(ValueError, match=message):
@@ -106,3 +109,24 @@ def test_the_report_is_one_self_contained_file(swept, tmp_path, capsys):
     assert "python -m core tune --model" in text and "--granularity middleX" in text
     with pytest.raises(RunError, match="neither a run folder"):
         write_report(tmp_path, tmp_path / "x.html")
+
+
+def test_a_report_escapes_what_a_run_json_says(swept, tmp_path):
+    result, _ = swept
+    run = tmp_path / "run"
+    run.mkdir()
+    info = json.loads((Path(result.methods[0].runs[0]) / "run.json").read_text())
+    info["train"]["device"] = "<img src=x onerror=alert(1)>"
+    info["dataset"]["fingerprint"] = "<script>alert(2)</script>"
+    (run / "run.json").write_text(json.dumps(info))
+    (run / "pet.safetensors").write_bytes((Path(result.methods[0].runs[0]) / "pet.safetensors").read_bytes())
+    page = write_report(run, tmp_path / "report.html", local_paths=False).read_text()
+    assert "<img src=x" not in page and "<script>alert" not in page and "&lt;img src=x" in page
+
+
+def test_unusable_sweep_and_report_paths_are_messages(shapes, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for argv in (["sweep", "--model", TINY, "--data", str(shapes), "--methods", "lora", "--out", str(tmp_path / "file")],
+                 ["report", str(tmp_path), "--out", str(tmp_path / "r.html")]):
+        assert main([*argv, "--json"]) == 2
+        assert json.loads(capsys.readouterr().out.strip())["error"]

@@ -17,6 +17,7 @@ from core.runs import USER_ERRORS
 from core.tasks.vqa import candidate_answers
 
 CAPTION_COLUMNS = ["rank", "score", "caption of", "caption"]
+MAX_TYPED_ANSWERS = 100   # each is scored with the picture: a long list would hold the shared server
 
 
 def layout(page) -> None:
@@ -59,7 +60,7 @@ def wire(page) -> None:
     models = [page.ask_run, page.model]
     hits = [page.frozen_hits, page.tuned_hits]
     page.search_text.click(search_text, [page.text_query, *models], hits, api_name="search_text",
-                           concurrency_id="inference", concurrency_limit=2)
+                           concurrency_id="inference")
     page.text_query.submit(search_text, [page.text_query, *models], hits, api_name="search_text_submit",
                            concurrency_id="inference")
     page.search_media.click(search_media, [page.ask_upload, page.ask_pick, *models],
@@ -122,7 +123,9 @@ def answer_question(upload: Optional[str], pick: Optional[str], question: str, a
     session = session_of(request)
     with session.lock:
         path = media_path(session, upload, pick)
-        typed = tuple(a.strip() for a in (answers or "").split(",") if a.strip())
+        typed = tuple(a.strip() for a in str(answers or "").split(",") if a.strip())
+        if len(typed) > MAX_TYPED_ANSWERS or any(len(a) > 200 for a in typed):
+            raise gr.Error(f"give at most {MAX_TYPED_ANSWERS} candidate answers of at most 200 characters each")
         candidates = candidate_answers(session.dataset.items if session.dataset else [], typed)
         try:
             labels, generated, notes = [], [], set()

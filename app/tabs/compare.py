@@ -3,6 +3,7 @@ and "Compare methods" — several methods × seeds in one job with the Tune tab'
 settings, shown as mean ± std per method, with a self-contained HTML report to keep."""
 from __future__ import annotations
 
+import contextvars
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import gradio as gr
@@ -10,7 +11,8 @@ import gradio as gr
 from app import views
 from app.models import LOCAL_PATHS, run_choices, spec_of
 from app.sessions import STORE, Run, session_of
-from app.tuning import read_progress, request_cancel, sweep_on_device
+from app.controls import whole
+from app.tuning import TUNING_CONCURRENCY, read_progress, request_cancel, sweep_on_device
 from core import checkpoint, figures
 from core.pet import METHODS
 from core.report import write_report
@@ -53,7 +55,7 @@ def wire(page) -> None:
     page.compare_methods.click(
         compare_methods, inputs, [page.sweep_table, page.sweep_plot, page.sweep_report, page.sweep_status, page.ask_run,
                                   page.inspect_run], api_name="compare_methods",
-        concurrency_limit=1, concurrency_id="tuning").then(
+        concurrency_limit=TUNING_CONCURRENCY, concurrency_id="tuning").then(
         compare_runs, None, [page.table, page.compare_plot], api_name="compare_after_sweep")
     page.stop_sweep.click(stop, None, [page.sweep_status], api_name="stop_sweep", queue=False)
 
@@ -81,20 +83,23 @@ def compare_methods(model: str, task: str, methods: list[str], seeds: str, shots
     """Every chosen method × seed on the session's dataset; returns the per-method table, the
     chart, the report file, the status line and the updated run pickers (each run is listed)."""
     session = session_of(request)
-    if session.dataset is None:
-        raise gr.Error("load a dataset first (Data tab)")
-    if not isinstance(methods, list) or not methods or not all(m in METHODS for m in methods):
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, str) and m in METHODS for m in methods):
         raise gr.Error(f"choose methods among {', '.join(METHODS)}")
-    seed_list = _seeds(seeds)
-    session.live = live = session.new_folder("live", "sweep")
-    out = session.new_folder("sweeps", "compare")
-    session.tuning = True
+    arguments = dict(model=spec_of(model), choices=[MethodChoice(m) for m in methods], seeds=_seeds(seeds),
+                     shots=whole(shots, "shots") or None, epochs=whole(epochs, "epochs"),
+                     batch_size=whole(batch_size, "batch size"), task=task, frames=whole(frames, "frames"),
+                     bf16=bool(bf16), local_paths=LOCAL_PATHS)
+    with session.lock:   # a dataset loaded meanwhile does not remove this one's folder while it is read
+        if session.dataset is None:
+            raise gr.Error("load a dataset first (Data tab)")
+        session.live = live = session.new_folder("live", "sweep")
+        out = session.new_folder("sweeps", "compare")
+        session.tuning, data = True, session.dataset.root
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            job = pool.submit(sweep_on_device, str(live), model=spec_of(model), data=session.dataset.root,
-                              choices=[MethodChoice(m) for m in methods], seeds=seed_list, out=out / "runs",
-                              shots=int(shots) if shots else None, epochs=int(epochs), batch_size=int(batch_size),
-                              task=task, frames=int(frames), bf16=bool(bf16), local_paths=LOCAL_PATHS)
+            # The copied context carries the Gradio request into the call (ZeroGPU finds the visitor by it).
+            job = pool.submit(contextvars.copy_context().run, sweep_on_device, str(live), data=data, out=out / "runs",
+                              **arguments)
             while not wait([job], timeout=0.5).done:
                 steps = read_progress(live)
                 if steps:
@@ -102,9 +107,11 @@ def compare_methods(model: str, task: str, methods: list[str], seeds: str, shots
                     progress(last["fraction"], desc=f"run {last['run'] + 1}/{last['runs']}: {last['label']}, "
                                                      f"seed {last['seed']} · step {last['step']}/{last['total_steps']}")
             result = job.result()
-            report = write_report(out / "runs", out / "report.html")
+            if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
+                raise gr.Error("this page's session was closed while it was comparing")
+            report = write_report(out / "runs", out / "report.html", local_paths=LOCAL_PATHS)
     except Exception as error:
-        STORE.remove(out)
+        STORE.remove(out if request.session_hash in STORE else session.folder)
         if isinstance(error, USER_ERRORS):
             raise views.user_error(error) from error
         raise
@@ -115,6 +122,8 @@ def compare_methods(model: str, task: str, methods: list[str], seeds: str, shots
             info, _ = checkpoint.read(folder)
             name = f"{len(session.runs) + 1} · {info.method} · {info.backbone} · seed {info.seed}"
             session.runs[name] = Run(name, folder, info, local_paths=LOCAL_PATHS)
+    if result.note:
+        gr.Warning(result.note)
     key = headline_metric(result.task)
     rows = [[m.label, m.trainable_params, round(m.trainable_pct, 4), metric_label(key), round(m.zero_shot[key], 1),
              f"{m.metrics[key][0]:.1f} ± {m.metrics[key][1]:.1f}", round(m.seconds, 1), round(m.file_bytes / 1024, 1)]

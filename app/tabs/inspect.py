@@ -42,7 +42,9 @@ def run_report(run: str, request: gr.Request) -> str:
     if not isinstance(run, str) or run not in session.runs or not session.runs[run].result.scored:
         raise gr.Error("choose one of this session's tuned runs")
     try:
-        return str(write_report(session.runs[run].folder, session.new_folder("reports", "run") / "report.html"))
+        chosen = session.runs[run]
+        return str(write_report(chosen.folder, session.new_folder("reports", "run") / "report.html",
+                                local_paths=chosen.local_paths))
     except USER_ERRORS as error:
         raise views.user_error(error) from error
 

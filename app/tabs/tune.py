@@ -3,18 +3,18 @@ declares, core.pet.registry), training settings; Start shows progress and a live
 Cancel stops after the current step, and the result is a before/after card with the weights."""
 from __future__ import annotations
 
-import os
+import contextvars
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Optional
 
 import gradio as gr
 
 from app import views
-from app.controls import control, option_value
+from app.controls import control, number, option_value, whole
 from app.models import LOCAL_PATHS, run_choices, spec_of
 from app.sessions import STORE, Run, Session, session_of
 from app.tabs.compare import compare_runs
-from app.tuning import CANCEL_FILE, read_progress, request_cancel, tune_on_device
+from app.tuning import CANCEL_FILE, TUNING_CONCURRENCY, read_progress, request_cancel, tune_on_device
 from core import figures
 from core.backbones import describe_spec
 from core.data.media import DEFAULT_FRAMES
@@ -32,8 +32,6 @@ BACKBONES = [
     ("PETStudio-Tiny (random init, for trying things out)", "openclip:PETStudio-Tiny"),
 ]
 FIRST_METHOD = next(iter(METHODS))
-# A shared Space stays responsive: at most this many tunings run at once, the rest wait in the queue.
-TUNING_CONCURRENCY = int(os.environ.get("PETSTUDIO_TUNING_CONCURRENCY", "1"))
 
 
 def layout(page) -> None:
@@ -51,7 +49,7 @@ def layout(page) -> None:
                     main = [spec for spec in method.options() if spec["main"]]
                     with gr.Group(visible=method.name == FIRST_METHOD) as page.method_groups[method.name]:
                         gr.Markdown(f"**{method.label}** trains {method.trains}.")
-                        page.method_controls += [(method.name, spec, control(spec)) for spec in main]
+                        page.method_controls.extend((method.name, spec, control(spec)) for spec in main)
                 page.options = gr.JSON(visible=False)   # the chosen method's options, as /tune takes them
             with gr.Column(scale=1):
                 page.shots = gr.Number(16, precision=0, minimum=0, label="Shots (training items; 0 = all)")
@@ -113,6 +111,11 @@ def _step_text(step: dict) -> str:
            f"ETA {step['eta']:.0f} s"
 
 
+def _steps(live) -> list[dict]:
+    """The training steps reported so far (a comparison also reports the start of each run)."""
+    return [step for step in read_progress(live) if step["loss"] is not None]
+
+
 def _training(session: Session) -> bool:
     """A tuning is running and not being cancelled: its steps are the news."""
     return session.tuning and session.live is not None and not (session.live / CANCEL_FILE).exists()
@@ -125,25 +128,29 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
     defaults) on the session's dataset; returns the before/after card, the training figure, the
     weights to download, the updated run lists and the status line."""
     session = session_of(request)
-    if session.dataset is None:
-        raise gr.Error("load a dataset first (Data tab)")
-    if session.live is not None and not session.tuning:   # the previous tuning's progress is not shown again
-        STORE.remove(session.live)
-    session.live = live = session.new_folder("live", str(method))
+    spec = spec_of(model)
+    arguments = dict(model=spec, method=method, options=options or {}, shots=whole(shots, "shots") or None,
+                     epochs=whole(epochs, "epochs"), batch_size=whole(batch_size, "batch size"), bf16=bool(bf16),
+                     task=task, frames=whole(frames, "frames"), epoch_metrics=True, local_paths=LOCAL_PATHS,
+                     extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))
+    with session.lock:   # a dataset loaded meanwhile does not remove this one's folder while it is read
+        if session.dataset is None:
+            raise gr.Error("load a dataset first (Data tab)")
+        if session.live is not None and not session.tuning:   # the previous tuning's progress is not shown again
+            STORE.remove(session.live)
+        session.live = live = session.new_folder("live", str(method))
+        out = session.new_folder("runs", str(method))
+        session.tuning, data = True, session.dataset.root
     session.live_status = "loading the model and scoring it zero-shot…"
     progress(0, desc="loading the model and scoring it zero-shot")
-    out = session.new_folder("runs", str(method))
-    session.tuning = True
     try:
+        rate = number(lr, "learning rate") or suggested_lr(spec, method)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            job = pool.submit(
-                tune_on_device, str(live), model=spec_of(model), data=session.dataset.root, method=method,
-                options=options or {}, shots=int(shots) if shots else None, epochs=int(epochs),
-                lr=float(lr) if lr else None, batch_size=int(batch_size), bf16=bool(bf16), task=task,
-                frames=int(frames), extra_answers=tuple(a.strip() for a in (answers or "").split(",") if a.strip()),
-                out=out, epoch_metrics=True, local_paths=LOCAL_PATHS)
+            # The copied context carries the Gradio request into the call (ZeroGPU finds the visitor by it).
+            job = pool.submit(contextvars.copy_context().run, tune_on_device, str(live), data=data, out=out, lr=rate,
+                              **arguments)
             while not wait([job], timeout=0.5).done:
-                steps = read_progress(live) if _training(session) else []
+                steps = _steps(live) if _training(session) else []
                 if steps:
                     progress((steps[-1]["step"], steps[-1]["total_steps"]), unit="steps", desc=_step_text(steps[-1]))
             result = job.result()
@@ -157,6 +164,7 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
         session.tuning = False
     if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
         STORE.remove(session.folder)
+        raise gr.Error("this page's session was closed while it was tuning")
     name = f"{len(session.runs) + 1} · {method} · {result.backbone}"
     session.runs[name] = Run(name, out, result, local_paths=LOCAL_PATHS)
     cancelled = " (cancelled early)" if result.train.cancelled else ""
@@ -174,13 +182,16 @@ def cancel_tuning(request: gr.Request) -> str:
 def live_progress(request: gr.Request):
     """The loss so far and a status line: the latest step while training, else what happened last."""
     session = session_of(request)
-    steps = read_progress(session.live) if session.live else []
+    steps = _steps(session.live) if session.live else []
     status = _step_text(steps[-1]) if steps and _training(session) else session.live_status
     return figures.training_figure(None, live=[step["loss"] for step in steps]), status
 
 
 def suggest_lr(model: str, method: str) -> float:
-    return suggested_lr(spec_of(model), method)
+    try:
+        return suggested_lr(spec_of(model), method)
+    except USER_ERRORS as error:
+        raise views.user_error(error) from error
 
 
 def model_notice(model: str) -> str:
