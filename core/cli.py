@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="video: frames sampled uniformly per clip")
     tune.add_argument("--shots", type=int, help="keep K training items (each with all its captions)")
     tune.add_argument("--epochs", type=int, default=5)
-    tune.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    tune.add_argument("--lr", type=float, help="learning rate (default: the one suggested for the backbone and method)")
     tune.add_argument("--batch-size", type=int, default=32)
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with avx512_bf16/AMX, GPUs)")

@@ -95,7 +95,6 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     same backbone weights, dataset, task, frames and answers reuses them instead of scoring again."""
     started = time.perf_counter()
     config = make_config(method, options)
-    lr = default_lr(method) if lr is None else lr
     _check_settings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, frames=frames,
                     extra_answers=extra_answers)
     out = Path(out) if out is not None else default_run_folder(method)
@@ -115,7 +114,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
         raise
 
 
-# The training settings a run accepts: (type, lowest, highest); None for shots means all.
+# The training settings a run accepts: (type, lowest, highest); None for shots means all, for lr the suggested one.
 SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (float, 0.0, 10.0),
             "batch_size": (int, 1, 4096), "seed": (int, 0, MAX_SEED), "frames": (int, 1, MAX_FRAMES)}
 
@@ -123,7 +122,7 @@ SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (flo
 def _check_settings(extra_answers, **settings) -> None:
     for name, value in settings.items():
         kind, low, high = SETTINGS[name]
-        if name == "shots" and value is None:
+        if name in ("shots", "lr") and value is None:   # all items; the suggested learning rate
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
                 or not low <= value <= high:
@@ -170,6 +169,7 @@ def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, s
         raise RunError(f"bf16 was asked for, but this {device.type.upper()} does not support it")
     backbone = load_backbone(model, seed, fallback_offline=True, local_paths=local_paths).to(device)
     model = backbone.spec   # "offline" when the requested weights could not be fetched
+    lr = suggested_lr(model, method) if lr is None else lr
     if task not in backbone.tasks:
         raise RunError(f"{model} serves {', '.join(backbone.tasks)}, not {task}")
     test_set = _test_set(task_def, backbone, dataset)

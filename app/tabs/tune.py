@@ -144,10 +144,10 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
     session.live_status = "loading the model and scoring it zero-shot…"
     progress(0, desc="loading the model and scoring it zero-shot")
     try:
-        rate = number(lr, "learning rate") or suggested_lr(spec, method)
         with ThreadPoolExecutor(max_workers=1) as pool:
             # The copied context carries the Gradio request into the call (ZeroGPU finds the visitor by it).
-            job = pool.submit(contextvars.copy_context().run, tune_on_device, str(live), data=data, out=out, lr=rate,
+            job = pool.submit(contextvars.copy_context().run, tune_on_device, str(live), data=data, out=out,
+                              lr=number(lr, "learning rate") or None,
                               **arguments)
             while not wait([job], timeout=0.5).done:
                 steps = _steps(live) if _training(session) else []
