@@ -32,6 +32,14 @@ def option_value(spec: dict[str, Any], value: Any) -> Any:
     return value
 
 
+def options_by_method(controls: list, values: list) -> dict[str, dict[str, Any]]:
+    """Every method's main options as its controls are set: {method: {option: value}}."""
+    options: dict[str, dict[str, Any]] = {}
+    for (method, spec, _), value in zip(controls, values):
+        options.setdefault(method, {})[spec["name"]] = option_value(spec, value)
+    return options
+
+
 def number(value: Any, name: str) -> Optional[float]:
     """A number an API client sent (None or empty: not given), or a clear error."""
     if value is None or value == "":

@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import contextvars
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Optional
 
 import gradio as gr
+import pandas as pd
 
 from app import views
 from app.models import LOCAL_PATHS, run_choices, spec_of
 from app.sessions import STORE, Run, session_of
-from app.controls import whole
+from app.controls import options_by_method, whole
 from app.tuning import TUNING_CONCURRENCY, read_progress, request_cancel, sweep_on_device
 from core import checkpoint, figures
-from core.pet import METHODS
+from core.pet import METHODS, make_config
 from core.report import write_report
 from core.runs import USER_ERRORS
 from core.sweep import MethodChoice
 from core.tasks import headline_metric, metric_label
 
 COMPARED = ("aurora", "vlpet", "lora", "linear_probe")   # the default one-click comparison
-SWEEP_COLUMNS = ["method", "trainable params", "% of backbone", "metric", "zero-shot", "tuned (mean ± std)",
+SWEEP_COLUMNS = ["method", "trainable params", "% of backbone", "zero-shot", "each metric (mean ± std)",
                  "seconds per run", "file KiB"]
 
 
@@ -46,13 +48,17 @@ def layout(page) -> None:
                                             elem_id="sweep-table")
             page.sweep_plot = gr.Plot(label="Mean metric (± std over seeds) against trainable parameters")
             page.sweep_report = gr.File(label="Report (one HTML file: opens with no network)", interactive=False)
+            page.sweep_options = gr.JSON(visible=False)   # {method: options}, as the Tune tab's controls are set
 
 
 def wire(page) -> None:
     page.refresh.click(compare_runs, None, [page.table, page.compare_plot], api_name="compare")
-    inputs = [page.model, page.task, page.sweep_methods, page.sweep_seeds, page.shots, page.epochs, page.batch_size,
-              page.frames, page.bf16]
+    inputs = [page.model, page.task, page.sweep_methods, page.sweep_options, page.sweep_seeds, page.shots, page.epochs,
+              page.batch_size, page.frames, page.bf16]
+    controls = page.method_controls
     page.compare_methods.click(
+        lambda *values: options_by_method(controls, list(values)), [c for *_, c in controls], [page.sweep_options],
+        api_name="options_by_method", queue=False).then(
         compare_methods, inputs, [page.sweep_table, page.sweep_plot, page.sweep_report, page.sweep_status, page.ask_run,
                                   page.inspect_run], api_name="compare_methods",
         concurrency_limit=TUNING_CONCURRENCY, concurrency_id="tuning").then(
@@ -77,15 +83,23 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def compare_methods(model: str, task: str, methods: list[str], seeds: str, shots: float, epochs: float,
-                    batch_size: float, frames: float, bf16: bool, request: gr.Request,
+def compare_methods(model: str, task: str, methods: list[str], options: Optional[dict], seeds: str, shots: float,
+                    epochs: float, batch_size: float, frames: float, bf16: bool, request: gr.Request,
                     progress=gr.Progress(track_tqdm=True)):
-    """Every chosen method × seed on the session's dataset; returns the per-method table, the
-    chart, the report file, the status line and the updated run pickers (each run is listed)."""
+    """Every chosen method × seed on the session's dataset, each method with its `options`
+    ({method: {option: value}}; the app sends the Tune tab's controls); returns the per-method
+    table, the chart, the report file, the status line and the updated run pickers."""
     session = session_of(request)
     if not isinstance(methods, list) or not methods or not all(isinstance(m, str) and m in METHODS for m in methods):
         raise gr.Error(f"choose methods among {', '.join(METHODS)}")
-    arguments = dict(model=spec_of(model), choices=[MethodChoice(m) for m in methods], seeds=_seeds(seeds),
+    options = options if isinstance(options, dict) else {}
+    try:
+        for method in methods:
+            make_config(method, options.get(method))   # each method's options checked before anything runs
+    except USER_ERRORS as error:
+        raise views.user_error(error) from error
+    choices = [MethodChoice(m, dict(options.get(m) or {})) for m in methods]
+    arguments = dict(model=spec_of(model), choices=choices, seeds=_seeds(seeds),
                      shots=whole(shots, "shots") or None, epochs=whole(epochs, "epochs"),
                      batch_size=whole(batch_size, "batch size"), task=task, frames=whole(frames, "frames"),
                      bf16=bool(bf16), local_paths=LOCAL_PATHS)
@@ -124,13 +138,17 @@ def compare_methods(model: str, task: str, methods: list[str], seeds: str, shots
             session.runs[name] = Run(name, folder, info, local_paths=LOCAL_PATHS)
     if result.note:
         gr.Warning(result.note)
-    key = headline_metric(result.task)
-    rows = [[m.label, m.trainable_params, round(m.trainable_pct, 4), metric_label(key), round(m.zero_shot[key], 1),
-             f"{m.metrics[key][0]:.1f} ± {m.metrics[key][1]:.1f}", round(m.seconds, 1), round(m.file_bytes / 1024, 1)]
-            for m in result.methods]
+    headline = headline_metric(result.task)
+    keys = list(result.methods[0].metrics) if result.methods else [headline]
+    table = pd.DataFrame(
+        [[m.label, m.trainable_params, round(m.trainable_pct, 4), round(m.zero_shot[headline], 1),
+          *(f"{m.metrics[k][0]:.1f} ± {m.metrics[k][1]:.1f}" for k in keys), round(m.seconds, 1),
+          round(m.file_bytes / 1024, 1)] for m in result.methods],
+        columns=["method", "trainable params", "% of backbone", f"zero-shot {metric_label(headline)}",
+                 *(f"{metric_label(k)} (mean ± std)" for k in keys), "seconds per run", "file KiB"])
     status = f"{'stopped early: ' if result.cancelled else ''}{sum(len(m.runs) for m in result.methods)} runs in " \
              f"{result.seconds:.0f} s"
-    return rows or None, figures.sweep_figure(result), str(report), status, *run_choices(session, None)
+    return table, figures.sweep_figure(result), str(report), status, *run_choices(session, None)
 
 
 def stop(request: gr.Request) -> str:

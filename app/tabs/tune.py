@@ -10,7 +10,7 @@ from typing import Any, Optional
 import gradio as gr
 
 from app import views
-from app.controls import control, number, option_value, whole
+from app.controls import control, number, options_by_method, whole
 from app.models import LOCAL_PATHS, run_choices, spec_of
 from app.sessions import STORE, Run, Session, session_of
 from app.tabs.compare import compare_runs
@@ -83,8 +83,7 @@ def wire(page) -> None:
     controls = page.method_controls
 
     def options_of(method: str, *values) -> dict[str, Any]:
-        return {spec["name"]: option_value(spec, value) for (owner, spec, _), value in zip(controls, values)
-                if owner == method}
+        return options_by_method(controls, list(values)).get(method, {})
 
     inputs = [page.model, page.task, page.method, page.options, page.shots, page.epochs, page.lr, page.batch_size,
               page.bf16, page.answers, page.frames]

@@ -330,16 +330,20 @@ def test_compare_methods_in_one_click(app_server, tmp_path):
     client = Client(url, verbose=False)
     client.predict(WORLD, api_name="/load_sample")
     table, plot, report, status, ask_run, _ = client.predict(
-        "offline", "retrieval", ["linear_probe", "bitfit"], "0,1", 4, 1, 8, 8, False, api_name="/compare_methods")
+        "offline", "retrieval", ["linear_probe", "lora"], {"lora": {"rank": 4}}, "0,1", 4, 1, 8, 8, False,
+        api_name="/compare_methods")
     assert status.startswith("4 runs in ")
     rows = {row[0]: row for row in table["data"]}
-    assert set(rows) == {"linear_probe", "bitfit"}
+    assert set(rows) == {"linear_probe", "lora (rank=4)"}
+    column = table["headers"].index("text→image R@1 (mean ± std)")
     runs = [c[1] for c in ask_run["choices"] if c[1] != "frozen model only"]
     assert len(runs) == 4 and all(" · seed " in r for r in runs)
     sweep = json.loads(next(sessions.glob("*/sweeps/*/runs/sweep.json")).read_text())
     for method in sweep["methods"]:
-        t2i = [json.loads((Path(folder) / "run.json").read_text())["tuned"]["t2i_r1"] for folder in method["runs"]]
-        assert rows[method["label"]][5] == f"{statistics.fmean(t2i):.1f} ± {statistics.stdev(t2i):.1f}"
+        infos = [json.loads((Path(folder) / "run.json").read_text()) for folder in method["runs"]]
+        assert all(info["config"].get("rank", 4) == 4 for info in infos)   # the options sent for lora were used
+        t2i = [info["tuned"]["t2i_r1"] for info in infos]
+        assert rows[method["label"]][column] == f"{statistics.fmean(t2i):.1f} ± {statistics.stdev(t2i):.1f}"
     page = Path(report).read_text()
     assert "plotly-graph-div" in page and "src=\"http" not in page
     assert len(json.loads(plot["plot"])["data"][0]["x"]) == 2
