@@ -138,9 +138,10 @@ def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None
                            "peak_mem_mb": peak, "trainable_params": handle.num_trainable()}
         handle.detach()
         backbone.eval()
-        with torch.no_grad():  # undo what BitFit / linear probe / full fine-tuning changed
+        with torch.no_grad():  # undo what BitFit / linear probe / full fine-tuning changed, gradients too
             for name, p in backbone.backbone_parameters().items():
                 p.copy_(frozen[name])
+                p.grad = None
         gc.collect()
     peers = {}
     if backbone.family == "openclip":

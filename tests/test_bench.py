@@ -1,10 +1,20 @@
+import core.bench
+from core.backbones import load_backbone
 from core.bench import bench
 from core.pet import METHODS
 from tests.conftest import TINY
 
 
-def test_bench_measures_every_method_and_the_peft_peer_on_one_batch():
+def test_bench_measures_every_method_and_the_peft_peer_on_one_batch(monkeypatch):
+    loaded = []
+
+    def load(*arguments, **keywords):
+        loaded.append(load_backbone(*arguments, **keywords))
+        return loaded[-1]
+
+    monkeypatch.setattr(core.bench, "load_backbone", load)
     result = bench(TINY, batch=4, steps=1)
+    assert all(p.grad is None for p in loaded[0].parameters())   # full fine-tuning's gradients are freed
     assert set(result["methods"]) == set(METHODS) - {"zero_shot", "vlpet"} | {
         "vlpet_small", "vlpet_middleX", "vlpet_middleY", "vlpet_large"}
     assert result["methods"]["vlpet_middleY"]["trainable_params"] < result["methods"]["vlpet_large"]["trainable_params"]
