@@ -14,7 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from core.data.media import DEFAULT_FRAMES
+from core.distributed import join_launched_group, leave_group, rank_and_world
 from core.pet import METHODS
 from core.runs import USER_ERRORS, RunError
 from core.tasks import TASKS
@@ -261,14 +264,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every random init; we say it once
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # read by transformers at import
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    joined = join_launched_group()   # under torchrun / accelerate launch: one process of several
+    rank, world = rank_and_world()
+    if world > 1:
+        _note(f"process {rank} of {world} (torch.distributed, {dist.get_backend()})")
+    try:
+        return _run(args, rank)
+    finally:
+        if joined:
+            leave_group()
+
+
+def _run(args, rank: int) -> int:
+    """The command's result on stdout (the first process's only), or its error and status 2."""
     handlers = {"info": run_info, "tune": run_tune, "eval": run_eval, "bench": run_bench, "sweep": run_sweep,
                 "report": run_report, "demo": run_demo}
     try:
         result = handlers[args.command](args)
     except USER_ERRORS as error:
-        if args.json:
+        if args.json and rank == 0:
             print(json.dumps({"error": str(error)}))
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps(result) if args.json else _human(args.command, result))
+    if rank == 0:
+        print(json.dumps(result) if args.json else _human(args.command, result))
     return 0

@@ -17,6 +17,7 @@ from core import checkpoint
 from core.backbones import OFFLINE, Backbone, BackboneError, load_backbone
 from core.data import DEFAULT_LIMITS, Dataset, DatasetError, few_shot, read_dataset
 from core.data.media import DEFAULT_FRAMES
+from core.distributed import is_main_process
 from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, make_config
 from core.result import MAX_FRAMES, MAX_SEED, DatasetSummary, RunResult, TrainSummary
 from core.tasks import Task, TaskError, get_task
@@ -92,16 +93,22 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     `local_paths` the model may not name a file or folder (a spec from a remote client).
     A run that fails leaves nothing behind: the run folder is removed if it made it, emptied if
     it was given an empty one. `zero_shot_cache` keeps zero-shot scores across runs: a run on the
-    same backbone weights, dataset, task, frames and answers reuses them instead of scoring again."""
+    same backbone weights, dataset, task, frames and answers reuses them instead of scoring again.
+    Under torchrun / accelerate every process runs this; only the first writes the run folder (the
+    others read the data in a scratch folder of their own)."""
     started = time.perf_counter()
     config = make_config(method, options)
     _check_settings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, frames=frames,
                     extra_answers=extra_answers)
     out = Path(out) if out is not None else default_run_folder(method)
+    arguments = (started, model, data, method, config, shots, epochs, lr, batch_size, seed, bf16, task, extra_answers,
+                 frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache)
+    if not is_main_process():
+        with tempfile.TemporaryDirectory(prefix="petstudio-process-") as scratch:
+            return _tune(*arguments, workdir=Path(scratch), out=out, save=False)
     created = _claim_run_folder(out)
     try:
-        return _tune(started, model, data, method, config, shots, epochs, lr, batch_size, seed, out, bf16, task,
-                     extra_answers, frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache)
+        return _tune(*arguments, workdir=out, out=out, save=True)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -159,10 +166,11 @@ def _claim(out: Path) -> bool:
     return False
 
 
-def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, seed, out, bf16, task, extra_answers,
-          frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache) -> RunResult:
+def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, seed, bf16, task, extra_answers,
+          frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, *, workdir: Path, out: Path,
+          save: bool) -> RunResult:
     seed_everything(seed)
-    dataset = read_dataset(data, out, DEFAULT_LIMITS)
+    dataset = read_dataset(data, workdir, DEFAULT_LIMITS)
     task_def = get_task(task, dataset, tuple(extra_answers), frames)
     device = pick_device()
     if bf16 and not bf16_supported(device):
@@ -205,7 +213,8 @@ def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, s
                            epoch_losses=log.epoch_losses if log else [], step_losses=log.step_losses if log else [],
                            epoch_metrics=per_epoch, cancelled=bool(log and log.cancelled)),
         zero_shot=zero_shot, tuned=tuned, seconds=time.perf_counter() - started, out=str(out))
-    checkpoint.save(out, handle, result)
+    if save:
+        checkpoint.save(out, handle, result)
     return result
 
 

@@ -2,8 +2,10 @@
 
 AdamW over the trainable parameters only, linear warm-up then cosine decay by step, gradient
 clipping, seeded shuffling, optional bf16 autocast, a progress callback and a cancel flag.
-Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP
-and each process takes its share of every epoch's batches.
+Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
+`batch_size` is per process, and each process takes its slice of every global batch (batch size ×
+processes): with the retrieval objective's gathered negatives, N processes × batch B train as one
+process × batch N·B.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from core.distributed import rank_and_world
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,12 +97,18 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
     """
     if not params:
         raise ValueError("nothing to train: the method has no trainable parameters")
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    model = nn.parallel.DistributedDataParallel(objective) if distributed else objective
+    rank, world = rank_and_world()
+    model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     device = next(iter(params.values())).device
     generator = torch.Generator().manual_seed(settings.seed)
-    per_epoch = len(objective.batches(settings.batch_size, torch.Generator().manual_seed(0))) // world
+
+    def my_batches(seeded: torch.Generator) -> list[torch.Tensor]:
+        """This process's slice of each global batch (batch size × processes, trimmed to a
+        multiple of the processes so that every process gathers the same number of pairs)."""
+        global_batches = objective.batches(settings.batch_size * world, seeded)
+        return [b[:len(b) - len(b) % world].tensor_split(world)[rank] for b in global_batches if len(b) >= world]
+
+    per_epoch = len(my_batches(torch.Generator().manual_seed(0)))
     total = max(1, per_epoch * settings.epochs)
     optimizer = make_optimizer(params, settings)
     scheduler = _schedule(optimizer, total, settings.warmup)
@@ -107,7 +116,7 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
     objective.train()
     try:
         for epoch in range(settings.epochs):
-            batches = objective.batches(settings.batch_size, generator)[rank::world][:per_epoch]
+            batches = my_batches(generator)
             epoch_losses = []
             for batch in batches:
                 if cancel is not None and cancel():

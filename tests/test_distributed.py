@@ -1,6 +1,12 @@
-"""The trainer under torch.distributed (what torchrun sets up): two CPU processes, gloo."""
+"""Training across processes (what torchrun and accelerate set up): two CPU processes on gloo
+with batch B train exactly as one process with batch 2B — contrastive negatives are gathered
+from every process with their gradients (global negatives)."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,25 +18,30 @@ from core.trainer import TrainSettings, train
 from tests.conftest import TINY
 
 
+def _run(batch_size: int):
+    """LoRA (no dropout) on 16 pairs, two epochs: (PET state, step losses)."""
+    torch.set_num_threads(1)
+    backbone = load_backbone(TINY, seed=0)
+    torch.manual_seed(0)
+    handle = attach(backbone, "lora", {"dropout": 0.0})
+    generator = torch.Generator().manual_seed(0)
+    data = RetrievalSet(torch.randn(16, 3, 32, 32, generator=generator),
+                        backbone.tokenize([f"caption number {i}" for i in range(16)]), torch.arange(16))
+    log = train(RetrievalObjective(backbone, data), handle.trainable_parameters(),
+                TrainSettings(epochs=2, lr=1e-2, batch_size=batch_size, seed=0))
+    return handle.state_dict(), log.step_losses
+
+
 def _worker(rank: int, world: int, port: int, results):
     os.environ["HF_HUB_OFFLINE"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.set_num_threads(1)
-        backbone = load_backbone(TINY, seed=0)
-        torch.manual_seed(0)
-        handle = attach(backbone, "lora", {"dropout": 0.0})
-        generator = torch.Generator().manual_seed(0)
-        data = RetrievalSet(torch.randn(16, 3, 32, 32, generator=generator),
-                            backbone.tokenize([f"caption number {i}" for i in range(16)]), torch.arange(16))
-        log = train(RetrievalObjective(backbone, data), handle.trainable_parameters(),
-                    TrainSettings(epochs=2, lr=1e-2, batch_size=4, seed=0))
-        results[rank] = (handle.state_dict(), log.step_losses)
+        results[rank] = _run(batch_size=4)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_keeps_replicas_identical_and_splits_the_batches():
+def test_two_processes_of_batch_b_train_as_one_of_batch_2b():
     import socket
 
     with socket.socket() as s:
@@ -39,7 +50,55 @@ def test_ddp_keeps_replicas_identical_and_splits_the_batches():
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(2, port, results), nprocs=2, join=True)
     (state0, losses0), (state1, losses1) = results[0], results[1]
-    assert len(losses0) == len(losses1) == 2 * (16 // 4) // 2   # each rank: half the batches
-    assert losses0 != losses1                                    # ... and a different half
-    assert all(torch.equal(state0[n], state1[n]) for n in state0)
-    assert any(state0[n].abs().sum() > 0 for n in state0 if n.endswith(".up"))  # and they trained
+    alone_state, alone_losses = _run(batch_size=8)
+    assert len(losses0) == len(alone_losses) == 2 * (16 // 8)     # each process: its half of every global batch
+    assert losses0 == pytest.approx(alone_losses, abs=1e-5) and losses1 == pytest.approx(alone_losses, abs=1e-5)
+    for name, tensor in alone_state.items():
+        assert torch.allclose(state0[name], tensor, atol=1e-5) and torch.equal(state0[name], state1[name]), name
+    assert any(tensor.abs().sum() > 0 for name, tensor in alone_state.items() if name.endswith(".up"))   # it trained
+
+
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"],
+    # accelerate starts several CPU processes through torchrun with --multi_gpu (its --cpu alone
+    # goes through mpirun and an MPI hostfile); the processes then find no GPU and use gloo.
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(shapes, tmp_path_factory):
+    """The reference: one process, batch 8."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    done = _cli([], shapes, out, batch_size=8)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _cli(launcher: list[str], data, out, batch_size: int):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}   # the same arithmetic in every process
+    return subprocess.run([sys.executable, *launcher, "-m", "core", "tune", "--model", TINY, "--data", str(data),
+                           "--method", "lora", "--dropout", "0", "--shots", "8", "--epochs", "2", "--lr", "1e-2",
+                           "--batch-size", str(batch_size), "--out", str(out), "--json"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_the_cli_under_a_launcher_trains_as_one_process(launcher, shapes, one_process_run, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    done = _cli(LAUNCHERS[launcher], shapes, tmp_path / "run", batch_size=4)
+    assert done.returncode == 0, done.stderr
+    assert "process 0 of 2 (torch.distributed, gloo)" in done.stderr
+    assert "process 1 of 2 (torch.distributed, gloo)" in done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["out"] == str(tmp_path / "run")     # the first process answers
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]                      # and writes the one run folder
+    two, one = (json.loads((folder / "run.json").read_text()) for folder in (tmp_path / "run", one_process_run))
+    assert two["train"]["step_losses"] == pytest.approx(one["train"]["step_losses"], abs=1e-5)
+    weights_two, weights_one = (load_file(str(folder / "pet.safetensors")) for folder in (tmp_path / "run",
+                                                                                          one_process_run))
+    assert all(torch.allclose(weights_two[name], weights_one[name], atol=1e-5) for name in weights_one)

@@ -16,6 +16,7 @@ from torch import nn
 from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
+from core.distributed import gather, gather_with_grad
 from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
 from core.tasks.matching import RERANK_TOP, match_scores, rerank
 
@@ -88,8 +89,11 @@ class RetrievalObjective(nn.Module):
         device = self.backbone.device
         image_emb = encode_media(self.backbone, self.data.pixels[unique])[inverse.to(device)]
         text_emb = self.backbone.encode_text(self.data.tokens[caption_ids].to(device))
+        # Across processes every pair of the global batch is a negative for every other: each process
+        # computes the global loss (DDP's average of its gradients is then the one-process gradient).
+        image_emb, text_emb = gather_with_grad(image_emb), gather_with_grad(text_emb)
         text_emb = self._contextualise(text_emb, text_emb)
-        return contrastive_loss(image_emb, text_emb, image_ids.to(device), self.backbone.logit_scale)
+        return contrastive_loss(image_emb, text_emb, gather(image_ids.to(device)), self.backbone.logit_scale)
 
     def _contrastive_and_matching_loss(self, caption_ids: torch.Tensor) -> torch.Tensor:
         backbone, device = self.backbone, self.backbone.device
