@@ -1,4 +1,4 @@
-"""`python -m core COMMAND`: info, tune, eval, bench, sweep, report, demo.
+"""`python -m core COMMAND`: info, tune, eval, bench, sweep, export, report, demo.
 
 With --json, the last line of stdout is one JSON object (on failure: {"error": "..."}, exit 2);
 progress and notes go to stderr.
@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--bf16", action="store_true")
     sweep.add_argument("--out", help="sweep folder (default runs/sweep-DATE)")
 
+    export = commands.add_parser("export", help="a tuned run folded into its library's own format")
+    export.add_argument("--model", required=True, help="the run's backbone spec")
+    export.add_argument("--pet", required=True, help="run folder or its pet.safetensors")
+    export.add_argument("--out", required=True, help="a new folder for the exported model")
+
     report = commands.add_parser("report", help="one self-contained HTML file of a run or a sweep")
     report.add_argument("source", help="a run folder or a sweep folder")
     report.add_argument("--out", required=True, help="the HTML file to write")
@@ -113,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="16-shot tuning of the offline model on a novel part of its world")
     demo.add_argument("--out", help="folder for the dataset and the runs (default runs/demo-DATE)")
 
-    for sub in (info, tune, evaluate, bench, sweep, report, demo):
+    for sub in (info, tune, evaluate, bench, sweep, export, report, demo):
         sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return parser
 
@@ -214,6 +219,12 @@ def run_sweep(args) -> dict[str, Any]:
     return result.to_json()
 
 
+def run_export(args) -> dict[str, Any]:
+    from core.export import export
+
+    return export(args.model, args.pet, args.out)
+
+
 def run_report(args) -> dict[str, Any]:
     from core.report import write_report
 
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, rank: int) -> int:
     """The command's result on stdout (the first process's only), or its error and status 2."""
     handlers = {"info": run_info, "tune": run_tune, "eval": run_eval, "bench": run_bench, "sweep": run_sweep,
-                "report": run_report, "demo": run_demo}
+                "export": run_export, "report": run_report, "demo": run_demo}
     try:
         result = handlers[args.command](args)
     except USER_ERRORS as error:

@@ -2,14 +2,16 @@
 figure, declared with the method), its per-token gates over a picture, and its training curves."""
 from __future__ import annotations
 
+import shutil
 from typing import Optional
 
 import gradio as gr
 
 from app import views
 from app.models import NO_RUN, media_path, tuned
-from app.sessions import session_of
+from app.sessions import STORE, session_of
 from core import checkpoint, figures, query
+from core.export import export
 from core.report import write_report
 from core.runs import USER_ERRORS
 
@@ -21,7 +23,11 @@ def layout(page) -> None:
             page.inspect_pick = gr.Dropdown([], label="Picture for the gates (its first caption is the text)")
             page.inspect = gr.Button("Inspect", variant="primary")
             page.run_report = gr.Button("Report of this run (HTML)")
-        page.run_report_file = gr.File(label="Report (one HTML file: opens with no network)", interactive=False)
+            page.export_run = gr.Button("Export for open_clip / transformers")
+        with gr.Row():
+            page.run_report_file = gr.File(label="Report (one HTML file: opens with no network)", interactive=False)
+            page.exported = gr.File(label="The run folded into its backbone (.zip: weights, model card)",
+                                    interactive=False)
         page.budget_plot = gr.Plot(label="Parameter budget")
         page.gates_plot = gr.Plot(label="Gates")
         page.overlay_plot = gr.Plot(label="Gates over the picture")
@@ -33,6 +39,8 @@ def wire(page) -> None:
                        [page.budget_plot, page.gates_plot, page.overlay_plot, page.curves_plot],
                        api_name="inspect", concurrency_id="inference")
     page.run_report.click(run_report, [page.inspect_run], [page.run_report_file], api_name="run_report",
+                          concurrency_id="inference")
+    page.export_run.click(export_run, [page.inspect_run], [page.exported], api_name="export",
                           concurrency_id="inference")
 
 
@@ -47,6 +55,20 @@ def run_report(run: str, request: gr.Request) -> str:
                                 local_paths=chosen.local_paths))
     except USER_ERRORS as error:
         raise views.user_error(error) from error
+
+
+def export_run(run: str, request: gr.Request) -> str:
+    """The chosen run folded into its backbone, in open_clip's or transformers' own format, zipped."""
+    session = session_of(request)
+    if not isinstance(run, str) or run not in session.runs:
+        raise gr.Error("choose one of this session's runs")
+    chosen, folder = session.runs[run], session.new_folder("exports", "model")
+    try:
+        export(chosen.result.backbone, chosen.folder, folder / "model", local_paths=chosen.local_paths)
+    except USER_ERRORS as error:
+        STORE.remove(folder)
+        raise views.user_error(error) from error
+    return shutil.make_archive(str(folder / "exported"), "zip", folder / "model")
 
 
 def inspect_run(run: str, pick: Optional[str], request: gr.Request):

@@ -13,7 +13,8 @@ from core.backbones.base import Backbone, BackboneError
 from core.backbones.block import PreNormBlock
 from core.backbones.layout import TowerLayout
 
-open_clip.add_model_config(Path(__file__).parent / "configs")
+CONFIGS = Path(__file__).parent / "configs"   # PET Studio's own architectures (PETStudio-Tiny, -World)
+open_clip.add_model_config(CONFIGS)
 
 _TRIMMABLE_POOLS = ("argmax", "eos", "first")
 

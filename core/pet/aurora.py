@@ -189,6 +189,10 @@ class AuroraHandle(PetHandle):
     def linear_deltas(self):
         return [(projection, delta) for *_, projection, delta in self.deltas]
 
+    @property
+    def foldable(self) -> bool:
+        return not self.config.gqt   # GQT's gates act on sub-layer outputs: not a weight
+
     def contextualise(self, embeddings: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """ICE: 0.1 × the batch mean of the unimodal text context is added (training only)."""
         if not self.config.ice:

@@ -60,6 +60,12 @@ class PetHandle:
         """Named tensors describing what the method's gates do on a batch (none by default)."""
         return {}
 
+    @property
+    def foldable(self) -> bool:
+        """Whether the tuned model is the backbone alone once merged (for export): the method tunes
+        backbone weights, or adds only deltas linear in them."""
+        return self.backbone.pet is None or self.mergeable
+
     def vision_token_map(self, readout: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """A readout's per-token vision gates as one (rows, cols) map over the picture's patches
         (first sample, mean over layers and sites); None for a method without such gates."""

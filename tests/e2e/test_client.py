@@ -348,3 +348,19 @@ def test_compare_methods_in_one_click(app_server, tmp_path):
     assert "plotly-graph-div" in page and "src=\"http" not in page
     assert len(json.loads(plot["plot"])["data"][0]["x"]) == 2
     client.close()
+
+
+def test_export_a_run_for_open_clip(client, tmp_path):
+    client.predict(WORLD, api_name="/load_sample")
+    _, _, _, run, _, _ = tune(client, method="lora", epochs=1)
+    archive = client.predict(choice_value(run), api_name="/export")
+    with zipfile.ZipFile(archive) as z:
+        assert sorted(z.namelist()) == ["PETStudio-World.json", "README.md", "open_clip_model.safetensors"]
+        z.extractall(tmp_path)
+    import open_clip
+
+    open_clip.add_model_config(tmp_path / "PETStudio-World.json")
+    model, _, _ = open_clip.create_model_and_transforms("PETStudio-World",
+                                                        pretrained=str(tmp_path / "open_clip_model.safetensors"))
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000
+    assert "library_name: open_clip" in (tmp_path / "README.md").read_text()
