@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from core import checkpoint
 from core.data.media import DEFAULT_FRAMES
+from core.distributed import is_main_process
 from core.pet import get_method, make_config
 from core.result import RunResult
 from core.backbones import load_backbone
@@ -142,7 +143,8 @@ def summarise(choice: MethodChoice, results: list[RunResult]) -> MethodSummary:
         metrics={k: _mean_std([r.tuned[k] for r in results]) for k in keys},
         zero_shot={k: statistics.fmean(r.zero_shot[k] for r in results) for k in keys},
         seconds=statistics.fmean(r.seconds for r in results),
-        file_bytes=(folder / checkpoint.WEIGHTS).stat().st_size)
+        # Only the first of several processes writes the runs: the others may not see them yet.
+        file_bytes=(folder / checkpoint.WEIGHTS).stat().st_size if (folder / checkpoint.WEIGHTS).is_file() else 0)
 
 
 def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], shots: Optional[int], epochs: int,
@@ -173,10 +175,11 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     out = Path(out)
     if not seeds or len(set(seeds)) != len(seeds):
         raise RunError("give one or more different seeds")
-    try:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    try:   # under torchrun / accelerate only the first process writes (core.runs.tune does the same)
+        if is_main_process() and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise RunError(f"{out}: the sweep folder already exists and is not empty; choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            out.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as error:   # a name the file system refuses
         if isinstance(error, RunError):
             raise
@@ -212,7 +215,9 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
         methods=[summarise(choices[number], results) for number, results in finished.items()], cancelled=cancelled,
         seconds=time.perf_counter() - started, out=str(out), note=note,
         command=sweep_command(model, choices, seeds, shots, epochs, lr, batch_size, task, frames, bf16))
-    (out / SWEEP_INFO).write_text(json.dumps(summary.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    if is_main_process():
+        (out / SWEEP_INFO).write_text(json.dumps(summary.to_json(), indent=2, allow_nan=False) + "\n",
+                                      encoding="utf-8")
     return summary
 
 
