@@ -3,11 +3,16 @@ that receives pickled arguments), elsewhere in a thread of the app. Its progress
 request therefore travel through files in the run's live folder rather than through callbacks."""
 from __future__ import annotations
 
+import contextvars
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
+import gradio as gr
+
+from app.sessions import STORE
 from core.result import RunResult
 from core.runs import tune
 from core.sweep import SweepProgress, SweepResult, sweep
@@ -36,6 +41,31 @@ def gpu_bound(function: Callable) -> Callable:
 def cancelled(live: Path) -> bool:
     """Cancel was asked for, or the session (and its folder) is gone."""
     return (live / CANCEL_FILE).exists() or not live.exists()
+
+
+def claim_folders(session, kind: str, label: str) -> tuple[Path, Path, Path]:
+    """(live folder, output folder, dataset root) for a tuning or comparison of the session, taken
+    under its lock so that a dataset loaded meanwhile cannot remove the one being read; the
+    session is marked as tuning (the caller clears it)."""
+    with session.lock:
+        if session.dataset is None:
+            raise gr.Error("load a dataset first (Data tab)")
+        if session.live is not None and not session.tuning:   # the previous progress is not shown again
+            STORE.remove(session.live)
+        session.live = live = session.new_folder("live", label)
+        out = session.new_folder(kind, label)
+        session.tuning = True
+        return live, out, session.dataset.root
+
+
+def run_polling(call: Callable, poll: Callable[[], None], *arguments, **keywords):
+    """`call` in a worker thread — in a copy of this thread's context, which carries the Gradio
+    request (ZeroGPU finds the visitor by it) — with `poll()` every half second until it ends."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        job = pool.submit(contextvars.copy_context().run, call, *arguments, **keywords)
+        while not wait([job], timeout=0.5).done:
+            poll()
+        return job.result()
 
 
 def request_cancel(session) -> str:

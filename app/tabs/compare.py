@@ -3,8 +3,6 @@ and "Compare methods" — several methods × seeds in one job with the Tune tab'
 settings, shown as mean ± std per method, with a self-contained HTML report to keep."""
 from __future__ import annotations
 
-import contextvars
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Optional
 
 import gradio as gr
@@ -14,7 +12,7 @@ from app import views
 from app.models import LOCAL_PATHS, run_choices, spec_of
 from app.sessions import STORE, Run, session_of
 from app.controls import options_by_method, whole
-from app.tuning import TUNING_CONCURRENCY, read_progress, request_cancel, sweep_on_device
+from app.tuning import TUNING_CONCURRENCY, claim_folders, read_progress, request_cancel, run_polling, sweep_on_device
 from core import checkpoint, figures
 from core.pet import METHODS, make_config
 from core.report import write_report
@@ -103,27 +101,20 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
                      shots=whole(shots, "shots") or None, epochs=whole(epochs, "epochs"),
                      batch_size=whole(batch_size, "batch size"), task=task, frames=whole(frames, "frames"),
                      bf16=bool(bf16), local_paths=LOCAL_PATHS)
-    with session.lock:   # a dataset loaded meanwhile does not remove this one's folder while it is read
-        if session.dataset is None:
-            raise gr.Error("load a dataset first (Data tab)")
-        session.live = live = session.new_folder("live", "sweep")
-        out = session.new_folder("sweeps", "compare")
-        session.tuning, data = True, session.dataset.root
+    live, out, data = claim_folders(session, "sweeps", "compare")
+
+    def show_step() -> None:
+        steps = read_progress(live)
+        if steps:
+            last = steps[-1]
+            progress(last["fraction"], desc=f"run {last['run'] + 1}/{last['runs']}: {last['label']}, "
+                                             f"seed {last['seed']} · step {last['step']}/{last['total_steps']}")
+
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            # The copied context carries the Gradio request into the call (ZeroGPU finds the visitor by it).
-            job = pool.submit(contextvars.copy_context().run, sweep_on_device, str(live), data=data, out=out / "runs",
-                              **arguments)
-            while not wait([job], timeout=0.5).done:
-                steps = read_progress(live)
-                if steps:
-                    last = steps[-1]
-                    progress(last["fraction"], desc=f"run {last['run'] + 1}/{last['runs']}: {last['label']}, "
-                                                     f"seed {last['seed']} · step {last['step']}/{last['total_steps']}")
-            result = job.result()
-            if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
-                raise gr.Error("this page's session was closed while it was comparing")
-            report = write_report(out / "runs", out / "report.html", local_paths=LOCAL_PATHS)
+        result = run_polling(sweep_on_device, show_step, str(live), data=data, out=out / "runs", **arguments)
+        if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
+            raise gr.Error("this page's session was closed while it was comparing")
+        report = write_report(out / "runs", out / "report.html", local_paths=LOCAL_PATHS)
     except Exception as error:
         STORE.remove(out if request.session_hash in STORE else session.folder)
         if isinstance(error, USER_ERRORS):

@@ -3,8 +3,6 @@ declares, core.pet.registry), training settings; Start shows progress and a live
 Cancel stops after the current step, and the result is a before/after card with the weights."""
 from __future__ import annotations
 
-import contextvars
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Optional
 
 import gradio as gr
@@ -14,7 +12,8 @@ from app.controls import control, number, options_by_method, whole
 from app.models import LOCAL_PATHS, run_choices, spec_of
 from app.sessions import STORE, Run, Session, session_of
 from app.tabs.compare import compare_runs
-from app.tuning import CANCEL_FILE, TUNING_CONCURRENCY, read_progress, request_cancel, tune_on_device
+from app.tuning import (CANCEL_FILE, TUNING_CONCURRENCY, claim_folders, read_progress, request_cancel,
+                        run_polling, tune_on_device)
 from core import figures
 from core.backbones import describe_spec
 from core.data.media import DEFAULT_FRAMES
@@ -132,27 +131,18 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
                      epochs=whole(epochs, "epochs"), batch_size=whole(batch_size, "batch size"), bf16=bool(bf16),
                      task=task, frames=whole(frames, "frames"), epoch_metrics=True, local_paths=LOCAL_PATHS,
                      extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))
-    with session.lock:   # a dataset loaded meanwhile does not remove this one's folder while it is read
-        if session.dataset is None:
-            raise gr.Error("load a dataset first (Data tab)")
-        if session.live is not None and not session.tuning:   # the previous tuning's progress is not shown again
-            STORE.remove(session.live)
-        session.live = live = session.new_folder("live", str(method))
-        out = session.new_folder("runs", str(method))
-        session.tuning, data = True, session.dataset.root
+    live, out, data = claim_folders(session, "runs", str(method))
     session.live_status = "loading the model and scoring it zero-shot…"
     progress(0, desc="loading the model and scoring it zero-shot")
+
+    def show_step() -> None:
+        steps = _steps(live) if _training(session) else []
+        if steps:
+            progress((steps[-1]["step"], steps[-1]["total_steps"]), unit="steps", desc=_step_text(steps[-1]))
+
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            # The copied context carries the Gradio request into the call (ZeroGPU finds the visitor by it).
-            job = pool.submit(contextvars.copy_context().run, tune_on_device, str(live), data=data, out=out,
-                              lr=number(lr, "learning rate") or None,
-                              **arguments)
-            while not wait([job], timeout=0.5).done:
-                steps = _steps(live) if _training(session) else []
-                if steps:
-                    progress((steps[-1]["step"], steps[-1]["total_steps"]), unit="steps", desc=_step_text(steps[-1]))
-            result = job.result()
+        result = run_polling(tune_on_device, show_step, str(live), data=data, out=out,
+                             lr=number(lr, "learning rate") or None, **arguments)
     except Exception as error:
         STORE.remove(out)
         session.live_status = f"stopped: {error}"
