@@ -55,6 +55,8 @@ def run_card(name: str, result: RunResult) -> str:
              "", "| metric (test split) | zero-shot | tuned | change |", "|---|---|---|---|", *rows, "",
              f"**Budget:** {result.trainable_params:,} trainable of {result.backbone_params:,} "
              f"({result.trainable_pct:.4g}%) — {groups}"]
+    if result.recipe is not None and result.recipe.name != "studio":
+        lines.insert(2, f"Recipe **{result.recipe.name}**: {result.recipe.source}")
     if result.note:
         lines.insert(1, f"> **Note:** {result.note}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from core.data.media import DEFAULT_FRAMES
 from core.distributed import join_launched_group, leave_group, rank_and_world
 from core.pet import METHODS
+from core.pet.recipes import RECIPES, Setting, recipe_for
 from core.runs import USER_ERRORS, RunError
 from core.tasks import TASKS
 from core.trainer import Progress
@@ -51,6 +53,12 @@ def _add_method_arguments(parser: argparse.ArgumentParser, required: bool = True
                                choices=spec["choices"], help=f"{spec['help']}{bounds}{where}")
 
 
+def _add_recipe_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", choices=RECIPES, default="studio",
+                        help="whose settings to start from: PET Studio's defaults, or what the method's authors ran "
+                             "for this backbone, task and media (your own options and --lr win)")
+
+
 def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k[len("option_"):]: v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
 
@@ -62,11 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="the methods and their options, or a method's budget on a backbone")
     info.add_argument("--model", help="backbone spec, e.g. openclip:ViT-B-32:openai (needed with --method)")
     _add_method_arguments(info, required=False)
+    _add_recipe_argument(info)
+    info.add_argument("--task", choices=TASKS, help="the task the recipe is for (default: the backbone's first)")
+    info.add_argument("--video", action="store_true", help="the recipe for a video dataset")
 
     tune = commands.add_parser("tune", help="tune a method on a dataset and score it before and after")
     tune.add_argument("--model", required=True)
     tune.add_argument("--data", required=True, help="dataset folder or .zip")
     _add_method_arguments(tune)
+    _add_recipe_argument(tune)
     tune.add_argument("--task", choices=TASKS, default="retrieval")
     tune.add_argument("--answers", type=lambda s: tuple(a for a in s.split(",") if a), default=(),
                       help="VQA: extra candidate answers, comma-separated")
@@ -104,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lr", type=float, help="one learning rate for all (default: each method's suggested)")
     sweep.add_argument("--batch-size", type=int, default=16)
     sweep.add_argument("--bf16", action="store_true")
+    _add_recipe_argument(sweep)
     sweep.add_argument("--out", help="sweep folder (default runs/sweep-DATE)")
 
     export = commands.add_parser("export", help="a tuned run folded into its library's own format")
@@ -145,6 +158,7 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 def run_info(args) -> dict[str, Any]:
     from core.backbones import load_backbone
     from core.pet import attach
+    from core.runs import suggested_lr
 
     if args.method is None:
         return {"methods": [{"name": m.name, "label": m.label, "trains": m.trains, "default_lr": m.default_lr,
@@ -153,7 +167,11 @@ def run_info(args) -> dict[str, Any]:
     if args.model is None:
         raise RunError("info --method needs --model: the budget is counted on a backbone")
     backbone = load_backbone(args.model, fallback_offline=True)
-    handle = attach(backbone, args.method, _collect_options(args))
+    task = args.task or backbone.tasks[0]
+    if task not in backbone.tasks:
+        raise RunError(f"{backbone.spec} serves {', '.join(backbone.tasks)}, not {task}")
+    recipe = recipe_for(args.recipe, METHODS[args.method], Setting.of(backbone, task, args.video))
+    handle = attach(backbone, args.method, {**recipe.options, **_collect_options(args)})
     total = backbone.num_backbone_params()
     if backbone.fallback_note:
         _note(f"note: {backbone.fallback_note}")
@@ -161,7 +179,9 @@ def run_info(args) -> dict[str, Any]:
         _note(f"note: {backbone.describe()}")
     return {"backbone": backbone.spec, "backbone_weights": backbone.weights, "backbone_params": total,
             "trainable_params": handle.num_trainable(),
-            "trainable_pct": 100.0 * handle.num_trainable() / total, "groups": handle.budget()}
+            "trainable_pct": 100.0 * handle.num_trainable() / total, "groups": handle.budget(),
+            "recipe": asdict(recipe),
+            "lr": recipe.lr if recipe.lr is not None else suggested_lr(backbone.spec, args.method)}
 
 
 def run_tune(args) -> dict[str, Any]:
@@ -170,7 +190,8 @@ def run_tune(args) -> dict[str, Any]:
     result = tune(args.model, args.data, args.method, _collect_options(args), shots=args.shots,
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                   out=args.out, bf16=args.bf16, task=args.task, extra_answers=args.answers,
-                  frames=args.frames, progress=_progress_printer(), epoch_metrics=args.epoch_metrics)
+                  frames=args.frames, progress=_progress_printer(), epoch_metrics=args.epoch_metrics,
+                  recipe=args.recipe)
     if result.note:
         _note(f"note: {result.note}")
     _note(f"backbone: {result.backbone} — {result.backbone_weights}")
@@ -215,7 +236,7 @@ def run_sweep(args) -> dict[str, Any]:
 
     result = sweep(args.model, args.data, parse_methods(args.methods), seeds, out, shots=args.shots or None,
                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, task=args.task, frames=args.frames,
-                   bf16=args.bf16, progress=show)
+                   bf16=args.bf16, progress=show, recipe=args.recipe)
     return result.to_json()
 
 

@@ -47,6 +47,20 @@ class TrainSummary:
     step_losses: list[float]
     epoch_metrics: list[Metrics]
     cancelled: bool
+    warmup: float = 0.1           # runs saved before recipes trained with these
+    weight_decay: float = 0.05
+
+
+@dataclass
+class Recipe:
+    """What a recipe (core.pet.recipes) set for a run: method options, and training settings
+    (None: the studio's); `source` says whose settings they are."""
+
+    name: str
+    source: str
+    options: dict[str, Any] = field(default_factory=dict)
+    lr: Optional[float] = None
+    warmup: Optional[float] = None
 
 
 @dataclass
@@ -57,6 +71,7 @@ class RunResult:
     method: str
     config: dict[str, Any]
     backbone: str
+    recipe: Optional[Recipe] = None    # None: saved before recipes, the studio's defaults
     seed: int = 0
     task: str = "retrieval"
     extra_answers: list[str] = field(default_factory=list)

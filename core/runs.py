@@ -18,7 +18,8 @@ from core.backbones import OFFLINE, Backbone, BackboneError, load_backbone
 from core.data import DEFAULT_LIMITS, Dataset, DatasetError, few_shot, read_dataset
 from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process
-from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, make_config
+from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, get_method, make_config
+from core.pet.recipes import Setting, check_recipe, recipe_for
 from core.result import MAX_FRAMES, MAX_SEED, DatasetSummary, RunResult, TrainSummary
 from core.tasks import Task, TaskError, get_task
 from core.trainer import Progress, TrainingDiverged, TrainSettings, bf16_supported, pick_device, train
@@ -84,8 +85,13 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
          extra_answers: tuple[str, ...] = (), frames: int = DEFAULT_FRAMES,
          progress: Optional[Callable[[Progress], None]] = None,
          cancel: Optional[Callable[[], bool]] = None, epoch_metrics: bool = False,
-         local_paths: bool = True, zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None) -> RunResult:
+         local_paths: bool = True, zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None,
+         recipe: str = "studio") -> RunResult:
     """Tune `method` on `model` with the training split of `data`; score the test split before and after.
+
+    `recipe` (core.pet.recipes) is whose settings the run starts from: `studio` (the method's
+    defaults) or `authors` (what the method's authors ran for this backbone, task and media);
+    `options` and `lr` given here win over the recipe's.
 
     `task` is retrieval or vqa; `extra_answers` adds VQA candidate answers to the dataset's own;
     video datasets are read at `frames` uniformly sampled frames per clip. With `epoch_metrics`
@@ -97,11 +103,12 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     Under torchrun / accelerate every process runs this; only the first writes the run folder (the
     others read the data in a scratch folder of their own)."""
     started = time.perf_counter()
-    config = make_config(method, options)
+    make_config(method, options)   # the user's options, checked before anything is read
+    check_recipe(recipe)
     _check_settings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, frames=frames,
                     extra_answers=extra_answers)
     out = Path(out) if out is not None else default_run_folder(method)
-    arguments = (started, model, data, method, config, shots, epochs, lr, batch_size, seed, bf16, task, extra_answers,
+    arguments = (started, model, data, method, options or {}, recipe, shots, epochs, lr, batch_size, seed, bf16, task, extra_answers,
                  frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache)
     if not is_main_process():
         with tempfile.TemporaryDirectory(prefix="petstudio-process-") as scratch:
@@ -166,7 +173,7 @@ def _claim(out: Path) -> bool:
     return False
 
 
-def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, seed, bf16, task, extra_answers,
+def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batch_size, seed, bf16, task, extra_answers,
           frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, *, workdir: Path, out: Path,
           save: bool) -> RunResult:
     seed_everything(seed)
@@ -177,7 +184,11 @@ def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, s
         raise RunError(f"bf16 was asked for, but this {device.type.upper()} does not support it")
     backbone = load_backbone(model, seed, fallback_offline=True, local_paths=local_paths).to(device)
     model = backbone.spec   # "offline" when the requested weights could not be fetched
-    lr = suggested_lr(model, method) if lr is None else lr
+    video = any(item.kind == "video" for item in dataset.items)
+    chosen = recipe_for(recipe, get_method(method), Setting.of(backbone, task, video))
+    config = make_config(method, {**chosen.options, **options})
+    lr = lr if lr is not None else chosen.lr if chosen.lr is not None else suggested_lr(model, method)
+    warmup = chosen.warmup if chosen.warmup is not None else TrainSettings.warmup
     if task not in backbone.tasks:
         raise RunError(f"{model} serves {', '.join(backbone.tasks)}, not {task}")
     test_set = _test_set(task_def, backbone, dataset)
@@ -193,7 +204,7 @@ def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, s
 
     seed_everything(seed)
     handle = attach(backbone, method, config)
-    settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16)
+    settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bf16=bf16, warmup=warmup)
     log, per_epoch = None, []
     if handle.num_trainable() and epochs > 0:
         objective = task_def.objective(backbone, task_def.prepare(backbone, train_items), handle)
@@ -202,14 +213,15 @@ def _tune(started, model, data, method, config, shots, epochs, lr, batch_size, s
     tuned = score(task_def, handle, test_set)
 
     result = RunResult(
-        method=method, config=config_to_dict(config), backbone=model, seed=seed, task=task,
+        method=method, config=config_to_dict(config), recipe=chosen, backbone=model, seed=seed, task=task,
         extra_answers=list(extra_answers), frames=frames, note=backbone.fallback_note,
         backbone_weights=backbone.weights, backbone_params=backbone.num_backbone_params(),
         trainable_params=handle.num_trainable(),
         trainable_pct=100.0 * handle.num_trainable() / backbone.num_backbone_params(), groups=handle.budget(),
         dataset=DatasetSummary(fingerprint=dataset.fingerprint, manifest=dataset.manifest, **dataset.stats(),
                                train_used=len(train_items)),
-        train=TrainSummary(epochs=epochs, lr=lr, batch_size=batch_size, shots=shots, bf16=bf16, device=device.type,
+        train=TrainSummary(epochs=epochs, lr=lr, warmup=warmup, weight_decay=settings.weight_decay,
+                           batch_size=batch_size, shots=shots, bf16=bf16, device=device.type,
                            epoch_losses=log.epoch_losses if log else [], step_losses=log.step_losses if log else [],
                            epoch_metrics=per_epoch, cancelled=bool(log and log.cancelled)),
         zero_shot=zero_shot, tuned=tuned, seconds=time.perf_counter() - started, out=str(out))

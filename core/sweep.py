@@ -18,7 +18,8 @@ from core.distributed import is_main_process
 from core.pet import get_method, make_config
 from core.result import RunResult
 from core.backbones import load_backbone
-from core.runs import RunError, suggested_lr, tune
+from core.pet.recipes import check_recipe
+from core.runs import RunError, tune
 from core.trainer import Progress
 
 SWEEP_INFO = "sweep.json"
@@ -123,6 +124,7 @@ class SweepResult:
     out: str
     command: str                   # the command that reproduces it (the data named by its fingerprint)
     note: Optional[str] = None     # why another backbone was used (weights that could not be fetched)
+    recipe: str = "studio"         # core.pet.recipes: whose settings every run started from
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,7 +150,8 @@ def summarise(choice: MethodChoice, results: list[RunResult]) -> MethodSummary:
 
 
 def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], shots: Optional[int], epochs: int,
-                  lr: Optional[float], batch_size: int, task: str, frames: int, bf16: bool) -> str:
+                  lr: Optional[float], batch_size: int, task: str, frames: int, bf16: bool,
+                  recipe: str = "studio") -> str:
     methods = ",".join(c.method + (":" + ";".join(f"{k}={json.dumps(v)}" for k, v in c.options.items())
                                    if c.options else "") for c in choices)
     parts = ["python -m core sweep", f"--model {model}", "--data DATA", f"--methods '{methods}'",
@@ -156,6 +159,7 @@ def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], sho
              f"--task {task}", f"--frames {frames}", f"--shots {shots or 0}"]
     parts += [f"--lr {lr:g}"] if lr is not None else []
     parts += ["--bf16"] if bf16 else []
+    parts += [f"--recipe {recipe}"] if recipe != "studio" else []
     return " ".join(parts)
 
 
@@ -167,11 +171,13 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
           shots: Optional[int] = 16, epochs: int = 10, lr: Optional[float] = None, batch_size: int = 16,
           task: str = "retrieval", frames: int = DEFAULT_FRAMES, bf16: bool = False,
           progress: Optional[Callable[[SweepProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
-          local_paths: bool = True) -> SweepResult:
-    """Tune every choice with every seed (the learning rate of each method is `lr`, or the one
-    suggested for it on `model`); a cancel stops after the current step, and the sweep keeps the
-    runs that finished (the interrupted one stays on disk, marked cancelled, outside the means)."""
+          local_paths: bool = True, recipe: str = "studio") -> SweepResult:
+    """Tune every choice with every seed, each from `recipe` (core.pet.recipes; the learning rate of
+    each method is `lr`, or the recipe's, or the one suggested for it on `model`); a cancel stops
+    after the current step, and the sweep keeps the runs that finished (the interrupted one stays
+    on disk, marked cancelled, outside the means)."""
     started = time.perf_counter()
+    check_recipe(recipe)
     out = Path(out)
     if not seeds or len(set(seeds)) != len(seeds):
         raise RunError("give one or more different seeds")
@@ -202,9 +208,9 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
         if report:
             report(None)
         result = tune(model, data, choice.method, choice.options, shots=shots, epochs=epochs,
-                      lr=lr if lr is not None else suggested_lr(model, choice.method), batch_size=batch_size,
-                      seed=seed, out=out / _folder_name(choice, seed), bf16=bf16, task=task, frames=frames,
-                      progress=report, cancel=cancel, local_paths=local_paths, zero_shot_cache=zero_shot_cache)
+                      lr=lr, batch_size=batch_size, seed=seed, out=out / _folder_name(choice, seed), bf16=bf16,
+                      task=task, frames=frames, progress=report, cancel=cancel, local_paths=local_paths,
+                      zero_shot_cache=zero_shot_cache, recipe=recipe)
         fingerprint = result.dataset.fingerprint
         if result.train.cancelled:
             cancelled = True
@@ -213,8 +219,8 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     summary = SweepResult(
         model=model, fingerprint=fingerprint, task=task, shots=shots, epochs=epochs, seeds=list(seeds),
         methods=[summarise(choices[number], results) for number, results in finished.items()], cancelled=cancelled,
-        seconds=time.perf_counter() - started, out=str(out), note=note,
-        command=sweep_command(model, choices, seeds, shots, epochs, lr, batch_size, task, frames, bf16))
+        seconds=time.perf_counter() - started, out=str(out), note=note, recipe=recipe,
+        command=sweep_command(model, choices, seeds, shots, epochs, lr, batch_size, task, frames, bf16, recipe))
     if is_main_process():
         (out / SWEEP_INFO).write_text(json.dumps(summary.to_json(), indent=2, allow_nan=False) + "\n",
                                       encoding="utf-8")

@@ -73,6 +73,53 @@ def write_tiny_blip_vqa(folder, seed=0):
     return _write_tiny_blip(folder, BlipForQuestionAnswering, seed)
 
 
+def _two_pictures():
+    """Two distinct pictures: a red disc on white and a blue square on black."""
+    from PIL import Image, ImageDraw
+
+    disc = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(disc).ellipse((12, 12, 52, 52), fill=(220, 30, 30))
+    square = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(square).rectangle((8, 20, 40, 52), fill=(30, 60, 220))
+    return [disc, square]
+
+
+def _relative_difference(a, b):
+    return float((a - b).norm() / (0.5 * (a.norm() + b.norm())))
+
+
+def assert_sees_images(backbone):
+    """A BLIP backbone's image tokens have a normal scale, vary across positions and tell two
+    distinct pictures apart, and the text side (through cross-attention) sees the difference.
+    Fails on vision weights left at ~1e-10 (BlipVisionConfig's default initializer_range): tokens
+    ~1e-6, the same [CLS] for every picture, cross-attention that contributes nothing."""
+    modes = {module: module.training for module in backbone.modules()}   # left as they were found
+    backbone.eval()
+    pixels = torch.stack([backbone.image_transform(picture) for picture in _two_pictures()])
+    text = backbone.tokenize(["what is in the picture?"] * 2)
+    try:
+        with torch.no_grad():
+            tokens = backbone.image_tokens(pixels)
+            if backbone.has("matching"):
+                fused = backbone.fused_cls(tokens, text)
+            else:
+                fused = backbone.encode_question(tokens, text)[0][:, 0]
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    scales = {
+        "std": float(tokens.std()),
+        "across_positions": float(tokens.std(dim=1).mean() / tokens.std()),   # within a picture
+        "cls": _relative_difference(tokens[0, 0], tokens[1, 0]),               # between the pictures
+        "patches": _relative_difference(tokens[0, 1:], tokens[1, 1:]),
+        "fused": _relative_difference(fused[0], fused[1]),                     # the same text on each
+    }
+    assert torch.isfinite(tokens).all() and torch.isfinite(fused).all(), scales
+    assert 0.1 < scales["std"] < 10 and scales["across_positions"] > 0.1, scales
+    assert scales["cls"] > 0.1 and scales["patches"] > 0.1 and scales["fused"] > 0.01, scales
+    return scales
+
+
 @pytest.fixture(scope="session")
 def tiny_blip_folder(tmp_path_factory):
     return write_tiny_blip(tmp_path_factory.mktemp("blip") / "tiny")
@@ -80,7 +127,9 @@ def tiny_blip_folder(tmp_path_factory):
 
 @pytest.fixture
 def tiny_blip(tiny_blip_folder):
-    return load_backbone(f"blip:{tiny_blip_folder}")
+    backbone = load_backbone(f"blip:{tiny_blip_folder}")
+    assert_sees_images(backbone)
+    return backbone
 
 
 @pytest.fixture

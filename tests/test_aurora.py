@@ -39,13 +39,50 @@ def test_delta_equals_v_mt_u_computed_independently(tiny):
         q = block.projections["q"]
         expected_q = x @ (q.weight + V @ mode(0).T @ U).T + q.bias
         assert torch.allclose(q.linear(x)[..., :64], expected_q, atol=1e-5)
-        fc1 = block.projections["fc1"]
-        delta_fc1 = torch.cat([V @ mode(4 + i).T @ U for i in range(4)], dim=0)
-        assert torch.allclose(fc1.linear(x), x @ (fc1.weight + delta_fc1).T + fc1.bias, atol=1e-5)
-        fc2 = block.projections["fc2"]
-        hidden = torch.randn(2, 5, 256)
-        delta_fc2 = torch.cat([V @ mode(8 + i).T @ U for i in range(4)], dim=1)
-        assert torch.allclose(fc2.linear(hidden), hidden @ (fc2.weight + delta_fc2).T + fc2.bias, atol=1e-5)
+
+
+def _authors_mlp_blocks(mode, first: int, rank: int) -> list[torch.Tensor]:
+    """The authors' CP/vit.py MLP layout, element by element: CPc[:, :, first:first+4] read
+    row-major as R×4R, so its column 4j+m is column j of mode m; B_q is columns qR … qR+R−1."""
+    blocks = []
+    for q in range(4):
+        B = torch.empty(rank, rank)
+        for a in range(rank):
+            for i in range(rank):
+                j, m = divmod(q * rank + i, 4)
+                B[a, i] = mode(first + m)[a, j]
+        blocks.append(B)
+    return blocks
+
+
+def test_mlp_deltas_follow_the_authors_layout_every_quarter_mixing_all_four_modes(tiny):
+    handle = attach(tiny, "aurora", {"rank": 4, "dropout": 0.0})
+    _randomise(handle, seed=3)
+    factors = tiny.pet.factors
+    U, V, C = factors.U["64"], factors.V["64"], factors.core
+    modes = factors.modes["vision"]
+    mode = lambda i: sum(C[:, :, c] * modes[12 + i][c] for c in range(4))  # noqa: E731  (block 1)
+    block = tiny.towers["vision"].blocks[1]
+    fc1, fc2 = block.projections["fc1"], block.projections["fc2"]
+    x, hidden = torch.randn(2, 5, 64), torch.randn(2, 5, 256)
+    with torch.no_grad():
+        b1, b2 = _authors_mlp_blocks(mode, 4, 4), _authors_mlp_blocks(mode, 8, 4)
+        # fc1: hidden quarter q gets V((U x) B_q)
+        expected_fc1 = torch.cat([((x @ U.T) @ b) @ V.T for b in b1], dim=-1)
+        assert torch.allclose(fc1.linear(x) - (x @ fc1.weight.T + fc1.bias), expected_fc1, atol=1e-5)
+        # fc2: V(Σ_q (U x_q) B_qᵀ) over the input's four quarters
+        quarters = hidden.chunk(4, dim=-1)
+        expected = sum(((xq @ U.T) @ b.T) for xq, b in zip(quarters, b2)) @ V.T
+        assert torch.allclose(fc2.linear(hidden) - (hidden @ fc2.weight.T + fc2.bias), expected, atol=1e-5)
+        # not the layout that gives each quarter its own mode vector (same count, other function)
+        own = torch.cat([((x @ U.T) @ mode(4 + q)) @ V.T for q in range(4)], dim=-1)
+        assert (own - expected_fc1).norm() > 0.1 * own.norm()
+        # merged weights are exact: ΔW = V B_qᵀ U (fc1 rows) and V B_q U (fc2 columns)
+        handle.merge()
+        merged1, merged2 = fc1.linear(x), fc2.linear(hidden)
+        handle.unmerge()
+        assert torch.allclose(merged1, fc1.linear(x), atol=1e-5)
+        assert torch.allclose(merged2, fc2.linear(hidden), atol=1e-5)
 
 
 def test_merge_and_unmerge_agree_and_leave_no_extra_computation(tiny, batch):

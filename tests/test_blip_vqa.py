@@ -8,17 +8,27 @@ from core.data import read_dataset
 from core.query import answer
 from core.runs import RunError, evaluate, load_run, tune
 from core.tasks.vqa import normalize_answer
-from tests.conftest import write_tiny_blip_vqa
+from tests.conftest import assert_sees_images, write_tiny_blip_vqa
 
 
 @pytest.fixture(scope="module")
 def blip_vqa(tmp_path_factory):
-    return f"blip-vqa:{write_tiny_blip_vqa(tmp_path_factory.mktemp('blipvqa') / 'tiny')}"
+    spec = f"blip-vqa:{write_tiny_blip_vqa(tmp_path_factory.mktemp('blipvqa') / 'tiny')}"
+    assert_sees_images(load_backbone(spec))
+    return spec
 
 
 @pytest.fixture(scope="module")
 def shapes_vqa(tmp_path_factory):
     return write_shapes_vqa_dataset(tmp_path_factory.mktemp("shapesvqa") / "data")
+
+
+def test_random_blip_vqa_base_sees_images():
+    """Random `blip-vqa:base`: vision weights at 0.02 (not BlipVisionConfig's 1e-10), so its image
+    tokens tell pictures apart and reach the question encoder."""
+    backbone = load_backbone("blip-vqa:base")
+    assert not backbone.pretrained and set(backbone.towers) == {"vision", "text", "decoder"}
+    assert_sees_images(backbone)
 
 
 def test_aurora_adapts_vision_question_encoder_and_answer_decoder(blip_vqa):

@@ -120,3 +120,27 @@ def test_video_qa_learns(motion_data, tmp_path):
                   batch_size=8, out=tmp_path / "run")
     chance = 100 / 6
     assert result.tuned["vqa_acc"] >= 3 * chance and result.tuned["vqa_acc"] > result.zero_shot["vqa_acc"]
+
+
+def test_blip_video_concatenates_the_frames_tokens_and_mean_pools_the_embedding(tiny_blip):
+    """The authors' video on BLIP: matching and answering cross-attend to every frame's tokens
+    (concatenated in frame order); the ITC embedding is the mean of the frames' embeddings."""
+    import torch
+
+    from core.tasks.encoding import encode_media, media_tokens
+
+    side = tiny_blip.model.config.vision_config.image_size
+    torch.manual_seed(0)
+    clips = torch.randn(2, 3, 3, side, side)
+    tiny_blip.eval()
+    with torch.no_grad():
+        per_frame = tiny_blip.image_tokens(clips.flatten(0, 1))           # (6, N, d)
+        tokens = media_tokens(tiny_blip, clips)
+        n = per_frame.shape[1]
+        assert tokens.shape == (2, 3 * n, per_frame.shape[2])
+        assert torch.equal(tokens[1, n:2 * n], per_frame[4]) and torch.equal(tokens[0, 2 * n:], per_frame[2])
+        frames_differ = (per_frame[0] - per_frame[1]).abs().max()
+        assert frames_differ > 1e-2   # concatenation is not averaging: the frames' tokens stay apart
+        embedding = encode_media(tiny_blip, clips)
+        expected = tiny_blip.encode_image(clips.flatten(0, 1)).view(2, 3, -1).mean(dim=1)
+        assert torch.allclose(embedding, expected, atol=1e-6)

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
+from core.backbones import load_backbone
 from core.pet import PetError, attach
+from core.pet.vlpet import GatedAdapter, ValueParallelAdapter
 from core.runs import tune
 from core.tasks.retrieval import RetrievalObjective, RetrievalSet
-from tests.conftest import TINY, embeddings
+from tests.conftest import TINY, embeddings, write_tiny_blip_vqa
 from tests.test_pet import _randomise
 
 GRANULARITIES = ["small", "middleX", "middleY", "large"]
@@ -72,8 +74,8 @@ def test_paper_init_changes_outputs_with_sigmoid_gates_near_half(tiny, batch, gr
     after = embeddings(tiny, *batch)
     assert all((a - b).abs().max() > 1e-2 for a, b in zip(after, before))
     gates = torch.cat([g.flatten() for g in handle.gate_readout(*batch).values()])
-    if granularity == "middleY":
-        assert torch.equal(gates, torch.ones_like(gates))   # 1 + z, z = 0: no sigmoid in the authors' code
+    if granularity == "middleY":   # 1 + z, z ~ N(0, 0.02): no sigmoid in the authors' code
+        assert (gates - 1).abs().max() < 0.1 and 0.01 < gates.std() < 0.03
     else:
         assert 0.35 < gates.mean() < 0.65
 
@@ -147,3 +149,220 @@ def test_a_site_no_block_has_is_refused_before_anything_is_attached(tiny):
     with pytest.raises(PetError, match="vlpet: no block of the vision, text tower\\(s\\) of .* has a residual site cross"):
         attach(tiny, "vlpet", {"sites": ["attn", "cross"]})
     assert all(s.combiner is None for t in tiny.towers.values() for b in t.blocks for s in b.sites.values())
+
+
+# BLIP VQA: the authors' encoder–decoder design, causal gates, the authors' init.
+
+def _adapter(d, r):   # d→r (multi-head or not, same count) → d, with biases
+    return d * r + r + r * d + d
+
+
+@pytest.fixture(scope="module")
+def blip_vqa_base():
+    """blip-vqa:base at random init (about 10 s to build), shared by this module's tests."""
+    return load_backbone("blip-vqa:base")
+
+
+@pytest.fixture
+def vqa_base(blip_vqa_base):
+    """(backbone, attach_vlpet): what a test attaches is detached after it, whatever happens."""
+    handles = []
+
+    def attach_vlpet(options=None):
+        handles.append(attach(blip_vqa_base, "vlpet", options or {}))
+        return handles[-1]
+
+    yield blip_vqa_base, attach_vlpet
+    for handle in handles:
+        handle.detach()
+
+
+@pytest.fixture(scope="module")
+def tiny_blip_vqa(tmp_path_factory):
+    return load_backbone(f"blip-vqa:{write_tiny_blip_vqa(tmp_path_factory.mktemp('blipvqa') / 'tiny')}")
+
+
+def _question_and_answers(backbone, answers):
+    """Random image tokens (the decoder never sees the picture directly), one question per answer."""
+    generator = torch.Generator().manual_seed(0)
+    image_tokens = torch.randn(1, 8, backbone.towers["text"].width, generator=generator).expand(len(answers), -1, -1)
+    return image_tokens, backbone.tokenize(["what is it?"] * len(answers)), backbone.tokenize(answers)
+
+
+def _answer_logits(backbone, image_tokens, questions, answers):
+    backbone.eval()
+    with torch.no_grad():
+        return backbone._answer_logits(image_tokens, questions, answers)[0].logits
+
+
+def _decoder_sites_and_deltas(backbone):
+    decoder = backbone.towers["decoder"].blocks
+    return ([s.combiner for b in decoder for s in b.sites.values()],
+            {name: [b.projections[name].deltas.get("vlpet") for b in decoder] for name in decoder[0].projections})
+
+
+def test_blip_vqa_default_is_the_authors_encoder_decoder_design(vqa_base):
+    backbone, attach_vlpet = vqa_base
+    handle = attach_vlpet()
+    combiners, deltas = _decoder_sites_and_deltas(backbone)
+    assert combiners == [None] * 36                                      # no gate in the decoder
+    assert all(isinstance(d, ValueParallelAdapter) for d in deltas["cross_v"]) and len(deltas["cross_v"]) == 12
+    assert all(d is None for name, per_block in deltas.items() if name != "cross_v" for d in per_block)
+    for tower in ("vision", "text"):                                      # encoders: gated attn and mlp
+        for block in backbone.towers[tower].blocks:
+            assert {s for s, site in block.sites.items() if isinstance(site.combiner, GatedAdapter)} == {"attn", "mlp"}
+            assert all(norm.weight.requires_grad for norm in block.layernorms)
+    assert not any(p.requires_grad for b in backbone.towers["decoder"].blocks for n in b.layernorms
+                   for p in n.parameters())
+    sites = 12 * 2 * 2                                                    # vision and question encoder
+    assert handle.budget() == {"adapters": sites * _adapter(768, 96), "gates": sites * _adapter(768, 96),
+                               "layernorms": 12 * (2 + 3) * 2 * 768, "decoder": 12 * _adapter(768, 96)}
+    assert handle.budget()["decoder"] == 1_779_840
+    handle.detach()
+    assert _decoder_sites_and_deltas(backbone)[1]["cross_v"] == [None] * 12
+
+
+def test_decoder_gated_gates_the_decoder_like_an_encoder(vqa_base):
+    backbone, attach_vlpet = vqa_base
+    handle = attach_vlpet({"decoder": "gated"})
+    combiners, deltas = _decoder_sites_and_deltas(backbone)
+    assert all(d is None for per_block in deltas.values() for d in per_block)
+    for block in backbone.towers["decoder"].blocks:
+        assert isinstance(block.sites["attn"].combiner, GatedAdapter) and block.sites["attn"].combiner.causal
+        assert isinstance(block.sites["mlp"].combiner, GatedAdapter) and block.sites["cross"].combiner is None
+        assert all(norm.weight.requires_grad and norm.bias.requires_grad for norm in block.layernorms)
+    sites = 12 * 2 * 3
+    assert handle.budget() == {"adapters": sites * _adapter(768, 96), "gates": sites * _adapter(768, 96),
+                               "layernorms": 12 * (2 + 3 + 3) * 2 * 768}
+
+
+def test_towers_option_decides_which_towers_get_what(tiny_blip_vqa):
+    def layout(towers):
+        handle = attach(tiny_blip_vqa, "vlpet", {"towers": towers})
+        try:
+            return ({t for t, b in handle.backbone.pet.items() for sites in b.values()
+                     for m in sites.values() if isinstance(m, GatedAdapter)},
+                    {t for t, b in handle.backbone.pet.items() for sites in b.values()
+                     for m in sites.values() if isinstance(m, ValueParallelAdapter)}, set(handle.budget()))
+        finally:
+            handle.detach()
+
+    assert layout(["text", "decoder"]) == ({"text"}, {"decoder"}, {"adapters", "gates", "layernorms", "decoder"})
+    assert layout(["text"]) == ({"text"}, set(), {"adapters", "gates", "layernorms"})
+    assert layout(["decoder"]) == (set(), {"decoder"}, {"decoder"})
+    assert layout(["vision"]) == ({"vision"}, set(), {"adapters", "gates", "layernorms"})
+    handle = attach(tiny_blip_vqa, "vlpet", {"granularity": "small"})   # value-parallel adapters have no gate
+    readout = handle.gate_readout(torch.randn(2, 3, 32, 32), tiny_blip_vqa.tokenize(["what?", "which colour?"]))
+    handle.detach()
+    assert set(readout) == {f"{t}.{i}.{s}" for t in ("vision", "text") for i in (0, 1) for s in ("attn", "mlp")}
+    assert all(gate.shape == (2,) for gate in readout.values())
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_no_gate_lets_the_answer_decoder_see_later_tokens(vqa_base, granularity):
+    """Teacher forcing two answers that share their first 5 tokens ([CLS] a r ##e ##d): a causal
+    decoder's logits over that prefix cannot depend on what follows it."""
+    backbone, attach_vlpet = vqa_base
+    attach_vlpet({"granularity": granularity, "decoder": "gated", "init": "paper"})
+    image_tokens, questions, answers = _question_and_answers(backbone, ["a red disc", "a red square"])
+    prefix = 5
+    assert torch.equal(answers[0, :prefix], answers[1, :prefix]) and answers[0, prefix] != answers[1, prefix]
+    logits = _answer_logits(backbone, image_tokens, questions, answers)
+    assert (logits[0, :prefix] - logits[1, :prefix]).abs().max() < 1e-5
+    assert (logits[0, prefix] - logits[1, prefix]).abs().max() > 1e-2   # from there on, they differ
+
+
+def test_causal_small_gate_on_clip_text_ends_at_the_masked_mean(tiny):
+    handle = attach(tiny, "vlpet", {"granularity": "small", "init": "paper", "towers": ["text"]})
+    _randomise(handle, seed=3)
+    module = tiny.towers["text"].blocks[1].sites["mlp"].combiner
+    assert module.causal
+    seen = []
+    module.register_forward_pre_hook(lambda m, inputs: seen.append(inputs))
+    tokens = tiny.tokenize(["a red square", "two blue circles left of a big green tree"])
+    readout = handle.gate_readout(tokens=tokens)["text.1.mlp"]
+    x, h, mask = seen[-1]
+    with torch.no_grad():
+        y = h + module.adapter(h)
+        running = module.compute_gate(x, y, mask)[..., 0]                   # (B, N)
+        per_token = torch.sigmoid(module.gate_proj(torch.cat([x, y], dim=-1)))[..., 0]
+    weights = mask.float()
+    full = (per_token * weights).sum(1) / weights.sum(1)
+    last_real = mask.sum(1) - 1
+    assert mask[0].sum() < mask.shape[1]                                  # the first sample is padded
+    assert torch.allclose(running[torch.arange(2), last_real], full, atol=1e-6)
+    assert torch.allclose(running[:, -1], full, atol=1e-6) and torch.allclose(readout, full, atol=1e-6)
+    assert torch.allclose(running[:, 2], per_token[:, :3].mean(1), atol=1e-6)   # position 2: tokens 0..2 only
+    assert (running[:, 0] - full).abs().max() > 1e-3
+
+
+def _trainable_linears(handle, kind):
+    return [m for m in handle.backbone.pet.modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_paper_init_is_the_authors_hf_init(vqa_base, granularity):
+    backbone, attach_vlpet = vqa_base
+    handle = attach_vlpet({"granularity": granularity, "init": "paper", "towers": ["text", "decoder"]})
+    gated, value_parallel = _trainable_linears(handle, GatedAdapter), _trainable_linears(handle, ValueParallelAdapter)
+    assert len(gated) == 24 and len(value_parallel) == 12
+
+    def weights(modules, pick):
+        return torch.cat([pick(m).detach().flatten() for m in modules])
+
+    def n_002(values):   # N(0, 0.02): std within 3 %, and tails past 3σ, unlike PyTorch's uniform default
+        return abs(values.std().item() - 0.02) < 0.0006 and values.abs().max() > 0.06
+
+    assert n_002(weights(gated, lambda m: m.down)) and not weights(gated, lambda m: m.down_bias).any()
+    gate_linears = [lin for m in gated for name, lin in m.named_children() if name.startswith("gate_")]
+    if gate_linears:
+        assert n_002(torch.cat([lin.weight.detach().flatten() for lin in gate_linears]))
+        assert not any(lin.bias.any() for lin in gate_linears)
+    if granularity == "middleY":
+        assert n_002(weights(gated, lambda m: m.gate_shift))
+    if granularity == "small":   # the authors' small script zero-inits W_up
+        assert not weights(gated, lambda m: m.up.weight).any()
+    else:
+        assert n_002(weights(gated, lambda m: m.up.weight))
+    assert not weights(gated, lambda m: m.up.bias).any()
+    assert n_002(weights(value_parallel, lambda m: m.down.weight))
+    assert not weights(value_parallel, lambda m: m.down.bias).any()
+    assert not weights(value_parallel, lambda m: m.up.weight).any() and not weights(value_parallel, lambda m: m.up.bias).any()
+
+
+@pytest.mark.parametrize("granularity", ["small", "large"])
+def test_identity_init_keeps_the_frozen_blip_vqa_answers(vqa_base, granularity):
+    backbone, attach_vlpet = vqa_base
+    image_tokens, questions, answers = _question_and_answers(backbone, ["a red disc", "no"])
+    before = _answer_logits(backbone, image_tokens, questions, answers)
+    handle = attach_vlpet({"granularity": granularity})
+    value_parallel = _trainable_linears(handle, ValueParallelAdapter)
+    down = torch.cat([m.down.weight.detach().flatten() for m in value_parallel])
+    assert down.abs().max() <= 768 ** -0.5 and down.std() > 0.01         # PyTorch's default Linear init
+    assert all(m.down.bias.any() for m in value_parallel)
+    assert torch.equal(_answer_logits(backbone, image_tokens, questions, answers), before)
+
+
+def test_value_parallel_adapter_learns_and_changes_the_answers(vqa_base):
+    backbone, attach_vlpet = vqa_base
+    image_tokens, questions, answers = _question_and_answers(backbone, ["a red disc", "no"])
+    before = _answer_logits(backbone, image_tokens, questions, answers)
+    handle = attach_vlpet({"towers": ["decoder"]})
+    adapters = _trainable_linears(handle, ValueParallelAdapter)
+
+    def gradients():
+        backbone.train()
+        backbone.zero_grad(set_to_none=True)
+        backbone.answer_loss(image_tokens, questions, answers).backward()
+        return {name: p.grad for name, p in handle.trainable_parameters().items()}
+
+    grads = gradients()   # at the start W_up = 0: only W_up has a gradient, and it has one
+    assert set(grads) == {n for n, _ in backbone.named_parameters() if n.startswith("pet.decoder.")}
+    assert all(grads[n].abs().sum() > 0 for n in grads if ".up." in n)
+    assert not any(grads[n].any() for n in grads if ".down." in n)
+    with torch.no_grad():
+        for m in adapters:
+            m.up.weight.normal_(std=0.02, generator=torch.Generator().manual_seed(m.up.weight.numel()))
+    assert (_answer_logits(backbone, image_tokens, questions, answers) - before).abs().max() > 1e-2
+    assert all(g.abs().sum() > 0 for g in gradients().values())
+    assert not any(p.grad is not None for n, p in backbone.named_parameters() if not n.startswith("pet."))

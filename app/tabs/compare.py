@@ -32,7 +32,8 @@ def layout(page) -> None:
                                   elem_id="runs-table")
         page.compare_plot = gr.Plot(label="Metric against trainable parameters")
         with gr.Accordion("Compare methods: every chosen method × seeds in one job (the Tune tab's backbone, "
-                          "task, shots, epochs, batch size and frames; each method at its suggested learning rate)",
+                          "task, recipe, shots, epochs, batch size and frames; each method at its suggested or its "
+                          "recipe's learning rate)",
                           open=True):
             with gr.Row():
                 page.sweep_methods = gr.CheckboxGroup([(m.label, m.name) for m in METHODS.values()],
@@ -52,10 +53,11 @@ def layout(page) -> None:
 def wire(page) -> None:
     page.refresh.click(compare_runs, None, [page.table, page.compare_plot], api_name="compare")
     inputs = [page.model, page.task, page.sweep_methods, page.sweep_options, page.sweep_seeds, page.shots, page.epochs,
-              page.batch_size, page.frames, page.bf16]
+              page.batch_size, page.frames, page.bf16, page.recipe]
     controls = page.method_controls
-    page.compare_methods.click(
-        lambda *values: options_by_method(controls, list(values)), [c for *_, c in controls], [page.sweep_options],
+    page.compare_methods.click(   # under the authors' recipe the options are the recipe's
+        lambda recipe, *values: {} if recipe != "studio" else options_by_method(controls, list(values)),
+        [page.recipe, *(c for *_, c in controls)], [page.sweep_options],
         api_name="options_by_method", queue=False).then(
         compare_methods, inputs, [page.sweep_table, page.sweep_plot, page.sweep_report, page.sweep_status, page.ask_run,
                                   page.inspect_run], api_name="compare_methods",
@@ -82,11 +84,12 @@ def _seeds(text: str) -> list[int]:
 
 
 def compare_methods(model: str, task: str, methods: list[str], options: Optional[dict], seeds: str, shots: float,
-                    epochs: float, batch_size: float, frames: float, bf16: bool, request: gr.Request,
+                    epochs: float, batch_size: float, frames: float, bf16: bool, recipe: str, request: gr.Request,
                     progress=gr.Progress(track_tqdm=True)):
-    """Every chosen method × seed on the session's dataset, each method with its `options`
-    ({method: {option: value}}; the app sends the Tune tab's controls); returns the per-method
-    table, the chart, the report file, the status line and the updated run pickers."""
+    """Every chosen method × seed on the session's dataset, each method from `recipe` (studio or
+    authors) with its `options` ({method: {option: value}}; the app sends the Tune tab's controls);
+    returns the per-method table, the chart, the report file, the status line and the updated run
+    pickers."""
     session = session_of(request)
     if not isinstance(methods, list) or not methods or not all(isinstance(m, str) and m in METHODS for m in methods):
         raise gr.Error(f"choose methods among {', '.join(METHODS)}")
@@ -100,7 +103,7 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
     arguments = dict(model=spec_of(model), choices=choices, seeds=_seeds(seeds),
                      shots=whole(shots, "shots") or None, epochs=whole(epochs, "epochs"),
                      batch_size=whole(batch_size, "batch size"), task=task, frames=whole(frames, "frames"),
-                     bf16=bool(bf16), local_paths=LOCAL_PATHS)
+                     bf16=bool(bf16), local_paths=LOCAL_PATHS, recipe=recipe)
     live, out, data = claim_folders(session, "sweeps", "compare")
 
     def show_step() -> None:

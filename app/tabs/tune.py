@@ -18,6 +18,7 @@ from core import figures
 from core.backbones import describe_spec
 from core.data.media import DEFAULT_FRAMES
 from core.pet import METHODS
+from core.pet.recipes import RECIPES
 from core.runs import USER_ERRORS, suggested_lr
 from core.tasks import TASKS
 from core.trainer import bf16_supported, pick_device
@@ -31,6 +32,11 @@ BACKBONES = [
     ("PETStudio-Tiny (random init, for trying things out)", "openclip:PETStudio-Tiny"),
 ]
 FIRST_METHOD = next(iter(METHODS))
+RECIPE_LABELS = {"studio": "PET Studio's defaults (set the knobs yourself)",
+                 "authors": "The authors' (what they ran for this backbone, task and media)"}
+AUTHORS_NOTE = ("The method's options and learning rate come from its authors' recipe for this backbone, task and "
+                "media (a method without one keeps its defaults); a learning rate typed in wins. The run card and "
+                "run.json say what the recipe set.")
 
 
 def layout(page) -> None:
@@ -43,6 +49,9 @@ def layout(page) -> None:
                 page.task = gr.Radio(list(TASKS), value="retrieval", label="Task")
                 page.method = gr.Dropdown([(m.label, m.name) for m in METHODS.values()], value=FIRST_METHOD,
                                           label="Method")
+                page.recipe = gr.Radio([(RECIPE_LABELS[name], name) for name in RECIPES], value="studio",
+                                       label="Recipe", info="whose settings the run starts from")
+                page.recipe_note = gr.Markdown(AUTHORS_NOTE, visible=False)
                 page.method_groups, page.method_controls = {}, []   # controls: (method, option spec, component)
                 for method in METHODS.values():
                     main = [spec for spec in method.options() if spec["main"]]
@@ -74,21 +83,26 @@ def layout(page) -> None:
 
 def wire(page) -> None:
     page.model.change(model_notice, [page.model], [page.model_note], api_name="model_notice", queue=False)
-    for source, api_name in ((page.model, "suggest_lr_for_model"), (page.method, "suggest_lr_for_method")):
-        source.change(suggest_lr, [page.model, page.method], [page.lr], api_name=api_name, queue=False)
+    for source, api_name in ((page.model, "suggest_lr_for_model"), (page.method, "suggest_lr_for_method"),
+                             (page.recipe, "suggest_lr_for_recipe")):
+        source.change(suggest_lr, [page.model, page.method, page.recipe], [page.lr], api_name=api_name, queue=False)
     groups = list(page.method_groups.values())
-    page.method.change(lambda method: [gr.update(visible=name == method) for name in page.method_groups],
-                       [page.method], groups, api_name="method_options", queue=False)
+    # The authors' recipe sets the options: their knobs are hidden then.
+    for source, api_name in ((page.method, "method_options"), (page.recipe, "recipe_options")):
+        source.change(lambda method, recipe: [*(gr.update(visible=name == method and recipe == "studio")
+                                                for name in page.method_groups),
+                                              gr.update(visible=recipe != "studio")],
+                      [page.method, page.recipe], [*groups, page.recipe_note], api_name=api_name, queue=False)
     controls = page.method_controls
 
-    def options_of(method: str, *values) -> dict[str, Any]:
-        return options_by_method(controls, list(values)).get(method, {})
+    def options_of(method: str, recipe: str, *values) -> dict[str, Any]:
+        return {} if recipe != "studio" else options_by_method(controls, list(values)).get(method, {})
 
     inputs = [page.model, page.task, page.method, page.options, page.shots, page.epochs, page.lr, page.batch_size,
-              page.bf16, page.answers, page.frames]
+              page.bf16, page.answers, page.frames, page.recipe]
     (page.start.click(start_tuning, None, [page.timer], api_name="start_live", queue=False)
-     .then(options_of, [page.method, *(c for *_, c in controls)], [page.options], api_name="options_of",
-           queue=False)
+     .then(options_of, [page.method, page.recipe, *(c for *_, c in controls)], [page.options],
+           api_name="options_of", queue=False)
      .then(tune_model, inputs, [page.card, page.loss_plot, page.weights_out, page.ask_run, page.inspect_run,
                                 page.status], api_name="tune",
            concurrency_limit=TUNING_CONCURRENCY, concurrency_id="tuning")
@@ -121,15 +135,17 @@ def _training(session: Session) -> bool:
 
 def tune_model(model: str, task: str, method: str, options: Optional[dict], shots: float, epochs: float,
                lr: Optional[float], batch_size: float, bf16: bool, answers: str, frames: float,
-               request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-    """Tune `method` with its `options` (a JSON object of option: value; the rest keep their
-    defaults) on the session's dataset; returns the before/after card, the training figure, the
-    weights to download, the updated run lists and the status line."""
+               recipe: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    """Tune `method` with its `options` (a JSON object of option: value; the rest keep the
+    recipe's, then the defaults) from `recipe` (studio or authors) on the session's dataset;
+    returns the before/after card, the training figure, the weights to download, the updated run
+    lists and the status line."""
     session = session_of(request)
     spec = spec_of(model)
     arguments = dict(model=spec, method=method, options=options or {}, shots=whole(shots, "shots") or None,
                      epochs=whole(epochs, "epochs"), batch_size=whole(batch_size, "batch size"), bf16=bool(bf16),
                      task=task, frames=whole(frames, "frames"), epoch_metrics=True, local_paths=LOCAL_PATHS,
+                     recipe=recipe,
                      extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))
     live, out, data = claim_folders(session, "runs", str(method))
     session.live_status = "loading the model and scoring it zero-shot…"
@@ -176,7 +192,11 @@ def live_progress(request: gr.Request):
     return figures.training_figure(None, live=[step["loss"] for step in steps]), status
 
 
-def suggest_lr(model: str, method: str) -> float:
+def suggest_lr(model: str, method: str, recipe: str = "studio") -> Optional[float]:
+    """The learning rate to show: the suggested one, or none under the authors' recipe (the run
+    takes the recipe's then; one typed in wins)."""
+    if recipe != "studio":
+        return None
     try:
         return suggested_lr(spec_of(model), method)
     except USER_ERRORS as error:

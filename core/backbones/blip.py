@@ -87,7 +87,8 @@ def vision_tower(vision_model: nn.Module, output_parameters: tuple) -> TowerLayo
 
 
 def text_tower(name: str, text_model: nn.Module, cross_source: str, output_parameters: tuple,
-               token_mask: Callable[[], Optional[torch.Tensor]], causal: bool = False) -> TowerLayout:
+               token_mask: Callable[[], Optional[torch.Tensor]], causal: bool = False,
+               role: str = "encoder") -> TowerLayout:
     """A BLIP BERT with cross-attention (question encoder, answer decoder): self q, k, v, out;
     cross_q, cross_k, cross_v (their input comes from `cross_source`), cross_out; fc1, fc2;
     post-LN sites attn, cross, mlp."""
@@ -112,7 +113,7 @@ def text_tower(name: str, text_model: nn.Module, cross_source: str, output_param
             heads=own.self.num_attention_heads,
             sublayers={"self": own, "cross": cross}))
     return TowerLayout(name=name, width=text_model.config.hidden_size, blocks=blocks,
-                       output_parameters=output_parameters, causal=causal, prompt_slot=None)
+                       output_parameters=output_parameters, causal=causal, prompt_slot=None, role=role)
 
 
 # What a BLIP hub repository must hold for loading: configs, tokenizer files, safetensors weights.
@@ -131,6 +132,11 @@ def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: 
     if kind == "random":
         tokenizer = stand_in_tokenizer()
         config = BlipConfig()
+        # BlipVisionConfig's default initializer_range is 1e-10, which leaves a random ViT's linear,
+        # patch, class and position embedding weights at ~1e-10: image tokens of ~1e-6, the same
+        # [CLS] for every picture and cross-attention that adds nothing. Initialise the vision tower
+        # like the text tower and the heads (BERT's 0.02).
+        config.vision_config.initializer_range = config.text_config.initializer_range
         # The answer decoder starts at bos and stops at sep: use the stand-in tokenizer's.
         config.text_config.bos_token_id = tokenizer.cls_token_id
         config.text_config.sep_token_id = tokenizer.sep_token_id
@@ -276,7 +282,7 @@ class BlipAnsweringBackbone(_BlipBase):
             "vision": vision_tower(model.vision_model, ()),
             "text": text_tower("text", model.text_encoder, "vision", (), lambda: self._masks["text"]),
             "decoder": text_tower("decoder", model.text_decoder.bert, "text", (), lambda: self._masks["decoder"],
-                                  causal=True),
+                                  causal=True, role="decoder"),
         }
 
     def head_parameters(self) -> list[nn.Parameter]:

@@ -121,7 +121,8 @@ class TowerLayout:
 
     `prompt_slot` is where learnable prompt tokens are inserted (after [CLS] / start token;
     None for towers that do not run through `run`); a method sets `prompts` to a function
-    layer -> (n, width) tokens or None.
+    layer -> (n, width) tokens or None. `role` is "decoder" for a tower that generates text
+    while cross-attending to an encoder's states (BLIP's answer decoder), "encoder" otherwise.
     """
 
     name: str
@@ -130,6 +131,7 @@ class TowerLayout:
     output_parameters: tuple[nn.Parameter, ...]
     causal: bool
     prompt_slot: Optional[int] = 1
+    role: str = "encoder"
     prompts: Optional[PromptSource] = field(default=None)
 
     @property

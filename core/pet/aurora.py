@@ -4,7 +4,10 @@ context enhancement.
 Every adapted projection j gets Δ_j(x) = s · V(dropout((U x) M_j)), M_j = Σ_c C[:, :, c] λ_j[c]:
 the factors U (R×d), V (d×R, zero init) and the core C (R×R×R) are shared by all layers of all
 towers (U, V per width, so per tower when widths differ); each projection owns only its mode
-vector λ_j ∈ R^R. MLP projections use one mode vector per d-wide quarter of the hidden layer.
+vector λ_j ∈ R^R. An MLP (hidden width k·d) takes k mode vectors for fc1 and k for fc2, laid out
+as the authors' CP/vit.py does: the k matrices M_1..M_k, stacked modes-last and read row-major as
+one R×kR matrix F, whose R-wide column blocks B_1..B_k each mix all k modes; fc1's hidden quarter q
+is V((U x) B_q), and fc2 maps its input quarters x_q to V(Σ_q (U x_q) B_qᵀ).
 Linear in the weights: ΔW_j = V M_jᵀ U merges into the frozen weight for inference.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from core.backbones import BlockLayout, Projection
 from core.pet.handle import PetError, PetHandle, blocks_of
 from core.pet.registry import Method, register
 from core.pet.options import option
+from core.pet.recipes import Recipe, Setting
 
 CONTEXT_WEIGHT = 0.1   # informative context enhancement (the authors' 0.1)
 SELF_AND_CROSS = ("q", "k", "v", "cross_q", "cross_k", "cross_v")
@@ -34,7 +38,8 @@ class Config:
     scale: float = option(1.0, "s, the scale of every delta", 0.0, 100.0)
     share_factors: bool = option(True, "one U, V for towers of equal width")
     gqt: bool = option(False, "gated query transformation", main=True)
-    gqt_towers: tuple[str, ...] = option(("text",), "towers that get the gated query transformation")
+    gqt_towers: tuple[str, ...] = option((), "towers that get the gated query transformation (empty: every text "
+                                             "tower, as the authors: BLIP's text encoder and answer decoder)")
     ice: bool = option(False, "informative context enhancement (training only)", main=True)
     heads: bool = option(False, "also tune the task heads (vision projection, ITM head)", main=True)
 
@@ -47,13 +52,17 @@ def _projections_for(block: BlockLayout, config: Config) -> tuple[str, ...]:
     return SELF_AND_CROSS if "cross_q" in block.projections else FULL_BLOCK
 
 
-def _pieces(projection: Projection) -> tuple[int, str]:
-    """How many mode vectors a projection takes and how its delta is laid out."""
-    if projection.out_features > projection.in_features:        # fc1: one per output quarter
-        return projection.out_features // projection.in_features, "split_out"
-    if projection.in_features > projection.out_features:        # fc2: one per input quarter
-        return projection.in_features // projection.out_features, "split_in"
-    return 1, "plain"
+def _pieces(projection: Projection, where: str) -> tuple[int, str]:
+    """How many mode vectors a projection takes and how its delta is laid out: k for an MLP
+    projection between widths d and k·d (fc1 widens, fc2 narrows), one otherwise."""
+    wide, narrow = max(projection.in_features, projection.out_features), \
+        min(projection.in_features, projection.out_features)
+    if wide == narrow:
+        return 1, "plain"
+    if wide % narrow:
+        raise PetError(f"{where}: aurora's MLP layout needs a hidden width that is a multiple of the "
+                       f"block width, not {wide} for {narrow}")
+    return wide // narrow, "widen" if projection.out_features == wide else "narrow"
 
 
 class AuroraFactors(nn.Module):
@@ -96,26 +105,41 @@ class AuroraDelta:
         self.factors, self.tower, self.rows, self.layout = factors, tower, rows, layout
         self.in_key, self.out_key, self.scale = in_key, out_key, scale
 
+    def mixed_modes(self) -> torch.Tensor:
+        """F (R × k·R): the k mode matrices stacked modes-last and read row-major, so column
+        k·j + m is column j of M_m, and each R-wide column block mixes all k modes (CP/vit.py)."""
+        M = self.factors.mode_matrices(self.tower, self.rows)           # (k, R, R)
+        return M.permute(1, 2, 0).reshape(M.shape[1], -1)
+
+    def blocks(self) -> torch.Tensor:
+        """(k, R, R): B_q, the q-th R-wide column block of F."""
+        F = self.mixed_modes()
+        return F.view(F.shape[0], -1, F.shape[0]).transpose(0, 1)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         f = self.factors
         V = f.V[self.out_key].to(x.dtype)
-        M = f.mode_matrices(self.tower, self.rows).to(x.dtype)
         if self.layout == "plain":
-            return f.dropout(f.project(x, self.in_key) @ M[0]) @ V.T * self.scale
-        if self.layout == "split_out":
-            u = f.project(x, self.in_key)
-            return torch.cat([f.dropout(u @ m) @ V.T for m in M], dim=-1) * self.scale
+            M = f.mode_matrices(self.tower, self.rows)[0].to(x.dtype)
+            return f.dropout(f.project(x, self.in_key) @ M) @ V.T * self.scale
+        F = self.mixed_modes().to(x.dtype)
+        rank = F.shape[0]
+        if self.layout == "widen":      # hidden quarter q: V((U x) B_q)
+            u = f.project(x, self.in_key) @ F
+            return (f.dropout(u.unflatten(-1, (-1, rank))) @ V.T).flatten(-2) * self.scale
+        # narrow: V(Σ_q (U x_q) B_qᵀ), the sum over quarters being one product with Fᵀ
         U = f.U[self.in_key].to(x.dtype)
-        quarters = x.chunk(len(M), dim=-1)
-        return sum(f.dropout((q @ U.T) @ m) @ V.T for q, m in zip(quarters, M)) * self.scale
+        u = (x.unflatten(-1, (F.shape[1] // rank, -1)) @ U.T).flatten(-2)
+        return f.dropout(u @ F.T) @ V.T * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         f = self.factors
         U, V = f.U[self.in_key], f.V[self.out_key]
-        blocks = [V @ m.T @ U for m in f.mode_matrices(self.tower, self.rows)]
-        if self.layout == "split_in":
-            return torch.cat(blocks, dim=1) * self.scale
-        return torch.cat(blocks, dim=0) * self.scale
+        if self.layout == "plain":
+            return V @ f.mode_matrices(self.tower, self.rows)[0].T @ U * self.scale
+        if self.layout == "widen":      # rows of quarter q: V B_qᵀ U
+            return torch.cat([V @ b.T @ U for b in self.blocks()], dim=0) * self.scale
+        return torch.cat([V @ b @ U for b in self.blocks()], dim=1) * self.scale   # columns: V B_q U
 
 
 class QueryGate(nn.Module):
@@ -232,10 +256,10 @@ def attach(backbone, config: Config) -> AuroraHandle:
                 raise PetError(f"{tower} block {block.index} has no projection '{name}' "
                                f"(has {', '.join(block.projections)})")
             projection = block.projections[name]
-            pieces, layout = _pieces(projection)
+            pieces, layout = _pieces(projection, f"{tower} block {block.index} {name}")
             source = projection.source or tower
-            width_in = projection.in_features // (pieces if layout == "split_in" else 1)
-            width_out = projection.out_features // (pieces if layout == "split_out" else 1)
+            width_in = projection.in_features // (pieces if layout == "narrow" else 1)
+            width_out = projection.out_features // (pieces if layout == "widen" else 1)
             widths[key(source, width_in)] = width_in
             widths[key(tower, width_out)] = width_out
             plan.append((tower, block, name, projection, pieces, layout, key(source, width_in), key(tower, width_out)))
@@ -252,9 +276,14 @@ def attach(backbone, config: Config) -> AuroraHandle:
         handle.deltas.append((tower, block.index, name, projection, delta))
     handle.on_detach(lambda: [p.remove_delta(handle.method) for *_, p, _ in handle.deltas])
     if config.gqt:
-        module.gqt = _attach_query_gates(handle, config.gqt_towers)
+        module.gqt = _attach_query_gates(handle, config.gqt_towers or _text_towers(backbone))
         module.gqt.to(backbone.device).requires_grad_(True)
     return handle
+
+
+def _text_towers(backbone) -> tuple[str, ...]:
+    """The towers that read text: the authors gate every text layer run in multimodal mode."""
+    return tuple(name for name in backbone.towers if name != "vision")
 
 
 def _attach_query_gates(handle: AuroraHandle, towers: tuple[str, ...]) -> nn.ModuleDict:
@@ -285,6 +314,19 @@ def _figure(config: Config, readout: dict):
     return aurora_figure(readout)
 
 
+def _authors_recipe(setting: Setting) -> Recipe:
+    """WillDreamer/Aurora's BLIP scripts: GQT always on (text layers in multimodal mode), and on
+    retrieval also ICE and the tuned heads; R = 32 for pictures, 64 for video; AdamW with weight
+    decay 0.05 (the studio's too), lr 1e-4, cosine, no warm-up. ICE and the heads need a fused
+    [CLS] and an ITM head, which only BLIP retrieval has."""
+    matching = "matching" in setting.capabilities
+    options = {"gqt": True, "rank": 64 if setting.video else 32}
+    if matching:
+        options.update(ice=True, heads=True)
+    return Recipe("authors", "WillDreamer/Aurora (BLIP retrieval, VQA and video scripts)", options, lr=1e-4,
+                  warmup=0.0)
+
+
 register(Method(
     name="aurora", label="Aurora (mode approximation)", default_lr=1e-4, config=Config, attach=attach, figure=_figure,
-    trains="shared low-rank factors U, V, core C and one mode vector per projection"))
+    trains="shared low-rank factors U, V, core C and one mode vector per projection", authors_recipe=_authors_recipe))

@@ -1,6 +1,7 @@
 """The method registry. Every PET method describes itself once — its name and label, what it
 trains, its Config (options with help and ranges, see core.pet.options), its default learning
-rate, how it attaches, and the figure that shows its readout — and registers itself with
+rate, how it attaches, the figure that shows its readout and, for a method from a paper, its
+authors' recipe (core.pet.recipes) — and registers itself with
 `register`. The CLI's flags, the app's method choices and controls, `info` and the figures are
 all built from these declarations, so adding a method touches only its own module."""
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Method:
     attach: Callable[[Any, Any], Any]   # (backbone, config) -> PetHandle
     default_lr: float
     figure: Optional[Callable[[Any, dict], Any]] = None   # (config, readout) -> plotly figure of what it learned
+    authors_recipe: Optional[Callable[[Any], Any]] = None   # (recipes.Setting) -> recipes.Recipe: what they ran
 
     def options(self) -> list[dict[str, Any]]:
         """Its options as declared: name, type, default, help, low, high, choices, main."""

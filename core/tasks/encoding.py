@@ -1,6 +1,6 @@
 """Media through the vision tower: an image as it is; a video as its frames, each through the
 same tower (and the same PET deltas), their embeddings mean-pooled (then normalised by the
-task)."""
+task), their tokens concatenated for heads that cross-attend to them."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -33,13 +33,14 @@ def encode_media(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def media_tokens(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, N, d) vision tokens for matching heads (BLIP's ITM); a video's are averaged over frames."""
+    """(B, N, d) vision tokens for matching and answering (BLIP's ITM, question encoder); a video's
+    T frames give T·N tokens, concatenated in frame order as the authors do, so cross-attention
+    sees every frame rather than their average."""
     pixels = pixels.to(backbone.device)
     if pixels.ndim == 4:
         return backbone.image_tokens(pixels)
-    batch, frames = pixels.shape[:2]
     tokens = backbone.image_tokens(pixels.flatten(0, 1))
-    return tokens.view(batch, frames, *tokens.shape[1:]).mean(dim=1)
+    return tokens.view(pixels.shape[0], -1, tokens.shape[-1])
 
 
 @torch.no_grad()
