@@ -88,6 +88,17 @@ def _relative_difference(a, b):
     return float((a - b).norm() / (0.5 * (a.norm() + b.norm())))
 
 
+def assert_initialised_like_bert(model):
+    """Every weight matrix, convolution and embedding of a random BLIP at std ~0.02 (BERT's init),
+    the vision tower's included; LayerNorms at weight 1, bias 0."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+    stds = {name: float(p.detach().std()) for name, p in model.named_parameters() if p.dim() >= 2}
+    assert stds and all(0.018 < std < 0.022 for std in stds.values()), \
+        {name: std for name, std in stds.items() if not 0.018 < std < 0.022}
+
+
 def assert_sees_images(backbone):
     """A BLIP backbone's image tokens have a normal scale, vary across positions and tell two
     distinct pictures apart, and the text side (through cross-attention) sees the difference.

@@ -7,7 +7,7 @@ from core.backbones import BackboneError, load_backbone
 from core.pet import PetError, attach
 from core.runs import evaluate, tune
 from core.tasks.retrieval import RetrievalObjective, RetrievalSet
-from tests.conftest import assert_sees_images
+from tests.conftest import assert_initialised_like_bert, assert_sees_images
 from tests.test_pet import _randomise
 
 
@@ -30,7 +30,8 @@ def outputs(backbone, pixels, tokens):
 def test_blip_base_budget_is_the_papers_and_its_random_towers_see_images():
     backbone = load_backbone("blip:base")
     assert backbone.num_backbone_params() == 223_744_258 and not backbone.pretrained
-    assert_sees_images(backbone)   # vision weights at 0.02, not BlipVisionConfig's 1e-10
+    assert_initialised_like_bert(backbone.model)   # the vision tower at 0.02, not BlipVisionConfig's 1e-10
+    assert_sees_images(backbone)
     handle = attach(backbone, "aurora")
     assert handle.budget() == {"shared": 81_920, "modes": 6_912} and handle.num_trainable() == 88_832
     assert round(100 * 88_832 / 223_744_258, 3) == 0.040

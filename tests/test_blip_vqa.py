@@ -8,7 +8,7 @@ from core.data import read_dataset
 from core.query import answer
 from core.runs import RunError, evaluate, load_run, tune
 from core.tasks.vqa import normalize_answer
-from tests.conftest import assert_sees_images, write_tiny_blip_vqa
+from tests.conftest import assert_initialised_like_bert, assert_sees_images, write_tiny_blip_vqa
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,7 @@ def test_random_blip_vqa_base_sees_images():
     tokens tell pictures apart and reach the question encoder."""
     backbone = load_backbone("blip-vqa:base")
     assert not backbone.pretrained and set(backbone.towers) == {"vision", "text", "decoder"}
+    assert_initialised_like_bert(backbone.model)
     assert_sees_images(backbone)
 
 
