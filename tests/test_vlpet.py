@@ -107,6 +107,8 @@ def test_bad_options_are_refused(tiny):
         attach(tiny, "vlpet", {"granularity": "huge"})
     with pytest.raises(PetError, match="init must be one of identity, paper"):
         attach(tiny, "vlpet", {"init": "xavier"})
+    with pytest.raises(PetError, match="decoder must be one of value_parallel, gated"):
+        attach(tiny, "vlpet", {"decoder": "none"})
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
@@ -335,7 +337,7 @@ def test_identity_init_keeps_the_frozen_blip_vqa_answers(vqa_base, granularity):
     backbone, attach_vlpet = vqa_base
     image_tokens, questions, answers = _question_and_answers(backbone, ["a red disc", "no"])
     before = _answer_logits(backbone, image_tokens, questions, answers)
-    handle = attach_vlpet({"granularity": granularity})
+    handle = attach_vlpet({"granularity": granularity, "towers": ["text", "decoder"]})   # image tokens are given
     value_parallel = _trainable_linears(handle, ValueParallelAdapter)
     down = torch.cat([m.down.weight.detach().flatten() for m in value_parallel])
     assert down.abs().max() <= 768 ** -0.5 and down.std() > 0.01         # PyTorch's default Linear init
