@@ -71,6 +71,7 @@ class RunResult:
     method: str
     config: dict[str, Any]
     backbone: str
+    method_revision: int = 1    # the method's revision (core.pet.registry.Method) that tuned it
     recipe: Optional[Recipe] = None    # None: saved before recipes, the studio's defaults
     seed: int = 0
     task: str = "retrieval"

@@ -213,7 +213,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     tuned = score(task_def, handle, test_set)
 
     result = RunResult(
-        method=method, config=config_to_dict(config), recipe=chosen, backbone=model, seed=seed, task=task,
+        method=method, config=config_to_dict(config), method_revision=get_method(method).revision, recipe=chosen, backbone=model, seed=seed, task=task,
         extra_answers=list(extra_answers), frames=frames, note=backbone.fallback_note,
         backbone_weights=backbone.weights, backbone_params=backbone.num_backbone_params(),
         trainable_params=handle.num_trainable(),
@@ -234,6 +234,12 @@ def load_run(model: str, pet: str | Path, local_paths: bool = True) -> tuple[Bac
     """The backbone (re-drawn from the run's seed when it has no weights) with the run's PET weights.
     Without `local_paths` the run's backbone may not name a file or folder (an uploaded run)."""
     info, weights = checkpoint.read(pet)
+    method = get_method(info.method)
+    if info.method_revision != method.revision:
+        raise checkpoint.CheckpointError(
+            f"{weights.parent / checkpoint.RUN_INFO}: tuned by another version of {info.method} (revision "
+            f"{info.method_revision}, this PET Studio has {method.revision}: {method.revised}); its weights would "
+            f"compute something else here, so tune it again")
     if model != info.backbone:
         raise checkpoint.CheckpointError(f"{weights.parent / checkpoint.RUN_INFO}: these weights were tuned on "
                                          f"{info.backbone[:200]}, not {model}")

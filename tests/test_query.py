@@ -149,7 +149,8 @@ def test_vlpet_gates_on_every_blip_tower(family, tmp_path, base_scenes):
 
     write = write_tiny_blip if family == "blip" else write_tiny_blip_vqa
     backbone = load_backbone(f"{family}:{write(tmp_path / 'tiny')}")
-    handle = attach(backbone, "vlpet", {"granularity": "middleX", "init": "paper", "sites": ["attn", "cross", "mlp"]})
+    handle = attach(backbone, "vlpet", {"granularity": "middleX", "init": "paper", "sites": ["attn", "cross", "mlp"],
+                                        "decoder": "gated"})   # the answer decoder gated too, not value-parallel
     view = query.read_gates(handle, base_scenes.path(base_scenes.items[0]), "what colour is the shape?")
     towers = {key.split(".")[0] for key in view.readout}
     assert towers == set(backbone.towers)   # vision, text (and the answer decoder)

@@ -368,3 +368,33 @@ def test_value_parallel_adapter_learns_and_changes_the_answers(vqa_base):
     assert (_answer_logits(backbone, image_tokens, questions, answers) - before).abs().max() > 1e-2
     assert all(g.abs().sum() > 0 for g in gradients().values())
     assert not any(p.grad is not None for n, p in backbone.named_parameters() if not n.startswith("pet."))
+
+
+def test_generation_with_a_small_decoder_gate_matches_teacher_forcing(tiny_blip_vqa, monkeypatch):
+    """A decoder generating with a key/value cache feeds its gates one token at a time; a `small`
+    gate pools over the tokens so far, so generation runs without the cache and every generated
+    token is the teacher-forced argmax after the tokens before it."""
+    handle = attach(tiny_blip_vqa, "vlpet", {"granularity": "small", "decoder": "gated", "init": "paper",
+                                             "towers": ["decoder"]})
+    try:
+        decoder = tiny_blip_vqa.model.text_decoder
+        generated = []
+        original = decoder.generate
+
+        def generate(**kwargs):   # the scores of each generated token, too
+            generated.append(original(**kwargs, output_scores=True, return_dict_in_generate=True))
+            return generated[-1].sequences
+
+        monkeypatch.setattr(decoder, "generate", generate)
+        image_tokens, questions, _ = _question_and_answers(tiny_blip_vqa, ["x", "y"])
+        tiny_blip_vqa.eval()
+        tiny_blip_vqa.generate_answers(image_tokens, questions)
+        ids, scores = generated[0].sequences, torch.stack(generated[0].scores, dim=1)
+        assert ids.shape[1] >= 3
+        with torch.no_grad():
+            states, mask = tiny_blip_vqa.encode_question(image_tokens, questions)
+            logits = decoder(input_ids=ids, encoder_hidden_states=states, encoder_attention_mask=mask).logits
+        assert torch.allclose(scores, logits[:, :-1], atol=1e-4)
+        assert torch.equal(logits[:, :-1].argmax(-1), ids[:, 1:])
+    finally:
+        handle.detach()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from core.backbones.base import Backbone, BackboneError
-from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout
+from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout, pools_tokens
 
 MAX_TEXT_TOKENS = 35   # BLIP's retrieval caption length
 
@@ -345,5 +345,5 @@ class BlipAnsweringBackbone(_BlipBase):
         generated = self.model.text_decoder.generate(
             input_ids=start, eos_token_id=config.sep_token_id, pad_token_id=config.pad_token_id,
             encoder_hidden_states=states, encoder_attention_mask=mask, max_new_tokens=self.max_answer_tokens,
-            do_sample=False, num_beams=1)
+            do_sample=False, num_beams=1, use_cache=not pools_tokens(self.towers["decoder"]))
         return self.processor.tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)

@@ -85,7 +85,9 @@ class ResidualSite:
 
     Plain `x + h` unless a method installs a combiner (gates, adapters). `token_mask` (B, N)
     marks real tokens, so per-sample pooling can ignore padding. Not an nn.Module, so a
-    combiner's parameters stay registered only under the method's own module.
+    combiner's parameters stay registered only under the method's own module. A combiner that
+    pools over the tokens it is given says so with `pools_tokens = True`: a decoder generating
+    with a cache of past keys and values feeds it one token at a time, so it generates without.
     """
 
     def __init__(self):
@@ -95,6 +97,11 @@ class ResidualSite:
         if self.combiner is None:
             return x + h
         return self.combiner(x, h, token_mask)
+
+
+def pools_tokens(tower: "TowerLayout") -> bool:
+    """Whether a combiner on the tower pools over tokens (see ResidualSite)."""
+    return any(getattr(site.combiner, "pools_tokens", False) for block in tower.blocks for site in block.sites.values())
 
 
 @dataclass

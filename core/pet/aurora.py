@@ -329,4 +329,5 @@ def _authors_recipe(setting: Setting) -> Recipe:
 
 register(Method(
     name="aurora", label="Aurora (mode approximation)", default_lr=1e-4, config=Config, attach=attach, figure=_figure,
-    trains="shared low-rank factors U, V, core C and one mode vector per projection", authors_recipe=_authors_recipe))
+    trains="shared low-rank factors U, V, core C and one mode vector per projection", authors_recipe=_authors_recipe,
+    revision=2, revised="its MLP deltas now follow the authors' layout, every hidden quarter mixing all four modes"))

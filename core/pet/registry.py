@@ -22,6 +22,10 @@ class Method:
     default_lr: float
     figure: Optional[Callable[[Any, dict], Any]] = None   # (config, readout) -> plotly figure of what it learned
     authors_recipe: Optional[Callable[[Any], Any]] = None   # (recipes.Setting) -> recipes.Recipe: what they ran
+    # Raised when the same weights would compute something else; runs saved at another revision
+    # are refused on load, with `revised` (what the latest revision changed) as the reason.
+    revision: int = 1
+    revised: str = ""
 
     def options(self) -> list[dict[str, Any]]:
         """Its options as declared: name, type, default, help, low, high, choices, main."""

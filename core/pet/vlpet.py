@@ -34,6 +34,7 @@ from core.pet.handle import (PetError, PetHandle, attach_projection_deltas, atta
                              resolve_towers)
 from core.pet.registry import Method, register
 from core.pet.options import option
+from core.pet.recipes import Recipe, Setting
 
 GRANULARITIES = ("small", "middleX", "middleY", "large")
 INITS = ("identity", "paper")
@@ -79,6 +80,7 @@ class GatedAdapter(nn.Module):
         super().__init__()
         heads, bottleneck = config.adapter_heads, _bottleneck(width, config)
         self.granularity, self.scale, self.causal = config.granularity, config.scale, causal
+        self.pools_tokens = config.granularity == "small"   # see ResidualSite
         self.identity = config.init == "identity"
         self.down = nn.Parameter(torch.empty(heads, bottleneck // heads, width))
         self.down_bias = nn.Parameter(torch.zeros(heads, bottleneck // heads))
@@ -251,7 +253,17 @@ def _figure(config: Config, readout: dict):
     return vlpet_gate_figure(readout, config.granularity)
 
 
+def _authors_recipe(setting: Setting) -> Recipe:
+    """HenryHZY/VL-PET's image-text scripts: the language model adapted over frozen visual
+    features (so the text side only: the encoder gated, a decoder value-parallel), their init,
+    lr 1e-3 with 10% warm-up (the studio's too)."""
+    return Recipe("authors", "HenryHZY/VL-PET (scripts/image-text: language model only, the authors' init)",
+                  {"towers": list(setting.text_towers), "init": "paper"}, lr=1e-3, warmup=0.1)
+
+
 register(Method(
     name="vlpet", label="VL-PET (gates)", default_lr=1e-3, config=Config, attach=attach, figure=_figure,
     trains="gated multi-head adapters on sub-layer outputs and the gated blocks' LayerNorms; "
-           "value-parallel adapters on a decoder's cross-attention values"))
+           "value-parallel adapters on a decoder's cross-attention values", authors_recipe=_authors_recipe,
+    revision=2, revised="`small` gates no longer see later tokens on causal towers, and BLIP VQA's answer decoder "
+                        "takes value-parallel adapters by default"))
