@@ -107,9 +107,12 @@ def pretrain(out: Path, steps: int, batch_size: int = 128, lr: float = 1e-3, see
     return report
 
 
+# VL-PET in both placements: both towers (the studio's default) and the text tower over frozen
+# visual features (the authors' placement); Aurora also with the authors' GQT.
 COMPARED = [("zero_shot", {}), ("linear_probe", {}), ("bitfit", {}), ("lora", {}), ("prompt", {}),
-            ("adapter", {}), ("aurora", {}), *[("vlpet", {"granularity": g}) for g in ("small", "middleX", "middleY",
-                                                                                     "large")], ("full", {})]
+            ("adapter", {}), ("aurora", {}), ("aurora", {"gqt": True}),
+            *[("vlpet", {"granularity": g, **placement}) for placement in ({}, {"towers": ["text"]})
+              for g in ("small", "middleX", "middleY", "large")], ("full", {})]
 
 
 def compare(out: Path, part: str, shots: int, seeds: list[int], epochs: int = 15, lr: float = OFFLINE_LR,
@@ -122,12 +125,13 @@ def compare(out: Path, part: str, shots: int, seeds: list[int], epochs: int = 15
     data = world.write_part(out / part, part, items=items)
     rows = []
     for method, options in COMPARED:
-        label = "-".join([method, *map(str, options.values())])
+        label = "-".join([method, *(",".join(v) if isinstance(v, list) else str(v) for v in options.values())])
         rate = full_lr if method == "full" else lr
         runs = [tune("offline", data, method, options, shots=shots, epochs=epochs, lr=rate,
                      seed=seed, out=out / "runs" / f"{label}-{seed}") for seed in seeds]
         mean = lambda key, part_="tuned": sum(getattr(r, part_)[key] for r in runs) / len(runs)  # noqa: E731
-        rows.append({"method": method + (f" ({options['granularity']})" if options else ""),
+        settings = ", ".join(f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in options.items())
+        rows.append({"method": method + (f" ({settings})" if settings else ""),
                      "trainable_params": runs[0].trainable_params, "trainable_pct": runs[0].trainable_pct,
                      "zero_shot_t2i_r1": mean("t2i_r1", "zero_shot"), "t2i_r1": mean("t2i_r1"),
                      "i2t_r1": mean("i2t_r1"), "seconds": sum(r.seconds for r in runs) / len(runs)})
@@ -176,7 +180,9 @@ one batch of {report['batch_size']} freshly drawn base scenes (one caption each)
 {comparison['items']} scenes, the last quarter ({comparison['items'] // 4}) as the test split; {comparison['shots']} training
 scenes with 2 captions each, {comparison['epochs']} epochs of one batch; learning rate {comparison['lr']} for every
 PET method, {comparison['full_lr']} for full fine-tuning. Recall@1 (%) on the test split; the zero_shot row is
-the untuned model. Tuning time is per run, on {report['threads']} CPU threads.
+the untuned model. Tuning time is per run, on {report['threads']} CPU threads. VL-PET runs in two placements:
+both towers (PET Studio's default) and `towers=text`, the text tower over frozen visual features (the
+authors' placement, `--recipe authors`); Aurora also with the authors' gated query transformation.
 
 {markdown_table(comparison['rows'])}
 

@@ -85,3 +85,21 @@ def test_cli_info_reports_the_recipes_budget_and_learning_rate(capsys):
     assert info["recipe"]["options"] == {"gqt": True, "rank": 64} and info["lr"] == 1e-4
     # C 64³ + vision U,V 2·64·64 + text U,V 2·48·64 + 12 mode vectors × 4 blocks × 64 + GQT 2·2·48
     assert info["groups"] == {"shared": 64 ** 3 + 2 * 64 * 64 + 2 * 48 * 64, "modes": 12 * 4 * 64, "gqt": 2 * 2 * 48}
+
+
+def test_weights_tuned_by_another_revision_of_a_method_are_refused(shapes, tmp_path):
+    """Aurora's MLP layout changed (revision 2): weights saved before would compute another
+    function under the same names and shapes, so they are refused with the reason."""
+    from core.checkpoint import CheckpointError
+    from core.runs import load_run
+
+    tune(TINY, shapes, "aurora", {"rank": 4}, shots=4, epochs=1, seed=0, out=tmp_path / "run")
+    info_file = tmp_path / "run" / checkpoint.RUN_INFO
+    info = json.loads(info_file.read_text())
+    assert info["method_revision"] == METHODS["aurora"].revision == 2
+    _, handle, _ = load_run(TINY, tmp_path / "run")
+    handle.detach()
+    del info["method_revision"]             # as run.json was written before revisions
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="tuned by another version of aurora .*all four modes"):
+        load_run(TINY, tmp_path / "run")
