@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from transformers import BlipForImageTextRetrieval
 
 from core.backbones import BackboneError, load_backbone
-from core.pet import PetError, attach
+from core.pet import METHODS, PetError, attach
+from core.pet.recipes import Setting, recipe_for
 from core.runs import evaluate, tune
 from core.tasks.retrieval import RetrievalObjective, RetrievalSet
 from tests.conftest import assert_initialised_like_bert, assert_sees_images
@@ -38,6 +39,11 @@ def test_blip_base_budget_is_the_papers_and_its_random_towers_see_images():
     handle.detach()
     handle = attach(backbone, "aurora", {"gqt": True})
     assert handle.budget() == {"shared": 81_920, "modes": 6_912, "gqt": 36_864}
+    handle.detach()
+    authors = recipe_for("authors", METHODS["aurora"], Setting.of(backbone, "retrieval"))
+    handle = attach(backbone, "aurora", authors.options)   # GQT, ICE and the heads: the authors' count
+    assert handle.num_trainable() == 324_098 and handle.budget()["heads"] == 198_402
+    handle.detach()
 
 
 def test_local_folder_loads_through_from_pretrained_and_matches_transformers(tiny_blip_folder, tiny_blip, inputs):

@@ -30,6 +30,11 @@ def test_random_blip_vqa_base_sees_images():
     assert not backbone.pretrained and set(backbone.towers) == {"vision", "text", "decoder"}
     assert_initialised_like_bert(backbone.model)
     assert_sees_images(backbone)
+    # The authors' GQT is in every multimodal text layer: the question encoder and the answer decoder.
+    handle = attach(backbone, "aurora", {"gqt": True})
+    assert handle.budget() == {"shared": 81_920, "modes": 9_216, "gqt": 2 * 12 * 4 * 768}
+    assert handle.num_trainable() == 164_864
+    handle.detach()
 
 
 def test_aurora_adapts_vision_question_encoder_and_answer_decoder(blip_vqa):

@@ -132,6 +132,17 @@ def test_vlpet_gates_over_the_picture(client):
     assert ((patches > 0) & (patches < 2)).all() and patches.std() > 0   # G = 2σ(·), per patch
 
 
+def test_the_authors_recipe_sets_options_and_learning_rate(client, tmp_path):
+    """Under the authors' recipe the app sends no knobs: the recipe's options and lr are used,
+    the card says whose recipe it was, and run.json records it."""
+    client.predict(PHOTOS, api_name="/load_sample")
+    assert client.predict("offline", "aurora", "authors", api_name="/suggest_lr_for_recipe") is None
+    card, _, weights, _, _, _ = tune(client, method="aurora", recipe="authors", epochs=1, shots=4)
+    assert "Recipe **authors**: WillDreamer/Aurora" in card and "lr 0.0001" in card and "gqt " in card
+    info = json.loads(Path(next(w for w in weights if w.endswith("run.json"))).read_text())
+    assert info["recipe"]["name"] == "authors" and info["config"]["gqt"] is True and info["train"]["warmup"] == 0.0
+
+
 def test_validation_report_names_file_and_row(client, tmp_path):
     from PIL import Image
 
@@ -293,7 +304,8 @@ def test_blip_vqa_typed_as_a_local_folder(client, tmp_path):
         assert confidences == sorted(confidences, reverse=True) and sum(confidences) <= 1 + 1e-6
     _, gates, overlay, _ = client.predict(run, "astronaut.png", api_name="/inspect")
     titles = [a["text"] for a in json.loads(gates["plot"])["layout"]["annotations"]]
-    assert titles == ["vision tower", "text tower", "decoder tower"]
+    # the authors' design: the answer decoder has value-parallel adapters (a budget group), no gates
+    assert titles == ["vision tower", "text tower"] and ", decoder " in card
     patches = plot_array(json.loads(overlay["plot"])["data"][1]["z"])
     assert patches.shape == (4, 4)   # 32-pixel pictures, 8-pixel patches
 
