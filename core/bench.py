@@ -1,17 +1,24 @@
-"""`python -m core bench`: the frozen forward and one training step of every method, side by side
-on the same batch in one process, with PEFT's LoRA as an independent peer. Medians after warm-up.
+"""`python -m core bench`: what users feel, on one batch in one process. The reference is the
+naive open_clip forward (the library's own model, fp32, text padded to its context length); then
+our frozen forward and one training step of every method at the chosen precision (auto: bf16
+where the hardware computes it natively), PEFT's LoRA as an independent peer, and an end-to-end
+16-shot `tune`. Medians after warm-up.
 
-Peak memory is the rise of the process's peak resident set during the steps (Linux VmHWM,
-reset before each measurement) on CPU, and torch's peak allocation on CUDA.
+Times are measured first, with the allocator as users have it. Peak memory is measured after,
+in a second pass: the rise of the process's peak resident set (Linux VmHWM, reset before each
+measurement) with glibc's mmap threshold then fixed so freed tensors go back to the system
+(which slows steps, hence the separate pass); on CUDA, torch's peak allocation.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import random
+import tempfile
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -19,7 +26,7 @@ from core.backbones import BackboneError, load_backbone
 from core.data.shapes import COLOURS, SHAPES, draw_shape
 from core.pet import METHODS, attach, default_lr
 from core.tasks import retrieval
-from core.trainer import TrainSettings, make_optimizer, pick_device
+from core.trainer import TrainSettings, make_optimizer, pick_device, uses_bf16
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -32,10 +39,30 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def _measure(step: Callable[[], None], steps: int, device: torch.device) -> tuple[float, float]:
-    """(median seconds per call, peak extra MB) over `steps` calls after two warm-up calls."""
+def _time(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Median seconds per call over `steps` calls after two warm-up calls."""
     for _ in range(2):
         step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed blocks mapped, which hides each step's peak from VmHWM; with a fixed mmap
+    threshold large tensors are returned on free, so the peak is measurable (and steps slower)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)   # M_MMAP_THRESHOLD
+
+
+def _peak_mb(step: Callable[[], None], device: torch.device) -> float:
+    """The memory one call adds at its peak, after a warm-up call."""
+    step()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -44,18 +71,11 @@ def _measure(step: Callable[[], None], steps: int, device: torch.device) -> tupl
     else:
         _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
         base = _rss_mb("VmRSS")
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    step()
     if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = _rss_mb("VmHWM") - base
-    return statistics.median(times), max(peak, 0.0)
+        torch.cuda.synchronize()
+        return max((torch.cuda.max_memory_allocated() - base) / 2**20, 0.0)
+    return max(_rss_mb("VmHWM") - base, 0.0)
 
 
 def _batch(backbone, size: int) -> retrieval.RetrievalSet:
@@ -66,12 +86,14 @@ def _batch(backbone, size: int) -> retrieval.RetrievalSet:
     return retrieval.RetrievalSet(pixels, tokens, torch.arange(size))
 
 
-def _training_step(objective, params, lr: float) -> Callable[[], None]:
+def _training_step(objective, params, lr: float, bf16: bool) -> Callable[[], None]:
     optimizer = make_optimizer(params, TrainSettings(lr=lr))
     ids = torch.arange(len(objective.data))
+    device = next(iter(params.values())).device
 
     def step() -> None:
-        loss = objective(ids)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = objective(ids)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -79,20 +101,36 @@ def _training_step(objective, params, lr: float) -> Callable[[], None]:
     return step
 
 
-def _peft_lora_step(model_name: str, data: retrieval.RetrievalSet, device: torch.device, lr: float):
+def _naive_model(backbone, device: torch.device):
+    """open_clip's own model for the backbone's architecture (random init: only its speed matters)."""
     import open_clip
+
+    return open_clip.create_model(backbone.name).to(device).eval()
+
+
+def _naive_forward(model, data: retrieval.RetrievalSet, device: torch.device) -> Callable[[], None]:
+    """The library's forward as users call it: fp32, text padded to the full context length."""
+    def forward() -> None:
+        with torch.no_grad():
+            model.encode_image(data.pixels.to(device))
+            model.encode_text(data.tokens.to(device))
+
+    return forward
+
+
+def _peft_lora_step(model, data: retrieval.RetrievalSet, device: torch.device, lr: float, bf16: bool):
     from peft import LoraConfig, get_peft_model
 
-    model = open_clip.create_model(model_name).to(device)
     peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=1, lora_dropout=0.25, target_modules=["attn"]))
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(params, TrainSettings(lr=lr))
     peft_model.train()
 
     def step() -> None:
-        image = model.encode_image(data.pixels.to(device))
-        text = model.encode_text(data.tokens.to(device))
-        loss = retrieval.contrastive_loss(image, text, data.caption_image.to(device), model.logit_scale)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            image = model.encode_image(data.pixels.to(device))
+            text = model.encode_text(data.tokens.to(device))
+            loss = retrieval.contrastive_loss(image, text, data.caption_image.to(device), model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -113,41 +151,78 @@ def _variants(methods: list[str]) -> list[tuple[str, str, dict]]:
     return variants
 
 
-def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None = None) -> dict[str, Any]:
-    device = pick_device()
-    backbone = load_backbone(model, seed=0).to(device)
-    if "retrieval" not in backbone.tasks:
-        raise BackboneError(f"bench times retrieval training steps; {model} serves {', '.join(backbone.tasks)} only")
+def _method_steps(backbone, data, variants, bf16: bool) -> Iterator[tuple[str, Any, Callable[[], None]]]:
+    """(label, handle, training step) for each variant, attached in turn; afterwards the backbone is
+    as it was (what BitFit, the linear probe and full fine-tuning changed is put back, gradients too)."""
     frozen = {n: p.detach().clone() for n, p in backbone.backbone_parameters().items()}
-    data = _batch(backbone, batch)
-
-    def forward() -> None:
-        with torch.no_grad():
-            backbone.encode_image(data.pixels.to(device))
-            backbone.encode_text(data.tokens.to(device))
-
-    forward_s, _ = _measure(forward, steps, device)
-    results: dict[str, Any] = {}
-    for label, method, options in _variants(methods or [m for m in METHODS if m != "zero_shot"]):
+    for label, method, options in variants:
         torch.manual_seed(0)
         handle = attach(backbone, method, options)
         objective = retrieval.RetrievalObjective(backbone, data).train()
-        step_s, peak = _measure(_training_step(objective, handle.trainable_parameters(), default_lr(method)),
-                                steps, device)
-        results[label] = {"step_s": step_s, "step_over_forward": step_s / forward_s,
-                           "peak_mem_mb": peak, "trainable_params": handle.num_trainable()}
+        yield label, handle, _training_step(objective, handle.trainable_parameters(), default_lr(method), bf16)
         handle.detach()
         backbone.eval()
-        with torch.no_grad():  # undo what BitFit / linear probe / full fine-tuning changed, gradients too
+        with torch.no_grad():
             for name, p in backbone.backbone_parameters().items():
                 p.copy_(frozen[name])
                 p.grad = None
         gc.collect()
-    peers = {}
-    if backbone.family == "openclip":
-        step, n_params = _peft_lora_step(backbone.name, data, device, default_lr("lora"))
-        step_s, peak = _measure(step, steps, device)
+
+
+def _e2e_seconds(model: str, precision: str) -> float:
+    """An end-to-end 16-shot Aurora `tune` (32 captions, 10 epochs of batch 16, zero-shot and tuned
+    scoring of 16 test scenes included), as a user runs it."""
+    from core import world
+    from core.runs import tune
+
+    with tempfile.TemporaryDirectory(prefix="petstudio-bench-") as folder:
+        data = world.write_part(Path(folder) / "data", "novel-colours", items=64)
+        started = time.perf_counter()
+        tune(model, data, "aurora", shots=16, epochs=10, batch_size=16, precision=precision,
+             out=Path(folder) / "run")
+        return time.perf_counter() - started
+
+
+def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None = None, precision: str = "auto",
+          e2e: bool = True) -> dict[str, Any]:
+    device = pick_device()
+    bf16 = uses_bf16(precision, device)
+    backbone = load_backbone(model, seed=0).to(device)
+    if "retrieval" not in backbone.tasks:
+        raise BackboneError(f"bench times retrieval training steps; {model} serves {', '.join(backbone.tasks)} only")
+    data = _batch(backbone, batch)
+    variants = _variants(methods or [m for m in METHODS if m != "zero_shot"])
+
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            backbone.encode_image(data.pixels.to(device))
+            backbone.encode_text(data.tokens.to(device))
+
+    naive = _naive_model(backbone, device) if backbone.family == "openclip" else None
+    naive_s = _time(_naive_forward(naive, data, device), steps, device) if naive is not None else None
+    forward_s = _time(forward, steps, device)
+    results: dict[str, Any] = {}
+    for label, handle, step in _method_steps(backbone, data, variants, bf16):
+        step_s = _time(step, steps, device)
+        results[label] = {"step_s": step_s, "step_over_forward": step_s / forward_s,
+                          "step_over_naive": step_s / naive_s if naive_s else None,
+                          "trainable_params": handle.num_trainable()}
+    peers, peer_step = {}, None
+    if naive is not None:
+        peer_step, n_params = _peft_lora_step(naive, data, device, default_lr("lora"), bf16)
+        step_s = _time(peer_step, steps, device)
         peers["peft_lora"] = {"step_s": step_s, "step_over_forward": step_s / forward_s,
-                              "peak_mem_mb": peak, "trainable_params": n_params}
+                              "step_over_naive": step_s / naive_s, "trainable_params": n_params}
+    e2e_s = _e2e_seconds(model, precision) if e2e else None
+    # Memory last: returning freed memory to the system slows every step after it.
+    if device.type == "cpu":
+        _return_freed_memory()
+    for label, _, step in _method_steps(backbone, data, variants, bf16):
+        results[label]["peak_mem_mb"] = _peak_mb(step, device)
+    if peer_step is not None:
+        peers["peft_lora"]["peak_mem_mb"] = _peak_mb(peer_step, device)
     return {"model": model, "batch": batch, "device": device.type, "threads": torch.get_num_threads(),
-            "forward_s": forward_s, "methods": results, "peers": peers}
+            "precision": "bf16" if bf16 else "fp32", "asked_precision": precision,
+            "naive_forward_s": naive_s, "forward_s": forward_s,
+            "forward_over_naive": forward_s / naive_s if naive_s else None, "methods": results, "peers": peers,
+            "e2e_s": e2e_s, "e2e_over_naive": e2e_s / naive_s if e2e_s and naive_s else None}

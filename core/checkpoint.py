@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from core.pet import PetError, PetHandle, make_config
 from core.result import ResultError, RunResult
+from core.trainer import PRECISIONS
 from core.tasks import TASKS, headline_metric
 
 WEIGHTS = "pet.safetensors"
@@ -89,6 +90,8 @@ def check_result(data: Any, where: str = RUN_INFO) -> RunResult:
         raise CheckpointError(str(error)) from error
     if result.task not in TASKS:
         raise CheckpointError(f"{where}: 'task' must be one of {', '.join(TASKS)}")
+    if result.train is not None and result.train.precision not in (None, *PRECISIONS):
+        raise CheckpointError(f"{where}: 'train'['precision'] must be one of {', '.join(PRECISIONS)}")
     if result.scored:   # what its card, the comparison and its curves show must be there
         key = headline_metric(result.task)
         for name, metrics in (("tuned", result.tuned), ("zero_shot", result.zero_shot),

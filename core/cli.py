@@ -23,7 +23,7 @@ from core.pet import METHODS
 from core.pet.recipes import RECIPES, Setting, recipe_for
 from core.runs import USER_ERRORS, RunError
 from core.tasks import TASKS
-from core.trainer import Progress
+from core.trainer import PRECISIONS, Progress
 
 
 def _method_options() -> dict[str, dict[str, Any]]:
@@ -51,6 +51,12 @@ def _add_method_arguments(parser: argparse.ArgumentParser, required: bool = True
         else:
             group.add_argument(flag, dest=dest, type={"int": int, "float": float}.get(spec["type"], str),
                                choices=spec["choices"], help=f"{spec['help']}{bounds}{where}")
+
+
+def _add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="training precision: auto is bf16 autocast where the hardware computes bf16 natively "
+                             "(CPUs with avx512_bf16/AMX, GPUs from Ampere), fp32 elsewhere")
 
 
 def _add_recipe_argument(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--lr", type=float, help="learning rate (default: the one suggested for the backbone and method)")
     tune.add_argument("--batch-size", type=int, default=32)
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with avx512_bf16/AMX, GPUs)")
+    _add_precision_argument(tune)
     tune.add_argument("--out", help="run folder (default runs/DATE-METHOD)")
     tune.add_argument("--epoch-metrics", action="store_true", help="also score the test split after every epoch")
 
@@ -102,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=32)
     bench.add_argument("--steps", type=int, default=5)
     bench.add_argument("--methods", type=lambda s: s.split(","), help="comma-separated (default: all)")
+    _add_precision_argument(bench)
+    bench.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time an end-to-end 16-shot Aurora tune (e2e_s)")
 
     sweep = commands.add_parser("sweep", help="several methods × several seeds on one dataset, compared")
     sweep.add_argument("--model", required=True)
@@ -115,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--epochs", type=int, default=10)
     sweep.add_argument("--lr", type=float, help="one learning rate for all (default: each method's suggested)")
     sweep.add_argument("--batch-size", type=int, default=16)
-    sweep.add_argument("--bf16", action="store_true")
+    _add_precision_argument(sweep)
     _add_recipe_argument(sweep)
     sweep.add_argument("--out", help="sweep folder (default runs/sweep-DATE)")
 
@@ -189,7 +198,7 @@ def run_tune(args) -> dict[str, Any]:
 
     result = tune(args.model, args.data, args.method, _collect_options(args), shots=args.shots,
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                  out=args.out, bf16=args.bf16, task=args.task, extra_answers=args.answers,
+                  out=args.out, precision=args.precision, task=args.task, extra_answers=args.answers,
                   frames=args.frames, progress=_progress_printer(), epoch_metrics=args.epoch_metrics,
                   recipe=args.recipe)
     if result.note:
@@ -212,13 +221,8 @@ def run_eval(args) -> dict[str, Any]:
 def run_bench(args) -> dict[str, Any]:
     from core.bench import bench
 
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # glibc keeps freed blocks mapped, which hides each step's peak from VmHWM; with a
-        # fixed mmap threshold large tensors are returned on free, so the peak is measurable.
-        os.execve(sys.executable, [sys.executable, "-m", "core", *sys.argv[1:]],
-                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
-
-    return bench(args.model, batch=args.batch, steps=args.steps, methods=args.methods)
+    return bench(args.model, batch=args.batch, steps=args.steps, methods=args.methods, precision=args.precision,
+                 e2e=args.e2e)
 
 
 def run_sweep(args) -> dict[str, Any]:
@@ -236,7 +240,7 @@ def run_sweep(args) -> dict[str, Any]:
 
     result = sweep(args.model, args.data, parse_methods(args.methods), seeds, out, shots=args.shots or None,
                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, task=args.task, frames=args.frames,
-                   bf16=args.bf16, progress=show, recipe=args.recipe)
+                   precision=args.precision, progress=show, recipe=args.recipe)
     return result.to_json()
 
 

@@ -50,7 +50,9 @@ def run_command(result: RunResult) -> str:
     train = result.train
     shots = f" --shots {train.shots}" if train and train.shots else ""   # none given: every training item
     settings = f" --epochs {train.epochs} --lr {train.lr:g} --batch-size {train.batch_size}" if train else ""
-    settings += " --bf16" if train and train.bf16 else ""
+    precision = train and (train.precision or ("bf16" if train.bf16 else "fp32"))
+    settings += f" --precision {precision}" if train and precision != "auto" else ""
+    settings += f" --recipe {result.recipe.name}" if result.recipe and result.recipe.name != "studio" else ""
     settings += f" --answers '{','.join(result.extra_answers)}'" if result.extra_answers else ""
     return (f"python -m core tune --model {result.backbone} --data DATA --task {result.task} --method {result.method}"
             f"{options}{shots}{settings} --seed {result.seed} --frames {result.frames}")

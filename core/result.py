@@ -48,6 +48,7 @@ class TrainSummary:
     epoch_metrics: list[Metrics]
     cancelled: bool
     warmup: float = 0.1           # runs saved before recipes trained with these
+    precision: Optional[str] = None   # asked for (auto, fp32, bf16; None: before it could be); `bf16`: what ran
     weight_decay: float = 0.05
 
 

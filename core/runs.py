@@ -22,7 +22,7 @@ from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, ge
 from core.pet.recipes import Setting, check_recipe, recipe_for
 from core.result import MAX_FRAMES, MAX_SEED, DatasetSummary, RunResult, TrainSummary
 from core.tasks import Task, TaskError, get_task
-from core.trainer import Progress, TrainingDiverged, TrainSettings, bf16_supported, pick_device, train
+from core.trainer import PRECISIONS, Progress, TrainingDiverged, TrainSettings, pick_device, train, uses_bf16
 
 
 class RunError(ValueError):
@@ -81,7 +81,7 @@ def score(task: Task, handle: PetHandle, test_set) -> dict[str, float]:
 
 def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, Any]] = None,
          shots: Optional[int] = None, epochs: int = 5, lr: Optional[float] = None, batch_size: int = 32,
-         seed: int = 0, out: Optional[str | Path] = None, bf16: bool = False, task: str = "retrieval",
+         seed: int = 0, out: Optional[str | Path] = None, precision: str = "auto", task: str = "retrieval",
          extra_answers: tuple[str, ...] = (), frames: int = DEFAULT_FRAMES,
          progress: Optional[Callable[[Progress], None]] = None,
          cancel: Optional[Callable[[], bool]] = None, epoch_metrics: bool = False,
@@ -93,8 +93,9 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     defaults) or `authors` (what the method's authors ran for this backbone, task and media);
     `options` and `lr` given here win over the recipe's.
 
-    `task` is retrieval or vqa; `extra_answers` adds VQA candidate answers to the dataset's own;
-    video datasets are read at `frames` uniformly sampled frames per clip. With `epoch_metrics`
+    `precision` is the training's: auto (bf16 autocast where the hardware computes bf16 natively,
+    fp32 elsewhere), fp32 or bf16; scores are computed in fp32. `task` is retrieval or vqa;
+    `extra_answers` adds VQA candidate answers to the dataset's own; video datasets are read at `frames` uniformly sampled frames per clip. With `epoch_metrics`
     the test split is also scored after every epoch (result.train.epoch_metrics). Without
     `local_paths` the model may not name a file or folder (a spec from a remote client).
     A run that fails leaves nothing behind: the run folder is removed if it made it, emptied if
@@ -107,8 +108,10 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     check_recipe(recipe)
     _check_settings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, frames=frames,
                     extra_answers=extra_answers)
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise RunError(f"precision must be one of {', '.join(PRECISIONS)}, not {str(precision)[:20]!r}")
     out = Path(out) if out is not None else default_run_folder(method)
-    arguments = (started, model, data, method, options or {}, recipe, shots, epochs, lr, batch_size, seed, bf16, task, extra_answers,
+    arguments = (started, model, data, method, options or {}, recipe, shots, epochs, lr, batch_size, seed, precision, task, extra_answers,
                  frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache)
     if not is_main_process():
         with tempfile.TemporaryDirectory(prefix="petstudio-process-") as scratch:
@@ -173,15 +176,14 @@ def _claim(out: Path) -> bool:
     return False
 
 
-def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batch_size, seed, bf16, task, extra_answers,
+def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batch_size, seed, precision, task, extra_answers,
           frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, *, workdir: Path, out: Path,
           save: bool) -> RunResult:
     seed_everything(seed)
     dataset = read_dataset(data, workdir, DEFAULT_LIMITS)
     task_def = get_task(task, dataset, tuple(extra_answers), frames)
     device = pick_device()
-    if bf16 and not bf16_supported(device):
-        raise RunError(f"bf16 was asked for, but this {device.type.upper()} does not support it")
+    bf16 = uses_bf16(precision, device)
     backbone = load_backbone(model, seed, fallback_offline=True, local_paths=local_paths).to(device)
     model = backbone.spec   # "offline" when the requested weights could not be fetched
     video = any(item.kind == "video" for item in dataset.items)
@@ -221,7 +223,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
         dataset=DatasetSummary(fingerprint=dataset.fingerprint, manifest=dataset.manifest, **dataset.stats(),
                                train_used=len(train_items)),
         train=TrainSummary(epochs=epochs, lr=lr, warmup=warmup, weight_decay=settings.weight_decay,
-                           batch_size=batch_size, shots=shots, bf16=bf16, device=device.type,
+                           batch_size=batch_size, shots=shots, bf16=bf16, precision=precision, device=device.type,
                            epoch_losses=log.epoch_losses if log else [], step_losses=log.step_losses if log else [],
                            epoch_metrics=per_epoch, cancelled=bool(log and log.cancelled)),
         zero_shot=zero_shot, tuned=tuned, seconds=time.perf_counter() - started, out=str(out))

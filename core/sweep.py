@@ -150,7 +150,7 @@ def summarise(choice: MethodChoice, results: list[RunResult]) -> MethodSummary:
 
 
 def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], shots: Optional[int], epochs: int,
-                  lr: Optional[float], batch_size: int, task: str, frames: int, bf16: bool,
+                  lr: Optional[float], batch_size: int, task: str, frames: int, precision: str,
                   recipe: str = "studio") -> str:
     methods = ",".join(c.method + (":" + ";".join(f"{k}={json.dumps(v)}" for k, v in c.options.items())
                                    if c.options else "") for c in choices)
@@ -158,7 +158,7 @@ def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], sho
              f"--seeds {','.join(map(str, seeds))}", f"--epochs {epochs}", f"--batch-size {batch_size}",
              f"--task {task}", f"--frames {frames}", f"--shots {shots or 0}"]
     parts += [f"--lr {lr:g}"] if lr is not None else []
-    parts += ["--bf16"] if bf16 else []
+    parts += [f"--precision {precision}"] if precision != "auto" else []
     parts += [f"--recipe {recipe}"] if recipe != "studio" else []
     return " ".join(parts)
 
@@ -169,7 +169,7 @@ def _folder_name(choice: MethodChoice, seed: int) -> str:
 
 def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list[int], out: str | Path,
           shots: Optional[int] = 16, epochs: int = 10, lr: Optional[float] = None, batch_size: int = 16,
-          task: str = "retrieval", frames: int = DEFAULT_FRAMES, bf16: bool = False,
+          task: str = "retrieval", frames: int = DEFAULT_FRAMES, precision: str = "auto",
           progress: Optional[Callable[[SweepProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
           local_paths: bool = True, recipe: str = "studio") -> SweepResult:
     """Tune every choice with every seed, each from `recipe` (core.pet.recipes; the learning rate of
@@ -208,7 +208,8 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
         if report:
             report(None)
         result = tune(model, data, choice.method, choice.options, shots=shots, epochs=epochs,
-                      lr=lr, batch_size=batch_size, seed=seed, out=out / _folder_name(choice, seed), bf16=bf16,
+                      lr=lr, batch_size=batch_size, seed=seed, out=out / _folder_name(choice, seed),
+                      precision=precision,
                       task=task, frames=frames, progress=report, cancel=cancel, local_paths=local_paths,
                       zero_shot_cache=zero_shot_cache, recipe=recipe)
         fingerprint = result.dataset.fingerprint
@@ -220,7 +221,8 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
         model=model, fingerprint=fingerprint, task=task, shots=shots, epochs=epochs, seeds=list(seeds),
         methods=[summarise(choices[number], results) for number, results in finished.items()], cancelled=cancelled,
         seconds=time.perf_counter() - started, out=str(out), note=note, recipe=recipe,
-        command=sweep_command(model, choices, seeds, shots, epochs, lr, batch_size, task, frames, bf16, recipe))
+        command=sweep_command(model, choices, seeds, shots, epochs, lr, batch_size, task, frames, precision,
+                                      recipe))
     if is_main_process():
         (out / SWEEP_INFO).write_text(json.dumps(summary.to_json(), indent=2, allow_nan=False) + "\n",
                                       encoding="utf-8")

@@ -62,9 +62,22 @@ def pick_device() -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
+    """Whether the hardware computes bf16 natively (CPUs with avx512_bf16 or AMX, GPUs from Ampere);
+    elsewhere bf16 is emulated, correct but slower than fp32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)   # emulated bf16 is slower than fp32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+# Training precision: auto is bf16 autocast where the hardware computes it natively, fp32 elsewhere;
+# bf16 is asked for explicitly (emulated where not native). Parameters and optimiser state stay fp32.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {str(precision)[:20]!r}")
+    return precision == "bf16" or (precision == "auto" and bf16_supported(device))
 
 
 def make_optimizer(params: dict[str, nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:

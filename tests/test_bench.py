@@ -26,3 +26,9 @@ def test_bench_measures_every_method_and_the_peft_peer_on_one_batch(monkeypatch)
     for row in [*result["methods"].values(), *result["peers"].values()]:
         assert row["step_s"] > 0 and row["peak_mem_mb"] >= 0
         assert row["step_over_forward"] == row["step_s"] / result["forward_s"]
+        assert row["step_over_naive"] == row["step_s"] / result["naive_forward_s"]
+    # what users feel: the library's own forward as the reference, the precision that ran, a whole tune
+    assert result["naive_forward_s"] > 0 and result["precision"] in ("fp32", "bf16")
+    assert result["forward_over_naive"] == result["forward_s"] / result["naive_forward_s"]
+    assert result["e2e_s"] > result["forward_s"] and result["e2e_over_naive"] == result["e2e_s"] / result[
+        "naive_forward_s"]

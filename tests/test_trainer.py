@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from core.runs import tune
+from safetensors.torch import load_file
+
+from core.runs import RunError, tune
 from core.trainer import TrainingDiverged, TrainSettings, _schedule, train
 from tests.conftest import TINY
 
@@ -72,10 +74,27 @@ def test_same_seed_same_numbers(shapes, tmp_path):
     assert runs[0].dataset.train_used == 8
 
 
-def test_bf16_autocast_trains_where_the_cpu_supports_it(shapes, tmp_path):
+def test_precision_auto_is_bf16_exactly_where_the_hardware_computes_it_natively():
+    from core.trainer import bf16_supported, uses_bf16
+
+    cpu = torch.device("cpu")
+    assert uses_bf16("auto", cpu) == bf16_supported(cpu)
+    assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu)
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        uses_bf16("fp16", cpu)
+
+
+def test_bf16_autocast_trains_and_keeps_parameters_in_fp32(shapes, tmp_path):
+    """Asked for explicitly, bf16 runs everywhere (emulated where the CPU lacks avx512_bf16/AMX);
+    the PET parameters stay fp32, and run.json says what was asked and what ran."""
     from core.trainer import bf16_supported
-    if not bf16_supported(torch.device("cpu")):
-        pytest.skip("this CPU has no bf16 support")
-    result = tune(TINY, shapes, "linear_probe", epochs=4, lr=1e-2, bf16=True, out=tmp_path / "bf16")
+
+    result = tune(TINY, shapes, "linear_probe", epochs=4, lr=1e-2, precision="bf16", out=tmp_path / "bf16")
     losses = result.train.epoch_losses
-    assert result.train.bf16 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert result.train.bf16 and result.train.precision == "bf16"
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "pet.safetensors").values()} == {torch.float32}
+    auto = tune(TINY, shapes, "linear_probe", shots=8, epochs=1, out=tmp_path / "auto")
+    assert auto.train.precision == "auto" and auto.train.bf16 == bf16_supported(torch.device("cpu"))
+    with pytest.raises(RunError, match="precision must be one of"):
+        tune(TINY, shapes, "linear_probe", epochs=1, precision="half", out=tmp_path / "never")

@@ -53,7 +53,7 @@ def layout(page) -> None:
 def wire(page) -> None:
     page.refresh.click(compare_runs, None, [page.table, page.compare_plot], api_name="compare")
     inputs = [page.model, page.task, page.sweep_methods, page.sweep_options, page.sweep_seeds, page.shots, page.epochs,
-              page.batch_size, page.frames, page.bf16, page.recipe]
+              page.batch_size, page.frames, page.precision, page.recipe]
     controls = page.method_controls
     page.compare_methods.click(   # under the authors' recipe the options are the recipe's
         lambda recipe, *values: {} if recipe != "studio" else options_by_method(controls, list(values)),
@@ -84,7 +84,8 @@ def _seeds(text: str) -> list[int]:
 
 
 def compare_methods(model: str, task: str, methods: list[str], options: Optional[dict], seeds: str, shots: float,
-                    epochs: float, batch_size: float, frames: float, bf16: bool, recipe: str, request: gr.Request,
+                    epochs: float, batch_size: float, frames: float, precision: str, recipe: str,
+                    request: gr.Request,
                     progress=gr.Progress(track_tqdm=True)):
     """Every chosen method × seed on the session's dataset, each method from `recipe` (studio or
     authors) with its `options` ({method: {option: value}}; the app sends the Tune tab's controls);
@@ -103,7 +104,7 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
     arguments = dict(model=spec_of(model), choices=choices, seeds=_seeds(seeds),
                      shots=whole(shots, "shots") or None, epochs=whole(epochs, "epochs"),
                      batch_size=whole(batch_size, "batch size"), task=task, frames=whole(frames, "frames"),
-                     bf16=bool(bf16), local_paths=LOCAL_PATHS, recipe=recipe)
+                     precision=precision, local_paths=LOCAL_PATHS, recipe=recipe)
     live, out, data = claim_folders(session, "sweeps", "compare")
 
     def show_step() -> None:

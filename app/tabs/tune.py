@@ -21,7 +21,7 @@ from core.pet import METHODS
 from core.pet.recipes import RECIPES
 from core.runs import USER_ERRORS, suggested_lr
 from core.tasks import TASKS
-from core.trainer import bf16_supported, pick_device
+from core.trainer import PRECISIONS, pick_device, uses_bf16
 
 BACKBONES = [
     ("Offline model (bundled, works with no network)", "offline"),
@@ -67,8 +67,9 @@ def layout(page) -> None:
                 page.batch_size = gr.Slider(2, 128, value=16, step=1, label="Batch size")
                 page.frames = gr.Slider(1, 16, value=DEFAULT_FRAMES, step=1, label="Frames per video")
                 page.answers = gr.Textbox(label="VQA: extra candidate answers, comma-separated")
-                page.bf16 = gr.Checkbox(False, label="bf16 autocast", interactive=bf16_supported(pick_device()),
-                                        info="on CPUs with avx512_bf16/AMX and on GPUs")
+                page.precision = gr.Radio(list(PRECISIONS), value="auto", label="Training precision",
+                                          info=f"auto: bf16 where the hardware computes it natively, fp32 elsewhere "
+                                               f"(here: {'bf16' if uses_bf16('auto', pick_device()) else 'fp32'})")
                 with gr.Row():
                     page.start = gr.Button("Start tuning", variant="primary")
                     page.cancel = gr.Button("Cancel", variant="stop")
@@ -99,7 +100,7 @@ def wire(page) -> None:
         return {} if recipe != "studio" else options_by_method(controls, list(values)).get(method, {})
 
     inputs = [page.model, page.task, page.method, page.options, page.shots, page.epochs, page.lr, page.batch_size,
-              page.bf16, page.answers, page.frames, page.recipe]
+              page.precision, page.answers, page.frames, page.recipe]
     (page.start.click(start_tuning, None, [page.timer], api_name="start_live", queue=False)
      .then(options_of, [page.method, page.recipe, *(c for *_, c in controls)], [page.options],
            api_name="options_of", queue=False)
@@ -134,7 +135,7 @@ def _training(session: Session) -> bool:
 
 
 def tune_model(model: str, task: str, method: str, options: Optional[dict], shots: float, epochs: float,
-               lr: Optional[float], batch_size: float, bf16: bool, answers: str, frames: float,
+               lr: Optional[float], batch_size: float, precision: str, answers: str, frames: float,
                recipe: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
     """Tune `method` with its `options` (a JSON object of option: value; the rest keep the
     recipe's, then the defaults) from `recipe` (studio or authors) on the session's dataset;
@@ -143,7 +144,7 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
     session = session_of(request)
     spec = spec_of(model)
     arguments = dict(model=spec, method=method, options=options or {}, shots=whole(shots, "shots") or None,
-                     epochs=whole(epochs, "epochs"), batch_size=whole(batch_size, "batch size"), bf16=bool(bf16),
+                     epochs=whole(epochs, "epochs"), batch_size=whole(batch_size, "batch size"), precision=precision,
                      task=task, frames=whole(frames, "frames"), epoch_metrics=True, local_paths=LOCAL_PATHS,
                      recipe=recipe,
                      extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))

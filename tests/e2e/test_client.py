@@ -17,7 +17,7 @@ from core.world import write_part
 from tests.e2e.conftest import PHOTOS, WORLD
 
 TUNE_DEFAULTS = dict(model="offline", task="retrieval", method="aurora", options={}, shots=16, epochs=3, lr=None,
-                     batch_size=8, bf16=False, answers="", frames=8)
+                     batch_size=8, precision="auto", answers="", frames=8)
 
 # 16 shots × 2 captions in batches of 2, 50 epochs: 800 steps, far more than the tests wait for (they cancel it).
 LONG_TUNING = {**TUNE_DEFAULTS, "method": "adapter", "epochs": 50, "batch_size": 2, "lr": 1e-3}
