@@ -53,6 +53,20 @@ def _add_method_arguments(parser: argparse.ArgumentParser, required: bool = True
                                choices=spec["choices"], help=f"{spec['help']}{bounds}{where}")
 
 
+def _add_cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", help="folder for zero-shot scores reused across runs (default $PETSTUDIO_CACHE, "
+                                        "else ~/.cache/petstudio)")
+    parser.add_argument("--no-cache", action="store_true", help="score the untuned model again")
+
+
+def _score_cache(args):
+    from core.score_cache import ScoreCache, default_cache_folder
+
+    if args.no_cache:
+        return None
+    return ScoreCache(Path(args.cache) / "zero-shot" if args.cache else default_cache_folder())
+
+
 def _add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="training precision: auto is bf16 autocast where the hardware computes bf16 natively "
@@ -95,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=int, default=32)
     tune.add_argument("--seed", type=int, default=0)
     _add_precision_argument(tune)
+    _add_cache_argument(tune)
     tune.add_argument("--out", help="run folder (default runs/DATE-METHOD)")
     tune.add_argument("--epoch-metrics", action="store_true", help="also score the test split after every epoch")
 
@@ -125,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lr", type=float, help="one learning rate for all (default: each method's suggested)")
     sweep.add_argument("--batch-size", type=int, default=16)
     _add_precision_argument(sweep)
+    _add_cache_argument(sweep)
     _add_recipe_argument(sweep)
     sweep.add_argument("--out", help="sweep folder (default runs/sweep-DATE)")
 
@@ -200,7 +216,7 @@ def run_tune(args) -> dict[str, Any]:
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                   out=args.out, precision=args.precision, task=args.task, extra_answers=args.answers,
                   frames=args.frames, progress=_progress_printer(), epoch_metrics=args.epoch_metrics,
-                  recipe=args.recipe)
+                  recipe=args.recipe, zero_shot_cache=_score_cache(args))
     if result.note:
         _note(f"note: {result.note}")
     _note(f"backbone: {result.backbone} — {result.backbone_weights}")
@@ -240,7 +256,7 @@ def run_sweep(args) -> dict[str, Any]:
 
     result = sweep(args.model, args.data, parse_methods(args.methods), seeds, out, shots=args.shots or None,
                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, task=args.task, frames=args.frames,
-                   precision=args.precision, progress=show, recipe=args.recipe)
+                   precision=args.precision, progress=show, recipe=args.recipe, zero_shot_cache=_score_cache(args))
     return result.to_json()
 
 

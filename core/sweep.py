@@ -10,7 +10,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, MutableMapping, Optional
 
 from core import checkpoint
 from core.data.media import DEFAULT_FRAMES
@@ -171,7 +171,8 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
           shots: Optional[int] = 16, epochs: int = 10, lr: Optional[float] = None, batch_size: int = 16,
           task: str = "retrieval", frames: int = DEFAULT_FRAMES, precision: str = "auto",
           progress: Optional[Callable[[SweepProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
-          local_paths: bool = True, recipe: str = "studio") -> SweepResult:
+          local_paths: bool = True, recipe: str = "studio",
+          zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None) -> SweepResult:
     """Tune every choice with every seed, each from `recipe` (core.pet.recipes; the learning rate of
     each method is `lr`, or the recipe's, or the one suggested for it on `model`); a cancel stops
     after the current step, and the sweep keeps the runs that finished (the interrupted one stays
@@ -196,7 +197,7 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     del backbone
     plan = [(number, seed) for number in range(len(choices)) for seed in seeds]
     finished: dict[int, list[RunResult]] = {}   # choice number -> its finished runs
-    zero_shot_cache: dict = {}
+    zero_shot_cache = zero_shot_cache if zero_shot_cache is not None else {}   # scored once per sweep at least
     cancelled, fingerprint = False, ""
     for index, (number, seed) in enumerate(plan):
         choice = choices[number]

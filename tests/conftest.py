@@ -1,7 +1,10 @@
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The CLI's zero-shot scores go to a folder of this test session's, never the user's cache.
+os.environ["PETSTUDIO_CACHE"] = tempfile.mkdtemp(prefix="petstudio-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

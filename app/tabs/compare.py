@@ -17,6 +17,7 @@ from core import checkpoint, figures
 from core.pet import METHODS, make_config
 from core.report import write_report
 from core.runs import USER_ERRORS
+from core.score_cache import ScoreCache
 from core.sweep import MethodChoice
 from core.tasks import headline_metric, metric_label
 
@@ -104,7 +105,8 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
     arguments = dict(model=spec_of(model), choices=choices, seeds=_seeds(seeds),
                      shots=whole(shots, "shots") or None, epochs=whole(epochs, "epochs"),
                      batch_size=whole(batch_size, "batch size"), task=task, frames=whole(frames, "frames"),
-                     precision=precision, local_paths=LOCAL_PATHS, recipe=recipe)
+                     precision=precision, local_paths=LOCAL_PATHS, recipe=recipe,
+                     zero_shot_cache=ScoreCache(session.folder / "zero-shot"))
     live, out, data = claim_folders(session, "sweeps", "compare")
 
     def show_step() -> None:

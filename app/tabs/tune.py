@@ -20,6 +20,7 @@ from core.data.media import DEFAULT_FRAMES
 from core.pet import METHODS
 from core.pet.recipes import RECIPES
 from core.runs import USER_ERRORS, suggested_lr
+from core.score_cache import ScoreCache
 from core.tasks import TASKS
 from core.trainer import PRECISIONS, pick_device, uses_bf16
 
@@ -146,7 +147,7 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
     arguments = dict(model=spec, method=method, options=options or {}, shots=whole(shots, "shots") or None,
                      epochs=whole(epochs, "epochs"), batch_size=whole(batch_size, "batch size"), precision=precision,
                      task=task, frames=whole(frames, "frames"), epoch_metrics=True, local_paths=LOCAL_PATHS,
-                     recipe=recipe,
+                     recipe=recipe, zero_shot_cache=ScoreCache(session.folder / "zero-shot"),
                      extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))
     live, out, data = claim_folders(session, "runs", str(method))
     session.live_status = "loading the model and scoring it zero-shot…"

@@ -1,0 +1,42 @@
+"""Zero-shot scores computed once: across CLI runs (a cache folder) and runs of one app session."""
+import json
+
+from core.cli import main
+from core.score_cache import ScoreCache
+from tests.conftest import TINY
+
+KEY = ("offline", "the bundled offline model", "abc123", "retrieval", 8, ())
+
+
+def test_scores_round_trip_and_anything_else_counts_as_absent(tmp_path):
+    cache = ScoreCache(tmp_path / "zero-shot")
+    assert KEY not in cache and len(cache) == 0
+    cache[KEY] = {"t2i_r1": 12.5, "i2t_r1": 20.0}
+    assert cache[KEY] == {"t2i_r1": 12.5, "i2t_r1": 20.0} and list(cache) == [KEY]
+    assert ScoreCache(tmp_path / "zero-shot")[KEY] == {"t2i_r1": 12.5, "i2t_r1": 20.0}   # another process
+    (stored,) = (tmp_path / "zero-shot").glob("*.json")
+    for broken in ("{not json", json.dumps({"key": ["other"], "metrics": {"t2i_r1": 1.0}}),
+                   json.dumps({"key": list(KEY)[:5] + [[]], "metrics": {"t2i_r1": "high"}}), "[]"):
+        stored.write_text(broken)
+        assert KEY not in cache
+    cache[KEY] = {"t2i_r1": float("nan")}   # a broken score is never kept
+    assert KEY not in cache
+    local = ("openclip:ViT-B-32:/tmp/my.pt",) + KEY[1:]   # a local file may change under its name
+    cache[local] = {"t2i_r1": 1.0}
+    assert local not in cache
+
+
+def test_a_second_cli_run_on_the_same_data_reuses_the_zero_shot_scores(shapes, tmp_path, capsys):
+    arguments = ["tune", "--model", TINY, "--data", str(shapes), "--method", "bitfit", "--shots", "4",
+                 "--epochs", "1", "--cache", str(tmp_path / "cache"), "--json"]
+    assert main([*arguments, "--out", str(tmp_path / "first")]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (stored,) = (tmp_path / "cache" / "zero-shot").glob("*.json")
+    record = json.loads(stored.read_text())
+    assert record["metrics"] == first["zero_shot"]
+    record["metrics"]["t2i_r1"] = 99.5   # a marker: only a reused score can carry it
+    stored.write_text(json.dumps(record))
+    assert main([*arguments, "--out", str(tmp_path / "second")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"]["t2i_r1"] == 99.5
+    assert main([*arguments, "--out", str(tmp_path / "third"), "--no-cache"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"] == first["zero_shot"]
