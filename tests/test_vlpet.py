@@ -3,7 +3,7 @@ import torch
 
 from core.backbones import load_backbone
 from core.pet import PetError, attach
-from core.pet.vlpet import GatedAdapter, ValueParallelAdapter
+from core.pet.vlpet import Config as VlPetConfig, GatedAdapter, ValueParallelAdapter
 from core.runs import tune
 from core.tasks.retrieval import RetrievalObjective, RetrievalSet
 from tests.conftest import TINY, embeddings, write_tiny_blip_vqa
@@ -118,6 +118,37 @@ def test_each_granularity_tunes_with_falling_loss(shapes, tmp_path, granularity)
     losses = result.train.epoch_losses
     assert losses[-1] < 0.85 * losses[0], losses
     assert result.tuned["t2i_r1"] > result.zero_shot["t2i_r1"]
+
+
+@pytest.mark.parametrize("stream_norm", [5.0, 25.0])   # 25: the offline model's ‖X‖
+@pytest.mark.parametrize("granularity", ["small", "middleX"])
+def test_identity_gates_move_at_the_same_pace_whatever_the_residual_stream_norm(granularity, stream_norm):
+    """AdamW moves each gate weight by about lr a step, so a small/middleX gate's logit moves by at
+    most ~lr·(√dim + 1) a step whatever ‖X‖. Read from the raw pre-LN stream the logit moved by
+    ~lr·‖X‖₁ a step (here 2–4 after 5 steps at ‖X‖ = 25) and on the offline model G stuck at 0 or
+    2 within a few steps, switching sub-layers off per sample/token."""
+    torch.manual_seed(0)
+    width, tokens, steps, lr = 64, 10, 5, 1e-2
+    config = VlPetConfig(granularity=granularity)
+    adapter = GatedAdapter(width, config, causal=False)
+    x = torch.randn(4, tokens, width)
+    x = x * stream_norm / x.norm(dim=-1, keepdim=True)
+    h = torch.randn(4, tokens, width)
+    h = h * stream_norm / 3 / h.norm(dim=-1, keepdim=True)
+    target = torch.randn(4, tokens, width)
+    optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (-(adapter(x, h) * target).mean()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        gate = adapter.compute_gate(x, h + adapter.adapter(h), None)
+    logit = torch.logit(gate / 2)   # G = 2σ(logit)
+    gate_dim = adapter.gate_proj.in_features
+    assert 1e-2 < logit.abs().max() <= steps * lr * (gate_dim ** 0.5 + 1), logit.abs().max()   # moved, not run off
+    assert 0.8 < gate.min() and gate.max() < 1.2, (gate.min(), gate.max())
+    u = torch.randn(2, 3, gate_dim) * stream_norm   # the authors' init keeps their gate: σ(w·u + b) on u as it is
+    assert torch.equal(GatedAdapter(width, VlPetConfig(granularity=granularity, init="paper"), False).gate_input(u), u)
 
 
 def test_vlpet_on_blip_gates_vision_and_post_ln_text_sites(tiny_blip):

@@ -16,10 +16,12 @@ adapter instead, value(h_enc) + W_up GELU(W_down h_enc), without a gate. `decode
 gates the decoder like an encoder tower.
 
 Initialisation `identity` (default) starts at the frozen model: W_up = 0 and gates written as
-2σ(·) with a zero last layer (middleY: 1 + z, z = 0), so G = 1 and ΔH = 0. `paper` is the
+2σ(·) with a zero last layer (middleY: 1 + z, z = 0), so G = 1 and ΔH = 0; its small and middleX
+gates read the direction of their input, u/‖u‖ (see `GatedAdapter.gate_input`). `paper` is the
 authors' (HF `_init_weights`): every weight N(0, 0.02), every bias zero, z ~ N(0, 0.02), and for
-`small` a zero W_up; σ gates are then near 0.5 at step 0. The value-parallel W_up is zero in
-both, so the decoder always starts as the frozen one.
+`small` a zero W_up, with their gates as they wrote them (σ of the raw input); σ gates are then
+near 0.5 at step 0. The value-parallel W_up is zero in both, so the decoder always starts as the
+frozen one.
 """
 from __future__ import annotations
 
@@ -112,6 +114,18 @@ class GatedAdapter(nn.Module):
     def _sigmoid(self, a: torch.Tensor) -> torch.Tensor:
         return 2 * torch.sigmoid(a) if self.identity else torch.sigmoid(a)
 
+    def gate_input(self, u: torch.Tensor) -> torch.Tensor:
+        """What a small/middleX gate's linear map reads: u/‖u‖ with the identity init, u (the
+        authors') with theirs. Why: Adam moves each weight of the zero-started w by about lr a
+        step whatever the gradient's size, so the logit w·u moves by about lr·‖u‖₁. On a pre-LN
+        residual stream that is large (offline model: ‖X‖ ≈ 20–25 at d = 128, so ~2 a step at lr
+        1e-2; more on big CLIPs) and σ saturates within 3–4 steps: per sample or token G sticks at
+        2, or at 0, switching the sub-layer off with σ' = 0 so it never returns, and the gates
+        memorise the few shots instead of helping (small/middleX ended at zero-shot). On u/‖u‖ a
+        step moves the logit at most lr·√dim (~0.1 here), the pace of the large gate's zero-init
+        last layer, which reads a modest GELU bottleneck. Same granularity; G = 1 still at w = 0."""
+        return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-6) if self.identity else u
+
     def adapter(self, h: torch.Tensor) -> torch.Tensor:
         heads = torch.einsum("bnd,kjd->bnkj", h, self.down.to(h.dtype)) + self.down_bias.to(h.dtype)
         return self.up(F.gelu(heads.flatten(-2)))
@@ -120,10 +134,10 @@ class GatedAdapter(nn.Module):
         if self.granularity == "large":
             return self._sigmoid(self.gate_up(F.gelu(self.gate_down(x))))
         if self.granularity == "middleX":
-            return self._sigmoid(self.gate_proj(x + y))
+            return self._sigmoid(self.gate_proj(self.gate_input(x + y)))
         if self.granularity == "middleY":
             return (1 + self.gate_shift.to(x.dtype)).view(1, 1, -1)
-        per_token = self._sigmoid(self.gate_proj(torch.cat([x, y], dim=-1)))          # (B, N, 1)
+        per_token = self._sigmoid(self.gate_proj(self.gate_input(torch.cat([x, y], dim=-1))))   # (B, N, 1)
         weights = (torch.ones_like(per_token) if token_mask is None
                    else token_mask.to(per_token.dtype).unsqueeze(-1))
         if self.causal:   # a running mean: position t averages tokens 0..t, never a later one
@@ -265,5 +279,5 @@ register(Method(
     name="vlpet", label="VL-PET (gates)", default_lr=1e-3, config=Config, attach=attach, figure=_figure,
     trains="gated multi-head adapters on sub-layer outputs and the gated blocks' LayerNorms; "
            "value-parallel adapters on a decoder's cross-attention values", authors_recipe=_authors_recipe,
-    revision=2, revised="`small` gates no longer see later tokens on causal towers, and BLIP VQA's answer decoder "
-                        "takes value-parallel adapters by default"))
+    revision=3, revised="with the identity init, `small` and `middleX` gates read their input's direction (u/‖u‖), "
+                        "so they no longer saturate within a few steps"))
