@@ -7,7 +7,7 @@ sites; they never touch a library's module names, so every method works on every
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 from torch import nn
@@ -122,6 +122,40 @@ class BlockLayout:
 PromptSource = Callable[[int], Optional[torch.Tensor]]
 
 
+class Tap(Protocol):
+    """What a cache of frozen computation (core.tasks.frozen) sees of one pass through a tower,
+    and where it may stand in for it: the tokens entering the blocks (`begin`), the first block
+    to run (`start`), each block's input (`block_input`; index `depth` is the last block's output)
+    and the pooled features before the output projection (`features`)."""
+
+    def begin(self, tower: "TowerLayout", embed: Callable[[], torch.Tensor], length: Optional[int]) -> torch.Tensor: ...
+
+    def start(self, tower: "TowerLayout") -> int: ...
+
+    def block_input(self, tower: "TowerLayout", index: int, x: torch.Tensor) -> None: ...
+
+    def features(self, tower: "TowerLayout", pool: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+
+
+def _foreign_hooks(module: nn.Module) -> bool:
+    """Whether a forward hook other than the projections' own delta hook acts inside `module`."""
+    for m in module.modules():
+        if m._forward_pre_hooks or any(hook is not _add_deltas for hook in m._forward_hooks.values()):
+            return True
+    return False
+
+
+def block_depends_on_training(block: BlockLayout, prompts: Optional[PromptSource] = None) -> bool:
+    """Whether the block computes anything from trainable state: a delta on one of its projections,
+    a combiner at one of its sites, prompts inserted at it, a trainable parameter inside it, or a
+    forward hook inside it (a method observing or changing a sub-layer) — whichever method put it there."""
+    return (any(p.deltas for p in block.projections.values())
+            or any(site.combiner is not None for site in block.sites.values())
+            or (prompts is not None and prompts(block.index) is not None)
+            or any(p.requires_grad for p in block.module.parameters())
+            or _foreign_hooks(block.module))
+
+
 @dataclass
 class TowerLayout:
     """One tower: its blocks, its width, and the parameters of its projection into the joint space.
@@ -140,15 +174,40 @@ class TowerLayout:
     prompt_slot: Optional[int] = 1
     role: str = "encoder"
     prompts: Optional[PromptSource] = field(default=None)
+    # Set by core.tasks.frozen for the length of one objective call: see Tap. Backbones whose
+    # towers run through `run` pass their embedding and pooling through `begin` and `features`.
+    tap: Optional[Tap] = field(default=None, repr=False, compare=False)
 
     @property
     def depth(self) -> int:
         return len(self.blocks)
 
+    def first_live_block(self) -> int:
+        """The lowest block that depends on trainable state (see `block_depends_on_training`), or
+        `depth` when none does. The blocks below it compute the same outputs from the same inputs
+        for as long as the attached method stays as it is."""
+        return next((block.index for block in self.blocks if block_depends_on_training(block, self.prompts)),
+                    self.depth)
+
+    def begin(self, embed: Callable[[], torch.Tensor], length: Optional[int] = None) -> torch.Tensor:
+        """The (B, N, width) tokens that enter the first block: `embed()`, unless a tap holds a later
+        block's input for every row (`run` then starts at that block). `length` is N when it varies
+        from batch to batch (trimmed padding), for a tap to cut what it holds to the same length."""
+        return embed() if self.tap is None else self.tap.begin(self, embed, length)
+
+    def features(self, pool: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The tower's pooled features before its output projection: `pool()` (embedding, `run`,
+        final norm, pooling), unless a tap holds them for every row."""
+        return pool() if self.tap is None else self.tap.features(self, pool)
+
     def run(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the blocks on (B, N, width) tokens, inserting (and finally removing) prompts."""
         slot, n_prompts = self.prompt_slot, 0
-        for block in self.blocks:
+        tap = self.tap
+        start = 0 if tap is None else tap.start(self)
+        for block in self.blocks[start:]:
+            if tap is not None:
+                tap.block_input(self, block.index, x)
             prompts = self.prompts(block.index) if self.prompts is not None else None
             if prompts is not None:
                 prompts = prompts.to(x.dtype).expand(x.shape[0], -1, -1)
@@ -158,6 +217,8 @@ class TowerLayout:
                     token_mask = torch.cat([token_mask[:, :slot], ones, token_mask[:, slot:]], dim=1)
                 n_prompts = prompts.shape[1]
             x = block.module(x, self.causal, token_mask)
+        if tap is not None:
+            tap.block_input(self, self.depth, x)
         if n_prompts:
             x = torch.cat([x[:, :slot], x[:, slot + n_prompts:]], dim=1)
         return x

@@ -105,10 +105,11 @@ class OpenClipBackbone(Backbone):
         return self._tokenizer(texts)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        visual = self.model.visual
-        x = visual._embeds(pixels.to(self.device))
-        x = self.towers["vision"].run(x)
-        pooled, _ = visual._pool(x)
+        # Through the tower's begin / run / features, so a cache of frozen computation can stand in
+        # for any frozen part of it (core.tasks.frozen).
+        visual, tower = self.model.visual, self.towers["vision"]
+        pixels = pixels.to(self.device)
+        pooled = tower.features(lambda: visual._pool(tower.run(tower.begin(lambda: visual._embeds(pixels))))[0])
         return pooled @ visual.proj if visual.proj is not None else pooled
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -122,10 +123,15 @@ class OpenClipBackbone(Backbone):
             length = max(int((real * positions).max()), 1)
             tokens, real = tokens[:, :length], real[:, :length]
         cast_dtype = text.token_embedding.weight.dtype
-        x = text.token_embedding(tokens).to(cast_dtype)
-        x = x + text.positional_embedding[: tokens.shape[1]].to(cast_dtype)
-        x = tower.run(x, token_mask=real)
-        x = text.ln_final(x)
         eos_id = getattr(self.model, "text_eos_id", getattr(text, "eos_id", None))
-        pooled = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
+
+        def embed() -> torch.Tensor:
+            x = text.token_embedding(tokens).to(cast_dtype)
+            return x + text.positional_embedding[: tokens.shape[1]].to(cast_dtype)
+
+        def pool() -> torch.Tensor:
+            x = tower.run(tower.begin(embed, length=tokens.shape[1]), token_mask=real)
+            return text_global_pool(text.ln_final(x), tokens, pool_type, eos_token_id=eos_id)
+
+        pooled = tower.features(pool)
         return pooled @ text.text_projection if text.text_projection is not None else pooled

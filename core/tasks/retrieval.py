@@ -18,6 +18,7 @@ from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
 from core.distributed import gather, gather_with_grad
 from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
+from core.tasks.frozen import FrozenCache
 from core.tasks.matching import RERANK_TOP, match_scores, rerank
 
 if TYPE_CHECKING:
@@ -70,11 +71,18 @@ class RetrievalObjective(nn.Module):
     In training, the attached method may mix the batch's text context into the text side
     (`PetHandle.contextualise`, e.g. Aurora's informative context enhancement): into each text
     embedding on a dual encoder, into the fused [CLS] of the positive pairs on BLIP.
+
+    What no trainable parameter influences is computed once per item and kept (core.tasks.frozen):
+    a frozen tower's embeddings (BLIP: its vision tokens, its unimodal text [CLS]), the features a
+    linear probe projects, the input of a tower's lowest adapted block. `cache_frozen=False` turns
+    that off (the results are the same, computed every time).
     """
 
-    def __init__(self, backbone: Backbone, data: RetrievalSet, handle: Optional[PetHandle] = None):
+    def __init__(self, backbone: Backbone, data: RetrievalSet, handle: Optional[PetHandle] = None,
+                 cache_frozen: bool = True):
         super().__init__()
         self.backbone, self.data, self.handle = backbone, data, handle
+        self.frozen = FrozenCache(backbone, enabled=cache_frozen)
 
     def _contextualise(self, embeddings: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if not self.training or self.handle is None:
@@ -84,24 +92,34 @@ class RetrievalObjective(nn.Module):
     def forward(self, caption_ids: torch.Tensor) -> torch.Tensor:
         if self.backbone.has("matching"):
             return self._contrastive_and_matching_loss(caption_ids)
+        caption_ids = caption_ids.cpu()
         image_ids = self.data.caption_image[caption_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
         device = self.backbone.device
-        image_emb = encode_media(self.backbone, self.data.pixels[unique])[inverse.to(device)]
-        text_emb = self.backbone.encode_text(self.data.tokens[caption_ids].to(device))
+        image_emb = self._media_rows("media", unique, encode_media)[inverse.to(device)]
+        text_emb = self.frozen.rows("captions", caption_ids,
+                                    lambda ids: self.backbone.encode_text(self.data.tokens[ids].to(device)),
+                                    len(self.data))
         # Across processes every pair of the global batch is a negative for every other: each process
         # computes the global loss (DDP's average of its gradients is then the one-process gradient).
         image_emb, text_emb = gather_with_grad(image_emb), gather_with_grad(text_emb)
         text_emb = self._contextualise(text_emb, text_emb)
         return contrastive_loss(image_emb, text_emb, gather(image_ids.to(device)), self.backbone.logit_scale)
 
+    def _media_rows(self, key: str, images: torch.Tensor, encode) -> torch.Tensor:
+        """`encode(backbone, pixels)` of the given images, kept per image where frozen."""
+        return self.frozen.rows(key, images, lambda ids: encode(self.backbone, self.data.pixels[ids]),
+                                len(self.data.pixels))
+
     def _contrastive_and_matching_loss(self, caption_ids: torch.Tensor) -> torch.Tensor:
         backbone, device = self.backbone, self.backbone.device
+        caption_ids = caption_ids.cpu()
+        unique, inverse = torch.unique(self.data.caption_image[caption_ids], return_inverse=True)
         image_ids = self.data.caption_image[caption_ids].to(device)
-        unique, inverse = torch.unique(image_ids, return_inverse=True)
-        image_tokens = media_tokens(backbone, self.data.pixels[unique.cpu()])[inverse]
+        image_tokens = self._media_rows("media_tokens", unique, media_tokens)[inverse.to(device)]
         tokens = self.data.tokens[caption_ids].to(device)
-        text_cls = backbone.text_cls(tokens)
+        text_cls = self.frozen.rows("text_cls", caption_ids,
+                                    lambda ids: backbone.text_cls(self.data.tokens[ids].to(device)), len(self.data))
         image_emb, text_emb = backbone.embed_image_tokens(image_tokens), backbone.embed_text_cls(text_cls)
         loss = contrastive_loss(image_emb, text_emb, image_ids, backbone.logit_scale)
         same = image_ids[:, None] == image_ids[None, :]

@@ -23,6 +23,7 @@ from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
 from core.tasks.encoding import encode_media, evaluating, media_tokens
+from core.tasks.frozen import FrozenCache
 
 METRICS = {"vqa_acc": "VQA accuracy"}   # key -> how people read it
 METRIC_KEYS = tuple(METRICS)
@@ -101,29 +102,58 @@ def answer_scores(backbone: Backbone, image_emb: torch.Tensor, questions: list[s
     """(questions, candidates) logits: scaled cosine of each image with each question-answer text."""
     texts = [prompt(q, a) for q in questions for a in candidates]
     text_emb = backbone.encode_text(backbone.tokenize(texts)).view(len(questions), len(candidates), -1)
+    return answer_logits(backbone, image_emb, text_emb)
+
+
+def answer_logits(backbone: Backbone, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """(questions, candidates) logits from (questions, D) image and (questions, candidates, D) text embeddings."""
     cosine = torch.einsum("bd,bcd->bc", F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1))
     return backbone.logit_scale.exp() * cosine
 
 
 class VqaObjective(nn.Module):
-    """A batch of question indices -> cross-entropy over the candidate answers."""
+    """A batch of question indices -> cross-entropy over the candidate answers.
 
-    def __init__(self, backbone: Backbone, data: VqaSet):
+    What no trainable parameter influences is computed once per item and kept (core.tasks.frozen):
+    a frozen vision tower's embeddings (BLIP VQA: its vision tokens), a frozen text tower's
+    embedding of each question-answer text, the features a linear probe projects, the input of a
+    tower's lowest adapted block. `cache_frozen=False` turns that off (same results).
+    """
+
+    def __init__(self, backbone: Backbone, data: VqaSet, cache_frozen: bool = True):
         super().__init__()
         self.backbone, self.data = backbone, data
+        self.frozen = FrozenCache(backbone, enabled=cache_frozen)
 
     def forward(self, question_ids: torch.Tensor) -> torch.Tensor:
+        question_ids = question_ids.cpu()
         image_ids = self.data.question_image[question_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
         device = self.backbone.device
+        encode = media_tokens if self.backbone.has("answer_generation") else encode_media
+        media = self.frozen.rows("media_tokens" if encode is media_tokens else "media", unique,
+                                 lambda ids: encode(self.backbone, self.data.pixels[ids]),
+                                 len(self.data.pixels))[inverse.to(device)]
         if self.backbone.has("answer_generation"):
-            tokens = media_tokens(self.backbone, self.data.pixels[unique])[inverse.to(device)]
-            return self.backbone.answer_loss(tokens, self.data.question_tokens[question_ids],
+            return self.backbone.answer_loss(media, self.data.question_tokens[question_ids],
                                              self.data.answer_tokens[question_ids])
-        image_emb = encode_media(self.backbone, self.data.pixels[unique])[inverse.to(device)]
-        logits = answer_scores(self.backbone, image_emb, [self.data.questions[i] for i in question_ids],
-                               self.data.candidates)
+        count = len(self.data.candidates)
+        rows = (question_ids[:, None] * count + torch.arange(count)).flatten()   # question-major, as answer_scores
+        text_emb = self.frozen.rows("answers", rows, self._encode_prompts, len(self.data) * count)
+        logits = answer_logits(self.backbone, media, text_emb.view(len(question_ids), count, -1))
         return F.cross_entropy(logits.float(), self.data.targets[question_ids].to(device))
+
+    def _encode_prompts(self, rows: torch.Tensor) -> torch.Tensor:
+        """The embeddings of the question-answer texts numbered question × candidates + candidate;
+        each text is tokenized once (its tokens are kept like any frozen value)."""
+        tokens = self.frozen.rows("prompt_tokens", rows, self._tokenize_prompts,
+                                  len(self.data) * len(self.data.candidates))
+        return self.backbone.encode_text(tokens)
+
+    def _tokenize_prompts(self, rows: torch.Tensor) -> torch.Tensor:
+        count = len(self.data.candidates)
+        texts = [prompt(self.data.questions[r // count], self.data.candidates[r % count]) for r in rows.tolist()]
+        return self.backbone.tokenize(texts)
 
     def batches(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
         return list(torch.randperm(len(self.data), generator=generator).split(batch_size))
