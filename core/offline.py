@@ -148,7 +148,7 @@ def compare_precisions(out: Path, parts: list[str], shots: int, seeds: list[int]
     with native bf16) on each novel part: one row per method and part, Recall@1 under both."""
     rows = []
     for part in parts:
-        by_precision = {precision: compare(out / precision, part, shots, seeds, epochs, precision=precision,
+        by_precision = {precision: compare(out / precision / part, part, shots, seeds, epochs, precision=precision,
                                            compared=PRECISION_METHODS) for precision in ("fp32", "bf16")}
         for fp32, bf16 in zip(by_precision["fp32"], by_precision["bf16"]):
             rows.append({"method": fp32["method"], "part": part, "fp32_t2i_r1": fp32["t2i_r1"],
