@@ -200,9 +200,11 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     # The weights text names the seed of a random init, so seeds of an untrained backbone stay apart.
     scored_as = (backbone.spec, backbone.weights, dataset.fingerprint, task, frames, tuple(extra_answers))
     cache = zero_shot_cache if zero_shot_cache is not None else {}
-    if scored_as not in cache:
-        cache[scored_as] = task_def.evaluate(backbone, test_set)
-    zero_shot = dict(cache[scored_as])
+    zero_shot = cache.get(scored_as)
+    if zero_shot is None:   # a cache may decline to keep it (core.score_cache: local files)
+        zero_shot = task_def.evaluate(backbone, test_set)
+        cache[scored_as] = zero_shot
+    zero_shot = dict(zero_shot)
 
     seed_everything(seed)
     handle = attach(backbone, method, config)

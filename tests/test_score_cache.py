@@ -40,3 +40,16 @@ def test_a_second_cli_run_on_the_same_data_reuses_the_zero_shot_scores(shapes, t
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"]["t2i_r1"] == 99.5
     assert main([*arguments, "--out", str(tmp_path / "third"), "--no-cache"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"] == first["zero_shot"]
+
+
+def test_a_run_on_a_local_file_backbone_scores_zero_shot_itself(shapes, tmp_path):
+    """The cache declines a local file's scores; the run still has them (it scored them itself)."""
+    from core.runs import tune
+
+    result = tune(TINY, shapes, "bitfit", {}, shots=4, epochs=1, out=tmp_path / "run",
+                  zero_shot_cache=ScoreCache(tmp_path / "zero-shot"))
+    assert result.zero_shot and len(ScoreCache(tmp_path / "zero-shot")) == 1
+    declining = ScoreCache(tmp_path / "declines")
+    declining.__class__ = type("Declining", (ScoreCache,), {"__setitem__": lambda self, key, value: None})
+    again = tune(TINY, shapes, "bitfit", {}, shots=4, epochs=1, out=tmp_path / "again", zero_shot_cache=declining)
+    assert again.zero_shot == result.zero_shot

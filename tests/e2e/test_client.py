@@ -342,7 +342,7 @@ def test_compare_methods_in_one_click(app_server, tmp_path):
     client = Client(url, verbose=False)
     client.predict(WORLD, api_name="/load_sample")
     table, plot, report, status, ask_run, _ = client.predict(
-        "offline", "retrieval", ["linear_probe", "lora"], {"lora": {"rank": 4}}, "0,1", 4, 1, 8, 8, False,
+        "offline", "retrieval", ["linear_probe", "lora"], {"lora": {"rank": 4}}, "0,1", 4, 1, 8, 8, "auto", "studio",
         api_name="/compare_methods")
     assert status.startswith("4 runs in ")
     rows = {row[0]: row for row in table["data"]}
