@@ -1,4 +1,4 @@
-"""`python -m core COMMAND`: info, tune, eval, bench, sweep, export, report, demo.
+"""`python -m core COMMAND`: info, tune, eval, bench, sweep, export, index, search, bench-index, report, demo.
 
 With --json, the last line of stdout is one JSON object (on failure: {"error": "..."}, exit 2);
 progress and notes go to stderr.
@@ -13,17 +13,21 @@ import sys
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 
 from core.data.media import DEFAULT_FRAMES
 from core.distributed import join_launched_group, leave_group, rank_and_world
+from core.media_index import MediaIndexError
 from core.pet import METHODS
 from core.pet.recipes import RECIPES, Setting, recipe_for
+from core.query import QueryError
 from core.runs import USER_ERRORS, RunError
 from core.tasks import TASKS
 from core.trainer import PRECISIONS, Progress
+from core.vector_index import EXACT_UP_TO
 
 
 def _method_options() -> dict[str, dict[str, Any]]:
@@ -149,6 +153,29 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--pet", required=True, help="run folder or its pet.safetensors")
     export.add_argument("--out", required=True, help="a new folder for the exported model")
 
+    index = commands.add_parser("index", help="embed every picture and clip under a folder for `search` (resumable)")
+    index.add_argument("--model", required=True, help="backbone spec (the run's, with --pet)")
+    index.add_argument("--pet", help="a tuned run folder or its pet.safetensors (default: the untuned backbone)")
+    index.add_argument("--media", required=True, help="the folder to index (searched recursively; links not followed)")
+    index.add_argument("--out", required=True, help="the index folder: new or empty, or one this model started")
+    index.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="video: frames sampled uniformly per clip")
+    index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--exact-up-to", type=int, default=EXACT_UP_TO,
+                       help="exact search up to this many files, an approximate (IVF) index above")
+
+    search = commands.add_parser("search", help="the indexed files nearest a text or a picture/clip")
+    search.add_argument("--index", required=True, help="an index folder written by `index`")
+    search.add_argument("text", nargs="?", help="the text to search with")
+    search.add_argument("--media", help="a picture or clip to search with instead")
+    search.add_argument("--k", type=int, default=10)
+    search.add_argument("--model", help="default: the model that built the index (it must be the same)")
+    search.add_argument("--pet", help="default: the run that built the index")
+
+    bench_index = commands.add_parser("bench-index", help="time exact and approximate search over unit vectors")
+    bench_index.add_argument("--items", type=int, default=100_000)
+    bench_index.add_argument("--dim", type=int, default=512)
+    bench_index.add_argument("--queries", type=int, default=200)
+
     report = commands.add_parser("report", help="one self-contained HTML file of a run or a sweep")
     report.add_argument("source", help="a run folder or a sweep folder")
     report.add_argument("--out", required=True, help="the HTML file to write")
@@ -156,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="16-shot tuning of the offline model on a novel part of its world")
     demo.add_argument("--out", help="folder for the dataset and the runs (default runs/demo-DATE)")
 
-    for sub in (info, tune, evaluate, bench, sweep, export, report, demo):
+    for sub in (info, tune, evaluate, bench, sweep, export, index, search, bench_index, report, demo):
         sub.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return parser
 
@@ -266,6 +293,63 @@ def run_export(args) -> dict[str, Any]:
     return export(args.model, args.pet, args.out)
 
 
+def _embedding_model(model: str, pet: Optional[str]):
+    """The backbone (with the run's PET weights, given a run) that embeds for an index."""
+    from core.backbones import load_backbone
+    from core.runs import load_run
+    from core.trainer import pick_device
+
+    if pet:
+        backbone, handle, _ = load_run(model, pet)
+        return backbone, handle
+    return load_backbone(model).to(pick_device()), None
+
+
+def run_index(args) -> dict[str, Any]:
+    from core.media_index import build_index
+
+    backbone, handle = _embedding_model(args.model, args.pet)
+    pet = str(Path(args.pet).resolve()) if args.pet else None
+    report = build_index(backbone, args.media, args.out, args.model, pet, handle, frames=args.frames,
+                         batch_size=args.batch_size, exact_up_to=args.exact_up_to, progress=not args.json)
+    if report.skipped:
+        _note(f"skipped {len(report.skipped)} file(s), listed in {Path(report.index) / 'skipped.json'}:")
+        for skipped in report.skipped[:10]:
+            _note(f"  {skipped['path']}: {skipped['problem']}")
+    return asdict(report)
+
+
+def run_search(args) -> dict[str, Any]:
+    from core.media_index import MediaIndex, MediaIndexError
+    from core.query import media_query, text_query
+    from core.tasks.encoding import evaluating
+
+    if (args.text is None) == (args.media is None):
+        raise MediaIndexError("search with a text or with --media FILE (one of them)")
+    if args.k < 1:
+        raise MediaIndexError("--k must be at least 1")
+    index = MediaIndex(args.index)
+    backbone, handle = _embedding_model(args.model or index.record.model,
+                                        args.pet if args.model else (args.pet or index.record.pet))
+    index.check_model(backbone, handle)
+    note = None
+    with torch.no_grad(), evaluating(backbone):
+        if args.text is not None:
+            _, query, note = text_query(backbone, args.text)
+        else:
+            _, query = media_query(backbone, args.media, index.record.frames)
+    if note:
+        _note(f"note: {note}")
+    return {"index": str(index.folder), "model": index.record.model, "query": args.text or args.media, "note": note,
+            "results": [asdict(found) for found in index.search(query, args.k)]}
+
+
+def run_bench_index(args) -> dict[str, Any]:
+    from core.bench import bench_index
+
+    return bench_index(args.items, args.dim, args.queries)
+
+
 def run_report(args) -> dict[str, Any]:
     from core.report import write_report
 
@@ -306,6 +390,11 @@ def _human(command: str, result: dict[str, Any]) -> str:
         rows = [f"{m['label']:<32} {m['trainable_params']:>12,} {m['metrics'][key][0]:6.1f} ± {m['metrics'][key][1]:.1f}"
                 for m in result["methods"]]
         return "\n".join([f"{'method':<32} {'trainable':>12} {key}", *rows, f"saved under {result['out']}"])
+    if command == "search":
+        return "\n".join(f"{found['score']:.4f}  {found['path']}" for found in result["results"])
+    if command == "index":
+        return (f"{result['items']} files indexed ({result['embedded']} embedded now, {result['reused']} kept), "
+                f"{len(result['skipped'])} skipped; {result['kind']} search; saved in {result['index']}")
     if command == "demo":
         return f"dataset and runs saved under {Path(result['data']).parent}"
     return json.dumps(result, indent=2)
@@ -330,10 +419,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, rank: int) -> int:
     """The command's result on stdout (the first process's only), or its error and status 2."""
     handlers = {"info": run_info, "tune": run_tune, "eval": run_eval, "bench": run_bench, "sweep": run_sweep,
-                "export": run_export, "report": run_report, "demo": run_demo}
+                "export": run_export, "index": run_index, "search": run_search, "bench-index": run_bench_index,
+                "report": run_report, "demo": run_demo}
     try:
         result = handlers[args.command](args)
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, MediaIndexError, QueryError) as error:
         if args.json and rank == 0:
             print(json.dumps({"error": str(error)}))
         print(f"error: {error}", file=sys.stderr)

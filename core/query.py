@@ -1,13 +1,13 @@
 """Asking a model about a dataset: its gallery ranked for a text, its captions ranked for a
 picture or clip, and candidate answers ranked for a question. The app's Ask tab goes through
-here. A gallery's embeddings are computed once per model state (`embed_gallery`) and reused
-for every query; backbones with a matching head (BLIP) re-score each query's top candidates
-by ITM + ITC, as their evaluation does.
+here. A gallery's embeddings are computed once per model state (`embed_gallery`) and searched
+through the same FAISS index as an indexed folder (core.vector_index); backbones with a matching
+head (BLIP) re-score each query's top candidates by ITM + ITC, as their evaluation does.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,8 +20,9 @@ from core.data.reader import media_problem
 from core.data.media import DEFAULT_FRAMES, IMAGE_TYPES, VIDEO_TYPES, load_media, open_image, read_video_frames
 from core.pet import PetHandle
 from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
-from core.tasks.matching import RERANK_TOP, match_scores, rerank
+from core.tasks.matching import RERANK_TOP, match_scores
 from core.tasks.vqa import answer_scores, normalize_answer, prompt
+from core.vector_index import VectorIndex, VectorIndexError
 
 
 
@@ -78,10 +79,20 @@ class Gallery:
 
 @dataclass
 class GalleryEmbeddings:
-    """One model state's L2-normalised embeddings of a gallery."""
+    """One model state's L2-normalised embeddings of a gallery, and their search indexes (built
+    on first use)."""
 
     media: torch.Tensor              # (media, D)
     captions: Optional[torch.Tensor]  # (captions, D), None when the dataset has no captions
+    _indexes: dict[str, VectorIndex] = field(default_factory=dict, repr=False)
+
+    def index(self, of: str) -> VectorIndex:
+        if of not in self._indexes:
+            try:
+                self._indexes[of] = VectorIndex.build(getattr(self, of))
+            except VectorIndexError as error:
+                raise QueryError(str(error)) from error
+        return self._indexes[of]
 
 
 def media_kind(path: str | Path) -> str:
@@ -135,12 +146,46 @@ def _inference(function: Callable) -> Callable:
     return run
 
 
-def _top(scores: torch.Tensor, k: int) -> list[Hit]:
+def _finite(scores: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(scores).all():
         raise QueryError("the model gives scores that are not finite numbers (NaN or infinite): it is broken, "
                          "so nothing is ranked")
-    values, indices = scores.topk(min(k, len(scores)))
+    return scores
+
+
+def _top(scores: torch.Tensor, k: int) -> list[Hit]:
+    values, indices = _finite(scores).topk(min(k, len(scores)))
     return [Hit(int(i), float(v)) for v, i in zip(values, indices)]
+
+
+def _nearest(index: VectorIndex, query: torch.Tensor, k: int,
+             rescore: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> list[Hit]:
+    """The index's k nearest to `query`, best first; with `rescore`, the top RERANK_TOP are
+    ordered by `rescore(candidates)` + similarity instead (BLIP's ITM + ITC)."""
+    try:
+        scores, ids = index.search(query, max(k, RERANK_TOP) if rescore else k)
+    except VectorIndexError as error:
+        raise QueryError(str(error)) from error
+    scores, ids = torch.from_numpy(scores[0]), torch.from_numpy(ids[0])
+    if rescore is not None:
+        top = ids[:RERANK_TOP]
+        scores[:len(top)] += rescore(top).float().cpu()
+        order = scores.argsort(descending=True, stable=True)
+        scores, ids = scores[order], ids[order]
+    return [Hit(int(i), float(v)) for v, i in zip(_finite(scores[:k]), ids[:k])]
+
+
+def text_query(backbone: Backbone, text: str) -> tuple[torch.Tensor, torch.Tensor, Optional[str]]:
+    """A typed query's tokens and (1, D) embedding, cut to fit the text tower (and the note saying so)."""
+    text, note = _fit_text(backbone, text, "text to search with")
+    tokens = backbone.tokenize([text])
+    return tokens, embed_texts(backbone, tokens), note
+
+
+def media_query(backbone: Backbone, path: str | Path, frames: int = DEFAULT_FRAMES) -> tuple[torch.Tensor, torch.Tensor]:
+    """A query picture's or clip's pixels and (1, D) embedding, after the dataset reader's checks."""
+    pixels = _load_query_media(backbone, path, frames)
+    return pixels, embed_media(backbone, pixels)
 
 
 @dataclass
@@ -154,14 +199,10 @@ def search_by_text(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmbe
                    k: int = 5) -> Search:
     """The gallery's media best matching `text`, best first: cosine similarity (BLIP: ITM + ITC
     on the top candidates)."""
-    text, note = _fit_text(backbone, text, "text to search with")
-    tokens = backbone.tokenize([text])
-    query = embed_texts(backbone, tokens)[0]
-    scores = embeddings.media @ query
-    if backbone.has("matching"):
-        scores = rerank(scores, RERANK_TOP, lambda top: match_scores(
-            backbone, media_tokens(backbone, gallery.pixels[top]), tokens.expand(len(top), -1)))
-    return Search(_top(scores, k), note)
+    tokens, query, note = text_query(backbone, text)
+    rescore = (lambda top: match_scores(backbone, media_tokens(backbone, gallery.pixels[top]),
+                                        tokens.expand(len(top), -1))) if backbone.has("matching") else None
+    return Search(_nearest(embeddings.index("media"), query, k, rescore), note)
 
 
 @_inference
@@ -170,15 +211,14 @@ def search_by_media(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmb
     """The gallery's captions best matching the picture or clip at `path`, best first."""
     if embeddings.captions is None:
         raise QueryError("this dataset has no captions to rank")
-    pixels = _load_query_media(backbone, path, frames)
-    query = embed_media(backbone, pixels)[0]
-    scores = embeddings.captions @ query
+    pixels, query = media_query(backbone, path, frames)
+    rescore = None
     if backbone.has("matching"):
         image_tokens = media_tokens(backbone, pixels)   # one pass through the vision tower for every candidate
-        scores = rerank(scores, RERANK_TOP, lambda top: match_scores(
+        rescore = lambda top: match_scores(  # noqa: E731
             backbone, image_tokens.expand(len(top), -1, -1),
-            backbone.tokenize([gallery.captions[i] for i in top.tolist()])))
-    return Search(_top(scores, k))
+            backbone.tokenize([gallery.captions[i] for i in top.tolist()]))
+    return Search(_nearest(embeddings.index("captions"), query, k, rescore))
 
 
 @dataclass
