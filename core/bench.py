@@ -18,7 +18,7 @@ import tempfile
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from core.backbones import BackboneError, load_backbone
 from core.data.shapes import COLOURS, SHAPES, draw_shape
 from core.pet import METHODS, attach, default_lr
 from core.tasks import retrieval
-from core.trainer import TrainSettings, make_optimizer, pick_device, uses_bf16
+from core.trainer import TrainSettings, autocast, autocast_for, make_optimizer, pick_device
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -87,17 +87,19 @@ def _batch(backbone, size: int) -> retrieval.RetrievalSet:
     return retrieval.RetrievalSet(pixels, tokens, torch.arange(size))
 
 
-def _training_step(objective, params, lr: float, bf16: bool) -> Callable[[], None]:
+def _training_step(objective, params, lr: float, amp: Optional[str]) -> Callable[[], None]:
     optimizer = make_optimizer(params, TrainSettings(lr=lr))
     ids = torch.arange(len(objective.data))
     device = next(iter(params.values())).device
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, amp):
             loss = objective(ids)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return step
 
@@ -119,22 +121,24 @@ def _naive_forward(model, data: retrieval.RetrievalSet, device: torch.device) ->
     return forward
 
 
-def _peft_lora_step(model, data: retrieval.RetrievalSet, device: torch.device, lr: float, bf16: bool):
+def _peft_lora_step(model, data: retrieval.RetrievalSet, device: torch.device, lr: float, amp: Optional[str]):
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=1, lora_dropout=0.25, target_modules=["attn"]))
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(params, TrainSettings(lr=lr))
     peft_model.train()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, amp):
             image = model.encode_image(data.pixels.to(device))
             text = model.encode_text(data.tokens.to(device))
             loss = retrieval.contrastive_loss(image, text, data.caption_image.to(device), model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return step, sum(p.numel() for p in params.values())
 
@@ -152,7 +156,7 @@ def _variants(methods: list[str]) -> list[tuple[str, str, dict]]:
     return variants
 
 
-def _method_steps(backbone, data, variants, bf16: bool) -> Iterator[tuple[str, Any, Callable[[], None]]]:
+def _method_steps(backbone, data, variants, amp: Optional[str]) -> Iterator[tuple[str, Any, Callable[[], None]]]:
     """(label, handle, training step) for each variant, attached in turn; afterwards the backbone is
     as it was (what BitFit, the linear probe and full fine-tuning changed is put back, gradients too)."""
     frozen = {n: p.detach().clone() for n, p in backbone.backbone_parameters().items()}
@@ -160,7 +164,7 @@ def _method_steps(backbone, data, variants, bf16: bool) -> Iterator[tuple[str, A
         torch.manual_seed(0)
         handle = attach(backbone, method, options)
         objective = retrieval.RetrievalObjective(backbone, data).train()
-        yield label, handle, _training_step(objective, handle.trainable_parameters(), default_lr(method), bf16)
+        yield label, handle, _training_step(objective, handle.trainable_parameters(), default_lr(method), amp)
         handle.detach()
         backbone.eval()
         with torch.no_grad():
@@ -187,7 +191,7 @@ def _e2e_seconds(model: str, precision: str) -> float:
 def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None = None, precision: str = "auto",
           e2e: bool = True) -> dict[str, Any]:
     device = pick_device()
-    bf16 = uses_bf16(precision, device)
+    amp = autocast_for(precision, device)
     backbone = load_backbone(model, seed=0).to(device)
     if "retrieval" not in backbone.tasks:
         raise BackboneError(f"bench times retrieval training steps; {model} serves {', '.join(backbone.tasks)} only")
@@ -195,7 +199,7 @@ def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None
     variants = _variants(methods or [m for m in METHODS if m != "zero_shot"])
 
     def forward() -> None:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), autocast(device, amp):
             backbone.encode_image(data.pixels.to(device))
             backbone.encode_text(data.tokens.to(device))
 
@@ -203,14 +207,14 @@ def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None
     naive_s = _time(_naive_forward(naive, data, device), steps, device) if naive is not None else None
     forward_s = _time(forward, steps, device)
     results: dict[str, Any] = {}
-    for label, handle, step in _method_steps(backbone, data, variants, bf16):
+    for label, handle, step in _method_steps(backbone, data, variants, amp):
         step_s = _time(step, steps, device)
         results[label] = {"step_s": step_s, "step_over_forward": step_s / forward_s,
                           "step_over_naive": step_s / naive_s if naive_s else None,
                           "trainable_params": handle.num_trainable()}
     peers, peer_step = {}, None
     if naive is not None:
-        peer_step, n_params = _peft_lora_step(naive, data, device, default_lr("lora"), bf16)
+        peer_step, n_params = _peft_lora_step(naive, data, device, default_lr("lora"), amp)
         step_s = _time(peer_step, steps, device)
         peers["peft_lora"] = {"step_s": step_s, "step_over_forward": step_s / forward_s,
                               "step_over_naive": step_s / naive_s, "trainable_params": n_params}
@@ -218,12 +222,12 @@ def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None
     # Memory last: returning freed memory to the system slows every step after it.
     if device.type == "cpu":
         _return_freed_memory()
-    for label, _, step in _method_steps(backbone, data, variants, bf16):
+    for label, _, step in _method_steps(backbone, data, variants, amp):
         results[label]["peak_mem_mb"] = _peak_mb(step, device)
     if peer_step is not None:
         peers["peft_lora"]["peak_mem_mb"] = _peak_mb(peer_step, device)
     return {"model": model, "batch": batch, "device": device.type, "threads": torch.get_num_threads(),
-            "precision": "bf16" if bf16 else "fp32", "asked_precision": precision,
+            "precision": amp or "fp32", "asked_precision": precision,
             "naive_forward_s": naive_s, "forward_s": forward_s,
             "forward_over_naive": forward_s / naive_s if naive_s else None, "methods": results, "peers": peers,
             "e2e_s": e2e_s, "e2e_over_naive": e2e_s / naive_s if e2e_s and naive_s else None}

@@ -19,6 +19,7 @@ import json
 import random
 import sys
 import time
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from core import world
 from core.backbones import load_backbone
 from core.pet import attach
-from core.runs import OFFLINE_FULL_LR, OFFLINE_LR
+from core.runs import suggested_lr
 from core.tasks import retrieval
 from core.trainer import TrainSettings, train
 
@@ -115,19 +116,17 @@ COMPARED = [("zero_shot", {}), ("linear_probe", {}), ("bitfit", {}), ("lora", {}
               for g in ("small", "middleX", "middleY", "large")], ("full", {})]
 
 
-def compare(out: Path, part: str, shots: int, seeds: list[int], epochs: int = 15, lr: float = OFFLINE_LR,
-            full_lr: float = OFFLINE_FULL_LR, items: int = 200, precision: str = "fp32",
-            compared: list[tuple[str, dict]] = COMPARED) -> list[dict]:
+def compare(out: Path, part: str, shots: int, seeds: list[int], epochs: int = 15, lr: Optional[float] = None,
+            items: int = 200, precision: str = "fp32", compared: list[tuple[str, dict]] = COMPARED) -> list[dict]:
     """Tune every method `shots`-shot on a novel part of the world; one row per method, metrics
-    averaged over `seeds`. Few steps, so one high learning rate for every PET method and a low
-    one for full fine-tuning."""
+    averaged over `seeds`, each at `lr` or else at the rate the CLI and the app suggest for it."""
     from core.runs import tune
 
     data = world.write_part(out / part, part, items=items)
     rows = []
     for method, options in compared:
         label = "-".join([method, *(",".join(v) if isinstance(v, list) else str(v) for v in options.values())])
-        rate = full_lr if method == "full" else lr
+        rate = lr if lr is not None and method != "full" else suggested_lr("offline", method)
         runs = [tune("offline", data, method, options, shots=shots, epochs=epochs, lr=rate, precision=precision,
                      seed=seed, out=out / "runs" / f"{label}-{seed}") for seed in seeds]
         mean = lambda key, part_="tuned": sum(getattr(r, part_)[key] for r in runs) / len(runs)  # noqa: E731
@@ -135,7 +134,7 @@ def compare(out: Path, part: str, shots: int, seeds: list[int], epochs: int = 15
         rows.append({"method": method + (f" ({settings})" if settings else ""),
                      "trainable_params": runs[0].trainable_params, "trainable_pct": runs[0].trainable_pct,
                      "zero_shot_t2i_r1": mean("t2i_r1", "zero_shot"), "t2i_r1": mean("t2i_r1"),
-                     "i2t_r1": mean("i2t_r1"), "seconds": sum(r.seconds for r in runs) / len(runs)})
+                     "i2t_r1": mean("i2t_r1"), "lr": rate, "seconds": sum(r.seconds for r in runs) / len(runs)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -166,10 +165,11 @@ def precision_table(rows: list[dict]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | trainable | % | t2i R@1 | i2t R@1 | tuning time (s) |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | trainable | % | learning rate | t2i R@1 | i2t R@1 | tuning time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} | {r['t2i_r1']:.1f} | "
-                     f"{r['i2t_r1']:.1f} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} | {r['lr']:g} | "
+                     f"{r['t2i_r1']:.1f} | {r['i2t_r1']:.1f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -220,11 +220,11 @@ one batch of {report['batch_size']} freshly drawn base scenes (one caption each)
 
 ## {comparison['shots']}-shot tuning on `{comparison['part']}` (mean over seeds {', '.join(map(str, comparison['seeds']))})
 
-    python -m core.offline compare --part {comparison['part']} --shots {comparison['shots']} --seeds {','.join(map(str, comparison['seeds']))} --epochs {comparison['epochs']} --lr {comparison['lr']} --full-lr {comparison['full_lr']}
+    python -m core.offline compare --part {comparison['part']} --shots {comparison['shots']} --seeds {','.join(map(str, comparison['seeds']))} --epochs {comparison['epochs']}
 
 {comparison['items']} scenes, the last quarter ({comparison['items'] // 4}) as the test split; {comparison['shots']} training
-scenes with 2 captions each, {comparison['epochs']} epochs of one batch; learning rate {comparison['lr']} for every
-PET method, {comparison['full_lr']} for full fine-tuning. Recall@1 (%) on the test split; the zero_shot row is
+scenes with 2 captions each, {comparison['epochs']} epochs of one batch; each method at the learning rate
+`tune` and the app suggest for this model (`suggested_lr`). Recall@1 (%) on the test split; the zero_shot row is
 the untuned model. Tuning time is per run, on {report['threads']} CPU threads. VL-PET runs in two placements:
 both towers (PET Studio's default) and `towers=text`, the text tower over frozen visual features (the
 authors' placement, `--recipe authors`); Aurora also with the authors' gated query transformation.
@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--shots", type=int, default=16)
     table.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     table.add_argument("--epochs", type=int, default=15)
-    table.add_argument("--lr", type=float, default=OFFLINE_LR, help="for every PET method")
-    table.add_argument("--full-lr", type=float, default=OFFLINE_FULL_LR, help="for full fine-tuning")
+    table.add_argument("--lr", type=float, help="one rate for every PET method (default: each method's suggested "
+                                                "rate; full fine-tuning always keeps its own)")
     table.add_argument("--items", type=int, default=200)
     table.add_argument("--out", default="runs/compare")
     table.add_argument("--record", help="folder to write compare.json into (for the model card)")
@@ -286,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
             (Path(args.record) / "precision.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         print(precision_table(rows))
         return 0
-    rows = compare(Path(args.out), args.part, args.shots, args.seeds, args.epochs, args.lr, args.full_lr, args.items)
+    rows = compare(Path(args.out), args.part, args.shots, args.seeds, args.epochs, args.lr, args.items)
     if args.record:
         record = {"part": args.part, "shots": args.shots, "seeds": args.seeds, "epochs": args.epochs,
-                  "lr": args.lr, "full_lr": args.full_lr, "items": args.items, "rows": rows}
+                  "lr": args.lr, "items": args.items, "rows": rows}
         (Path(args.record) / "compare.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(markdown_table(rows))
     print(json.dumps(rows))

@@ -48,7 +48,8 @@ class TrainSummary:
     epoch_metrics: list[Metrics]
     cancelled: bool
     warmup: float = 0.1           # runs saved before recipes trained with these
-    precision: Optional[str] = None   # asked for (auto, fp32, bf16; None: before it could be); `bf16`: what ran
+    precision: Optional[str] = None   # asked for (auto, fp32, bf16, fp16; None: before it could be)
+    autocast: Optional[str] = None    # what ran: bf16, fp16 or fp32 (None: saved before fp16; `bf16` says)
     weight_decay: float = 0.05
 
 

@@ -1,7 +1,9 @@
 """The one training loop, for every method and task.
 
 AdamW over the trainable parameters only, linear warm-up then cosine decay by step, gradient
-clipping, seeded shuffling, optional bf16 autocast, a progress callback and a cancel flag.
+clipping, seeded shuffling, optional bf16 or fp16 autocast (fp16 with a gradient scaler), a
+progress callback, a cancel flag and a deadline. The loop never waits on the device for its own
+bookkeeping: losses stay on the device and reach the host once per logging interval.
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
 `batch_size` is per process, and each process takes its slice of every global batch (batch size ×
 processes): with the retrieval objective's gathered negatives, N processes × batch B train as one
@@ -33,7 +35,8 @@ class TrainSettings:
     warmup: float = 0.1           # fraction of all steps
     grad_clip: float = 1.0
     seed: int = 0
-    bf16: bool = False
+    autocast: Optional[str] = None   # "bf16" or "fp16"; None trains in fp32
+    log_every: int = 0               # steps between progress reports (0: every step on a CPU, 10 on a GPU)
 
 
 @dataclass
@@ -55,6 +58,9 @@ class TrainLog:
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     cancelled: bool = False
+    out_of_time: bool = False   # stopped at the deadline
+    steps: int = 0              # steps taken
+    total_steps: int = 0        # steps planned
 
 
 def pick_device() -> torch.device:
@@ -69,22 +75,34 @@ def bf16_supported(device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-# Training precision: auto is bf16 autocast where the hardware computes it natively, fp32 elsewhere;
-# bf16 is asked for explicitly (emulated where not native). Parameters and optimiser state stay fp32.
-PRECISIONS = ("auto", "fp32", "bf16")
+# Training precision: auto is bf16 autocast where the hardware computes it natively, else fp16 with
+# a gradient scaler on a GPU (every CUDA GPU computes fp16 natively), else fp32; bf16 and fp16 are
+# asked for explicitly (emulated where not native). Parameters and optimiser state stay fp32.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
+def autocast_for(precision: str, device: torch.device) -> Optional[str]:
+    """The autocast a precision asks for on `device`: "bf16", "fp16" or None (fp32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {str(precision)[:20]!r}")
-    return precision == "bf16" or (precision == "auto" and bf16_supported(device))
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp16" if device.type == "cuda" else None
+    return None if precision == "fp32" else precision
+
+
+def autocast(device: torch.device, amp: Optional[str]) -> torch.autocast:
+    """Autocast to `amp` ("bf16", "fp16"), or a disabled one for fp32."""
+    return torch.autocast(device.type, dtype=_DTYPES.get(amp, torch.float32), enabled=amp is not None)
 
 
 def make_optimizer(params: dict[str, nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]   # biases, norms, scales
+    # The fused kernel reads the step count where it lives: the unfused one reads it with .item() per parameter.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params.values())
     return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, fused=fused or None)
 
 
 def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -102,11 +120,14 @@ def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_sche
 def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: TrainSettings,
           progress: Optional[Callable[[Progress], None]] = None,
           cancel: Optional[Callable[[], bool]] = None,
-          epoch_end: Optional[Callable[[int], None]] = None) -> TrainLog:
+          epoch_end: Optional[Callable[[int], None]] = None,
+          deadline: Optional[float] = None) -> TrainLog:
     """Train `params` (already marked trainable) by minimising objective(batch).
 
     `objective.batches(batch_size, generator)` gives one epoch's batches; `epoch_end(epoch)`
-    runs after each epoch (the objective back in eval mode meanwhile).
+    runs after each epoch (the objective back in eval mode meanwhile). At `deadline` (a
+    time.monotonic() value) training stops before its next step, as a cancel does, and the log
+    says so (`out_of_time`). A non-finite loss raises TrainingDiverged at the report that sees it.
     """
     if not params:
         raise ValueError("nothing to train: the method has no trainable parameters")
@@ -125,37 +146,63 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
     total = max(1, per_epoch * settings.epochs)
     optimizer = make_optimizer(params, settings)
     scheduler = _schedule(optimizer, total, settings.warmup)
-    log, start, step = TrainLog(), time.perf_counter(), 0
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.autocast == "fp16")
+    log_every = settings.log_every or (1 if device.type == "cpu" else 10)
+    log, start, step = TrainLog(total_steps=total), time.perf_counter(), 0
+    pending: list[torch.Tensor] = []   # losses not yet reported, still on the device
+
+    ends: list[int] = []   # the step each finished epoch ended at
+
+    def epoch_of(at_step: int) -> int:
+        return 1 + sum(end < at_step for end in ends)
+
+    def report() -> None:
+        """The pending losses to the host in one transfer: logged, checked, reported."""
+        losses = torch.stack(pending).float().tolist()
+        first = step - len(losses) + 1
+        pending.clear()
+        for at_step, value in enumerate(losses, start=first):
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"the loss became {value} at step {at_step} (epoch {epoch_of(at_step)}); "
+                                       f"try a lower learning rate (now {settings.lr:g})")
+        log.step_losses.extend(losses)
+        if progress is not None:
+            progress(Progress(step, total, epoch_of(step), losses[-1], time.perf_counter() - start))
+
     objective.train()
     try:
-        for epoch in range(settings.epochs):
-            batches = my_batches(generator)
-            epoch_losses = []
-            for batch in batches:
-                if cancel is not None and cancel():
-                    log.cancelled = True
-                    return log
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+        for epoch in range(1, settings.epochs + 1):
+            for batch in my_batches(generator):
+                log.cancelled = cancel is not None and cancel()
+                log.out_of_time = deadline is not None and time.monotonic() >= deadline
+                if log.cancelled or log.out_of_time:
+                    break
+                with autocast(device, settings.autocast):
                     loss = model(batch)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
-                                           f"try a lower learning rate (now {settings.lr:g})")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if settings.grad_clip:
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
-                step += 1
-                log.step_losses.append(loss.item())
-                epoch_losses.append(loss.item())
-                if progress is not None:
-                    progress(Progress(step, total, epoch + 1, loss.item(), time.perf_counter() - start))
-            log.epoch_losses.append(sum(epoch_losses) / max(1, len(epoch_losses)))
+                step = log.steps = step + 1
+                pending.append(loss.detach())
+                if len(pending) >= log_every:
+                    report()
+            if log.cancelled or log.out_of_time:
+                break
+            ends.append(step)
             if epoch_end is not None:
+                if pending:
+                    report()
                 objective.eval()
-                epoch_end(epoch + 1)
+                epoch_end(epoch)
                 objective.train()
+        if pending:
+            report()
+        log.epoch_losses = [sum(log.step_losses[a:b]) / max(1, b - a) for a, b in zip([0, *ends], ends)]
     finally:
         objective.eval()
         log.seconds = time.perf_counter() - start

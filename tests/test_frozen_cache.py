@@ -83,7 +83,8 @@ def _run(load, method, options, data, make_objective, cache, epochs=3, batch_siz
     objective = make_objective(backbone, data, handle, cache)
     torch.manual_seed(1)   # dropout in the method and BLIP's hard negatives draw from here
     log = train(objective, handle.trainable_parameters(),
-                TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=0, bf16=bf16))
+                TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=0,
+                                  autocast="bf16" if bf16 else None))
     return log.step_losses, objective.frozen.kept(), backbone
 
 

@@ -46,3 +46,16 @@ def test_aurora_16_shot_beats_zero_shot_on_a_novel_part(tmp_path):
     assert result.backbone == "offline" and "could not be fetched" in result.note and result.train.lr == 1e-2
     zero_shot, tuned = result.zero_shot, result.tuned
     assert tuned["t2i_r1"] >= zero_shot["t2i_r1"] + 8 and tuned["i2t_r1"] >= zero_shot["i2t_r1"] + 8, (zero_shot, tuned)
+
+
+def test_the_model_card_measures_every_method_at_its_suggested_rate_and_each_beats_zero_shot():
+    from core.runs import suggested_lr
+
+    comparison = json.loads((OFFLINE_CHECKPOINT.parent / "compare.json").read_text())
+    card = (OFFLINE_CHECKPOINT.parent / "MODEL_CARD.md").read_text()
+    for row in comparison["rows"]:
+        method = row["method"].split(" ")[0]
+        assert row["lr"] == suggested_lr(OFFLINE, method), row["method"]
+        assert f"| {row['method']} | {row['trainable_params']:,} |" in card
+        if method != "zero_shot":   # text→image, the headline: above the untuned model at the suggested rate
+            assert row["t2i_r1"] > row["zero_shot_t2i_r1"], row["method"]

@@ -51,6 +51,50 @@ def test_cancel_flag_stops_between_steps():
     assert log.cancelled and len(log.step_losses) == 3
 
 
+def test_the_loop_reaches_the_host_once_per_logging_interval(shapes, monkeypatch):
+    """Losses stay on the device between reports: every .item(), .cpu(), .tolist() and tensor
+    truth test in the loop (objective, optimiser, clipping and bookkeeping alike) is counted."""
+    from core.backbones import load_backbone
+    from core.pet import attach
+    from core.tasks import retrieval
+
+    from core.data import read_dataset
+
+    backbone = load_backbone(TINY, seed=0)
+    handle = attach(backbone, "aurora", {})
+    dataset = read_dataset(shapes, shapes.parent)
+    objective = retrieval.RetrievalObjective(backbone, retrieval.prepare(backbone, dataset, dataset.split("train")[:16]))
+    counts = {"syncs": 0}
+    for name in ("item", "cpu", "tolist", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, **kwargs):
+            counts["syncs"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    reports = []
+    log = train(objective, handle.trainable_parameters(),
+                TrainSettings(epochs=2, lr=1e-3, batch_size=4, log_every=5), progress=reports.append)
+    monkeypatch.undo()
+    assert log.steps == 16 and len(log.step_losses) == 16 and len(log.epoch_losses) == 2
+    assert [(p.step, p.epoch) for p in reports] == [(5, 1), (10, 2), (15, 2), (16, 2)]   # every 5 steps, and the last
+    assert counts["syncs"] <= len(reports), counts
+
+
+def test_a_deadline_stops_training_cleanly_and_says_so(monkeypatch):
+    objective, clock = Quadratic(), [0.0]
+
+    def tick(p) -> None:   # the clock reaches the deadline during step 7
+        clock[0] = 100.0 if p.step == 7 else clock[0]
+
+    monkeypatch.setattr("core.trainer.time.monotonic", lambda: clock[0])
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=5), progress=tick, deadline=100.0)
+    monkeypatch.undo()
+    assert log.out_of_time and not log.cancelled and (log.steps, log.total_steps) == (7, 20)
+    assert len(log.step_losses) == 7
+
+
 def test_warmup_then_cosine_by_step():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = _schedule(optimizer, total_steps=10, warmup=0.2)
@@ -74,14 +118,36 @@ def test_same_seed_same_numbers(shapes, tmp_path):
     assert runs[0].dataset.train_used == 8
 
 
-def test_precision_auto_is_bf16_exactly_where_the_hardware_computes_it_natively():
-    from core.trainer import bf16_supported, uses_bf16
+def test_precision_auto_is_bf16_exactly_where_the_hardware_computes_it_natively(monkeypatch):
+    from core import trainer
 
-    cpu = torch.device("cpu")
-    assert uses_bf16("auto", cpu) == bf16_supported(cpu)
-    assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu)
-    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
-        uses_bf16("fp16", cpu)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert trainer.autocast_for("auto", cpu) == ("bf16" if trainer.bf16_supported(cpu) else None)
+    assert trainer.autocast_for("bf16", cpu) == "bf16" and trainer.autocast_for("fp32", cpu) is None
+    assert trainer.autocast_for("fp16", cpu) == "fp16"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16"):
+        trainer.autocast_for("half", cpu)
+    # A GPU: bf16 only where it is native (emulation does not count), fp16 with a scaler elsewhere.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or including_emulation)
+    assert trainer.autocast_for("auto", gpu) == "fp16" and asked == [False]
+
+
+def test_fp16_autocast_trains_with_a_gradient_scaler(shapes, tmp_path, monkeypatch):
+    scalers = []
+    real = torch.amp.GradScaler
+
+    def recording(*args, **kwargs):
+        scalers.append(kwargs.get("enabled"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", recording)
+    result = tune(TINY, shapes, "lora", shots=8, epochs=3, lr=1e-2, precision="fp16", out=tmp_path / "fp16")
+    losses = result.train.epoch_losses
+    assert result.train.autocast == "fp16" and not result.train.bf16 and scalers == [True]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert {t.dtype for t in load_file(tmp_path / "fp16" / "pet.safetensors").values()} == {torch.float32}
 
 
 def test_bf16_autocast_trains_and_keeps_parameters_in_fp32(shapes, tmp_path):
@@ -91,7 +157,7 @@ def test_bf16_autocast_trains_and_keeps_parameters_in_fp32(shapes, tmp_path):
 
     result = tune(TINY, shapes, "linear_probe", epochs=4, lr=1e-2, precision="bf16", out=tmp_path / "bf16")
     losses = result.train.epoch_losses
-    assert result.train.bf16 and result.train.precision == "bf16"
+    assert result.train.bf16 and result.train.precision == "bf16" and result.train.autocast == "bf16"
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert {t.dtype for t in load_file(tmp_path / "bf16" / "pet.safetensors").values()} == {torch.float32}
     auto = tune(TINY, shapes, "linear_probe", shots=8, epochs=1, out=tmp_path / "auto")

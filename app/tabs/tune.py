@@ -22,7 +22,7 @@ from core.pet.recipes import RECIPES
 from core.runs import USER_ERRORS, suggested_lr
 from core.score_cache import ScoreCache
 from core.tasks import TASKS
-from core.trainer import PRECISIONS, pick_device, uses_bf16
+from core.trainer import PRECISIONS, autocast_for, pick_device
 
 BACKBONES = [
     ("Offline model (bundled, works with no network)", "offline"),
@@ -69,8 +69,8 @@ def layout(page) -> None:
                 page.frames = gr.Slider(1, 16, value=DEFAULT_FRAMES, step=1, label="Frames per video")
                 page.answers = gr.Textbox(label="VQA: extra candidate answers, comma-separated")
                 page.precision = gr.Radio(list(PRECISIONS), value="auto", label="Training precision",
-                                          info=f"auto: bf16 where the hardware computes it natively, fp32 elsewhere "
-                                               f"(here: {'bf16' if uses_bf16('auto', pick_device()) else 'fp32'})")
+                                          info=f"auto: bf16 where the hardware computes it natively, fp16 on other "
+                                               f"GPUs, fp32 elsewhere (here: {autocast_for('auto', pick_device()) or 'fp32'})")
                 with gr.Row():
                     page.start = gr.Button("Start tuning", variant="primary")
                     page.cancel = gr.Button("Cancel", variant="stop")

@@ -52,6 +52,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -115,16 +116,16 @@ class RowStore:
     def __init__(self, size: int, budget: _Budget, sequence: bool = False):
         self.size, self.budget, self.sequence = size, budget, sequence
         self.values: Optional[torch.Tensor] = None
-        self.filled: Optional[torch.Tensor] = None
+        self.filled: Optional[np.ndarray] = None   # on the host: asking what is kept never waits on the device
         self.bytes = 0
 
     def missing(self, rows: torch.Tensor) -> torch.Tensor:
         if self.filled is None:
             return torch.ones(len(rows), dtype=torch.bool)
-        return ~self.filled[rows.to(self.filled.device)].cpu()
+        return torch.from_numpy(~self.filled[rows.numpy()])
 
     def has(self, rows: torch.Tensor) -> bool:
-        return self.filled is not None and bool(self.filled[rows.to(self.filled.device)].all())
+        return self.filled is not None and bool(self.filled[rows.numpy()].all())
 
     def _allocate(self, like: torch.Tensor, shape: tuple) -> bool:
         size = self.size * like.element_size() * int(torch.Size(shape).numel())
@@ -136,7 +137,7 @@ class RowStore:
         self.release()
         self.values, self.bytes = values, size
         if self.filled is None:
-            self.filled = torch.zeros(self.size, dtype=torch.bool, device=like.device)
+            self.filled = np.zeros(self.size, dtype=bool)
         return True
 
     def put(self, rows: torch.Tensor, values: torch.Tensor) -> bool:
@@ -157,9 +158,8 @@ class RowStore:
                 padded = values.new_zeros((len(values), *self.values.shape[1:]))
                 padded[:, :values.shape[1]] = values
                 values = padded
-        rows = rows.to(self.values.device)
-        self.values[rows] = values
-        self.filled[rows] = True
+        self.filled[rows.numpy()] = True
+        self.values[rows.to(self.values.device)] = values
         return True
 
     def get(self, rows: torch.Tensor, length: Optional[int] = None) -> torch.Tensor:

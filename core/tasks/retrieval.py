@@ -75,7 +75,8 @@ class RetrievalObjective(nn.Module):
     What no trainable parameter influences is computed once per item and kept (core.tasks.frozen):
     a frozen tower's embeddings (BLIP: its vision tokens, its unimodal text [CLS]), the features a
     linear probe projects, the input of a tower's lowest adapted block. `cache_frozen=False` turns
-    that off (the results are the same, computed every time).
+    that off (the results are the same, computed every time). Caption ids stay on the host (the
+    trainer makes them there), so indexing the data never waits on the device.
     """
 
     def __init__(self, backbone: Backbone, data: RetrievalSet, handle: Optional[PetHandle] = None,
@@ -92,7 +93,6 @@ class RetrievalObjective(nn.Module):
     def forward(self, caption_ids: torch.Tensor) -> torch.Tensor:
         if self.backbone.has("matching"):
             return self._contrastive_and_matching_loss(caption_ids)
-        caption_ids = caption_ids.cpu()
         image_ids = self.data.caption_image[caption_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
         device = self.backbone.device
@@ -113,7 +113,6 @@ class RetrievalObjective(nn.Module):
 
     def _contrastive_and_matching_loss(self, caption_ids: torch.Tensor) -> torch.Tensor:
         backbone, device = self.backbone, self.backbone.device
-        caption_ids = caption_ids.cpu()
         unique, inverse = torch.unique(self.data.caption_image[caption_ids], return_inverse=True)
         image_ids = self.data.caption_image[caption_ids].to(device)
         image_tokens = self._media_rows("media_tokens", unique, media_tokens)[inverse.to(device)]
@@ -122,9 +121,9 @@ class RetrievalObjective(nn.Module):
                                     lambda ids: backbone.text_cls(self.data.tokens[ids].to(device)), len(self.data))
         image_emb, text_emb = backbone.embed_image_tokens(image_tokens), backbone.embed_text_cls(text_cls)
         loss = contrastive_loss(image_emb, text_emb, image_ids, backbone.logit_scale)
-        same = image_ids[:, None] == image_ids[None, :]
-        if same.all():
+        if len(unique) == 1:
             return loss   # one image in the batch: no negatives to match against
+        same = image_ids[:, None] == image_ids[None, :]
         with torch.no_grad():  # hard negatives, drawn by ITC similarity among other images' pairs
             similarity = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
             weights = similarity.float().softmax(dim=1).masked_fill(same, 0) + (~same) * 1e-8

@@ -126,7 +126,6 @@ class VqaObjective(nn.Module):
         self.frozen = FrozenCache(backbone, enabled=cache_frozen)
 
     def forward(self, question_ids: torch.Tensor) -> torch.Tensor:
-        question_ids = question_ids.cpu()
         image_ids = self.data.question_image[question_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
         device = self.backbone.device
