@@ -88,7 +88,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
          progress: Optional[Callable[[Progress], None]] = None,
          cancel: Optional[Callable[[], bool]] = None, epoch_metrics: bool = False,
          local_paths: bool = True, zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None,
-         recipe: str = "studio") -> RunResult:
+         recipe: str = "studio", deadline: Optional[float] = None) -> RunResult:
     """Tune `method` on `model` with the training split of `data`; score the test split before and after.
 
     `recipe` (core.pet.recipes) is whose settings the run starts from: `studio` (the method's
@@ -104,7 +104,9 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     it was given an empty one. `zero_shot_cache` keeps zero-shot scores across runs: a run on the
     same backbone weights, dataset, task, frames and answers reuses them instead of scoring again.
     Under torchrun / accelerate every process runs this; only the first writes the run folder (the
-    others read the data in a scratch folder of their own)."""
+    others read the data in a scratch folder of their own). At `deadline` (a time.monotonic()
+    value: a GPU grant's end less the time to score and save) training stops, and the run is
+    scored and saved as far as it got, its note saying so."""
     started = time.perf_counter()
     make_config(method, options)   # the user's options, checked before anything is read
     check_recipe(recipe)
@@ -114,7 +116,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
         raise RunError(f"precision must be one of {', '.join(PRECISIONS)}, not {str(precision)[:20]!r}")
     out = Path(out) if out is not None else default_run_folder(method)
     arguments = (started, model, data, method, options or {}, recipe, shots, epochs, lr, batch_size, seed, precision, task, extra_answers,
-                 frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache)
+                 frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, deadline)
     if not is_main_process():
         with tempfile.TemporaryDirectory(prefix="petstudio-process-") as scratch:
             return _tune(*arguments, workdir=Path(scratch), out=out, save=False)
@@ -179,8 +181,8 @@ def _claim(out: Path) -> bool:
 
 
 def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batch_size, seed, precision, task, extra_answers,
-          frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, *, workdir: Path, out: Path,
-          save: bool) -> RunResult:
+          frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, deadline, *, workdir: Path,
+          out: Path, save: bool) -> RunResult:
     seed_everything(seed)
     dataset = read_dataset(data, workdir, DEFAULT_LIMITS)
     task_def = get_task(task, dataset, tuple(extra_answers), frames)
@@ -215,12 +217,16 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     if handle.num_trainable() and epochs > 0:
         objective = task_def.objective(backbone, task_def.prepare(backbone, train_items), handle)
         epoch_end = (lambda epoch: per_epoch.append(task_def.evaluate(backbone, test_set))) if epoch_metrics else None
-        log = train(objective, handle.trainable_parameters(), settings, progress, cancel, epoch_end)
+        log = train(objective, handle.trainable_parameters(), settings, progress, cancel, epoch_end, deadline)
     tuned = score(task_def, handle, test_set)
+    notes = [backbone.fallback_note] if backbone.fallback_note else []
+    if log is not None and log.out_of_time:
+        notes.append(f"stopped at the GPU time limit after {log.steps} of {log.total_steps} steps; "
+                     f"scored and saved as far as it got")
 
     result = RunResult(
         method=method, config=config_to_dict(config), method_revision=get_method(method).revision, recipe=chosen, backbone=model, seed=seed, task=task,
-        extra_answers=list(extra_answers), frames=frames, note=backbone.fallback_note,
+        extra_answers=list(extra_answers), frames=frames, note="; ".join(notes) or None,
         backbone_weights=backbone.weights, backbone_params=backbone.num_backbone_params(),
         trainable_params=handle.num_trainable(),
         trainable_pct=100.0 * handle.num_trainable() / backbone.num_backbone_params(), groups=handle.budget(),
@@ -230,7 +236,8 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
                            batch_size=batch_size, shots=shots, bf16=amp == "bf16", precision=precision,
                            autocast=amp or "fp32", device=device.type,
                            epoch_losses=log.epoch_losses if log else [], step_losses=log.step_losses if log else [],
-                           epoch_metrics=per_epoch, cancelled=bool(log and log.cancelled)),
+                           epoch_metrics=per_epoch, cancelled=bool(log and log.cancelled),
+                           out_of_time=bool(log and log.out_of_time)),
         zero_shot=zero_shot, tuned=tuned, seconds=time.perf_counter() - started, out=str(out))
     if save:
         checkpoint.save(out, handle, result)

@@ -164,3 +164,13 @@ def test_bf16_autocast_trains_and_keeps_parameters_in_fp32(shapes, tmp_path):
     assert auto.train.precision == "auto" and auto.train.bf16 == bf16_supported(torch.device("cpu"))
     with pytest.raises(RunError, match="precision must be one of"):
         tune(TINY, shapes, "linear_probe", epochs=1, precision="half", out=tmp_path / "never")
+
+def test_a_run_out_of_gpu_time_is_scored_saved_and_says_so(shapes, tmp_path):
+    import time
+
+    # The trainer's own test stops mid-run; here the grant is over before the first step.
+    result = tune(TINY, shapes, "lora", shots=8, epochs=3, lr=1e-2, out=tmp_path / "run",
+                  deadline=time.monotonic() - 1)
+    assert result.train.out_of_time and not result.train.step_losses
+    assert "stopped at the GPU time limit after 0 of" in result.note
+    assert (tmp_path / "run" / "pet.safetensors").exists() and result.tuned["t2i_r1"] >= 0
