@@ -1,26 +1,128 @@
-"""The models a query runs on, shared by the Ask and Inspect tabs: the frozen backbone (one per
-spec and seed for the whole process: a query never changes it), a session's tuned runs (its
-own), and each model's embeddings of the session's gallery, computed once per model state."""
+"""The models the app computes with, one cache for the whole process: each frozen backbone is
+loaded once per spec and seed, kept on the CPU and shared by every session, the least recently
+used let go once their weights exceed PETSTUDIO_CACHE_MB (default: a quarter of the machine's
+memory, at most 8 GiB). A session's runs are only their folders: a run's PET weights (small) are
+attached to the shared backbone for the length of one call and taken off after it.
+
+`MODELS.on(call, key)` is how a function running on the device (app.device) gets a model: the
+backbone moves to the call's device under its own lock, the run's weights are attached and
+merged where the method is linear, inference runs in bf16 or fp16 where the device computes it
+natively, and afterwards the backbone is put back exactly as it was, on the CPU.
+"""
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import gradio as gr
+import torch
 
-from app.sessions import FROZEN_MODELS_KEPT, Run, Session, SharedModels
+from app.sessions import Run, Session
 from core import query
-from core.backbones import load_backbone
+from core.backbones import Backbone, load_backbone
 from core.data.media import DEFAULT_FRAMES
-from core.runs import load_run
-from core.trainer import pick_device
+from core.pet import PetHandle
+from core.runs import attach_run
+from core.trainer import autocast, autocast_for
 
-FROZEN = SharedModels(FROZEN_MODELS_KEPT)
 # Typed backbone specs may name files and folders on the server only where its operator allows it
 # (a local app); runs uploaded by a visitor never may.
 LOCAL_PATHS = os.environ.get("PETSTUDIO_LOCAL_PATHS", "") == "1"
 NO_RUN = "frozen model only"
+GALLERIES_KEPT = 4   # per session: the frozen and the tuned model's gallery, and two more
+
+
+def _default_budget_mb() -> float:
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # not a POSIX system: assume 8 GiB
+        memory = 8 * 2**30
+    return min(8 * 1024, memory / 4 / 2**20)
+
+
+CACHE_MB = float(os.environ.get("PETSTUDIO_CACHE_MB", "0") or 0) or _default_budget_mb()
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """A model state a query runs on: a frozen backbone, or one with a run's PET weights."""
+
+    spec: str
+    seed: int
+    local_paths: bool
+    run: Optional[str] = None   # the run's folder
+
+
+def _bytes(backbone: Backbone) -> int:
+    return sum(t.numel() * t.element_size() for t in [*backbone.parameters(), *backbone.buffers()])
+
+
+class ModelCache:
+    def __init__(self, budget_mb: float):
+        self.budget = budget_mb * 2**20
+        self._backbones: OrderedDict[tuple, tuple[Backbone, threading.Lock]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def backbone(self, spec: str, seed: int, local_paths: bool) -> tuple[Backbone, threading.Lock]:
+        """The frozen backbone (on the CPU between calls) and the lock a call holds while using it."""
+        key = (spec, seed, local_paths)
+        with self._lock:
+            if key in self._backbones:
+                self._backbones.move_to_end(key)
+                return self._backbones[key]
+        loaded = load_backbone(spec, seed, fallback_offline=True, local_paths=local_paths).eval()
+        with self._lock:
+            entry = self._backbones.setdefault(key, (loaded, threading.Lock()))
+            while len(self._backbones) > 1 and sum(_bytes(b) for b, _ in self._backbones.values()) > self.budget:
+                self._backbones.popitem(last=False)   # a call still using it keeps it alive until it ends
+            return entry
+
+    def load(self, keys: list[ModelKey]) -> None:
+        """Load these models here, before a device call: a ZeroGPU worker is forked from this process
+        and inherits what it holds, where a model the worker loads itself is lost with the worker."""
+        for key in keys:
+            self.backbone(key.spec, key.seed, key.local_paths)
+
+    def fresh_locks(self) -> None:
+        """In a forked child: a lock some thread of the parent held at the fork would never open."""
+        self._lock = threading.Lock()
+        for key, (backbone, _) in self._backbones.items():
+            self._backbones[key] = (backbone, threading.Lock())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._backbones.clear()
+
+    def __len__(self) -> int:
+        return len(self._backbones)
+
+    @contextmanager
+    def on(self, call, key: ModelKey) -> Iterator[tuple[Backbone, Optional[PetHandle]]]:
+        backbone, lock = self.backbone(key.spec, key.seed, key.local_paths)
+        with lock, torch.no_grad():
+            backbone.to(call.device)
+            handle = None
+            try:
+                if key.run is not None:
+                    handle, _ = attach_run(backbone, key.run, restorable=True)
+                    if handle.mergeable:
+                        handle.merge()
+                with autocast(call.device, autocast_for("auto", call.device)):
+                    yield backbone, handle
+            finally:
+                if handle is not None:
+                    handle.detach()
+                backbone.requires_grad_(False)
+                backbone.to("cpu")
+
+
+MODELS = ModelCache(CACHE_MB)
+os.register_at_fork(after_in_child=MODELS.fresh_locks)
 
 
 def spec_of(model) -> str:
@@ -32,40 +134,17 @@ def spec_of(model) -> str:
     return model.strip()
 
 
-def frozen(session: Session, spec: str, seed: int, local_paths: bool) -> str:
-    key = f"frozen:{spec}:{seed}"
-    session.model(key, lambda: (FROZEN.get((spec, seed, local_paths), lambda: load_backbone(
-        spec, seed, fallback_offline=True, local_paths=local_paths).to(pick_device())), None))
-    return key
+def run_model(run: Run) -> ModelKey:
+    return ModelKey(run.result.backbone, run.result.seed, run.local_paths, str(run.folder))
 
 
-def load_tuned(run: Run):
-    """A run's backbone with its PET weights (every name, shape, dtype and value checked), merged
-    for zero-overhead inference where the method is linear in the weights."""
-    backbone, handle, _ = load_run(run.result.backbone, run.folder, local_paths=run.local_paths)
-    if handle.mergeable:
-        handle.merge()
-    return backbone, handle
-
-
-def run_key(run: Run) -> str:
-    return f"run:{run.name}"
-
-
-def tuned(session: Session, run: Run) -> str:
-    session.model(run_key(run), lambda: load_tuned(run))
-    return run_key(run)
-
-
-def models_for(session: Session, run_name: str, model) -> list[tuple[str, str]]:
-    """(label, model key) of the frozen model and, when a run is chosen, the tuned one."""
+def models_for(session: Session, run_name: str, model) -> list[tuple[str, ModelKey]]:
+    """(label, model) of the frozen model and, when a run is chosen, the tuned one."""
     run = session.runs.get(run_name) if isinstance(run_name, str) else None
-    spec = run.result.backbone if run else spec_of(model)
-    keys = [("frozen", frozen(session, spec, run.result.seed if run else 0,
-                              run.local_paths if run else LOCAL_PATHS))]
-    if run:
-        keys.append((f"tuned ({run.name})", tuned(session, run)))
-    return keys
+    if run is None:
+        return [("frozen", ModelKey(spec_of(model), 0, LOCAL_PATHS))]
+    return [("frozen", ModelKey(run.result.backbone, run.result.seed, run.local_paths)),
+            (f"tuned ({run.name})", run_model(run))]
 
 
 def frames_for(session: Session, run_name: str) -> int:
@@ -74,16 +153,27 @@ def frames_for(session: Session, run_name: str) -> int:
     return run.result.frames if run else DEFAULT_FRAMES
 
 
-def gallery(session: Session, key: str, frames: int):
-    """The dataset's gallery and its embeddings under one model state, computed once."""
+def gallery(session: Session, key: ModelKey, frames: int) -> tuple[query.Gallery, Optional[query.GalleryEmbeddings]]:
+    """The dataset's gallery for the model's transform (decoded here, on the CPU) and its
+    embeddings under that model state when a call has computed them (else None)."""
     if session.dataset is None:
         raise gr.Error("load a dataset first (Data tab)")
-    cache = (key, session.dataset.root, frames)
-    if cache not in session.galleries:
-        backbone = session.models[key][0]
-        items = query.load_gallery(backbone, session.dataset, frames)
-        session.galleries[cache] = (items, query.embed_gallery(backbone, items))
-    return session.galleries[cache]
+    cached = session.galleries.get((key, session.dataset.root, frames))
+    if cached is not None:
+        return cached
+    backbone, _ = MODELS.backbone(key.spec, key.seed, key.local_paths)
+    pictures = (key.spec, key.local_paths, session.dataset.root, frames)   # one transform per spec
+    shared = next((g for (k, root, f), (g, _) in session.galleries.items()
+                   if (k.spec, k.local_paths, root, f) == pictures), None)
+    return shared or query.load_gallery(backbone, session.dataset, frames), None
+
+
+def keep_gallery(session: Session, key: ModelKey, frames: int, items: query.Gallery,
+                 embeddings: query.GalleryEmbeddings) -> None:
+    """Keep a gallery's embeddings under one model state; the GALLERIES_KEPT most recent stay."""
+    session.galleries[(key, session.dataset.root, frames)] = (items, embeddings)
+    while len(session.galleries) > GALLERIES_KEPT:
+        session.galleries.pop(next(iter(session.galleries)))
 
 
 def media_path(session: Session, upload: Optional[str], pick: Optional[str]) -> Path:

@@ -1,6 +1,6 @@
 """Per-session state, shared by every tab. Every browser tab (and every gradio_client) has its own working folder,
-dataset, runs and loaded models, keyed by Gradio's session hash, so no user sees another's.
-Models and galleries are heavy and not deep-copyable, so they live here rather than in gr.State;
+dataset, runs and gallery embeddings, keyed by Gradio's session hash, so no user sees another's
+(the frozen backbones are shared, app.models). Galleries are heavy, so they live here rather than in gr.State;
 a session is released when its page unloads, or after it has been idle for `idle_limit` seconds
 (API clients never unload).
 
@@ -19,12 +19,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 SESSIONS_ROOT = Path(tempfile.gettempdir()) / "petstudio-sessions"
 IDLE_LIMIT_SECONDS = 6 * 3600
-MODELS_KEPT = 3   # per session: the frozen and the tuned model of a query, and one more
-FROZEN_MODELS_KEPT = 2   # frozen backbones shared by every session
 
 
 @dataclass
@@ -43,7 +41,6 @@ class Session:
     dataset: Any = None              # core.data.Dataset
     dataset_label: str = ""
     runs: dict[str, Run] = field(default_factory=dict)
-    models: dict[str, Any] = field(default_factory=dict)      # model key -> (backbone, handle or None)
     galleries: dict[tuple, Any] = field(default_factory=dict)  # (model key, dataset, frames) -> (gallery, embeddings)
     live: Optional[Path] = None      # the live folder of the latest tuning (see app/tuning.py)
     live_status: str = ""
@@ -59,17 +56,6 @@ class Session:
         folder = self.folder / kind / f"{self.counter:02d}-{safe}"
         folder.mkdir(parents=True)
         return folder
-
-    def model(self, key: str, load: Callable[[], Any]) -> Any:
-        """The model under `key`, loaded by `load()` the first time it is asked for. Only the
-        MODELS_KEPT most recently used stay loaded (with their galleries), so memory holds what is in use."""
-        model = self.models.pop(key) if key in self.models else load()
-        self.models[key] = model
-        for old in list(self.models)[:-MODELS_KEPT]:
-            del self.models[old]
-            for cached in [k for k in self.galleries if k[0] == old]:
-                del self.galleries[cached]
-        return model
 
 
 def _return_freed_memory() -> None:
@@ -97,24 +83,6 @@ def remove_inside(root: Path, path: Path) -> None:
     if target.is_symlink() or not target.resolve().is_relative_to(root) or target.resolve() == root:
         raise ValueError(f"refusing to remove {path}: not strictly inside {root}")
     shutil.rmtree(target, ignore_errors=True)
-
-
-class SharedModels:
-    """Models shared by every session, loaded once, the `kept` most recently used kept (a
-    session still holding an older one keeps it alive until it lets go)."""
-
-    def __init__(self, kept: int):
-        self.kept = kept
-        self._models: dict[Any, Any] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: Any, load: Callable[[], Any]) -> Any:
-        with self._lock:
-            model = self._models.pop(key) if key in self._models else load()
-            self._models[key] = model
-            for old in list(self._models)[:-self.kept]:
-                del self._models[old]
-            return model
 
 
 class SessionStore:

@@ -1,41 +1,32 @@
-"""The tuning call as the app makes it: on a ZeroGPU Space inside `spaces.GPU` (a worker process
-that receives pickled arguments), elsewhere in a thread of the app. Its progress and its cancel
-request therefore travel through files in the run's live folder rather than through callbacks."""
+"""The tuning call as the app makes it: through the one device entry (app.device: on a ZeroGPU
+Space a forked worker that receives pickled arguments), from a thread of the app that carries the
+handler's context. Its progress and its cancel request therefore travel through files in the
+run's live folder rather than through callbacks. A call stops training at its GPU grant's end,
+less the time to score and save, so nothing a run learned is lost to the time limit."""
 from __future__ import annotations
 
 import contextvars
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import gradio as gr
 
+from app.device import Call, scoring_seconds, tuning_seconds
 from app.sessions import STORE
 from core.result import RunResult
+from core.data import Dataset
+from core.report import write_report
 from core.runs import tune
 from core.sweep import SweepProgress, SweepResult, sweep
 from core.trainer import Progress
-
-try:
-    import spaces
-except ImportError:
-    spaces = None
-
-# Seconds a ZeroGPU call may hold the GPU; a tuning run must finish within it.
-GPU_SECONDS = int(os.environ.get("PETSTUDIO_GPU_SECONDS", "300"))
 # A shared Space stays responsive: at most this many tunings (or comparisons) run at once, the rest wait.
 TUNING_CONCURRENCY = int(os.environ.get("PETSTUDIO_TUNING_CONCURRENCY", "1"))
 PROGRESS_FILE = "progress.jsonl"
 CANCEL_FILE = "cancel"
-
-
-def gpu_bound(function: Callable) -> Callable:
-    """`spaces.GPU` where the `spaces` package is present (ZeroGPU), the function itself elsewhere."""
-    if spaces is None:
-        return function
-    return spaces.GPU(duration=GPU_SECONDS)(function)
 
 
 def cancelled(live: Path) -> bool:
@@ -91,8 +82,25 @@ def _step_line(p: Progress) -> dict[str, Any]:
             "eta": p.eta}
 
 
-@gpu_bound
-def tune_on_device(live: str, **arguments) -> RunResult:
+def planned_seconds(dataset: Dataset, spec: str, task: str, method: str, shots: Optional[int], epochs: int,
+                    batch_size: int, runs: int = 1, epoch_metrics: bool = True) -> tuple[float, int]:
+    """(seconds to ask the device for, training steps) of `runs` tunings of `dataset`, each scored
+    zero-shot, tuned and, with `epoch_metrics`, after every epoch."""
+    train = [item for item in dataset.split("train") if (item.qa if task == "vqa" else item.captions)]
+    # the items with the most pairs: an estimate that errs long
+    pairs = sorted((len(item.qa if task == "vqa" else item.captions) for item in train), reverse=True)[:shots or None]
+    steps = math.ceil(sum(pairs) / max(1, batch_size)) * epochs
+    test_items = len(dataset.split("test"))
+    return tuning_seconds(spec, method, steps, batch_size, test_items, runs,
+                          scorings=2 + epochs * epoch_metrics), steps
+
+
+def training_deadline(call: Call, model: str, test_items: int) -> Optional[float]:
+    """When training must stop for the run to be scored and saved within the call's grant."""
+    return call.deadline - 2 * scoring_seconds(model, test_items) if call.deadline is not None else None
+
+
+def tune_on_device(call: Call, live: str, test_items: int, arguments: dict[str, Any]) -> RunResult:
     """core.runs.tune, reporting each step to `live`/progress.jsonl and stopping when `live`/cancel appears."""
     folder = Path(live)
     with open(folder / PROGRESS_FILE, "a", encoding="utf-8") as log:
@@ -100,11 +108,11 @@ def tune_on_device(live: str, **arguments) -> RunResult:
             log.write(json.dumps(_step_line(p)) + "\n")
             log.flush()
 
-        return tune(**arguments, progress=report, cancel=lambda: cancelled(folder))
+        return tune(**arguments, progress=report, cancel=lambda: cancelled(folder),
+                    deadline=training_deadline(call, arguments["model"], test_items))
 
 
-@gpu_bound
-def sweep_on_device(live: str, **arguments) -> SweepResult:
+def sweep_on_device(call: Call, live: str, test_items: int, arguments: dict[str, Any]) -> SweepResult:
     """core.sweep.sweep, reporting each run and step to `live`/progress.jsonl (a step line also
     says which run of how many it belongs to) and stopping when `live`/cancel appears."""
     folder = Path(live)
@@ -116,4 +124,10 @@ def sweep_on_device(live: str, **arguments) -> SweepResult:
                                   "fraction": p.fraction}) + "\n")
             log.flush()
 
-        return sweep(**arguments, progress=report, cancel=lambda: cancelled(folder))
+        return sweep(**arguments, progress=report, cancel=lambda: cancelled(folder),
+                     deadline=training_deadline(call, arguments["model"], test_items))
+
+
+def report_on_device(call: Call, source: str, out: str, local_paths: bool) -> str:
+    """core.report.write_report: a report reads each run's gates with its model."""
+    return str(write_report(source, out, local_paths=local_paths))

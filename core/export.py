@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import open_clip
+import torch
 from safetensors.torch import save_file
 
 from core.backbones.openclip import CONFIGS
@@ -30,7 +31,7 @@ def export(model: str, pet: str | Path, out: str | Path, local_paths: bool = Tru
     """Fold the run at `pet` into `model`'s weights and write them into the new folder `out`
     (without `local_paths` the run's backbone may not name a server path: an uploaded run)."""
     out = Path(out)
-    backbone, handle, info = load_run(model, pet, local_paths=local_paths)
+    backbone, handle, info = load_run(model, pet, local_paths=local_paths, device=torch.device("cpu"))
     if not handle.foldable:
         raise ExportError(f"{info.method}{' with gated query transformation' if info.config.get('gqt') else ''} "
                           f"adds computation that is not a weight of {info.backbone} (gates, adapters, prompts), so "

@@ -51,6 +51,7 @@ class TrainSummary:
     precision: Optional[str] = None   # asked for (auto, fp32, bf16, fp16; None: before it could be)
     autocast: Optional[str] = None    # what ran: bf16, fp16 or fp32 (None: saved before fp16; `bf16` says)
     out_of_time: bool = False         # stopped at a GPU grant's deadline (the note says after how many steps)
+    seconds: Optional[float] = None   # the training loop's own time (None: saved before it was kept)
     weight_decay: float = 0.05
 
 

@@ -237,16 +237,26 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
                            autocast=amp or "fp32", device=device.type,
                            epoch_losses=log.epoch_losses if log else [], step_losses=log.step_losses if log else [],
                            epoch_metrics=per_epoch, cancelled=bool(log and log.cancelled),
-                           out_of_time=bool(log and log.out_of_time)),
+                           out_of_time=bool(log and log.out_of_time), seconds=log.seconds if log else None),
         zero_shot=zero_shot, tuned=tuned, seconds=time.perf_counter() - started, out=str(out))
     if save:
         checkpoint.save(out, handle, result)
     return result
 
 
-def load_run(model: str, pet: str | Path, local_paths: bool = True) -> tuple[Backbone, PetHandle, RunResult]:
-    """The backbone (re-drawn from the run's seed when it has no weights) with the run's PET weights.
-    Without `local_paths` the run's backbone may not name a file or folder (an uploaded run)."""
+def load_run(model: str, pet: str | Path, local_paths: bool = True,
+             device: Optional[torch.device] = None) -> tuple[Backbone, PetHandle, RunResult]:
+    """The backbone (re-drawn from the run's seed when it has no weights) with the run's PET weights,
+    on `device` (default: the GPU when there is one). Without `local_paths` the run's backbone may
+    not name a file or folder (an uploaded run)."""
+    info = read_run_info(model, pet)
+    backbone = load_backbone(model, info.seed, local_paths=local_paths).to(device or pick_device())
+    handle, info = attach_run(backbone, pet)
+    return backbone, handle, info
+
+
+def read_run_info(model: str, pet: str | Path) -> RunResult:
+    """A run's run.json, checked to be this PET Studio's version of its method on `model`."""
     info, weights = checkpoint.read(pet)
     method = get_method(info.method)
     if info.method_revision != method.revision:
@@ -257,10 +267,34 @@ def load_run(model: str, pet: str | Path, local_paths: bool = True) -> tuple[Bac
     if model != info.backbone:
         raise checkpoint.CheckpointError(f"{weights.parent / checkpoint.RUN_INFO}: these weights were tuned on "
                                          f"{info.backbone[:200]}, not {model}")
-    backbone = load_backbone(model, info.seed, local_paths=local_paths).to(pick_device())
+    return info
+
+
+def attach_run(backbone: Backbone, pet: str | Path, restorable: bool = False) -> tuple[PetHandle, RunResult]:
+    """Attach a run's method to `backbone` (its spec and seed) and load its PET weights, every
+    name, shape, dtype and value checked. With `restorable`, detaching also puts back the backbone
+    weights the run tunes in place (BitFit, linear probe, full), so that the backbone can serve
+    other runs after it (the app's shared backbones)."""
+    info = read_run_info(backbone.spec, pet)
+    weights = checkpoint.read(pet)[1]
     handle = attach(backbone, info.method, info.config)
-    checkpoint.load_into(handle, weights)
-    return backbone, handle, info
+    if restorable:
+        frozen = {n: p.detach().to("cpu", copy=True) for n, p in handle.trainable_parameters().items()
+                  if not n.startswith("pet.")}
+
+        @torch.no_grad()
+        def restore() -> None:
+            parameters = dict(backbone.named_parameters())
+            for name, value in frozen.items():
+                parameters[name].copy_(value)
+
+        handle.on_detach(restore)
+    try:
+        checkpoint.load_into(handle, weights)
+    except BaseException:
+        handle.detach()
+        raise
+    return handle, info
 
 
 def evaluate(model: str, pet: str | Path, data: str | Path) -> dict[str, Any]:

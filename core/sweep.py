@@ -172,11 +172,13 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
           task: str = "retrieval", frames: int = DEFAULT_FRAMES, precision: str = "auto",
           progress: Optional[Callable[[SweepProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
           local_paths: bool = True, recipe: str = "studio",
-          zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None) -> SweepResult:
+          zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None,
+          deadline: Optional[float] = None) -> SweepResult:
     """Tune every choice with every seed, each from `recipe` (core.pet.recipes; the learning rate of
     each method is `lr`, or the recipe's, or the one suggested for it on `model`); a cancel stops
     after the current step, and the sweep keeps the runs that finished (the interrupted one stays
-    on disk, marked cancelled, outside the means)."""
+    on disk, marked cancelled, outside the means). At `deadline` (core.runs.tune) the run in hand
+    stops, is kept the same way, and no further run starts."""
     started = time.perf_counter()
     check_recipe(recipe)
     out = Path(out)
@@ -212,10 +214,12 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
                       lr=lr, batch_size=batch_size, seed=seed, out=out / _folder_name(choice, seed),
                       precision=precision,
                       task=task, frames=frames, progress=report, cancel=cancel, local_paths=local_paths,
-                      zero_shot_cache=zero_shot_cache, recipe=recipe)
+                      zero_shot_cache=zero_shot_cache, recipe=recipe, deadline=deadline)
         fingerprint = result.dataset.fingerprint
-        if result.train.cancelled:
+        if result.train.cancelled or result.train.out_of_time:
             cancelled = True
+            if result.train.out_of_time:
+                note = "; ".join(filter(None, [note, f"the GPU time ran out during run {index + 1} of {len(plan)}"]))
             break
         finished.setdefault(number, []).append(result)
     summary = SweepResult(

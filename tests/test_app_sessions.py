@@ -44,22 +44,6 @@ def test_a_request_without_session_is_refused(tmp_path):
         SessionStore(tmp_path).get(None)
 
 
-def test_only_the_most_recently_used_models_stay_loaded(tmp_path):
-    session = SessionStore(tmp_path).get("s")
-    loads = []
-
-    def loader(name):
-        return lambda: loads.append(name) or name
-
-    for name in ("frozen", "run:1", "run:2"):
-        assert session.model(name, loader(name)) == name
-        session.galleries[(name, tmp_path)] = f"gallery of {name}"
-    assert session.model("frozen", loader("frozen")) == "frozen" and loads == ["frozen", "run:1", "run:2"]
-    session.model("run:3", loader("run:3"))   # run:1 is now the least recently used
-    assert list(session.models) == ["run:2", "frozen", "run:3"]
-    assert ("run:1", tmp_path) not in session.galleries and ("frozen", tmp_path) in session.galleries
-
-
 @pytest.mark.parametrize("hostile", ["-", "..", "/", ".", "", "%2e%2e", "../../etc", "a" * 3000, "\0", "☃"])
 def test_a_hostile_session_hash_names_nothing_on_disk(tmp_path, hostile):
     store = SessionStore(tmp_path / "sessions")

@@ -1,20 +1,27 @@
 """The app's tuning call crosses a process boundary with pickled arguments, as in ZeroGPU's
-worker: its progress and cancel travel through files (app/tuning.py)."""
+worker: its progress and cancel travel through files, and its GPU grant's end stops training
+in time to score and save (app/tuning.py)."""
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import torch
+
+from app.device import Call, scoring_seconds
 from app.tuning import CANCEL_FILE, read_progress, tune_on_device
+from core import checkpoint
 from core.world import write_part
+
+CPU = torch.device("cpu")
 
 
 def test_progress_and_cancel_reach_a_tuning_in_another_process(tmp_path):
     data = write_part(tmp_path / "data", "novel-colours", 16)
     live = tmp_path / "live"
     live.mkdir()
+    arguments = dict(model="offline", data=data, method="adapter", epochs=50, batch_size=2, out=tmp_path / "run")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        job = pool.submit(tune_on_device, str(live), model="offline", data=data, method="adapter", epochs=50,
-                          batch_size=2, out=tmp_path / "run")
+        job = pool.submit(tune_on_device, Call(CPU), str(live), 4, arguments)
         deadline = time.monotonic() + 300
         while len(read_progress(live)) < 3 and not job.done() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -25,3 +32,22 @@ def test_progress_and_cancel_reach_a_tuning_in_another_process(tmp_path):
     assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
     assert [s["loss"] for s in steps] == result.train.step_losses
     assert (tmp_path / "run" / "pet.safetensors").is_file()
+
+
+def test_a_tuning_out_of_gpu_time_is_scored_and_saved(tmp_path):
+    """Training stops at the grant's end less two scorings of the test split; the run is scored,
+    saved and says so."""
+    data = write_part(tmp_path / "data", "novel-colours", 16)
+    live = tmp_path / "live"
+    live.mkdir()
+    test_items = 4
+    grant_end = time.monotonic() + 2 * scoring_seconds("offline", test_items) + 8.0
+    result = tune_on_device(Call(CPU, grant_end), str(live), test_items,
+                            dict(model="offline", data=data, method="adapter", epochs=200, batch_size=2,
+                                 out=tmp_path / "run"))
+    assert result.train.out_of_time and not result.train.cancelled
+    assert 0 < len(result.train.step_losses) < len(read_progress(live)) + 1 <= result.train.epochs * 8
+    assert f"after {len(result.train.step_losses)} of " in result.note and "GPU time limit" in result.note
+    saved, _ = checkpoint.read(tmp_path / "run")
+    assert saved.train.out_of_time and saved.tuned == result.tuned
+    assert time.monotonic() < grant_end   # done, scored and saved within the grant

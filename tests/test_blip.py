@@ -152,3 +152,33 @@ def test_bad_blip_specs(spec, message):
 def test_a_folder_without_config_is_not_blip(tmp_path):
     with pytest.raises(BackboneError, match="not a BLIP folder"):
         load_backbone(f"blip:{tmp_path}")
+
+
+def test_evaluation_streams_vision_tokens_and_reranks_as_each_query_alone_would(tiny_blip, monkeypatch):
+    """BLIP's evaluation holds one chunk of test images' vision tokens at a time and matches each
+    candidate pair once, yet ranks exactly as re-scoring each query's top k on its own does."""
+    from core.tasks import retrieval
+    from core.tasks.matching import match_scores, rerank
+
+    torch.manual_seed(3)
+    captions = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "star")]
+    data = RetrievalSet(torch.randn(7, 3, 32, 32), tiny_blip.tokenize(captions), torch.arange(9) % 7)
+    similarity = torch.randn(7, 9)
+    tiny_blip.eval()
+    with torch.no_grad():
+        every = tiny_blip.image_tokens(data.pixels)
+        expected_i2t = torch.stack([rerank(similarity[i], 3, lambda top: match_scores(
+            tiny_blip, every[i].expand(len(top), -1, -1), data.tokens[top])) for i in range(7)])
+        expected_t2i = torch.stack([rerank(similarity[:, j], 3, lambda top: match_scores(
+            tiny_blip, every[top], data.tokens[j].expand(len(top), -1))) for j in range(9)], dim=1)
+    chunks, pairs = [], []
+    encode, score = retrieval.media_tokens, retrieval.match_scores
+    monkeypatch.setattr(retrieval, "media_tokens", lambda b, p: chunks.append(len(p)) or encode(b, p))
+    monkeypatch.setattr(retrieval, "match_scores", lambda b, t, x: pairs.append(len(x)) or score(b, t, x))
+    i2t, t2i = retrieval.rerank_by_matching(tiny_blip, data, similarity, k=3, batch_size=2)
+    assert chunks == [2, 2, 2, 1]
+    wanted = torch.zeros(7, 9, dtype=torch.bool)
+    wanted.scatter_(1, similarity.topk(3, dim=1).indices, True)
+    wanted.scatter_(0, similarity.topk(3, dim=0).indices, True)
+    assert sum(pairs) == int(wanted.sum()) < 7 * 3 + 9 * 3   # a pair in both top-3s matched once
+    assert torch.allclose(i2t, expected_i2t, atol=1e-5) and torch.allclose(t2i, expected_t2i, atol=1e-5)

@@ -68,7 +68,7 @@ CASES = [
     ("NaN literal", lambda i: json.dumps(i).replace('"seconds": ', '"seconds": NaN, "x": '), None,
      "run.json: not valid JSON (NaN is not a number)"),
     ("infinite number", lambda i: json.dumps(i).replace('"seconds": ', '"seconds": 1e999, "x": '), None,
-     "run.json: 'seconds' must be a finite number"),
+     "run.json: 'train'['seconds'] must be a finite number, not inf"),   # the first "seconds" is train's
     ("5000-digit number", lambda i: _with(i, seed=0).replace('"seed": 0', '"seed": ' + "9" * 5000), None,
      "run.json: not valid JSON"),
     ("nested 100000 deep", lambda i: '{"method": ' + "[" * 100_000 + "]" * 100_000 + "}", None,

@@ -7,13 +7,12 @@ from typing import Optional
 
 import gradio as gr
 
-from app import views
-from app.models import NO_RUN, frames_for, gallery, media_path, models_for
+from app.device import Call, on_device, query_seconds
+from app.models import MODELS, NO_RUN, ModelKey, frames_for, gallery, keep_gallery, media_path, models_for
 from app.sessions import session_of
 from app.tabs import weights
 from core import query
 from core.data.media import IMAGE_TYPES, VIDEO_TYPES
-from core.runs import USER_ERRORS
 from core.tasks.vqa import candidate_answers
 
 CAPTION_COLUMNS = ["rank", "score", "caption of", "caption"]
@@ -81,21 +80,69 @@ def _warn(notes: set) -> None:
         gr.Warning(note)
 
 
+def _galleries(session, run: str, model) -> list[tuple]:
+    """(model key, gallery, its embeddings or None) for the frozen and the chosen tuned model."""
+    frames = frames_for(session, run)
+    return [(key, *gallery(session, key, frames)) for _, key in models_for(session, run, model)]
+
+
+def _seconds(galleries: list[tuple], per_query: int = 1) -> float:
+    return sum(query_seconds(key.spec, len(items.paths) if embeddings is None else 0) + per_query
+               for key, items, embeddings in galleries)
+
+
+def _embedded(backbone, items, embeddings) -> query.GalleryEmbeddings:
+    return embeddings if embeddings is not None else query.embed_gallery(backbone, items)
+
+
+def _portable(embeddings: query.GalleryEmbeddings) -> query.GalleryEmbeddings:
+    """The embeddings without their search index (a FAISS object does not cross a ZeroGPU worker)."""
+    return query.GalleryEmbeddings(embeddings.media, embeddings.captions)
+
+
+def _search_text_on(call: Call, galleries: list[tuple], text: str) -> list[tuple]:
+    results = []
+    for key, items, embeddings in galleries:
+        with MODELS.on(call, key) as (backbone, _):
+            embeddings = _embedded(backbone, items, embeddings)
+            results.append((query.search_by_text(backbone, items, embeddings, text), _portable(embeddings)))
+    return results
+
+
+def _search_media_on(call: Call, galleries: list[tuple], path: str, frames: int) -> list[tuple]:
+    results = []
+    for key, items, embeddings in galleries:
+        with MODELS.on(call, key) as (backbone, _):
+            embeddings = _embedded(backbone, items, embeddings)
+            results.append((query.search_by_media(backbone, items, embeddings, path, frames=frames),
+                            _portable(embeddings)))
+    return results
+
+
+def _answer_on(call: Call, keys: list[ModelKey], path: str, question: str, candidates: list[str],
+               frames: int) -> list[query.Answers]:
+    answers = []
+    for key in keys:
+        with MODELS.on(call, key) as (backbone, _):
+            answers.append(query.answer(backbone, path, question, candidates, frames=frames))
+    return answers
+
+
+def _keep(session, run: str, galleries: list[tuple], results: list[tuple]) -> None:
+    for (key, items, _), (_, embeddings) in zip(galleries, results):
+        keep_gallery(session, key, frames_for(session, run), items, embeddings)
+
+
 def search_text(text: str, run: str, model: str, request: gr.Request):
     """Text → media over the dataset's gallery, frozen and tuned side by side."""
     session = session_of(request)
     with session.lock:
-        try:
-            shown, notes = [], set()
-            for _, key in models_for(session, run, model):
-                items, embeddings = gallery(session, key, frames_for(session, run))
-                found = query.search_by_text(session.models[key][0], items, embeddings, text)
-                notes |= {found.note} - {None}
-                shown.append([(str(items.paths[h.index]), f"{h.score:.3f} · {items.names[h.index]}")
-                              for h in found.hits])
-        except (query.QueryError, *USER_ERRORS) as error:
-            raise views.user_error(error) from error
-    _warn(notes)
+        galleries = _galleries(session, run, model)
+        results = on_device(_search_text_on, galleries, text, seconds=_seconds(galleries))
+        _keep(session, run, galleries, results)
+    shown = [[(str(items.paths[h.index]), f"{h.score:.3f} · {items.names[h.index]}") for h in found.hits]
+             for (_, items, _), (found, _) in zip(galleries, results)]
+    _warn({found.note for found, _ in results} - {None})
     return tuple(_pad(shown, []))
 
 
@@ -104,16 +151,12 @@ def search_media(upload: Optional[str], pick: Optional[str], run: str, model: st
     session = session_of(request)
     with session.lock:
         path = media_path(session, upload, pick)
-        try:
-            shown = []
-            for _, key in models_for(session, run, model):
-                frames = frames_for(session, run)
-                items, embeddings = gallery(session, key, frames)
-                found = query.search_by_media(session.models[key][0], items, embeddings, path, frames=frames)
-                shown.append([[i + 1, round(h.score, 4), items.names[items.caption_media[h.index]],
-                               items.captions[h.index]] for i, h in enumerate(found.hits)])
-        except (query.QueryError, *USER_ERRORS) as error:
-            raise views.user_error(error) from error
+        galleries = _galleries(session, run, model)
+        results = on_device(_search_media_on, galleries, str(path), frames_for(session, run),
+                            seconds=_seconds(galleries))
+        _keep(session, run, galleries, results)
+    shown = [[[i + 1, round(h.score, 4), items.names[items.caption_media[h.index]], items.captions[h.index]]
+              for i, h in enumerate(found.hits)] for (_, items, _), (found, _) in zip(galleries, results)]
     return tuple(_pad(shown, None))
 
 
@@ -127,16 +170,16 @@ def answer_question(upload: Optional[str], pick: Optional[str], question: str, a
         if len(typed) > MAX_TYPED_ANSWERS or any(len(a) > 200 for a in typed):
             raise gr.Error(f"give at most {MAX_TYPED_ANSWERS} candidate answers of at most 200 characters each")
         candidates = candidate_answers(session.dataset.items if session.dataset else [], typed)
-        try:
-            labels, generated, notes = [], [], set()
-            for label, key in models_for(session, run, model):
-                result = query.answer(session.models[key][0], path, question, candidates,
-                                      frames=frames_for(session, run))
-                labels.append({a: p for a, p in result.ranked} or None)
-                notes |= {result.note} - {None}
-                if result.generated is not None:
-                    generated.append(f"**{label}** generates: “{result.generated}”")
-        except (query.QueryError, *USER_ERRORS) as error:
-            raise views.user_error(error) from error
+        labelled = models_for(session, run, model)
+        keys = [key for _, key in labelled]
+        MODELS.load(keys)
+        results = on_device(_answer_on, keys, str(path), question, candidates, frames_for(session, run),
+                            seconds=sum(query_seconds(key.spec, 1) for key in keys))
+    labels, generated = [], []
+    for (label, _), result in zip(labelled, results):
+        labels.append({a: p for a, p in result.ranked} or None)
+        if result.generated is not None:
+            generated.append(f"**{label}** generates: “{result.generated}”")
+    notes = {result.note for result in results} - {None}
     _warn(notes)
     return (*_pad(labels, None), "\n\n".join([*(f"> **Note:** {n}" for n in sorted(notes)), *generated]))

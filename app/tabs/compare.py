@@ -12,10 +12,11 @@ from app import views
 from app.models import LOCAL_PATHS, run_choices, spec_of
 from app.sessions import STORE, Run, session_of
 from app.controls import options_by_method, whole
-from app.tuning import TUNING_CONCURRENCY, claim_folders, read_progress, request_cancel, run_polling, sweep_on_device
+from app.device import on_device, query_seconds
+from app.tuning import (TUNING_CONCURRENCY, claim_folders, planned_seconds, read_progress, report_on_device,
+                        request_cancel, run_polling, sweep_on_device)
 from core import checkpoint, figures
 from core.pet import METHODS, make_config
-from core.report import write_report
 from core.runs import USER_ERRORS
 from core.score_cache import ScoreCache
 from core.sweep import MethodChoice
@@ -116,11 +117,17 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
             progress(last["fraction"], desc=f"run {last['run'] + 1}/{last['runs']}: {last['label']}, "
                                              f"seed {last['seed']} · step {last['step']}/{last['total_steps']}")
 
+    seconds = sum(planned_seconds(session.dataset, arguments["model"], task, method, arguments["shots"],
+                                  arguments["epochs"], arguments["batch_size"], runs=len(arguments["seeds"]),
+                                  epoch_metrics=False)[0] for method in methods)
+    arguments.update(data=data, out=out / "runs")
     try:
-        result = run_polling(sweep_on_device, show_step, str(live), data=data, out=out / "runs", **arguments)
+        result = run_polling(on_device, show_step, sweep_on_device, str(live), len(session.dataset.split("test")),
+                             arguments, seconds=seconds)
         if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
             raise gr.Error("this page's session was closed while it was comparing")
-        report = write_report(out / "runs", out / "report.html", local_paths=LOCAL_PATHS)
+        report = on_device(report_on_device, str(out / "runs"), str(out / "report.html"), LOCAL_PATHS,
+                           seconds=query_seconds(arguments["model"], 1) * len(choices))
     except Exception as error:
         STORE.remove(out if request.session_hash in STORE else session.folder)
         if isinstance(error, USER_ERRORS):

@@ -3,16 +3,18 @@ figure, declared with the method), its per-token gates over a picture, and its t
 from __future__ import annotations
 
 import shutil
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import gradio as gr
 
 from app import views
-from app.models import NO_RUN, media_path, tuned
+from app.device import Call, on_device, query_seconds
+from app.models import MODELS, NO_RUN, ModelKey, media_path, run_model
 from app.sessions import STORE, session_of
+from app.tuning import report_on_device
 from core import checkpoint, figures, query
 from core.export import export
-from core.report import write_report
 from core.runs import USER_ERRORS
 
 
@@ -49,12 +51,9 @@ def run_report(run: str, request: gr.Request) -> str:
     session = session_of(request)
     if not isinstance(run, str) or run not in session.runs or not session.runs[run].result.scored:
         raise gr.Error("choose one of this session's tuned runs")
-    try:
-        chosen = session.runs[run]
-        return str(write_report(chosen.folder, session.new_folder("reports", "run") / "report.html",
-                                local_paths=chosen.local_paths))
-    except USER_ERRORS as error:
-        raise views.user_error(error) from error
+    chosen = session.runs[run]
+    return on_device(report_on_device, str(chosen.folder), str(session.new_folder("reports", "run") / "report.html"),
+                     chosen.local_paths, seconds=query_seconds(chosen.result.backbone, 1))
 
 
 def export_run(run: str, request: gr.Request) -> str:
@@ -71,6 +70,25 @@ def export_run(run: str, request: gr.Request) -> str:
     return shutil.make_archive(str(folder / "exported"), "zip", folder / "model")
 
 
+@dataclass
+class Gates:
+    """What a run's inspection needs from its model, read on the device."""
+
+    view: query.GateView
+    budget: dict[str, int]
+    backbone_params: int
+    method: str
+    config: Any
+
+
+def _read_gates_on(call: Call, key: ModelKey, path: Optional[str], text: str) -> Gates:
+    with MODELS.on(call, key) as (backbone, handle):
+        view = query.read_gates(handle, path, text)
+        on_host = query.GateView({name: t.cpu() for name, t in view.readout.items()}, view.picture,
+                                 view.patch_map.cpu() if view.patch_map is not None else None)
+        return Gates(on_host, handle.budget(), backbone.num_backbone_params(), handle.method, handle.config)
+
+
 def inspect_run(run: str, pick: Optional[str], request: gr.Request):
     """The run's budget, its gates (on the picked picture for per-token gates) and its training curves."""
     session = session_of(request)
@@ -78,19 +96,18 @@ def inspect_run(run: str, pick: Optional[str], request: gr.Request):
         raise gr.Error("choose one of this session's runs (tune one, or load weights)")
     with session.lock:
         chosen = session.runs[run]
-        try:
-            _, handle = session.models[tuned(session, chosen)]
-            path = media_path(session, None, pick) if session.dataset is not None and pick else None
-            caption = next((i.captions[0] for i in session.dataset.items if i.media == pick and i.captions), None) \
-                if path else None
-            view = query.read_gates(handle, path, caption or "a photo")
-        except (query.QueryError, *USER_ERRORS) as error:
-            raise views.user_error(error) from error
-        budget = figures.budget_figure(handle.budget(), handle.backbone.num_backbone_params(),
-                                       (chosen.folder / checkpoint.WEIGHTS).stat().st_size)
+        path = media_path(session, None, pick) if session.dataset is not None and pick else None
+        caption = next((i.captions[0] for i in session.dataset.items if i.media == pick and i.captions), None) \
+            if path else None
+        MODELS.load([run_model(chosen)])
+        gates = on_device(_read_gates_on, run_model(chosen), str(path) if path else None, caption or "a photo",
+                          seconds=query_seconds(chosen.result.backbone, 1))
+    budget = figures.budget_figure(gates.budget, gates.backbone_params,
+                                   (chosen.folder / checkpoint.WEIGHTS).stat().st_size)
+    view = gates.view
     overlay = (figures.patch_overlay_figure(view.picture, view.patch_map, f"vision gates over {pick} "
                                             f"(mean over layers and sub-layers)")
                if view.patch_map is not None else
                figures.message_figure("This run's method has no per-token vision gates to draw over the picture."))
-    return (budget, figures.gate_figure(handle.method, handle.config, view.readout), overlay,
+    return (budget, figures.gate_figure(gates.method, gates.config, view.readout), overlay,
             figures.training_figure(chosen.result))

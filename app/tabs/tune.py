@@ -9,11 +9,12 @@ import gradio as gr
 
 from app import views
 from app.controls import control, number, options_by_method, whole
+from app.device import GPU_SECONDS, ZERO_GPU, granted_seconds, on_device, record_step_time
 from app.models import LOCAL_PATHS, run_choices, spec_of
 from app.sessions import STORE, Run, Session, session_of
 from app.tabs.compare import compare_runs
-from app.tuning import (CANCEL_FILE, TUNING_CONCURRENCY, claim_folders, read_progress, request_cancel,
-                        run_polling, tune_on_device)
+from app.tuning import (CANCEL_FILE, TUNING_CONCURRENCY, claim_folders, planned_seconds, read_progress,
+                        request_cancel, run_polling, tune_on_device)
 from core import figures
 from core.backbones import describe_spec
 from core.data.media import DEFAULT_FRAMES
@@ -33,6 +34,7 @@ BACKBONES = [
     ("PETStudio-Tiny (random init, for trying things out)", "openclip:PETStudio-Tiny"),
 ]
 FIRST_METHOD = next(iter(METHODS))
+NO_ESTIMATE = "*Load a dataset to see how long a tuning takes.*"
 RECIPE_LABELS = {"studio": "PET Studio's defaults (set the knobs yourself)",
                  "authors": "The authors' (what they ran for this backbone, task and media)"}
 AUTHORS_NOTE = ("The method's options and learning rate come from its authors' recipe for this backbone, task and "
@@ -70,10 +72,11 @@ def layout(page) -> None:
                 page.answers = gr.Textbox(label="VQA: extra candidate answers, comma-separated")
                 page.precision = gr.Radio(list(PRECISIONS), value="auto", label="Training precision",
                                           info=f"auto: bf16 where the hardware computes it natively, fp16 on other "
-                                               f"GPUs, fp32 elsewhere (here: {autocast_for('auto', pick_device()) or 'fp32'})")
+                                               f"GPUs, fp32 elsewhere (here: {_auto_precision()})")
                 with gr.Row():
                     page.start = gr.Button("Start tuning", variant="primary")
                     page.cancel = gr.Button("Cancel", variant="stop")
+                page.estimate = gr.Markdown(NO_ESTIMATE)
                 page.status = gr.Markdown(elem_classes="petstudio-status")
         with gr.Row():
             page.card = gr.Markdown()
@@ -81,6 +84,11 @@ def layout(page) -> None:
         page.weights_out = gr.File(label="Tuned PET weights (pet.safetensors + run.json)", file_count="multiple",
                                    interactive=False)
         page.timer = gr.Timer(1.0, active=False)
+
+
+def _auto_precision() -> str:
+    # On ZeroGPU this process has no GPU to ask (CUDA exists only inside a GPU call): the H200's is bf16.
+    return "bf16, on the Space's GPU" if ZERO_GPU else autocast_for("auto", pick_device()) or "fp32"
 
 
 def wire(page) -> None:
@@ -111,6 +119,12 @@ def wire(page) -> None:
      .then(lambda: gr.Timer(active=False), None, [page.timer], api_name="stop_live", queue=False)
      .then(compare_runs, None, [page.table, page.compare_plot], api_name="compare_after_tune"))
     page.cancel.click(cancel_tuning, None, [page.status], api_name="cancel", queue=False)
+    planned = [page.model, page.task, page.method, page.shots, page.epochs, page.batch_size]
+    for source, api_name in ((page.stats, "estimate_for_data"), (page.model, "estimate_for_model"),
+                             (page.task, "estimate_for_task"), (page.method, "estimate_for_method"),
+                             (page.shots, "estimate_for_shots"), (page.epochs, "estimate_for_epochs"),
+                             (page.batch_size, "estimate_for_batch_size")):
+        source.change(tuning_estimate, planned, [page.estimate], api_name=api_name, queue=False)
     page.timer.tick(live_progress, None, [page.loss_plot, page.status], api_name="live_progress",
                     concurrency_limit=None, show_progress="hidden")
 
@@ -158,9 +172,12 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
         if steps:
             progress((steps[-1]["step"], steps[-1]["total_steps"]), unit="steps", desc=_step_text(steps[-1]))
 
+    seconds, _ = planned_seconds(session.dataset, spec, task, method, arguments["shots"], arguments["epochs"],
+                                 arguments["batch_size"])
+    arguments.update(data=data, out=out, lr=number(lr, "learning rate") or None)
     try:
-        result = run_polling(tune_on_device, show_step, str(live), data=data, out=out,
-                             lr=number(lr, "learning rate") or None, **arguments)
+        result = run_polling(on_device, show_step, tune_on_device, str(live), len(session.dataset.split("test")),
+                             arguments, seconds=seconds)
     except Exception as error:
         STORE.remove(out)
         session.live_status = f"stopped: {error}"
@@ -172,6 +189,9 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
     if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
         STORE.remove(session.folder)
         raise gr.Error("this page's session was closed while it was tuning")
+    if result.train.seconds and result.train.step_losses:
+        record_step_time(result.backbone, method, arguments["batch_size"],
+                         result.train.seconds / len(result.train.step_losses))
     name = f"{len(session.runs) + 1} · {method} · {result.backbone}"
     session.runs[name] = Run(name, out, result, local_paths=LOCAL_PATHS)
     cancelled = " (cancelled early)" if result.train.cancelled else ""
@@ -180,6 +200,26 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
         gr.Warning(result.note)
     return (views.run_card(name, result), figures.training_figure(result), views.weights_files(out),
             *run_choices(session, name), session.live_status)
+
+
+def tuning_estimate(model: str, task: str, method: str, shots: float, epochs: float, batch_size: float,
+                    request: gr.Request) -> str:
+    """How long a tuning with these settings takes on the session's dataset, said before Start."""
+    session = session_of(request)
+    if session.dataset is None:
+        return NO_ESTIMATE
+    try:
+        seconds, steps = planned_seconds(session.dataset, spec_of(model), task, method,
+                                         whole(shots, "shots") or None, whole(epochs, "epochs"),
+                                         whole(batch_size, "batch size") or 1)
+    except gr.Error as error:
+        return f"*{error.message}*"
+    if not ZERO_GPU:
+        return f"About {steps} training steps: roughly {seconds:.0f} s here."
+    cut = (f" That is short of the ~{seconds:.0f} s it would take: training stops in time to score and save what "
+           f"it learned, and says so.") if seconds > GPU_SECONDS else ""
+    return (f"About {steps} training steps: asks the GPU for ~{granted_seconds(seconds)} s of your daily ZeroGPU "
+            f"quota (at most {GPU_SECONDS} s).{cut}")
 
 
 def cancel_tuning(request: gr.Request) -> str:

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import gradio as gr
+import torch
 
 from app import views
-from app.models import run_choices, run_key, load_tuned
+from app.device import Call
+from app.models import MODELS, run_choices, run_model
 from app.sessions import STORE, Run, session_of
 from app.tabs.compare import compare_runs
 from core import checkpoint
@@ -62,11 +64,12 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
             info, _ = checkpoint.read(folder)   # run.json checked against its schema
             run = Run(f"{len(session.runs) + 1} · {info.method} · {info.backbone} (uploaded)", folder, info,
                       local_paths=False)
-            loaded = load_tuned(run)   # every name, shape, dtype and value is checked before the run is listed
+            # every name, shape, dtype and value is checked before the run is listed (no computing: the CPU)
+            with MODELS.on(Call(torch.device("cpu")), run_model(run)):
+                pass
         except USER_ERRORS as error:
             STORE.remove(folder)
             raise views.user_error(error) from error
         session.runs[run.name] = run
-        session.model(run_key(run), lambda: loaded)
     card = views.run_card(run.name, info) if info.scored else f"Loaded **{run.name}**."
     return card, *run_choices(session, run.name)

@@ -59,8 +59,13 @@ class Projection:
 
     @torch.no_grad()
     def add_to_weight(self, delta_weight: torch.Tensor) -> None:
-        """Fold a weight delta (out×in) into the frozen weight, in place (merge / unmerge)."""
+        """Fold a weight delta (out×in) into the frozen weight, in place (merge)."""
         self.linear.weight[self.rows] += delta_weight.to(self.linear.weight.dtype)
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Put back a weight as it was (unmerge: subtracting the delta again would not be exact)."""
+        self.linear.weight[self.rows] = weight.to(self.linear.weight.device, self.linear.weight.dtype)
 
 
 def _add_deltas(linear: nn.Linear, inputs: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ class PetHandle:
         self._group = group
         self._undo: list[Callable[[], None]] = []
         self.merged = False
+        self._frozen_weights: list[torch.Tensor] = []   # while merged: each merged projection's frozen weight
         backbone.requires_grad_(False)
         for p in tuned_backbone_params:
             p.requires_grad_(True)
@@ -111,25 +112,25 @@ class PetHandle:
         """(projection, delta) pairs whose delta is linear in x, with a `delta_weight()` (out×in)."""
         return []
 
-    def _fold(self, sign: float) -> None:
+    def merge(self) -> None:
+        """Fold every linear delta into its frozen weight: inference then costs nothing extra. The
+        frozen weights are kept (on the CPU) so that unmerging gives them back bit for bit."""
         if not self.mergeable:
             raise PetError(f"{self.method} is not linear in the weights: it cannot be merged")
-        for projection, delta in self.linear_deltas():
-            projection.add_to_weight(sign * delta.delta_weight())
-            if sign > 0:
-                projection.remove_delta(self.method)
-            else:
-                projection.add_delta(self.method, delta)
-
-    def merge(self) -> None:
-        """Fold every linear delta into its frozen weight: inference then costs nothing extra."""
         if not self.merged:
-            self._fold(+1.0)
+            self._frozen_weights = []
+            for projection, delta in self.linear_deltas():
+                self._frozen_weights.append(projection.weight.detach().to("cpu", copy=True))
+                projection.add_to_weight(delta.delta_weight())
+                projection.remove_delta(self.method)
             self.merged = True
 
     def unmerge(self) -> None:
         if self.merged:
-            self._fold(-1.0)
+            for (projection, delta), weight in zip(self.linear_deltas(), self._frozen_weights):
+                projection.set_weight(weight)
+                projection.add_delta(self.method, delta)
+            self._frozen_weights = []
             self.merged = False
 
     def detach(self) -> None:

@@ -10,7 +10,7 @@ import torch
 from core.backbones import Backbone
 
 RERANK_TOP = 16     # candidates per query that a matching head re-scores
-_BELOW = -100.0     # the score of the candidates it does not re-score: below every re-scored one
+BELOW = -100.0     # the score of the candidates it does not re-score: below every re-scored one
 
 
 def match_scores(backbone: Backbone, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -23,6 +23,6 @@ def rerank(scores: torch.Tensor, k: int, score_pairs: Callable[[torch.Tensor], t
     """One query's `scores` (its similarity to each candidate) with the top k re-scored as
     `score_pairs(top)` (the match logits of those candidates, in that order) + similarity."""
     top = scores.topk(min(k, len(scores))).indices
-    rescored = torch.full_like(scores, _BELOW)
+    rescored = torch.full_like(scores, BELOW)
     rescored[top] = score_pairs(top) + scores[top]
     return rescored

@@ -19,7 +19,7 @@ from core.data.media import DEFAULT_FRAMES, load_media
 from core.distributed import gather, gather_with_grad
 from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
 from core.tasks.frozen import FrozenCache
-from core.tasks.matching import RERANK_TOP, match_scores, rerank
+from core.tasks.matching import BELOW, RERANK_TOP, match_scores
 
 if TYPE_CHECKING:
     from core.pet import PetHandle
@@ -174,17 +174,25 @@ def recall_metrics(similarity: torch.Tensor, caption_image: torch.Tensor) -> dic
 def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch.Tensor,
                        k: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(i2t, t2i) score matrices where each query's top-k ITC candidates are re-scored by
-    ITM logit + ITC similarity and the rest stay below them (BLIP's evaluation)."""
+    ITM logit + ITC similarity and the rest stay below them (BLIP's evaluation). The vision tokens
+    of `batch_size` test media at a time are on the device (5,000 images' tokens would not fit);
+    a pair in the top k of both its image and its text is matched once, for both."""
+    by_image = similarity.topk(min(k, similarity.shape[1]), dim=1).indices   # each image's top texts
+    by_text = similarity.topk(min(k, similarity.shape[0]), dim=0).indices    # each text's top images
+    wanted = torch.zeros_like(similarity, dtype=torch.bool)
+    wanted.scatter_(1, by_image, True)
+    wanted.scatter_(0, by_text, True)
+    rescored = similarity.clone()
     with evaluating(backbone):
-        image_tokens = torch.cat([media_tokens(backbone, p) for p in data.pixels.split(batch_size)])
-        i2t = torch.stack([
-            rerank(similarity[i], k, lambda top: match_scores(backbone, image_tokens[i].expand(len(top), -1, -1),
-                                                              data.tokens[top]))
-            for i in range(similarity.shape[0])])
-        t2i = torch.stack([
-            rerank(similarity[:, j], k, lambda top: match_scores(backbone, image_tokens[top.to(image_tokens.device)],
-                                                                 data.tokens[j].expand(len(top), -1)))
-            for j in range(similarity.shape[1])], dim=1)
+        for start in range(0, len(data.pixels), batch_size):
+            tokens = media_tokens(backbone, data.pixels[start:start + batch_size])
+            images, texts = wanted[start:start + batch_size].nonzero(as_tuple=True)
+            for pairs in torch.arange(len(images)).split(batch_size):
+                image, text = images[pairs], texts[pairs]
+                rescored[start + image, text] += match_scores(backbone, tokens[image.to(tokens.device)],
+                                                              data.tokens[text])
+    i2t = torch.full_like(similarity, BELOW).scatter_(1, by_image, rescored.gather(1, by_image))
+    t2i = torch.full_like(similarity, BELOW).scatter_(0, by_text, rescored.gather(0, by_text))
     return i2t, t2i
 
 

@@ -24,15 +24,13 @@ def _free_port() -> int:
 PROCESSES: dict[str, subprocess.Popen] = {}   # the running app of each url
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory):
-    """(url, sessions folder) of a running app."""
-    temp = tmp_path_factory.mktemp("app-tmp")
+def serve(temp: Path, **environment: str):
+    """Start `python app.py` with its temporary folder in `temp`; yields its url, then stops it."""
     port = _free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "TMPDIR": str(temp),
            "GRADIO_TEMP_DIR": str(temp / "gradio"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "GRADIO_ANALYTICS_ENABLED": "False", "PETSTUDIO_MAX_UPLOAD": "5mb",
-           "PETSTUDIO_LOCAL_PATHS": "1", "GRADIO_HEARTBEAT_INTERVAL": "0.5"}
+           "PETSTUDIO_LOCAL_PATHS": "1", "GRADIO_HEARTBEAT_INTERVAL": "0.5", **environment}
     log = open(temp / "app.log", "w")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -47,13 +45,21 @@ def app_server(tmp_path_factory):
                 raise RuntimeError(f"the app did not start:\n{(temp / 'app.log').read_text()}")
             time.sleep(0.5)
     PROCESSES[url] = process
-    yield url, temp / "petstudio-sessions"
+    yield url
     process.terminate()
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """(url, sessions folder) of a running app."""
+    temp = tmp_path_factory.mktemp("app-tmp")
+    for url in serve(temp):
+        yield url, temp / "petstudio-sessions"
 
 
 @pytest.fixture
