@@ -168,7 +168,8 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| method | trainable | % | learning rate | t2i R@1 | i2t R@1 | tuning time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} | {r['lr']:g} | "
+        lr = f"{r['lr']:g}" if r["trainable_params"] else "—"   # the untuned row trains nothing
+        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} | {lr} | "
                      f"{r['t2i_r1']:.1f} | {r['i2t_r1']:.1f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
