@@ -249,7 +249,9 @@ def run_tune(args) -> dict[str, Any]:
     _note(f"backbone: {result.backbone} — {result.backbone_weights}")
     summary = {k: getattr(result, k) for k in ("task", "method", "backbone", "trainable_params", "trainable_pct",
                                                "zero_shot", "tuned", "seconds", "out", "backbone_weights", "note")}
-    return {**summary, "epoch_metrics": result.train.epoch_metrics}
+    return {**summary, "below_zero_shot": result.below_zero_shot, "lr": result.train.lr,
+            "restarts": [asdict(r) for r in result.train.restarts],
+            "epoch_metrics": result.train.epoch_metrics}
 
 
 def run_eval(args) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def _run_section(folder: Path, result: RunResult, title: str, local_paths: bool)
 
 def _sweep_sections(sweep: SweepResult, local_paths: bool) -> list[str]:
     keys = list(sweep.methods[0].metrics) if sweep.methods else []
-    rows = [[m.label, f"{m.trainable_params:,}", f"{m.trainable_pct:.4g}",
+    rows = [[f"{m.label} ⚠ {m.warning}" if m.warning else m.label, f"{m.trainable_params:,}", f"{m.trainable_pct:.4g}",
              *(f"{m.metrics[k][0]:.1f} ± {m.metrics[k][1]:.1f}" for k in keys), f"{m.seconds:.1f}",
              f"{m.file_bytes / 1024:.1f}"] for m in sweep.methods]
     status = " — cancelled: the runs that finished" if sweep.cancelled else ""

@@ -14,6 +14,7 @@ MAX_TEXT = 10_000       # characters of any text
 MAX_LIST = 1_000_000    # entries of any list (the step losses of a long run)
 MAX_SEED = 2**32 - 1
 MAX_FRAMES = 64
+BELOW_ZERO_SHOT = "ends below its own zero-shot score"   # said wherever such a run is shown
 
 
 class ResultError(ValueError):
@@ -36,6 +37,16 @@ class DatasetSummary:
 
 
 @dataclass
+class Restart:
+    """A divergence the training caught: at `lr` it went wrong at `step`, and it restarted at `restarted_at`."""
+
+    lr: float
+    step: int
+    reason: str
+    restarted_at: float
+
+
+@dataclass
 class TrainSummary:
     epochs: int
     lr: float
@@ -52,6 +63,7 @@ class TrainSummary:
     autocast: Optional[str] = None    # what ran: bf16, fp16 or fp32 (None: saved before fp16; `bf16` says)
     out_of_time: bool = False         # stopped at a GPU grant's deadline (the note says after how many steps)
     seconds: Optional[float] = None   # the training loop's own time (None: saved before it was kept)
+    restarts: list[Restart] = field(default_factory=list)   # divergences caught; `lr` is the one that finished
     weight_decay: float = 0.05
 
 
@@ -99,6 +111,15 @@ class RunResult:
     @property
     def scored(self) -> bool:
         return self.tuned is not None
+
+    @property
+    def below_zero_shot(self) -> bool:
+        """Tuned lower than the untuned model on the task's headline metric: the run made it worse."""
+        from core.tasks import headline_metric   # the task registry reads datasets; a result stays light
+
+        key = headline_metric(self.task)
+        return self.scored and key in (self.zero_shot or {}) and key in self.tuned \
+            and self.tuned[key] < self.zero_shot[key]
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,9 +20,10 @@ from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process
 from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, get_method, make_config
 from core.pet.recipes import Setting, check_recipe, recipe_for
-from core.result import MAX_FRAMES, MAX_SEED, DatasetSummary, RunResult, TrainSummary
-from core.tasks import Task, TaskError, get_task
-from core.trainer import PRECISIONS, Progress, TrainingDiverged, TrainSettings, autocast_for, pick_device, train
+from core.result import BELOW_ZERO_SHOT, MAX_FRAMES, MAX_SEED, DatasetSummary, Restart, RunResult, TrainSummary
+from core.tasks import Task, TaskError, get_task, headline_metric, metric_label
+from core.trainer import (PRECISIONS, Progress, TrainingDiverged, TrainSettings, autocast_for, pick_device,
+                          restart_note, train)
 
 
 class RunError(ValueError):
@@ -216,10 +217,19 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     log, per_epoch = None, []
     if handle.num_trainable() and epochs > 0:
         objective = task_def.objective(backbone, task_def.prepare(backbone, train_items), handle)
-        epoch_end = (lambda epoch: per_epoch.append(task_def.evaluate(backbone, test_set))) if epoch_metrics else None
-        log = train(objective, handle.trainable_parameters(), settings, progress, cancel, epoch_end, deadline)
+        def epoch_end(epoch: int) -> None:   # a restarted run scores its epochs again from the first
+            per_epoch[epoch - 1:] = [task_def.evaluate(backbone, test_set)]
+        log = train(objective, handle.trainable_parameters(), settings, progress, cancel,
+                    epoch_end if epoch_metrics else None, deadline)
     tuned = score(task_def, handle, test_set)
     notes = [backbone.fallback_note] if backbone.fallback_note else []
+    if log is not None and log.restarts:
+        notes.append(restart_note(log.restarts))
+    headline = headline_metric(task)
+    if log is not None and headline in zero_shot and tuned[headline] < zero_shot[headline]:
+        notes.append(f"{BELOW_ZERO_SHOT} ({metric_label(headline)} {tuned[headline]:.1f} against "
+                     f"{zero_shot[headline]:.1f} untuned): this run made the model worse; try a lower learning "
+                     f"rate or fewer epochs")
     if log is not None and log.out_of_time:
         notes.append(f"stopped at the GPU time limit after {log.steps} of {log.total_steps} steps; "
                      f"scored and saved as far as it got")
@@ -232,12 +242,13 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
         trainable_pct=100.0 * handle.num_trainable() / backbone.num_backbone_params(), groups=handle.budget(),
         dataset=DatasetSummary(fingerprint=dataset.fingerprint, manifest=dataset.manifest, **dataset.stats(),
                                train_used=len(train_items)),
-        train=TrainSummary(epochs=epochs, lr=lr, warmup=warmup, weight_decay=settings.weight_decay,
+        train=TrainSummary(epochs=epochs, lr=log.lr if log else lr, warmup=warmup, weight_decay=settings.weight_decay,
                            batch_size=batch_size, shots=shots, bf16=amp == "bf16", precision=precision,
                            autocast=amp or "fp32", device=device.type,
                            epoch_losses=log.epoch_losses if log else [], step_losses=log.step_losses if log else [],
                            epoch_metrics=per_epoch, cancelled=bool(log and log.cancelled),
-                           out_of_time=bool(log and log.out_of_time), seconds=log.seconds if log else None),
+                           out_of_time=bool(log and log.out_of_time), seconds=log.seconds if log else None,
+                           restarts=[Restart(**r) for r in log.restarts] if log else []),
         zero_shot=zero_shot, tuned=tuned, seconds=time.perf_counter() - started, out=str(out))
     if save:
         checkpoint.save(out, handle, result)

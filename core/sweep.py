@@ -16,7 +16,7 @@ from core import checkpoint
 from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process
 from core.pet import get_method, make_config
-from core.result import RunResult
+from core.result import BELOW_ZERO_SHOT, RunResult
 from core.backbones import load_backbone
 from core.pet.recipes import check_recipe
 from core.runs import RunError, tune
@@ -108,6 +108,15 @@ class MethodSummary:
     zero_shot: dict[str, float]              # mean over seeds (they differ only for an untrained backbone)
     seconds: float                           # mean time per run
     file_bytes: int                          # saved pet.safetensors
+    below_zero_shot: int = 0                 # runs that ended below their own zero-shot score
+    restarted: int = 0                       # runs the divergence guard restarted at a lower lr
+
+    @property
+    def warning(self) -> Optional[str]:
+        """What the table must say beside the method's numbers, if anything."""
+        said = [f"{self.below_zero_shot} of {len(self.runs)} runs {BELOW_ZERO_SHOT}" if self.below_zero_shot else "",
+                f"{self.restarted} of {len(self.runs)} runs diverged and restarted" if self.restarted else ""]
+        return "; ".join(filter(None, said)) or None
 
 
 @dataclass
@@ -146,7 +155,8 @@ def summarise(choice: MethodChoice, results: list[RunResult]) -> MethodSummary:
         zero_shot={k: statistics.fmean(r.zero_shot[k] for r in results) for k in keys},
         seconds=statistics.fmean(r.seconds for r in results),
         # Only the first of several processes writes the runs: the others may not see them yet.
-        file_bytes=(folder / checkpoint.WEIGHTS).stat().st_size if (folder / checkpoint.WEIGHTS).is_file() else 0)
+        file_bytes=(folder / checkpoint.WEIGHTS).stat().st_size if (folder / checkpoint.WEIGHTS).is_file() else 0,
+        below_zero_shot=sum(r.below_zero_shot for r in results), restarted=sum(bool(r.train.restarts) for r in results))
 
 
 def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], shots: Optional[int], epochs: int,

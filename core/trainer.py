@@ -4,6 +4,9 @@ AdamW over the trainable parameters only, linear warm-up then cosine decay by st
 clipping, seeded shuffling, optional bf16 or fp16 autocast (fp16 with a gradient scaler), a
 progress callback, a cancel flag and a deadline. The loop never waits on the device for its own
 bookkeeping: losses stay on the device and reach the host once per logging interval.
+A run that diverges — a loss that is not finite, or a smoothed loss that climbs to DIVERGED_RISE
+times the untrained weights' loss — goes back to its best weights so far (the start, or the end of its best
+epoch) and trains again at a third of the learning rate, at most `restarts` times.
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
 `batch_size` is per process, and each process takes its slice of every global batch (batch size ×
 processes): with the retrieval objective's gathered negatives, N processes × batch B train as one
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -21,9 +24,20 @@ from torch import nn
 
 from core.distributed import rank_and_world
 
+DIVERGED_RISE = 1.5   # a smoothed loss this many times the untrained weights' loss is a run going wrong
+SMOOTHING = 0.9       # of the loss's exponential moving average (bias-corrected)
+RESTART_FACTOR = 3.0  # a restart divides the learning rate by this
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message says where and what to try."""
+    """Training diverged at every learning rate it was allowed to try; the message says where
+    and what to try."""
+
+
+class _Diverging(Exception):
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step, self.reason = step, reason
 
 
 @dataclass
@@ -37,6 +51,7 @@ class TrainSettings:
     seed: int = 0
     autocast: Optional[str] = None   # "bf16" or "fp16"; None trains in fp32
     log_every: int = 0               # steps between progress reports (0: every step on a CPU, 10 on a GPU)
+    restarts: int = 2                # a diverging run restarts at a third of the lr at most this often
 
 
 @dataclass
@@ -61,6 +76,14 @@ class TrainLog:
     out_of_time: bool = False   # stopped at the deadline
     steps: int = 0              # steps taken
     total_steps: int = 0        # steps planned
+    lr: float = 0.0             # the learning rate of the attempt that finished
+    restarts: list[dict] = field(default_factory=list)   # {lr, step, reason, restarted_at} per divergence
+
+
+def restart_note(restarts: list[dict]) -> Optional[str]:
+    """What the divergence guard did, in words ("lr 0.03 diverged at step 40 (…); restarted at 0.01")."""
+    return "; ".join(f"lr {r['lr']:.3g} diverged at step {r['step']} ({r['reason']}); restarted at {r['restarted_at']:.3g}"
+                     for r in restarts) or None
 
 
 def pick_device() -> torch.device:
@@ -117,6 +140,45 @@ def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_sche
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class _BestWeights:
+    """The trainable parameters at their lowest loss so far, among the weights each epoch starts
+    from (the untrained ones, then the end of each epoch), each judged by the loss of the step
+    that begins the next epoch — computed on exactly those weights. Kept on the device and chosen
+    there, so that keeping them never waits on the host."""
+
+    def __init__(self, params: dict[str, nn.Parameter]):
+        self.params = params
+        self.weights = {n: p.detach().clone() for n, p in params.items()}
+        self.loss: Optional[torch.Tensor] = None
+        self.start: Optional[float] = None   # the level a divergence is measured against: the first attempt's start
+
+    @torch.no_grad()
+    def offer(self, loss: torch.Tensor) -> None:
+        """The current weights, whose loss (before any update) is `loss`."""
+        if self.loss is None:
+            self.loss = torch.full_like(loss, math.inf)
+        better = loss < self.loss
+        self.loss = torch.where(better, loss, self.loss)
+        for name, p in self.params.items():
+            self.weights[name].copy_(torch.where(better, p, self.weights[name]))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, p in self.params.items():
+            p.copy_(self.weights[name])
+
+
+def _agreed(flag: bool, device: torch.device) -> bool:
+    """Whether any process raised `flag` (every process restarts together)."""
+    if rank_and_world()[1] == 1:
+        return flag
+    import torch.distributed as dist
+
+    shared = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    return bool(shared.item())
+
+
 def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: TrainSettings,
           progress: Optional[Callable[[Progress], None]] = None,
           cancel: Optional[Callable[[], bool]] = None,
@@ -125,12 +187,36 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
     """Train `params` (already marked trainable) by minimising objective(batch).
 
     `objective.batches(batch_size, generator)` gives one epoch's batches; `epoch_end(epoch)`
-    runs after each epoch (the objective back in eval mode meanwhile). At `deadline` (a
-    time.monotonic() value) training stops before its next step, as a cancel does, and the log
-    says so (`out_of_time`). A non-finite loss raises TrainingDiverged at the report that sees it.
+    runs after each epoch (the objective back in eval mode meanwhile; after a restart it is called
+    again from epoch 1). At `deadline` (a time.monotonic() value) training stops before its next
+    step, as a cancel does, and the log says so (`out_of_time`). A run that diverges restarts from
+    its best weights at a third of the lr (`log.restarts` says when and why); one that still
+    diverges after `settings.restarts` restarts raises TrainingDiverged.
     """
     if not params:
         raise ValueError("nothing to train: the method has no trainable parameters")
+    best, restarts, lr = _BestWeights(params), [], settings.lr
+    while True:
+        try:
+            log = _attempt(objective, params, replace(settings, lr=lr), best, progress, cancel, epoch_end, deadline)
+        except _Diverging as diverging:
+            if len(restarts) >= settings.restarts:
+                tried = restart_note(restarts)
+                raise TrainingDiverged(f"{diverging.reason} at step {diverging.step} with lr {lr:.3g}"
+                                       f"{f' (before that: {tried})' if tried else ''}; try a lower learning rate, "
+                                       f"or check the data") from None
+            best.restore()
+            restarts.append({"lr": lr, "step": diverging.step, "reason": diverging.reason,
+                             "restarted_at": lr / RESTART_FACTOR})
+            lr /= RESTART_FACTOR
+            continue
+        log.lr, log.restarts = lr, restarts
+        return log
+
+
+def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: TrainSettings, best: _BestWeights,
+             progress, cancel, epoch_end, deadline) -> TrainLog:
+    """One training schedule at settings.lr; raises _Diverging when the run goes wrong."""
     rank, world = rank_and_world()
     model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     device = next(iter(params.values())).device
@@ -150,21 +236,34 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
     log_every = settings.log_every or (1 if device.type == "cpu" else 10)
     log, start, step = TrainLog(total_steps=total), time.perf_counter(), 0
     pending: list[torch.Tensor] = []   # losses not yet reported, still on the device
+    smoothed = {"average": 0.0, "count": 0}
 
     ends: list[int] = []   # the step each finished epoch ended at
 
     def epoch_of(at_step: int) -> int:
         return 1 + sum(end < at_step for end in ends)
 
+    def diverging(losses: list[float], first: int) -> Optional[_Diverging]:
+        for at_step, value in enumerate(losses, start=first):
+            if not math.isfinite(value):
+                return _Diverging(at_step, f"the loss became {value}")
+            smoothed["count"] += 1
+            smoothed["average"] = SMOOTHING * smoothed["average"] + (1 - SMOOTHING) * value
+            level = smoothed["average"] / (1 - SMOOTHING ** smoothed["count"])
+            if best.start is None:   # the run's start: the untrained weights' loss, the first step's
+                best.start = value
+            elif level > DIVERGED_RISE * best.start:
+                return _Diverging(at_step, f"the smoothed loss rose to {level / best.start:.1f}× its start")
+        return None
+
     def report() -> None:
         """The pending losses to the host in one transfer: logged, checked, reported."""
         losses = torch.stack(pending).float().tolist()
         first = step - len(losses) + 1
         pending.clear()
-        for at_step, value in enumerate(losses, start=first):
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"the loss became {value} at step {at_step} (epoch {epoch_of(at_step)}); "
-                                       f"try a lower learning rate (now {settings.lr:g})")
+        wrong = diverging(losses, first)
+        if _agreed(wrong is not None, device):
+            raise wrong or _Diverging(first, "another process's loss went wrong")
         log.step_losses.extend(losses)
         if progress is not None:
             progress(Progress(step, total, epoch_of(step), losses[-1], time.perf_counter() - start))
@@ -172,6 +271,7 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
     objective.train()
     try:
         for epoch in range(1, settings.epochs + 1):
+            epoch_start = True
             for batch in my_batches(generator):
                 log.cancelled = cancel is not None and cancel()
                 log.out_of_time = deadline is not None and time.monotonic() >= deadline
@@ -179,6 +279,9 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
                     break
                 with autocast(device, settings.autocast):
                     loss = model(batch)
+                if epoch_start:   # the weights the epoch starts from, before this step changes them
+                    best.offer(loss.detach().float())
+                    epoch_start = False
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if settings.grad_clip:
@@ -188,7 +291,7 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
                 scaler.update()
                 scheduler.step()
                 step = log.steps = step + 1
-                pending.append(loss.detach())
+                pending.append(loss.detach().float())
                 if len(pending) >= log_every:
                     report()
             if log.cancelled or log.out_of_time:

@@ -59,3 +59,37 @@ def test_the_model_card_measures_every_method_at_its_suggested_rate_and_each_bea
         assert f"| {row['method']} | {row['trainable_params']:,} |" in card
         if method != "zero_shot":   # text→image, the headline: above the untuned model at the suggested rate
             assert row["t2i_r1"] > row["zero_shot_t2i_r1"], row["method"]
+
+
+@pytest.fixture(scope="module")
+def novel_colours(tmp_path_factory):
+    return world.write_part(tmp_path_factory.mktemp("novel") / "part", "novel-colours", items=200)
+
+
+def test_aurora_three_times_too_fast_is_caught_and_restarted_not_reported_as_a_collapse(novel_colours, tmp_path):
+    """lr 3e-2 is past Aurora's cliff here (untouched, seed 0 ends at t2i R@1 4.0 against 49.0
+    untuned): the guard sees the loss climb, goes back and finishes at a third of the rate."""
+    code, out, _ = cli("tune", "--model", "offline", "--data", str(novel_colours), "--method", "aurora", "--shots",
+                       "16", "--epochs", "15", "--lr", "0.03", "--seed", "0", "--out", str(tmp_path / "run"), "--json")
+    assert code == 0 and out["lr"] == pytest.approx(0.01)
+    assert [(r["lr"], r["restarted_at"]) for r in out["restarts"]] == [(0.03, pytest.approx(0.01))]
+    assert "lr 0.03 diverged at step" in out["note"] and "restarted at 0.01" in out["note"]
+    assert out["tuned"]["t2i_r1"] > out["zero_shot"]["t2i_r1"] and not out["below_zero_shot"]
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["train"]["restarts"] == out["restarts"] and saved["train"]["lr"] == out["lr"]
+
+
+def test_a_run_that_ends_below_zero_shot_says_so_everywhere_it_is_shown(novel_colours, tmp_path):
+    from app.views import compare_row, run_card
+    from core.report import write_report
+    from core.sweep import MethodChoice, summarise
+
+    result = tune("offline", novel_colours, "adapter", shots=16, epochs=15, lr=0.03, seed=0, out=tmp_path / "run")
+    assert result.below_zero_shot and not result.train.restarts   # no blow-up: it slid below the untuned model
+    assert result.tuned["t2i_r1"] < result.zero_shot["t2i_r1"]
+    assert result.note.startswith("ends below its own zero-shot score (text→image R@1 ")
+    assert "ends below its own zero-shot score" in run_card("1 · adapter", result)
+    assert compare_row("1 · adapter", result, tmp_path / "run")[0] == "1 · adapter ⚠ ends below its own zero-shot score"
+    assert "ends below its own zero-shot score" in write_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    summary = summarise(MethodChoice("adapter", {}), [result])   # a comparison's row says how many seeds did
+    assert summary.below_zero_shot == 1 and summary.warning == "1 of 1 runs ends below its own zero-shot score"

@@ -38,10 +38,45 @@ def test_trainer_minimises_and_reports_progress():
     assert [p.step for p in seen] == list(range(1, 41)) and seen[-1].total_steps == 40 and seen[-1].eta == 0
 
 
-def test_nan_loss_stops_with_a_clear_message():
+def test_a_loss_that_stays_nan_ends_after_two_restarts_with_a_clear_message():
     objective = Quadratic(nan_at=6)
-    with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 6 \(epoch 2\); try a lower learning rate \(now 0.5\)"):
+    expected = (r"the loss became nan at step 1 with lr 0.0556 \(before that: lr 0.5 diverged at step 6 \(the loss "
+                r"became nan\); restarted at 0.167; lr 0.167 diverged at step 1 \(the loss became nan\); restarted at "
+                r"0.0556\); try a lower learning rate")
+    with pytest.raises(TrainingDiverged, match=expected):
         train(objective, {"w": objective.w}, TrainSettings(epochs=3, lr=0.5))
+
+
+class Overshoot(Quadratic):
+    """|w - 3|², with a wall beyond |w| = 5 that steps too large run into."""
+
+    def forward(self, batch):
+        return ((self.w - 3) ** 2).sum() + 1000 * torch.relu(self.w.abs() - 5).sum()
+
+
+def test_a_blow_up_restarts_from_the_best_weights_at_a_third_of_the_lr():
+    objective, seen = Overshoot(), []
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=10, lr=10.0, grad_clip=0), progress=seen.append)
+    assert [r["lr"] for r in log.restarts] == [10.0, pytest.approx(10 / 3)] and log.lr == pytest.approx(10 / 9)
+    assert all("smoothed loss rose" in r["reason"] for r in log.restarts)
+    assert log.steps == log.total_steps == 40 and log.step_losses[-1] < 0.01   # the last attempt learned
+    # each attempt ran into the wall before an epoch ended lower: both restarts began from the untrained weights
+    starts = [p.loss for i, p in enumerate(seen) if p.step == 1]
+    assert starts == [36.0, 36.0, 36.0] and max(p.loss for p in seen) < 1000   # a wall step is never reported
+
+
+def test_the_best_weights_are_those_with_the_lowest_loss_offered():
+    from core.trainer import _BestWeights
+
+    w = nn.Parameter(torch.zeros(2))
+    best = _BestWeights({"w": w})
+    with torch.no_grad():
+        for value, loss in ((0.0, 5.0), (1.0, 6.0), (2.0, 3.0), (3.0, 4.0)):
+            w.fill_(value)
+            best.offer(torch.tensor(loss))
+        w.fill_(9.0)
+    best.restore()
+    assert w.tolist() == [2.0, 2.0] and best.loss.item() == 3.0
 
 
 def test_cancel_flag_stops_between_steps():

@@ -145,7 +145,7 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
     headline = headline_metric(result.task)
     keys = list(result.methods[0].metrics) if result.methods else [headline]
     table = pd.DataFrame(
-        [[m.label, m.trainable_params, round(m.trainable_pct, 4), round(m.zero_shot[headline], 1),
+        [[f"{m.label} ⚠ {m.warning}" if m.warning else m.label, m.trainable_params, round(m.trainable_pct, 4), round(m.zero_shot[headline], 1),
           *(f"{m.metrics[k][0]:.1f} ± {m.metrics[k][1]:.1f}" for k in keys), round(m.seconds, 1),
           round(m.file_bytes / 1024, 1)] for m in result.methods],
         columns=["method", "trainable params", "% of backbone", f"zero-shot {metric_label(headline)}",
