@@ -105,9 +105,9 @@ class ModelCache:
     def on(self, call, key: ModelKey) -> Iterator[tuple[Backbone, Optional[PetHandle]]]:
         backbone, lock = self.backbone(key.spec, key.seed, key.local_paths)
         with lock, torch.no_grad():
-            backbone.to(call.device)
             handle = None
             try:
+                backbone.to(call.device)
                 if key.run is not None:
                     handle, _ = attach_run(backbone, key.run, restorable=True)
                     if handle.mergeable:
@@ -115,10 +115,12 @@ class ModelCache:
                 with autocast(call.device, autocast_for("auto", call.device)):
                     yield backbone, handle
             finally:
-                if handle is not None:
-                    handle.detach()
-                backbone.requires_grad_(False)
-                backbone.to("cpu")
+                try:
+                    if handle is not None:
+                        handle.detach()
+                finally:
+                    backbone.requires_grad_(False)
+                    backbone.to("cpu")
 
 
 MODELS = ModelCache(CACHE_MB)
@@ -171,6 +173,7 @@ def gallery(session: Session, key: ModelKey, frames: int) -> tuple[query.Gallery
 def keep_gallery(session: Session, key: ModelKey, frames: int, items: query.Gallery,
                  embeddings: query.GalleryEmbeddings) -> None:
     """Keep a gallery's embeddings under one model state; the GALLERIES_KEPT most recent stay."""
+    session.galleries.pop((key, session.dataset.root, frames), None)   # the most recent goes last
     session.galleries[(key, session.dataset.root, frames)] = (items, embeddings)
     while len(session.galleries) > GALLERIES_KEPT:
         session.galleries.pop(next(iter(session.galleries)))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from app.device import Call, scoring_seconds, tuning_seconds
+from app.device import MARGIN, Call, scoring_seconds, tuning_seconds
 from app.sessions import STORE
 from core.result import RunResult
 from core.data import Dataset
@@ -97,7 +97,7 @@ def planned_seconds(dataset: Dataset, spec: str, task: str, method: str, shots: 
 
 def training_deadline(call: Call, model: str, test_items: int) -> Optional[float]:
     """When training must stop for the run to be scored and saved within the call's grant."""
-    return call.deadline - 2 * scoring_seconds(model, test_items) if call.deadline is not None else None
+    return call.deadline - MARGIN * 2 * scoring_seconds(model, test_items) if call.deadline is not None else None
 
 
 def tune_on_device(call: Call, live: str, test_items: int, arguments: dict[str, Any]) -> RunResult:

@@ -216,6 +216,11 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
         if cancel is not None and cancel():
             cancelled = True
             break
+        longest = max((r.seconds for runs in finished.values() for r in runs), default=0.0)
+        if deadline is not None and time.monotonic() + longest > deadline:   # the next run would not fit
+            cancelled = True
+            note = "; ".join(filter(None, [note, f"the GPU time ran out before run {index + 1} of {len(plan)}"]))
+            break
         report = (lambda step, i=index, c=choice, s=seed: progress(SweepProgress(i, len(plan), c.label, s, step))) \
             if progress else None
         if report:

@@ -5,7 +5,8 @@ clipping, seeded shuffling, optional bf16 or fp16 autocast (fp16 with a gradient
 progress callback, a cancel flag and a deadline. The loop never waits on the device for its own
 bookkeeping: losses stay on the device and reach the host once per logging interval.
 A run that diverges — a loss that is not finite, or a smoothed loss that climbs to DIVERGED_RISE
-times the untrained weights' loss — goes back to its best weights so far (the start, or the end of its best
+times the untrained weights' mean loss over one epoch (measured first, without gradients) and
+DIVERGED_MARGIN above it — goes back to its best weights so far (the start, or the end of its best
 epoch) and trains again at a third of the learning rate, at most `restarts` times.
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
 `batch_size` is per process, and each process takes its slice of every global batch (batch size ×
@@ -25,6 +26,8 @@ from torch import nn
 from core.distributed import rank_and_world
 
 DIVERGED_RISE = 1.5   # a smoothed loss this many times the untrained weights' loss is a run going wrong
+DIVERGED_MARGIN = 0.5  # and at least this much above it (in nats: a loss near 0, as small batches give, doubles by chance)
+RISE_AFTER = 10       # steps before the smoothed loss is trusted (one small batch's loss can be 0 or 3)
 SMOOTHING = 0.9       # of the loss's exponential moving average (bias-corrected)
 RESTART_FACTOR = 3.0  # a restart divides the learning rate by this
 
@@ -71,7 +74,7 @@ class Progress:
 class TrainLog:
     step_losses: list[float] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0        # training's own time (epoch_end's scorings left out)
     cancelled: bool = False
     out_of_time: bool = False   # stopped at the deadline
     steps: int = 0              # steps taken
@@ -150,7 +153,7 @@ class _BestWeights:
         self.params = params
         self.weights = {n: p.detach().clone() for n, p in params.items()}
         self.loss: Optional[torch.Tensor] = None
-        self.start: Optional[float] = None   # the level a divergence is measured against: the first attempt's start
+        self.start: Optional[float] = None   # the untrained weights' mean loss over an epoch
 
     @torch.no_grad()
     def offer(self, loss: torch.Tensor) -> None:
@@ -234,7 +237,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
     scheduler = _schedule(optimizer, total, settings.warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.autocast == "fp16")
     log_every = settings.log_every or (1 if device.type == "cpu" else 10)
-    log, start, step = TrainLog(total_steps=total), time.perf_counter(), 0
+    log, start, step, scored = TrainLog(total_steps=total), time.perf_counter(), 0, 0.0
     pending: list[torch.Tensor] = []   # losses not yet reported, still on the device
     smoothed = {"average": 0.0, "count": 0}
 
@@ -250,15 +253,17 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
             smoothed["count"] += 1
             smoothed["average"] = SMOOTHING * smoothed["average"] + (1 - SMOOTHING) * value
             level = smoothed["average"] / (1 - SMOOTHING ** smoothed["count"])
-            if best.start is None:   # the run's start: the untrained weights' loss, the first step's
-                best.start = value
-            elif level > DIVERGED_RISE * best.start:
-                return _Diverging(at_step, f"the smoothed loss rose to {level / best.start:.1f}× its start")
+            if smoothed["count"] >= RISE_AFTER and level > max(DIVERGED_RISE * best.start, best.start + DIVERGED_MARGIN):
+                return _Diverging(at_step, f"the smoothed loss rose to {level / best.start:.1f}× the untrained "
+                                           f"weights' loss")
         return None
 
     def report() -> None:
         """The pending losses to the host in one transfer: logged, checked, reported."""
-        losses = torch.stack(pending).float().tolist()
+        losses = torch.stack([*pending, *untrained]).float().tolist()
+        if untrained:   # it rode along with the first report's losses
+            best.start = losses.pop()
+            untrained.clear()
         first = step - len(losses) + 1
         pending.clear()
         wrong = diverging(losses, first)
@@ -269,6 +274,13 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
             progress(Progress(step, total, epoch_of(step), losses[-1], time.perf_counter() - start))
 
     objective.train()
+    untrained: list[torch.Tensor] = []
+    if best.start is None:   # what a rise is measured against: the untrained weights' mean loss over an epoch
+        # (its random draws, e.g. dropout's, are given back: the training that follows is the same with or without it)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                autocast(device, settings.autocast):
+            untrained.append(torch.stack([model(batch).float()
+                                          for batch in my_batches(torch.Generator().manual_seed(0))]).mean())
     try:
         for epoch in range(1, settings.epochs + 1):
             epoch_start = True
@@ -301,12 +313,14 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                 if pending:
                     report()
                 objective.eval()
+                scoring = time.perf_counter()
                 epoch_end(epoch)
+                scored += time.perf_counter() - scoring
                 objective.train()
         if pending:
             report()
         log.epoch_losses = [sum(log.step_losses[a:b]) / max(1, b - a) for a, b in zip([0, *ends], ends)]
     finally:
         objective.eval()
-        log.seconds = time.perf_counter() - start
+        log.seconds = time.perf_counter() - start - scored
     return log

@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from app.device import Call, scoring_seconds
+from app.device import MARGIN, Call, scoring_seconds
 from app.tuning import CANCEL_FILE, read_progress, tune_on_device
 from core import checkpoint
 from core.world import write_part
@@ -35,13 +35,13 @@ def test_progress_and_cancel_reach_a_tuning_in_another_process(tmp_path):
 
 
 def test_a_tuning_out_of_gpu_time_is_scored_and_saved(tmp_path):
-    """Training stops at the grant's end less two scorings of the test split; the run is scored,
-    saved and says so."""
+    """Training stops at the grant's end less two scorings of the test split (with the margin);
+    the run is scored, saved and says so."""
     data = write_part(tmp_path / "data", "novel-colours", 16)
     live = tmp_path / "live"
     live.mkdir()
     test_items = 4
-    grant_end = time.monotonic() + 2 * scoring_seconds("offline", test_items) + 8.0
+    grant_end = time.monotonic() + MARGIN * 2 * scoring_seconds("offline", test_items) + 15.0
     result = tune_on_device(Call(CPU, grant_end), str(live), test_items,
                             dict(model="offline", data=data, method="adapter", epochs=200, batch_size=2,
                                  out=tmp_path / "run"))

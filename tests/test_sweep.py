@@ -130,3 +130,21 @@ def test_unusable_sweep_and_report_paths_are_messages(shapes, tmp_path, capsys):
                  ["report", str(tmp_path), "--out", str(tmp_path / "r.html")]):
         assert main([*argv, "--json"]) == 2
         assert json.loads(capsys.readouterr().out.strip())["error"]
+
+
+def test_a_sweep_does_not_start_a_run_its_gpu_time_cannot_hold(shapes, tiny_weights, tmp_path, monkeypatch):
+    """With the grant's end closer than the longest finished run, the next run is not started
+    (ZeroGPU would kill it, and the sweep with it): the finished runs are kept and the note says why."""
+    import time
+    from types import SimpleNamespace
+
+    import core.sweep
+
+    deadline = time.monotonic() + 10_000   # far: no run is cut inside
+    monkeypatch.setattr(core.sweep, "time", SimpleNamespace(monotonic=lambda: deadline - 0.01,
+                                                            perf_counter=time.perf_counter))
+    result = sweep(tiny_weights, shapes, parse_methods("lora,bitfit"), [0], tmp_path / "sweep", shots=4, epochs=1,
+                   deadline=deadline)
+    assert result.cancelled and [m.method for m in result.methods] == ["lora"]
+    assert "the GPU time ran out before run 2 of 2" in result.note
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["note"] == result.note

@@ -83,11 +83,13 @@ def _warn(notes: set) -> None:
 def _galleries(session, run: str, model) -> list[tuple]:
     """(model key, gallery, its embeddings or None) for the frozen and the chosen tuned model."""
     frames = frames_for(session, run)
-    return [(key, *gallery(session, key, frames)) for _, key in models_for(session, run, model)]
+    keys = [key for _, key in models_for(session, run, model)]
+    MODELS.load(keys)   # here, before the call: a ZeroGPU worker inherits what this process holds
+    return [(key, *gallery(session, key, frames)) for key in keys]
 
 
 def _seconds(galleries: list[tuple], per_query: int = 1) -> float:
-    return sum(query_seconds(key.spec, len(items.paths) if embeddings is None else 0) + per_query
+    return sum(query_seconds(key.spec, len(items.paths) + len(items.captions) if embeddings is None else 0) + per_query
                for key, items, embeddings in galleries)
 
 

@@ -119,10 +119,15 @@ class PetHandle:
             raise PetError(f"{self.method} is not linear in the weights: it cannot be merged")
         if not self.merged:
             self._frozen_weights = []
-            for projection, delta in self.linear_deltas():
-                self._frozen_weights.append(projection.weight.detach().to("cpu", copy=True))
-                projection.add_to_weight(delta.delta_weight())
-                projection.remove_delta(self.method)
+            try:
+                for projection, delta in self.linear_deltas():
+                    self._frozen_weights.append(projection.weight.detach().to("cpu", copy=True))
+                    projection.add_to_weight(delta.delta_weight())
+                    projection.remove_delta(self.method)
+            except BaseException:   # half merged: what was folded is put back, as it was
+                self.merged = True
+                self.unmerge()
+                raise
             self.merged = True
 
     def unmerge(self) -> None:

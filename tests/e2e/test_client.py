@@ -345,7 +345,7 @@ def test_compare_methods_in_one_click(app_server, tmp_path):
         "offline", "retrieval", ["linear_probe", "lora"], {"lora": {"rank": 4}}, "0,1", 4, 1, 8, 8, "auto", "studio",
         api_name="/compare_methods")
     assert status.startswith("4 runs in ")
-    rows = {row[0]: row for row in table["data"]}
+    rows = {row[0].split(" ⚠ ")[0]: row for row in table["data"]}   # a warning may follow the label
     assert set(rows) == {"linear_probe", "lora (rank=4)"}
     column = table["headers"].index("text→image R@1 (mean ± std)")
     runs = [c[1] for c in ask_run["choices"] if c[1] != "frozen model only"]
@@ -356,6 +356,9 @@ def test_compare_methods_in_one_click(app_server, tmp_path):
         assert all(info["config"].get("rank", 4) == 4 for info in infos)   # the options sent for lora were used
         t2i = [info["tuned"]["t2i_r1"] for info in infos]
         assert rows[method["label"]][column] == f"{statistics.fmean(t2i):.1f} ± {statistics.stdev(t2i):.1f}"
+        below = sum(info["tuned"]["t2i_r1"] < info["zero_shot"]["t2i_r1"] for info in infos)
+        assert method["below_zero_shot"] == below   # and the table says so beside the method
+        assert (f" ⚠ {below} of 2 runs ends below its own zero-shot score" in rows[method["label"]][0]) == (below > 0)
     page = Path(report).read_text()
     assert "plotly-graph-div" in page and "src=\"http" not in page
     assert len(json.loads(plot["plot"])["data"][0]["x"]) == 2
