@@ -33,6 +33,7 @@ except ImportError:
 ZERO_GPU = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true", "yes", "on")
 
 GPU_SECONDS = int(os.environ.get("PETSTUDIO_GPU_SECONDS", "300"))   # the most one call asks for
+START_SECONDS = 3.0   # a ZeroGPU worker's start (the fork, the arguments unpickled), asked for on top of a plan
 OUT_OF_MEMORY = ("the GPU ran out of memory: use a smaller batch size, fewer frames per video or a smaller backbone "
                  "(the models kept between calls were let go)")
 
@@ -47,7 +48,8 @@ class Call:
 
 
 def granted_seconds(seconds: float) -> int:
-    return max(1, min(GPU_SECONDS, math.ceil(seconds)))
+    """What a call planned to take `seconds` asks for: its plan and the worker's start, capped."""
+    return max(1, min(GPU_SECONDS, math.ceil(seconds + START_SECONDS)))
 
 
 def _duration(work: Callable, args: tuple, kwargs: dict, seconds: float) -> int:
@@ -56,9 +58,8 @@ def _duration(work: Callable, args: tuple, kwargs: dict, seconds: float) -> int:
 
 
 def _enter(work: Callable, args: tuple, kwargs: dict, seconds: float) -> Any:
-    # the grant's clock started before this worker did (the fork, the arguments): keep a margin
-    granted = granted_seconds(seconds)
-    deadline = time.monotonic() + granted - max(3.0, 0.05 * granted) if ZERO_GPU else None
+    # the grant's clock started before this worker did (the fork, the arguments)
+    deadline = time.monotonic() + granted_seconds(seconds) - START_SECONDS if ZERO_GPU else None
     call = Call(pick_device(), deadline)
     try:
         return work(call, *args, **kwargs)
@@ -99,7 +100,7 @@ def family(spec: str) -> str:
 
 
 def _table(table: dict, spec: str) -> float:
-    kind = "cuda" if ZERO_GPU or pick_device().type == "cuda" else "cpu"   # ZeroGPU's main process has no GPU
+    kind = "cuda" if pick_device().type == "cuda" else "cpu"   # (spaces makes ZeroGPU's main process say cuda)
     return table[kind].get(family(spec), max(table[kind].values()))
 
 

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import gradio as gr
-import torch
 
 from app import views
-from app.device import Call
-from app.models import MODELS, run_choices, run_model
+from app.device import Call, on_device, query_seconds
+from app.models import MODELS, ModelKey, run_choices, run_model
 from app.sessions import STORE, Run, session_of
 from app.tabs.compare import compare_runs
 from core import checkpoint
@@ -45,6 +44,11 @@ def download_weights(run: str, request: gr.Request) -> list[str]:
     return views.weights_files(session.runs[run].folder)
 
 
+def _attach_on(call: Call, key: ModelKey) -> None:
+    with MODELS.on(call, key):
+        pass
+
+
 def load_weights(files: Optional[list[str]], request: gr.Request):
     """Tuned weights back into this session: a pet.safetensors (safetensors only) with its run.json."""
     session = session_of(request)
@@ -64,12 +68,16 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
             info, _ = checkpoint.read(folder)   # run.json checked against its schema
             run = Run(f"{len(session.runs) + 1} · {info.method} · {info.backbone} (uploaded)", folder, info,
                       local_paths=False)
-            # every name, shape, dtype and value is checked before the run is listed (no computing: the CPU)
-            with MODELS.on(Call(torch.device("cpu")), run_model(run)):
-                pass
+            # every name, shape, dtype and value is checked before the run is listed, by attaching it to the
+            # shared backbone: inside a device call, so that no ZeroGPU worker is forked from a half-attached model
+            MODELS.load([run_model(run)])
+            on_device(_attach_on, run_model(run), seconds=query_seconds(info.backbone, 0))
         except USER_ERRORS as error:
             STORE.remove(folder)
             raise views.user_error(error) from error
+        except gr.Error:   # the same, said inside the device call
+            STORE.remove(folder)
+            raise
         session.runs[run.name] = run
     card = views.run_card(run.name, info) if info.scored else f"Loaded **{run.name}**."
     return card, *run_choices(session, run.name)

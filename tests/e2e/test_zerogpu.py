@@ -126,7 +126,7 @@ def test_every_tab_computes_inside_one_gpu_entry_with_the_visitors_request(zero_
     assert not [c for c in calls if "outside" in c]   # nothing computed outside a GPU call
     made = [c for c in calls if "call" in c]
     assert {c["call"] for c in made} >= {"tune_on_device", "_search_text_on", "_search_media_on", "_answer_on",
-                                         "_read_gates_on", "report_on_device", "sweep_on_device"}
+                                         "_read_gates_on", "report_on_device", "sweep_on_device", "_attach_on"}
     assert all(c["request"] for c in made)            # the visitor's quota and login reach every call
     queries = [c["duration"] for c in made if c["call"].startswith(("_search", "_answer", "_read"))]
     assert all(0 < seconds <= 60 for seconds in queries)
