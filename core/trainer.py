@@ -6,8 +6,8 @@ progress callback, a cancel flag and a deadline. The loop never waits on the dev
 bookkeeping: losses stay on the device and reach the host once per logging interval.
 A run that diverges — a loss that is not finite, or a smoothed loss that climbs to DIVERGED_RISE
 times the untrained weights' mean loss over one epoch (measured first, without gradients) and
-DIVERGED_MARGIN above it — goes back to its best weights so far (the start, or the end of its best
-epoch) and trains again at a third of the learning rate, at most `restarts` times.
+DIVERGED_MARGIN above it — goes back to the untrained weights and trains again at a third of the
+learning rate, at most `restarts` times.
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
 `batch_size` is per process, and each process takes its slice of every global batch (batch size ×
 processes): with the retrieval objective's gathered negatives, N processes × batch B train as one
@@ -143,27 +143,15 @@ def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_sche
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class _BestWeights:
-    """The trainable parameters at their lowest loss so far, among the weights each epoch starts
-    from (the untrained ones, then the end of each epoch), each judged by the loss of the step
-    that begins the next epoch — computed on exactly those weights. Kept on the device and chosen
-    there, so that keeping them never waits on the host."""
+class _Start:
+    """The untrained weights, kept on the device to restart from, and their mean loss over an epoch
+    (what a rise is measured against). A restart goes back to them rather than to a later epoch's:
+    judged by one batch's loss, as small batches give it, a collapsed model can look best."""
 
     def __init__(self, params: dict[str, nn.Parameter]):
         self.params = params
         self.weights = {n: p.detach().clone() for n, p in params.items()}
-        self.loss: Optional[torch.Tensor] = None
-        self.start: Optional[float] = None   # the untrained weights' mean loss over an epoch
-
-    @torch.no_grad()
-    def offer(self, loss: torch.Tensor) -> None:
-        """The current weights, whose loss (before any update) is `loss`."""
-        if self.loss is None:
-            self.loss = torch.full_like(loss, math.inf)
-        better = loss < self.loss
-        self.loss = torch.where(better, loss, self.loss)
-        for name, p in self.params.items():
-            self.weights[name].copy_(torch.where(better, p, self.weights[name]))
+        self.loss: Optional[float] = None
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -193,22 +181,22 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
     runs after each epoch (the objective back in eval mode meanwhile; after a restart it is called
     again from epoch 1). At `deadline` (a time.monotonic() value) training stops before its next
     step, as a cancel does, and the log says so (`out_of_time`). A run that diverges restarts from
-    its best weights at a third of the lr (`log.restarts` says when and why); one that still
+    the untrained weights at a third of the lr (`log.restarts` says when and why); one that still
     diverges after `settings.restarts` restarts raises TrainingDiverged.
     """
     if not params:
         raise ValueError("nothing to train: the method has no trainable parameters")
-    best, restarts, lr = _BestWeights(params), [], settings.lr
+    origin, restarts, lr = _Start(params), [], settings.lr
     while True:
         try:
-            log = _attempt(objective, params, replace(settings, lr=lr), best, progress, cancel, epoch_end, deadline)
+            log = _attempt(objective, params, replace(settings, lr=lr), origin, progress, cancel, epoch_end, deadline)
         except _Diverging as diverging:
             if len(restarts) >= settings.restarts:
                 tried = restart_note(restarts)
                 raise TrainingDiverged(f"{diverging.reason} at step {diverging.step} with lr {lr:.3g}"
                                        f"{f' (before that: {tried})' if tried else ''}; try a lower learning rate, "
                                        f"or check the data") from None
-            best.restore()
+            origin.restore()
             restarts.append({"lr": lr, "step": diverging.step, "reason": diverging.reason,
                              "restarted_at": lr / RESTART_FACTOR})
             lr /= RESTART_FACTOR
@@ -217,7 +205,7 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
         return log
 
 
-def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: TrainSettings, best: _BestWeights,
+def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: TrainSettings, origin: _Start,
              progress, cancel, epoch_end, deadline) -> TrainLog:
     """One training schedule at settings.lr; raises _Diverging when the run goes wrong."""
     rank, world = rank_and_world()
@@ -253,8 +241,8 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
             smoothed["count"] += 1
             smoothed["average"] = SMOOTHING * smoothed["average"] + (1 - SMOOTHING) * value
             level = smoothed["average"] / (1 - SMOOTHING ** smoothed["count"])
-            if smoothed["count"] >= RISE_AFTER and level > max(DIVERGED_RISE * best.start, best.start + DIVERGED_MARGIN):
-                return _Diverging(at_step, f"the smoothed loss rose to {level / best.start:.1f}× the untrained "
+            if smoothed["count"] >= RISE_AFTER and level > max(DIVERGED_RISE * origin.loss, origin.loss + DIVERGED_MARGIN):
+                return _Diverging(at_step, f"the smoothed loss rose to {level / origin.loss:.1f}× the untrained "
                                            f"weights' loss")
         return None
 
@@ -262,7 +250,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
         """The pending losses to the host in one transfer: logged, checked, reported."""
         losses = torch.stack([*pending, *untrained]).float().tolist()
         if untrained:   # it rode along with the first report's losses
-            best.start = losses.pop()
+            origin.loss = losses.pop()
             untrained.clear()
         first = step - len(losses) + 1
         pending.clear()
@@ -275,7 +263,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
 
     objective.train()
     untrained: list[torch.Tensor] = []
-    if best.start is None:   # what a rise is measured against: the untrained weights' mean loss over an epoch
+    if origin.loss is None:   # what a rise is measured against: the untrained weights' mean loss over an epoch
         # (its random draws, e.g. dropout's, are given back: the training that follows is the same with or without it)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
                 autocast(device, settings.autocast):
@@ -283,7 +271,6 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                                           for batch in my_batches(torch.Generator().manual_seed(0))]).mean())
     try:
         for epoch in range(1, settings.epochs + 1):
-            epoch_start = True
             for batch in my_batches(generator):
                 log.cancelled = cancel is not None and cancel()
                 log.out_of_time = deadline is not None and time.monotonic() >= deadline
@@ -291,9 +278,6 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                     break
                 with autocast(device, settings.autocast):
                     loss = model(batch)
-                if epoch_start:   # the weights the epoch starts from, before this step changes them
-                    best.offer(loss.detach().float())
-                    epoch_start = False
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if settings.grad_clip:
