@@ -55,6 +55,9 @@ def run_card(name: str, result: RunResult) -> str:
              "", "| metric (test split) | zero-shot | tuned | change |", "|---|---|---|---|", *rows, "",
              f"**Budget:** {result.trainable_params:,} trainable of {result.backbone_params:,} "
              f"({result.trainable_pct:.4g}%) — {groups}"]
+    if train.lr_choice is not None:
+        cached = " (measured by an earlier run on this data, reused)" if train.lr_choice.reused else ""
+        lines.insert(2, f"Learning rate found: {train.lr_choice.why}{cached}")
     if result.recipe is not None and result.recipe.name != "studio":
         lines.insert(2, f"Recipe **{result.recipe.name}**: {result.recipe.source}")
     if result.note:

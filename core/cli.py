@@ -58,17 +58,29 @@ def _add_method_arguments(parser: argparse.ArgumentParser, required: bool = True
 
 
 def _add_cache_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache", help="folder for zero-shot scores reused across runs (default $PETSTUDIO_CACHE, "
-                                        "else ~/.cache/petstudio)")
-    parser.add_argument("--no-cache", action="store_true", help="score the untuned model again")
+    parser.add_argument("--cache", help="folder for zero-shot scores and range tests reused across runs (default "
+                                        "$PETSTUDIO_CACHE, else ~/.cache/petstudio)")
+    parser.add_argument("--no-cache", action="store_true", help="score the untuned model and run the range test again")
 
 
-def _score_cache(args):
-    from core.score_cache import ScoreCache, default_cache_folder
+def _learning_rate(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or auto, not {text[:40]!r}") from None
+
+
+def _caches(args) -> dict[str, Any]:
+    """The zero-shot score and range-test caches (none with --no-cache), as tune's arguments."""
+    from core.cache import ScoreCache, default_cache_folder
+    from core.lr_range import ChoiceCache
 
     if args.no_cache:
-        return None
-    return ScoreCache(Path(args.cache) / "zero-shot" if args.cache else default_cache_folder())
+        return {}
+    folder = Path(args.cache) if args.cache else default_cache_folder()
+    return {"zero_shot_cache": ScoreCache(folder / "zero-shot"), "lr_cache": ChoiceCache(folder / "lr-range")}
 
 
 def _add_precision_argument(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="video: frames sampled uniformly per clip")
     tune.add_argument("--shots", type=int, help="keep K training items (each with all its captions)")
     tune.add_argument("--epochs", type=int, default=5)
-    tune.add_argument("--lr", type=float, help="learning rate (default: the one suggested for the backbone and method)")
+    tune.add_argument("--lr", type=_learning_rate, default="auto",
+                      help="learning rate, or auto (default): found by a range test on the training data, kept in "
+                           "the cache folder")
     tune.add_argument("--batch-size", type=int, default=32)
     tune.add_argument("--seed", type=int, default=0)
     _add_precision_argument(tune)
@@ -141,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
     sweep.add_argument("--shots", type=int, default=16, help="training items per run (0: all)")
     sweep.add_argument("--epochs", type=int, default=10)
-    sweep.add_argument("--lr", type=float, help="one learning rate for all (default: each method's suggested)")
+    sweep.add_argument("--lr", type=_learning_rate, default="auto",
+                       help="one learning rate for all, or auto (default): each run's found by a range test")
     sweep.add_argument("--batch-size", type=int, default=16)
     _add_precision_argument(sweep)
     _add_cache_argument(sweep)
@@ -243,13 +258,15 @@ def run_tune(args) -> dict[str, Any]:
                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                   out=args.out, precision=args.precision, task=args.task, extra_answers=args.answers,
                   frames=args.frames, progress=_progress_printer(), epoch_metrics=args.epoch_metrics,
-                  recipe=args.recipe, zero_shot_cache=_score_cache(args))
+                  recipe=args.recipe, **_caches(args))
     if result.note:
         _note(f"note: {result.note}")
     _note(f"backbone: {result.backbone} — {result.backbone_weights}")
     summary = {k: getattr(result, k) for k in ("task", "method", "backbone", "trainable_params", "trainable_pct",
                                                "zero_shot", "tuned", "seconds", "out", "backbone_weights", "note")}
+    choice = result.train.lr_choice
     return {**summary, "below_zero_shot": result.below_zero_shot, "lr": result.train.lr,
+            "lr_choice": {k: v for k, v in asdict(choice).items() if k not in ("lrs", "losses")} if choice else None,
             "restarts": [asdict(r) for r in result.train.restarts],
             "epoch_metrics": result.train.epoch_metrics}
 
@@ -285,7 +302,7 @@ def run_sweep(args) -> dict[str, Any]:
 
     result = sweep(args.model, args.data, parse_methods(args.methods), seeds, out, shots=args.shots or None,
                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, task=args.task, frames=args.frames,
-                   precision=args.precision, progress=show, recipe=args.recipe, zero_shot_cache=_score_cache(args))
+                   precision=args.precision, progress=show, recipe=args.recipe, **_caches(args))
     return result.to_json()
 
 

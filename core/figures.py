@@ -152,10 +152,16 @@ def patch_overlay_figure(image: Image.Image, patch_map: torch.Tensor, title: str
 
 def training_figure(result: Optional[RunResult], live: Optional[list[float]] = None) -> go.Figure:
     """Loss per step, mean loss per epoch and (when scored) the test metric per epoch; with
-    `live`, the losses of a tuning still running."""
+    `live`, the losses of a tuning still running. A run whose learning rate a range test found
+    (--lr auto) shows that test beside it: loss against learning rate, the chosen one marked."""
     train = result.train if result is not None else None
     steps = live if live is not None else (train.step_losses if train else [])
-    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    found = train.lr_choice if train and live is None and train.lr_choice and train.lr_choice.lrs else None
+    figure = make_subplots(rows=1, cols=2 if found else 1, column_widths=[0.62, 0.38] if found else None,
+                           specs=[[{"secondary_y": True}, *([{}] if found else [])]],
+                           subplot_titles=["Training loss" + (" (live)" if live is not None else ""),
+                                           *(["Learning rate found" + (" (cached)" if found.reused else "")]
+                                             if found else [])])
     figure.add_trace(go.Scatter(x=list(range(1, len(steps) + 1)), y=steps, mode="lines", name="loss per step",
                                 line=dict(color="#5b8def")))
     epochs = train.epoch_losses if train and live is None else []
@@ -169,11 +175,18 @@ def training_figure(result: Optional[RunResult], live: Optional[list[float]] = N
             figure.add_trace(go.Scatter(x=x[:len(train.epoch_metrics)], y=[m[key] for m in train.epoch_metrics],
                                         mode="lines+markers", name=f"test {key} per epoch",
                                         line=dict(color="#34a853", dash="dot")), secondary_y=True)
-            figure.update_yaxes(title_text=f"{key} (%)", secondary_y=True)
-    figure.update_xaxes(title_text="step")
-    figure.update_yaxes(title_text="loss", secondary_y=False)
-    figure.update_layout(title="Training loss" + (" (live)" if live is not None else ""), height=360,
-                         legend=dict(orientation="h", y=-0.25))
+            figure.update_yaxes(title_text=f"{key} (%)", secondary_y=True, row=1, col=1)
+    if found:
+        figure.add_trace(go.Scatter(x=found.lrs, y=found.losses, mode="lines+markers", name="range test loss",
+                                    line=dict(color="#8e44ad"), hovertemplate="lr %{x:.2g}: loss %{y:.3f}<extra></extra>"),
+                         row=1, col=2)
+        figure.add_vline(x=math.log10(found.lr), line_dash="dash", line_color="#8e44ad", row=1, col=2,
+                         annotation_text=f"chosen {found.lr:.2g}", annotation_position="top left")
+        figure.update_xaxes(type="log", title_text="learning rate", row=1, col=2)
+        figure.update_yaxes(title_text="loss", row=1, col=2)
+    figure.update_xaxes(title_text="step", row=1, col=1)
+    figure.update_yaxes(title_text="loss", secondary_y=False, row=1, col=1)
+    figure.update_layout(height=360, legend=dict(orientation="h", y=-0.25))
     return figure
 
 

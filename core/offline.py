@@ -164,6 +164,74 @@ def precision_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+FIXED_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+LR_PROOF_METHODS = ("linear_probe", "bitfit", "lora", "prompt", "adapter", "aurora", "vlpet", "full")
+
+
+def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: list[int], epochs: int = 15,
+             methods: tuple[str, ...] = LR_PROOF_METHODS, items: int = 200) -> list[dict]:
+    """Every method at every rate of FIXED_LRS and at `--lr auto`, on each part, K-shot and with the
+    whole training split, per seed: one row per run (kept in out/runs.jsonl, so an interrupted
+    proof resumes where it stopped)."""
+    from core.runs import AUTO, tune
+
+    record = out / "runs.jsonl"
+    done = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()] if record.is_file() else []
+    seen = {(r["part"], r["shots"], r["method"], r["lr"], r["seed"]) for r in done}
+    zero_shot: dict = {}
+    for part in parts:
+        data = out / "data" / part
+        if not (data / "data.jsonl").is_file():
+            world.write_part(data, part, items=items)
+        for k in shots:
+            for method in methods:
+                for rate in (AUTO, *FIXED_LRS):
+                    for seed in seeds:
+                        if (part, k, method, rate, seed) in seen:
+                            continue
+                        run = tune("offline", data, method, shots=k, epochs=epochs, lr=rate, seed=seed,
+                                   out=out / "runs" / f"{part}-{k or 'all'}-{method}-{rate}-{seed}",
+                                   zero_shot_cache=zero_shot)
+                        choice = run.train.lr_choice
+                        row = {"part": part, "shots": k, "method": method, "lr": rate, "seed": seed,
+                               "t2i_r1": run.tuned["t2i_r1"], "zero_shot_t2i_r1": run.zero_shot["t2i_r1"],
+                               "trained_lr": run.train.lr, "restarts": len(run.train.restarts),
+                               "below_zero_shot": run.below_zero_shot, "seconds": run.seconds,
+                               "range_test_seconds": choice.seconds if choice else 0.0,
+                               "why": choice.why if choice else None}
+                        done.append(row)
+                        with record.open("a", encoding="utf-8") as stream:
+                            stream.write(json.dumps(row) + "\n")
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+    return done
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def lr_proof_table(rows: list[dict]) -> str:
+    """method × (fixed rates, auto) per part and shots: t2i R@1 mean ± std over seeds; a ⚠ marks a
+    rate where a seed ended below zero-shot (flagged), a ↺ where the guard restarted one."""
+    rates = [*FIXED_LRS, "auto"]
+    lines = [f"| part | shots | method | zero-shot | {' | '.join(f'{r:g}' if r != 'auto' else 'auto' for r in rates)} |",
+             f"|---|---|---|---:|{'---:|' * len(rates)}"]
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        groups.setdefault((r["part"], r["shots"], r["method"]), {}).setdefault(r["lr"], []).append(r)
+    for (part, k, method), by_rate in groups.items():
+        zero_shot = next(iter(by_rate.values()))[0]["zero_shot_t2i_r1"]
+        cells = []
+        for rate in rates:
+            runs = by_rate.get(rate, [])
+            marks = ("⚠" if any(r["below_zero_shot"] for r in runs) else "") + ("↺" if any(r["restarts"] for r in runs) else "")
+            cells.append(f"{_mean_std([r['t2i_r1'] for r in runs])}{marks}" if runs else "—")
+        lines.append(f"| {part} | {k or 'all'} | {method} | {zero_shot:.1f} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| method | trainable | % | learning rate | t2i R@1 | i2t R@1 | tuning time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]

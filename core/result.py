@@ -47,6 +47,22 @@ class Restart:
 
 
 @dataclass
+class LrChoice:
+    """How `--lr auto` chose the learning rate (core.lr_range), with the range test's curve: the
+    learning rate of each step taken and the smoothed loss after it (empty when no test ran)."""
+
+    lr: float
+    why: str
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    batch_size: int = 0
+    seconds: float = 0.0
+    share: float = 0.0         # the test's items over the run's training items (epochs × items)
+    reused: bool = False       # read from the cache: this run spent nothing on it
+
+
+@dataclass
 class TrainSummary:
     epochs: int
     lr: float
@@ -65,6 +81,7 @@ class TrainSummary:
     seconds: Optional[float] = None   # the training loop's own time (None: saved before it was kept)
     restarts: list[Restart] = field(default_factory=list)   # divergences caught; `lr` is the one that finished
     weight_decay: float = 0.05
+    lr_choice: Optional[LrChoice] = None   # how --lr auto chose `lr` (None: a learning rate given as a number)
 
 
 @dataclass
@@ -142,6 +159,11 @@ class RunResult:
         if not 1 <= result.frames <= MAX_FRAMES:
             raise ResultError(f"{where}: 'frames' must be between 1 and {MAX_FRAMES}")
         return result
+
+
+def read_record(kind: type, data: Any, where: str):
+    """One of this module's records (e.g. an LrChoice kept in a cache) read back with its types checked."""
+    return _value(data, kind, where)
 
 
 def _read(kind: type, data: dict[str, Any], where: str, nested: bool = True):

@@ -13,14 +13,15 @@ from typing import Any, Callable, MutableMapping, Optional
 import numpy as np
 import torch
 
-from core import checkpoint
+from core import checkpoint, lr_range
 from core.backbones import OFFLINE, Backbone, BackboneError, load_backbone
 from core.data import DEFAULT_LIMITS, Dataset, DatasetError, few_shot, read_dataset
 from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process
 from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, get_method, make_config
 from core.pet.recipes import Setting, check_recipe, recipe_for
-from core.result import BELOW_ZERO_SHOT, MAX_FRAMES, MAX_SEED, DatasetSummary, Restart, RunResult, TrainSummary
+from core.result import (BELOW_ZERO_SHOT, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice, Restart, RunResult,
+                         TrainSummary)
 from core.tasks import Task, TaskError, get_task, headline_metric, metric_label
 from core.trainer import (PRECISIONS, Progress, TrainingDiverged, TrainSettings, autocast_for, pick_device,
                           restart_note, train)
@@ -42,8 +43,12 @@ OFFLINE_LR = 1e-2
 OFFLINE_LRS = {"full": 1e-4, "bitfit": 2e-2, "linear_probe": 3e-3}
 
 
+AUTO = "auto"   # the learning rate found by a range test on the training data (core.lr_range)
+
+
 def suggested_lr(model: str, method: str) -> float:
-    """The learning rate to start from for `method` on `model`."""
+    """A fixed learning rate for `method` on `model`: what `--lr auto` keeps when the run is too
+    short for a range test or the loss never falls."""
     if model == OFFLINE:
         return OFFLINE_LRS.get(method, OFFLINE_LR)
     return default_lr(method)
@@ -83,14 +88,20 @@ def score(task: Task, handle: PetHandle, test_set) -> dict[str, float]:
 
 
 def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, Any]] = None,
-         shots: Optional[int] = None, epochs: int = 5, lr: Optional[float] = None, batch_size: int = 32,
+         shots: Optional[int] = None, epochs: int = 5, lr: float | str = AUTO, batch_size: int = 32,
          seed: int = 0, out: Optional[str | Path] = None, precision: str = "auto", task: str = "retrieval",
          extra_answers: tuple[str, ...] = (), frames: int = DEFAULT_FRAMES,
          progress: Optional[Callable[[Progress], None]] = None,
          cancel: Optional[Callable[[], bool]] = None, epoch_metrics: bool = False,
          local_paths: bool = True, zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None,
-         recipe: str = "studio", deadline: Optional[float] = None) -> RunResult:
+         recipe: str = "studio", deadline: Optional[float] = None,
+         lr_cache: Optional[MutableMapping[tuple, LrChoice]] = None) -> RunResult:
     """Tune `method` on `model` with the training split of `data`; score the test split before and after.
+
+    `lr` is a number, used as given, or "auto": the authors' recipe's rate where it names one,
+    else a range test on the training data (core.lr_range) chooses it, within 15% of the run's
+    training (`lr_cache` keeps choices across runs: a run on the same backbone, method, options,
+    data, seed and training shape reuses one); run.json's train.lr_choice says what it chose and why.
 
     `recipe` (core.pet.recipes) is whose settings the run starts from: `studio` (the method's
     defaults) or `authors` (what the method's authors ran for this backbone, task and media);
@@ -117,7 +128,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
         raise RunError(f"precision must be one of {', '.join(PRECISIONS)}, not {str(precision)[:20]!r}")
     out = Path(out) if out is not None else default_run_folder(method)
     arguments = (started, model, data, method, options or {}, recipe, shots, epochs, lr, batch_size, seed, precision, task, extra_answers,
-                 frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, deadline)
+                 frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, deadline, lr_cache)
     if not is_main_process():
         with tempfile.TemporaryDirectory(prefix="petstudio-process-") as scratch:
             return _tune(*arguments, workdir=Path(scratch), out=out, save=False)
@@ -136,7 +147,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
         raise
 
 
-# The training settings a run accepts: (type, lowest, highest); None for shots means all, for lr the suggested one.
+# The training settings a run accepts: (type, lowest, highest); None for shots means all, AUTO for lr a range test.
 SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (float, 0.0, 10.0),
             "batch_size": (int, 1, 4096), "seed": (int, 0, MAX_SEED), "frames": (int, 1, MAX_FRAMES)}
 
@@ -144,7 +155,7 @@ SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (flo
 def _check_settings(extra_answers, **settings) -> None:
     for name, value in settings.items():
         kind, low, high = SETTINGS[name]
-        if name in ("shots", "lr") and value is None:   # all items; the suggested learning rate
+        if (name == "shots" and value is None) or (name == "lr" and value == AUTO):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
                 or not low <= value <= high:
@@ -182,7 +193,7 @@ def _claim(out: Path) -> bool:
 
 
 def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batch_size, seed, precision, task, extra_answers,
-          frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, deadline, *, workdir: Path,
+          frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, deadline, lr_cache, *, workdir: Path,
           out: Path, save: bool) -> RunResult:
     seed_everything(seed)
     dataset = read_dataset(data, workdir, DEFAULT_LIMITS)
@@ -194,7 +205,9 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     video = any(item.kind == "video" for item in dataset.items)
     chosen = recipe_for(recipe, get_method(method), Setting.of(backbone, task, video))
     config = make_config(method, {**chosen.options, **options})
-    lr = lr if lr is not None else chosen.lr if chosen.lr is not None else suggested_lr(model, method)
+    lr_choice = None
+    if lr == AUTO and chosen.lr is not None:   # their recipe is what they ran
+        lr, lr_choice = chosen.lr, LrChoice(lr=chosen.lr, why=f"the {chosen.name} recipe's rate ({chosen.source})")
     warmup = chosen.warmup if chosen.warmup is not None else TrainSettings.warmup
     if task not in backbone.tasks:
         raise RunError(f"{model} serves {', '.join(backbone.tasks)}, not {task}")
@@ -206,17 +219,26 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     scored_as = (backbone.spec, backbone.weights, dataset.fingerprint, task, frames, tuple(extra_answers))
     cache = zero_shot_cache if zero_shot_cache is not None else {}
     zero_shot = cache.get(scored_as)
-    if zero_shot is None:   # a cache may decline to keep it (core.score_cache: local files)
+    if zero_shot is None:   # a cache may decline to keep it (core.cache: local files)
         zero_shot = task_def.evaluate(backbone, test_set)
         cache[scored_as] = zero_shot
     zero_shot = dict(zero_shot)
 
     seed_everything(seed)
     handle = attach(backbone, method, config)
-    settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, autocast=amp, warmup=warmup)
+    fixed_lr = lr if lr != AUTO else suggested_lr(model, method)
+    # A pull toward the pretrained weights stands in for weight decay (toward W₀ rather than toward 0).
+    settings = TrainSettings(epochs=epochs, lr=fixed_lr, batch_size=batch_size, seed=seed, autocast=amp, warmup=warmup,
+                             weight_decay=0.0 if handle.pull else TrainSettings.weight_decay)
     log, per_epoch = None, []
     if handle.num_trainable() and epochs > 0:
-        objective = task_def.objective(backbone, task_def.prepare(backbone, train_items), handle)
+        objective = handle.pulled(task_def.objective(backbone, task_def.prepare(backbone, train_items), handle),
+                                  len(train_items))
+        if lr == AUTO:
+            key = lr_range.cache_key(backbone, method, config_to_dict(config), dataset.fingerprint, task, frames,
+                                     tuple(extra_answers), shots, seed, epochs, batch_size, precision)
+            lr_choice = lr_range.choose_lr(objective, handle.trainable_parameters(), settings, fixed_lr, lr_cache, key)
+            settings.lr = lr_choice.lr
         def epoch_end(epoch: int) -> None:   # a restarted run scores its epochs again from the first
             per_epoch[epoch - 1:] = [task_def.evaluate(backbone, test_set)]
         log = train(objective, handle.trainable_parameters(), settings, progress, cancel,
@@ -242,7 +264,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
         trainable_pct=100.0 * handle.num_trainable() / backbone.num_backbone_params(), groups=handle.budget(),
         dataset=DatasetSummary(fingerprint=dataset.fingerprint, manifest=dataset.manifest, **dataset.stats(),
                                train_used=len(train_items)),
-        train=TrainSummary(epochs=epochs, lr=log.lr if log else lr, warmup=warmup, weight_decay=settings.weight_decay,
+        train=TrainSummary(epochs=epochs, lr=log.lr if log else settings.lr, lr_choice=lr_choice, warmup=warmup, weight_decay=settings.weight_decay,
                            batch_size=batch_size, shots=shots, bf16=amp == "bf16", precision=precision,
                            autocast=amp or "fp32", device=device.type,
                            epoch_losses=log.epoch_losses if log else [], step_losses=log.step_losses if log else [],

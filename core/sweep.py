@@ -160,14 +160,14 @@ def summarise(choice: MethodChoice, results: list[RunResult]) -> MethodSummary:
 
 
 def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], shots: Optional[int], epochs: int,
-                  lr: Optional[float], batch_size: int, task: str, frames: int, precision: str,
+                  lr: float | str, batch_size: int, task: str, frames: int, precision: str,
                   recipe: str = "studio") -> str:
     methods = ",".join(c.method + (":" + ";".join(f"{k}={json.dumps(v)}" for k, v in c.options.items())
                                    if c.options else "") for c in choices)
     parts = ["python -m core sweep", f"--model {model}", "--data DATA", f"--methods '{methods}'",
              f"--seeds {','.join(map(str, seeds))}", f"--epochs {epochs}", f"--batch-size {batch_size}",
              f"--task {task}", f"--frames {frames}", f"--shots {shots or 0}"]
-    parts += [f"--lr {lr:g}"] if lr is not None else []
+    parts += [f"--lr {lr:g}"] if lr != "auto" else []
     parts += [f"--precision {precision}"] if precision != "auto" else []
     parts += [f"--recipe {recipe}"] if recipe != "studio" else []
     return " ".join(parts)
@@ -178,14 +178,14 @@ def _folder_name(choice: MethodChoice, seed: int) -> str:
 
 
 def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list[int], out: str | Path,
-          shots: Optional[int] = 16, epochs: int = 10, lr: Optional[float] = None, batch_size: int = 16,
+          shots: Optional[int] = 16, epochs: int = 10, lr: float | str = "auto", batch_size: int = 16,
           task: str = "retrieval", frames: int = DEFAULT_FRAMES, precision: str = "auto",
           progress: Optional[Callable[[SweepProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
           local_paths: bool = True, recipe: str = "studio",
           zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None,
-          deadline: Optional[float] = None) -> SweepResult:
+          deadline: Optional[float] = None, lr_cache: Optional[MutableMapping[tuple, Any]] = None) -> SweepResult:
     """Tune every choice with every seed, each from `recipe` (core.pet.recipes; the learning rate of
-    each method is `lr`, or the recipe's, or the one suggested for it on `model`); a cancel stops
+    each run is `lr` as given, or with "auto" the recipe's or its range test's, core.runs.tune); a cancel stops
     after the current step, and the sweep keeps the runs that finished (the interrupted one stays
     on disk, marked cancelled, outside the means). At `deadline` (core.runs.tune) the run in hand
     stops, is kept the same way, and no further run starts."""
@@ -229,7 +229,7 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
                       lr=lr, batch_size=batch_size, seed=seed, out=out / _folder_name(choice, seed),
                       precision=precision,
                       task=task, frames=frames, progress=report, cancel=cancel, local_paths=local_paths,
-                      zero_shot_cache=zero_shot_cache, recipe=recipe, deadline=deadline)
+                      zero_shot_cache=zero_shot_cache, recipe=recipe, deadline=deadline, lr_cache=lr_cache)
         fingerprint = result.dataset.fingerprint
         if result.train.cancelled or result.train.out_of_time:
             cancelled = True

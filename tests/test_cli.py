@@ -32,7 +32,7 @@ def test_tune_learns_then_eval_reproduces_the_metrics(shapes, tmp_path):
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     losses = run["train"]["epoch_losses"]
     assert len(losses) == 10 and losses[-1] < 0.8 * losses[0]
-    assert run["backbone"] == "openclip:PETStudio-Tiny" and run["config"] == {} and run["versions"]["torch"]
+    assert run["backbone"] == "openclip:PETStudio-Tiny" and run["config"] == {"pull": 0.0} and run["versions"]["torch"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["pet.safetensors", "run.json"]
 
     code, evaluated, stderr = cli("eval", "--model", "openclip:PETStudio-Tiny", "--pet", str(tmp_path / "run"),

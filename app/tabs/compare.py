@@ -18,7 +18,8 @@ from app.tuning import (TUNING_CONCURRENCY, claim_folders, planned_seconds, read
 from core import checkpoint, figures
 from core.pet import METHODS, make_config
 from core.runs import USER_ERRORS
-from core.score_cache import ScoreCache
+from core.cache import ScoreCache
+from core.lr_range import ChoiceCache
 from core.sweep import MethodChoice
 from core.tasks import headline_metric, metric_label
 
@@ -107,7 +108,8 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
                      shots=whole(shots, "shots") or None, epochs=whole(epochs, "epochs"),
                      batch_size=whole(batch_size, "batch size"), task=task, frames=whole(frames, "frames"),
                      precision=precision, local_paths=LOCAL_PATHS, recipe=recipe,
-                     zero_shot_cache=ScoreCache(session.folder / "zero-shot"))
+                     zero_shot_cache=ScoreCache(session.folder / "zero-shot"),
+                     lr_cache=ChoiceCache(session.folder / "lr-range"))
     live, out, data = claim_folders(session, "sweeps", "compare")
 
     def show_step() -> None:

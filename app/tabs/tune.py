@@ -20,8 +20,9 @@ from core.backbones import describe_spec
 from core.data.media import DEFAULT_FRAMES
 from core.pet import METHODS
 from core.pet.recipes import RECIPES
-from core.runs import USER_ERRORS, suggested_lr
-from core.score_cache import ScoreCache
+from core.runs import USER_ERRORS
+from core.cache import ScoreCache
+from core.lr_range import ChoiceCache
 from core.tasks import TASKS
 from core.trainer import PRECISIONS, autocast_for, pick_device
 
@@ -38,7 +39,8 @@ NO_ESTIMATE = "*Load a dataset to see how long a tuning takes.*"
 RECIPE_LABELS = {"studio": "PET Studio's defaults (set the knobs yourself)",
                  "authors": "The authors' (what they ran for this backbone, task and media)"}
 AUTHORS_NOTE = ("The method's options and learning rate come from its authors' recipe for this backbone, task and "
-                "media (a method without one keeps its defaults); a learning rate typed in wins. The run card and "
+                "media (a method without one keeps its defaults, and its rate is found on your data); a learning "
+                "rate typed in wins. The run card and "
                 "run.json say what the recipe set.")
 
 
@@ -65,8 +67,9 @@ def layout(page) -> None:
             with gr.Column(scale=1):
                 page.shots = gr.Number(16, precision=0, minimum=0, label="Shots (training items; 0 = all)")
                 page.epochs = gr.Slider(1, 50, value=10, step=1, label="Epochs")
-                page.lr = gr.Number(suggest_lr("offline", FIRST_METHOD), minimum=0,
-                                    label="Learning rate (set from the method and backbone; yours to change)")
+                page.lr = gr.Number(None, minimum=0, label="Learning rate (empty: found on your data)",
+                                    info="a short range test on your training data picks it, and the result shows "
+                                         "the loss it measured; a rate typed in is used as given")
                 page.batch_size = gr.Slider(2, 128, value=16, step=1, label="Batch size")
                 page.frames = gr.Slider(1, 16, value=DEFAULT_FRAMES, step=1, label="Frames per video")
                 page.answers = gr.Textbox(label="VQA: extra candidate answers, comma-separated")
@@ -93,9 +96,6 @@ def _auto_precision() -> str:
 
 def wire(page) -> None:
     page.model.change(model_notice, [page.model], [page.model_note], api_name="model_notice", queue=False)
-    for source, api_name in ((page.model, "suggest_lr_for_model"), (page.method, "suggest_lr_for_method"),
-                             (page.recipe, "suggest_lr_for_recipe")):
-        source.change(suggest_lr, [page.model, page.method, page.recipe], [page.lr], api_name=api_name, queue=False)
     groups = list(page.method_groups.values())
     # The authors' recipe sets the options: their knobs are hidden then.
     for source, api_name in ((page.method, "method_options"), (page.recipe, "recipe_options")):
@@ -162,6 +162,7 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
                      epochs=whole(epochs, "epochs"), batch_size=whole(batch_size, "batch size"), precision=precision,
                      task=task, frames=whole(frames, "frames"), epoch_metrics=True, local_paths=LOCAL_PATHS,
                      recipe=recipe, zero_shot_cache=ScoreCache(session.folder / "zero-shot"),
+                     lr_cache=ChoiceCache(session.folder / "lr-range"),
                      extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))
     live, out, data = claim_folders(session, "runs", str(method))
     session.live_status = "loading the model and scoring it zero-shot…"
@@ -174,7 +175,7 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
 
     seconds, _ = planned_seconds(session.dataset, spec, task, method, arguments["shots"], arguments["epochs"],
                                  arguments["batch_size"])
-    arguments.update(data=data, out=out, lr=number(lr, "learning rate") or None)
+    arguments.update(data=data, out=out, lr=number(lr, "learning rate") or "auto")
     try:
         result = run_polling(on_device, show_step, tune_on_device, str(live), len(session.dataset.split("test")),
                              arguments, seconds=seconds)
@@ -232,17 +233,6 @@ def live_progress(request: gr.Request):
     steps = _steps(session.live) if session.live else []
     status = _step_text(steps[-1]) if steps and _training(session) else session.live_status
     return figures.training_figure(None, live=[step["loss"] for step in steps]), status
-
-
-def suggest_lr(model: str, method: str, recipe: str = "studio") -> Optional[float]:
-    """The learning rate to show: the suggested one, or none under the authors' recipe (the run
-    takes the recipe's then; one typed in wins)."""
-    if recipe != "studio":
-        return None
-    try:
-        return suggested_lr(spec_of(model), method)
-    except USER_ERRORS as error:
-        raise views.user_error(error) from error
 
 
 def model_notice(model: str) -> str:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from core.pet import (aurora, vlpet, lora, adapter, prompt, bitfit, linear_probe, full,  # noqa: F401 (they register)
-                      zero_shot)
+from core.pet import (aurora, vlpet, lora, adapter, prompt, bitfit, linear_probe, prolip, full,  # noqa: F401
+                      zero_shot)   # (they register)
 from core.pet.handle import PetError, PetHandle
 from core.pet.options import OptionError, check
 from core.pet.registry import METHODS, Method, register, unregister

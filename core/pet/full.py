@@ -3,18 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.pet.handle import PetHandle
+from core.pet.handle import PULL_HELP, PetHandle
+from core.pet.options import option
 from core.pet.registry import Method, register
 
 
 @dataclass
 class Config:
-    pass
+    pull: float = option(0.0, PULL_HELP, low=0.0, high=1000.0)
 
 
 def attach(backbone, config: Config) -> PetHandle:
-    return PetHandle(backbone, "full", config, tuned_backbone_params=backbone.backbone_parameters().values(),
-                     group=lambda n: "backbone")
+    weights = list(backbone.backbone_parameters().values())
+    handle = PetHandle(backbone, "full", config, tuned_backbone_params=weights, group=lambda n: "backbone")
+    handle.pull_toward_pretrained(config.pull, weights)
+    return handle
 
 
 register(Method(

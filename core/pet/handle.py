@@ -9,6 +9,10 @@ from torch import nn
 from core.backbones import Backbone, BlockLayout, Projection
 
 
+PULL_HELP = ("pull toward the pretrained weights: adds pull/N · ‖W − W₀‖² to the loss (N training items); "
+             "1 is ProLIP's λ = 1/N, 0 none")
+
+
 class PetError(ValueError):
     """A PET configuration or state that cannot be used, with a message meant for the user."""
 
@@ -31,10 +35,22 @@ class PetHandle:
         self._undo: list[Callable[[], None]] = []
         self.merged = False
         self._frozen_weights: list[torch.Tensor] = []   # while merged: each merged projection's frozen weight
+        self.pull = 0.0                                 # strength of the pull toward the pretrained weights
+        self._anchors: list[tuple[nn.Parameter, torch.Tensor]] = []
         backbone.requires_grad_(False)
         for p in tuned_backbone_params:
             p.requires_grad_(True)
         backbone.pet = None
+
+    def pull_toward_pretrained(self, strength: float, params: Iterable[nn.Parameter]) -> None:
+        """Train `params` with `strength`/N · Σ‖W − W₀‖² added to the loss (N training items, W₀
+        their pretrained values): ProLIP's pull, its λ = 1/N at strength 1."""
+        self.pull = strength
+        self._anchors = [(p, p.detach().clone()) for p in params] if strength else []
+
+    def pulled(self, objective: nn.Module, items: int) -> nn.Module:
+        """`objective` with the pull added (itself when the method does not pull)."""
+        return PulledObjective(objective, self._anchors, self.pull / max(1, items)) if self.pull else objective
 
     def install(self, module: nn.Module) -> None:
         """Register the method's own parameters under `backbone.pet`, trainable."""
@@ -146,6 +162,23 @@ class PetHandle:
             undo()
         self.backbone.pet = None
         self.backbone.requires_grad_(False)
+
+
+class PulledObjective(nn.Module):
+    """An objective plus weight · Σ‖W − W₀‖² over the anchored parameters (summed, as ProLIP's code
+    sums it); batches as the objective's."""
+
+    def __init__(self, objective: nn.Module, anchors: list[tuple[nn.Parameter, torch.Tensor]], weight: float):
+        super().__init__()
+        self.objective, self.weight = objective, weight
+        self._anchors = anchors   # a plain list: the parameters are the objective's, the anchors constants
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        distance = sum(((p.float() - anchor.float()) ** 2).sum() for p, anchor in self._anchors)
+        return self.objective(batch) + self.weight * distance
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+        return self.objective.batches(batch_size, generator)
 
 
 def resolve_towers(backbone: Backbone, towers: Iterable[str]) -> tuple[str, ...]:

@@ -3,20 +3,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.pet.handle import PetHandle, PetError
+from core.pet.handle import PULL_HELP, PetHandle, PetError
+from core.pet.options import option
 from core.pet.registry import Method, register
 
 
 @dataclass
 class Config:
-    pass
+    pull: float = option(0.0, PULL_HELP, low=0.0, high=1000.0)
 
 
 def attach(backbone, config: Config) -> PetHandle:
     heads = [p for t in backbone.towers.values() for p in t.output_parameters]
     if not heads:
         raise PetError(f"{backbone.spec} has no output projections to tune")
-    return PetHandle(backbone, "linear_probe", config, tuned_backbone_params=heads, group=lambda n: "heads")
+    handle = PetHandle(backbone, "linear_probe", config, tuned_backbone_params=heads, group=lambda n: "heads")
+    handle.pull_toward_pretrained(config.pull, heads)
+    return handle
 
 
 register(Method(

@@ -2,7 +2,7 @@
 import json
 
 from core.cli import main
-from core.score_cache import ScoreCache
+from core.cache import ScoreCache
 from tests.conftest import TINY
 
 KEY = ("offline", "the bundled offline model", "abc123", "retrieval", 8, ())
@@ -15,8 +15,8 @@ def test_scores_round_trip_and_anything_else_counts_as_absent(tmp_path):
     assert cache[KEY] == {"t2i_r1": 12.5, "i2t_r1": 20.0} and list(cache) == [KEY]
     assert ScoreCache(tmp_path / "zero-shot")[KEY] == {"t2i_r1": 12.5, "i2t_r1": 20.0}   # another process
     (stored,) = (tmp_path / "zero-shot").glob("*.json")
-    for broken in ("{not json", json.dumps({"key": ["other"], "metrics": {"t2i_r1": 1.0}}),
-                   json.dumps({"key": list(KEY)[:5] + [[]], "metrics": {"t2i_r1": "high"}}), "[]"):
+    for broken in ("{not json", json.dumps({"key": ["other"], "value": {"t2i_r1": 1.0}}),
+                   json.dumps({"key": list(KEY)[:5] + [[]], "value": {"t2i_r1": "high"}}), "[]"):
         stored.write_text(broken)
         assert KEY not in cache
     cache[KEY] = {"t2i_r1": float("nan")}   # a broken score is never kept
@@ -33,8 +33,8 @@ def test_a_second_cli_run_on_the_same_data_reuses_the_zero_shot_scores(shapes, t
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (stored,) = (tmp_path / "cache" / "zero-shot").glob("*.json")
     record = json.loads(stored.read_text())
-    assert record["metrics"] == first["zero_shot"]
-    record["metrics"]["t2i_r1"] = 99.5   # a marker: only a reused score can carry it
+    assert record["value"] == first["zero_shot"]
+    record["value"]["t2i_r1"] = 99.5   # a marker: only a reused score can carry it
     stored.write_text(json.dumps(record))
     assert main([*arguments, "--out", str(tmp_path / "second")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"]["t2i_r1"] == 99.5

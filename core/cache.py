@@ -1,0 +1,110 @@
+"""What runs compute once and keep on disk: zero-shot scores (a run on the same backbone weights,
+dataset, task, frames and answers does not score the untuned model again) and learning-rate range
+tests (core.lr_range). The CLI keeps them under the user's cache directory, the app in the
+session's folder (a ZeroGPU call runs in another process, so an in-memory dict would not come back).
+
+One JSON file per key, named by the key's hash and holding the key itself, written atomically.
+A file that does not read back as that key with a valid value counts as absent. Backbones read
+from a local file or folder are never cached: the file may change under the same name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any, Iterator
+
+from core.backbones import BackboneError, parse_spec
+
+CACHE_ENV = "PETSTUDIO_CACHE"
+
+
+def default_cache_folder() -> Path:
+    """$PETSTUDIO_CACHE, else $XDG_CACHE_HOME/petstudio, else ~/.cache/petstudio (zero-shot scores
+    go in its `zero-shot` folder, range tests in `lr-range`)."""
+    return Path(os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "petstudio")
+
+
+def _plain(key: tuple) -> list:
+    return json.loads(json.dumps(list(key)))
+
+
+def _cacheable(key: tuple) -> bool:
+    try:
+        return parse_spec(str(key[0])).weights != "path"
+    except BackboneError:
+        return False
+
+
+class JsonCache(MutableMapping):
+    """key (a tuple of JSON values, the backbone spec first) -> a value stored as JSON; subclasses
+    say how a value is written (`encode`, None to decline) and read back (`decode`, ValueError
+    when it is not valid)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def encode(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def decode(self, stored: Any) -> Any:
+        raise NotImplementedError
+
+    def _path(self, key: tuple) -> Path:
+        digest = hashlib.sha256(json.dumps(_plain(key)).encode("utf-8")).hexdigest()
+        return self.folder / f"{digest[:40]}.json"
+
+    def __getitem__(self, key: tuple) -> Any:
+        if not _cacheable(key):
+            raise KeyError(key)
+        try:
+            data = json.loads(self._path(key).read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.get("key") != _plain(key):
+                raise ValueError("another key")
+            return self.decode(data.get("value"))
+        except (OSError, ValueError, TypeError, KeyError):
+            raise KeyError(key) from None
+
+    def __setitem__(self, key: tuple, value: Any) -> None:
+        stored = self.encode(value)
+        if not _cacheable(key) or stored is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(key)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps({"key": _plain(key), "value": stored}), encoding="utf-8")
+        partial.replace(path)
+
+    def __delitem__(self, key: tuple) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def __iter__(self) -> Iterator[tuple]:
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                key = json.loads(path.read_text(encoding="utf-8"))["key"]
+                yield tuple(tuple(part) if isinstance(part, list) else part for part in key)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class ScoreCache(JsonCache):
+    """Zero-shot scores: key -> metrics {name: finite number}."""
+
+    def encode(self, metrics: dict[str, float]) -> dict | None:
+        return dict(metrics) if all(math.isfinite(v) for v in metrics.values()) else None
+
+    def decode(self, stored: Any) -> dict[str, float]:
+        if not isinstance(stored, dict) or not all(isinstance(k, str) and type(v) in (int, float) and math.isfinite(v)
+                                                   for k, v in stored.items()):
+            raise ValueError("not scores")
+        return stored

@@ -1,0 +1,179 @@
+"""The learning rate found on the user's own data: a range test (Smith, "Cyclical learning rates",
+2017; fastai's lr_find), on one fixed batch.
+
+From the PET parameters' initial values, AdamW steps on one fixed batch of training items while
+the learning rate rises geometrically from LOWEST to HIGHEST. One fixed batch makes the curve
+the learning rate's alone: cycling small batches, the loss moves with how hard each batch is more
+than with the rate. The test stops once the loss is not finite or passes BLOW_UP times its start.
+
+The rule: the loss must first fall (by FALL of its start); it "turns up" at the first step whose
+loss gives back TURN of what it had gained below the start. The chosen learning rate is the one
+at the lowest loss before the turn — at least one step (×2.1–2.6) below where it turned up. A loss
+that never falls (a batch the model already separates) keeps the suggested rate, and says so. Then the initial weights are put back, so the
+run trains from where it would have started.
+
+Size: STEPS steps on a batch of BATCH items when that fits in SHARE of the items the run's
+training processes; a short run gets fewer steps and a smaller batch, down to MIN_STEPS of
+MIN_BATCH — the least that measures anything, which a few-shot run of a few epochs can exceed
+its share for (LrChoice.share says what it cost).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import MutableMapping
+from dataclasses import asdict, replace
+from typing import Optional
+
+import torch
+from torch import nn
+
+from core.cache import JsonCache
+from core.distributed import rank_and_world
+from core.result import LrChoice, read_record
+
+SHARE = 0.15          # of the run's training items (epochs × items) the test should use
+STEPS, BATCH = 20, 16
+MIN_STEPS, MIN_BATCH = 14, 8
+LOWEST, HIGHEST = 3e-6, 0.3
+BLOW_UP = 4.0         # the test stops once the loss passes this many times its start
+FALL = 0.1            # the loss must fall by this share of its start for the test to say anything
+TURN = 0.25           # it turns up once it gives back this share of what it had gained
+
+
+def plan(items_per_epoch: int, epochs: int, batch_size: int) -> tuple[int, int]:
+    """(steps, batch size): the largest test within SHARE of the run's training, at least the least
+    that measures anything (the batch never above the training's batch or the data)."""
+    budget = SHARE * items_per_epoch * epochs
+    largest = max(2, min(BATCH, batch_size, items_per_epoch))
+    batch = max(min(largest, MIN_BATCH), min(largest, int(budget // STEPS)))
+    steps = int(max(MIN_STEPS, min(STEPS, budget // batch)))
+    return steps, batch
+
+
+def pick(start: float, lrs: list[float], losses: list[float]) -> tuple[Optional[float], str]:
+    """The rule: (lr, why) from the loss at the start and after a step at each of `lrs`, or
+    (None, why) when the loss never fell."""
+    lowest, at, turned = start, None, None
+    for step, loss in enumerate(losses):
+        if loss > lowest + TURN * (start - lowest) and start - lowest >= FALL * start:
+            turned = step
+            break
+        if loss < lowest:
+            lowest, at = loss, step
+    if at is None or start - lowest < FALL * start:
+        return None, f"the loss did not fall at any learning rate the test tried (from {start:.3g})"
+    where = f"it turned up at {lrs[turned]:.2g}" if turned is not None else "it had not turned up by the end"
+    return lrs[at], f"range test: the loss was lowest at lr {lrs[at]:.2g} ({where})"
+
+
+def _mean_across_processes(value: torch.Tensor) -> float:
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / rank_and_world()[1]
+    return float(value)
+
+
+def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int, batch_size: int,
+               weight_decay: float, grad_clip: float, autocast_to: Optional[str], seed: int = 0,
+               fallback: float = 1e-3) -> LrChoice:
+    """Run the test on `objective` (one batch of its `batches()`, as the trainer reads them) and put
+    the initial weights back; the choice falls back to `fallback` when the loss never fell. Under
+    torchrun each process steps on its slice of the batch and their losses are averaged, so every
+    process chooses the same rate."""
+    from core.trainer import TrainSettings, autocast, make_optimizer
+
+    started = time.perf_counter()
+    initial = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = make_optimizer(params, TrainSettings(lr=LOWEST, weight_decay=weight_decay))
+    device = next(iter(params.values())).device
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_to == "fp16")
+    rank, world = rank_and_world()
+    batch = objective.batches(batch_size * world, torch.Generator().manual_seed(seed))[0]
+    batch = batch[:len(batch) - len(batch) % world].tensor_split(world)[rank]
+    lrs, losses, start = [], [], math.nan
+    objective.train()
+    # its random draws (dropout's) are given back: a run trains the same whether its choice was
+    # measured now or read from the cache
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            with autocast(device, autocast_to):
+                loss = objective(batch)
+            start = _mean_across_processes(loss.detach().float())
+            for step in range(steps if math.isfinite(start) else 0):
+                lr = LOWEST * (HIGHEST / LOWEST) ** (step / max(1, steps - 1))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                with autocast(device, autocast_to):
+                    loss = objective(batch)   # the loss after a step at `lr`
+                value = _mean_across_processes(loss.detach().float())
+                if not math.isfinite(value):
+                    break
+                lrs.append(lr)
+                losses.append(value)
+                if value > BLOW_UP * start:
+                    break
+        finally:
+            objective.eval()
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(initial[name])
+    chosen, why = pick(start, lrs, losses) if len(losses) >= 3 else \
+        (None, "the loss was not finite from the start" if not math.isfinite(start) else "the loss blew up at once")
+    if chosen is None:
+        chosen, why = fallback, f"{why}; kept the suggested {fallback:.2g}"
+    return LrChoice(lr=float(chosen), why=why, lrs=lrs, losses=losses, steps=len(lrs), batch_size=len(batch) * world,
+                    seconds=time.perf_counter() - started)
+
+
+def cache_key(backbone, method: str, config: dict, dataset_fingerprint: str, task: str, frames: int,
+              extra_answers: tuple[str, ...], shots: Optional[int], seed: int, epochs: int, batch_size: int,
+              precision: str) -> tuple:
+    """What a range test depends on: the backbone's weights, the method and its options, the data
+    (which shots the seed draws), the task and the training's shape (its budget)."""
+    return (backbone.spec, backbone.weights, method, json.dumps(config, sort_keys=True), dataset_fingerprint,
+            task, frames, list(extra_answers), shots, seed, epochs, batch_size, precision)
+
+
+class ChoiceCache(JsonCache):
+    """Range tests kept on disk (core.cache): key (`cache_key`) -> LrChoice."""
+
+    def encode(self, choice: LrChoice) -> dict:
+        return asdict(choice)
+
+    def decode(self, stored) -> LrChoice:
+        choice = read_record(LrChoice, stored, "a cached range test")
+        if not 0 < choice.lr <= 10 or len(choice.lrs) != len(choice.losses):
+            raise ValueError("not a learning-rate choice")
+        return choice
+
+
+def choose_lr(objective: nn.Module, params: dict[str, nn.Parameter], settings, fallback: float,
+              cache: Optional[MutableMapping] = None, key: Optional[tuple] = None) -> LrChoice:
+    """The learning rate for training `params` on `objective` with `settings` (core.trainer's
+    TrainSettings; its lr is not read): the cached choice for `key`, else a range test sized by
+    `plan` (then kept in `cache`)."""
+    if cache is not None and key is not None:
+        try:
+            return replace(cache[key], reused=True)
+        except KeyError:
+            pass
+    world = rank_and_world()[1]
+    items = sum(len(b) for b in objective.batches(settings.batch_size * world, torch.Generator().manual_seed(0)))
+    steps, batch_size = plan(items // world, settings.epochs, settings.batch_size)
+    choice = range_test(objective, params, steps, batch_size, settings.weight_decay, settings.grad_clip,
+                        settings.autocast, settings.seed, fallback)
+    choice.share = choice.steps * choice.batch_size / max(1, items * settings.epochs)
+    if cache is not None and key is not None:
+        cache[key] = choice
+    return choice

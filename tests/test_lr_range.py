@@ -1,0 +1,136 @@
+"""--lr auto: the range test that finds the learning rate on the training data (core.lr_range),
+its cache, and what runs, the CLI and the figures say of it."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from core.cli import main
+from core.lr_range import ChoiceCache, choose_lr, pick, plan
+from core.result import LrChoice
+from core.runs import tune
+from core.trainer import TrainingDiverged, TrainSettings, train
+from tests.conftest import TINY
+
+
+class Regression(nn.Module):
+    """Noisy linear regression from zero weights; the larger `scale` (the true weights' size), the
+    larger the learning rate that reaches them in a few epochs."""
+
+    def __init__(self, scale: float, items: int = 256, dim: int = 16):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(items, dim, generator=generator)
+        self.y = self.x @ (scale * torch.randn(dim, generator=generator)) + 0.1 * torch.randn(items, generator=generator)
+        self.w = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, batch):
+        return ((self.x[batch] @ self.w - self.y[batch]) ** 2).mean()
+
+    def batches(self, batch_size, generator):
+        return list(torch.randperm(len(self.x), generator=generator).split(batch_size))
+
+
+SETTINGS = TrainSettings(epochs=5, batch_size=32, weight_decay=0.0, restarts=0)
+
+
+def _best_fixed_lr(scale: float) -> float:
+    """The known good rate: the best final loss over a grid of fixed rates, three per decade."""
+    losses = {}
+    for k in range(-12, 0):
+        objective = Regression(scale)
+        try:
+            train(objective, {"w": objective.w}, TrainSettings(**{**SETTINGS.__dict__, "lr": 10 ** (k / 3)}))
+        except TrainingDiverged:
+            continue
+        with torch.no_grad():
+            losses[10 ** (k / 3)] = float(objective(torch.arange(len(objective.x))))
+    return min(losses, key=losses.get)
+
+
+@pytest.mark.parametrize("scale", [0.03, 0.3])
+def test_the_range_test_picks_within_a_factor_of_3_of_the_best_fixed_rate(scale):
+    best = _best_fixed_lr(scale)
+    objective = Regression(scale)
+    before = objective.w.detach().clone()
+    rng = torch.get_rng_state()
+    choice = choose_lr(objective, {"w": objective.w}, SETTINGS, fallback=1e-3)
+    assert best / 3 <= choice.lr <= best * 3, (choice.lr, best, choice.why)
+    assert choice.why.startswith("range test: the loss was lowest at lr") and not choice.reused
+    assert torch.equal(objective.w, before) and torch.equal(torch.get_rng_state(), rng)   # put back as it was
+    # the curve is the rates tried, rising geometrically, and the loss after a step at each
+    assert len(choice.lrs) == len(choice.losses) == choice.steps and choice.lrs == sorted(choice.lrs)
+    assert 0 < choice.share <= 0.2
+
+
+def test_the_rule_needs_a_fall_and_stops_at_the_turn():
+    lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    assert pick(1.0, lrs, [1.0, 0.999, 1.0, 1.2, 5.0])[0] is None   # never fell: the suggested rate is kept
+    lr, why = pick(1.0, lrs, [0.9, 0.5, 0.8, 0.2, 5.0])   # turns up at 1e-2 (gives back 0.6 of 0.5 gained)
+    assert lr == 1e-3 and "turned up at 0.01" in why
+    assert pick(1.0, lrs, [0.9, 0.7, 0.5, 0.3, 0.1])[0] == 1.0   # still falling at the end
+
+
+def test_a_few_shot_run_gets_the_least_test_and_a_long_one_stays_within_its_share():
+    assert plan(items_per_epoch=32, epochs=15, batch_size=32) == (14, 8)   # 112 of 480 items: the floor
+    steps, batch = plan(items_per_epoch=300, epochs=15, batch_size=32)
+    assert (steps, batch) == (20, 16) and steps * batch <= 0.15 * 300 * 15
+    assert plan(items_per_epoch=3, epochs=1, batch_size=32) == (14, 3)   # never a batch larger than the data
+
+
+def test_a_run_with_auto_says_what_it_chose_and_a_cached_test_is_reused_for_the_same_run(shapes, tmp_path):
+    cache = ChoiceCache(tmp_path / "lr-range")
+    first = tune(TINY, shapes, "lora", shots=8, epochs=2, batch_size=4, out=tmp_path / "first", lr_cache=cache)
+    choice = first.train.lr_choice
+    assert choice.steps > 3 and not choice.reused and first.train.lr == choice.lr
+    assert len(cache) == 1
+    saved = json.loads((tmp_path / "first" / "run.json").read_text())["train"]["lr_choice"]
+    assert saved["lr"] == choice.lr and saved["why"] == choice.why and len(saved["lrs"]) == choice.steps
+    again = tune(TINY, shapes, "lora", shots=8, epochs=2, batch_size=4, out=tmp_path / "again", lr_cache=cache)
+    assert again.train.lr_choice.reused and again.train.lr == first.train.lr
+    assert again.train.step_losses == first.train.step_losses   # the test left nothing behind: same training
+    other_seed = tune(TINY, shapes, "lora", shots=8, epochs=2, batch_size=4, seed=1, out=tmp_path / "seed1",
+                      lr_cache=cache)
+    assert not other_seed.train.lr_choice.reused and len(cache) == 2   # other shots drawn: tested again
+    given = tune(TINY, shapes, "lora", shots=8, epochs=2, batch_size=4, lr=3e-3, out=tmp_path / "given")
+    assert given.train.lr == 3e-3 and given.train.lr_choice is None
+
+
+def test_a_cached_choice_that_does_not_read_back_counts_as_absent(tmp_path):
+    cache = ChoiceCache(tmp_path)
+    key = ("offline", "the bundled offline model", "lora", "{}", "abc", "retrieval", 8, [], 16, 0, 10, 32, "auto")
+    cache[key] = LrChoice(lr=0.01, why="range test", lrs=[1e-3, 1e-2], losses=[1.0, 0.5], steps=2, batch_size=8)
+    assert cache[key].lr == 0.01 and key in cache
+    (stored,) = tmp_path.glob("*.json")
+    record = json.loads(stored.read_text())
+    for broken in ({**record["value"], "lr": "fast"}, {**record["value"], "lr": -1.0},
+                   {**record["value"], "losses": [1.0]}, {**record["value"], "lr": float("nan")}):
+        stored.write_text(json.dumps({"key": record["key"], "value": broken}))
+        assert key not in cache
+
+
+def test_the_cli_finds_the_rate_by_default_and_uses_a_given_one_as_given(shapes, tmp_path, capsys):
+    arguments = ["tune", "--model", TINY, "--data", str(shapes), "--method", "bitfit", "--shots", "4",
+                 "--epochs", "1", "--batch-size", "4", "--cache", str(tmp_path / "cache"), "--json"]
+    assert main([*arguments, "--out", str(tmp_path / "auto")]) == 0
+    found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert found["lr_choice"]["lr"] == found["lr"] and found["lr_choice"]["why"]
+    assert "lrs" not in found["lr_choice"] and len(list((tmp_path / "cache" / "lr-range").glob("*.json"))) == 1
+    assert main([*arguments, "--out", str(tmp_path / "given"), "--lr", "0.02"]) == 0
+    given = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert given["lr"] == 0.02 and given["lr_choice"] is None
+    with pytest.raises(SystemExit):
+        main([*arguments, "--out", str(tmp_path / "bad"), "--lr", "fast"])
+    assert "a number or auto, not 'fast'" in capsys.readouterr().err
+
+
+def test_the_training_figure_shows_the_range_test_beside_the_loss(shapes, tmp_path):
+    from core import figures
+
+    result = tune(TINY, shapes, "bitfit", shots=4, epochs=1, batch_size=4, out=tmp_path / "run")
+    figure = figures.training_figure(result)
+    curve = next(trace for trace in figure.data if trace.name == "range test loss")
+    assert list(curve.x) == result.train.lr_choice.lrs and list(curve.y) == result.train.lr_choice.losses
+    assert figure.layout.xaxis2.type == "log"
+    assert f"chosen {result.train.lr_choice.lr:.2g}" in [a.text for a in figure.layout.annotations]
