@@ -174,18 +174,19 @@ def _method_steps(backbone, data, variants, amp: Optional[str]) -> Iterator[tupl
         gc.collect()
 
 
-def _e2e_seconds(model: str, precision: str) -> float:
-    """An end-to-end 16-shot Aurora `tune` (32 captions, 10 epochs of batch 16, zero-shot and tuned
-    scoring of 16 test scenes included), as a user runs it."""
+def _e2e_seconds(model: str, precision: str) -> tuple[float, float]:
+    """(seconds, of which the range test's) of an end-to-end 16-shot Aurora `tune` (32 captions, 10
+    epochs of batch 16, `--lr auto`'s range test, zero-shot and tuned scoring of 16 test scenes
+    included), as a user runs it."""
     from core import world
     from core.runs import tune
 
     with tempfile.TemporaryDirectory(prefix="petstudio-bench-") as folder:
         data = world.write_part(Path(folder) / "data", "novel-colours", items=64)
         started = time.perf_counter()
-        tune(model, data, "aurora", shots=16, epochs=10, batch_size=16, precision=precision,
-             out=Path(folder) / "run")
-        return time.perf_counter() - started
+        result = tune(model, data, "aurora", shots=16, epochs=10, batch_size=16, precision=precision,
+                      out=Path(folder) / "run")
+        return time.perf_counter() - started, result.train.lr_choice.seconds
 
 
 def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None = None, precision: str = "auto",
@@ -218,7 +219,7 @@ def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None
         step_s = _time(peer_step, steps, device)
         peers["peft_lora"] = {"step_s": step_s, "step_over_forward": step_s / forward_s,
                               "step_over_naive": step_s / naive_s, "trainable_params": n_params}
-    e2e_s = _e2e_seconds(model, precision) if e2e else None
+    e2e_s, range_test_s = _e2e_seconds(model, precision) if e2e else (None, None)
     # Memory last: returning freed memory to the system slows every step after it.
     if device.type == "cpu":
         _return_freed_memory()
@@ -230,7 +231,8 @@ def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None
             "precision": amp or "fp32", "asked_precision": precision,
             "naive_forward_s": naive_s, "forward_s": forward_s,
             "forward_over_naive": forward_s / naive_s if naive_s else None, "methods": results, "peers": peers,
-            "e2e_s": e2e_s, "e2e_over_naive": e2e_s / naive_s if e2e_s and naive_s else None}
+            "e2e_s": e2e_s, "e2e_over_naive": e2e_s / naive_s if e2e_s and naive_s else None,
+            "e2e_range_test_s": range_test_s, "range_test_share_of_e2e": range_test_s / e2e_s if e2e_s else None}
 
 
 def _clustered_unit_vectors(generator: np.random.Generator, centres: np.ndarray, count: int) -> np.ndarray:

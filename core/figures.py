@@ -159,9 +159,8 @@ def training_figure(result: Optional[RunResult], live: Optional[list[float]] = N
     found = train.lr_choice if train and live is None and train.lr_choice and train.lr_choice.lrs else None
     figure = make_subplots(rows=1, cols=2 if found else 1, column_widths=[0.62, 0.38] if found else None,
                            specs=[[{"secondary_y": True}, *([{}] if found else [])]],
-                           subplot_titles=["Training loss" + (" (live)" if live is not None else ""),
-                                           *(["Learning rate found" + (" (cached)" if found.reused else "")]
-                                             if found else [])])
+                           subplot_titles=["", "Learning rate found" + (" (cached)" if found.reused else "")]
+                           if found else None)
     figure.add_trace(go.Scatter(x=list(range(1, len(steps) + 1)), y=steps, mode="lines", name="loss per step",
                                 line=dict(color="#5b8def")))
     epochs = train.epoch_losses if train and live is None else []
@@ -186,7 +185,8 @@ def training_figure(result: Optional[RunResult], live: Optional[list[float]] = N
         figure.update_yaxes(title_text="loss", row=1, col=2)
     figure.update_xaxes(title_text="step", row=1, col=1)
     figure.update_yaxes(title_text="loss", secondary_y=False, row=1, col=1)
-    figure.update_layout(height=360, legend=dict(orientation="h", y=-0.25))
+    figure.update_layout(title="Training loss" + (" (live)" if live is not None else ""), height=360,
+                         legend=dict(orientation="h", y=-0.25))
     return figure
 
 

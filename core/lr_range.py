@@ -9,8 +9,8 @@ than with the rate. The test stops once the loss is not finite or passes BLOW_UP
 The rule: the loss must first fall (by FALL of its start); it "turns up" at the first step whose
 loss gives back TURN of what it had gained below the start. The chosen learning rate is the one
 at the lowest loss before the turn — at least one step (×2.1–2.6) below where it turned up. A loss
-that never falls (a batch the model already separates) keeps the suggested rate, and says so. Then the initial weights are put back, so the
-run trains from where it would have started.
+that never falls (a batch the model already separates) keeps the suggested rate, and says so.
+Then the initial weights are put back, so the run trains from where it would have started.
 
 Size: STEPS steps on a batch of BATCH items when that fits in SHARE of the items the run's
 training processes; a short run gets fewer steps and a smaller batch, down to MIN_STEPS of
@@ -94,6 +94,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
     rank, world = rank_and_world()
     batch = objective.batches(batch_size * world, torch.Generator().manual_seed(seed))[0]
     batch = batch[:len(batch) - len(batch) % world].tensor_split(world)[rank]
+    model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective   # gradients averaged
     lrs, losses, start = [], [], math.nan
     objective.train()
     # its random draws (dropout's) are given back: a run trains the same whether its choice was
@@ -101,7 +102,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             with autocast(device, autocast_to):
-                loss = objective(batch)
+                loss = model(batch)
             start = _mean_across_processes(loss.detach().float())
             for step in range(steps if math.isfinite(start) else 0):
                 lr = LOWEST * (HIGHEST / LOWEST) ** (step / max(1, steps - 1))
@@ -115,7 +116,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                 scaler.step(optimizer)
                 scaler.update()
                 with autocast(device, autocast_to):
-                    loss = objective(batch)   # the loss after a step at `lr`
+                    loss = model(batch)   # the loss after a step at `lr`
                 value = _mean_across_processes(loss.detach().float())
                 if not math.isfinite(value):
                     break

@@ -79,7 +79,7 @@ def one_process_run(shapes, tmp_path_factory):
 def _cli(launcher: list[str], data, out, batch_size: int):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}   # the same arithmetic in every process
     return subprocess.run([sys.executable, *launcher, "-m", "core", "tune", "--model", TINY, "--data", str(data),
-                           "--method", "lora", "--dropout", "0", "--shots", "8", "--epochs", "2", "--lr", "1e-2",
+                           "--method", "lora", "--dropout", "0", "--shots", "8", "--epochs", "2",
                            "--batch-size", str(batch_size), "--out", str(out), "--json"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
 
@@ -98,6 +98,10 @@ def test_the_cli_under_a_launcher_trains_as_one_process(launcher, shapes, one_pr
     assert len(results) == 1 and results[0]["out"] == str(tmp_path / "run")     # the first process answers
     assert [p.name for p in tmp_path.iterdir()] == ["run"]                      # and writes the one run folder
     two, one = (json.loads((folder / "run.json").read_text()) for folder in (tmp_path / "run", one_process_run))
+    # --lr auto: the range test runs in every process on its slice of the batch, and all choose one rate
+    assert two["train"]["lr_choice"]["why"].startswith("range test")
+    assert two["train"]["lr_choice"]["losses"] == pytest.approx(one["train"]["lr_choice"]["losses"], abs=1e-4)
+    assert two["train"]["lr"] == one["train"]["lr"] == one["train"]["lr_choice"]["lr"]
     assert two["train"]["step_losses"] == pytest.approx(one["train"]["step_losses"], abs=1e-5)
     weights_two, weights_one = (load_file(str(folder / "pet.safetensors")) for folder in (tmp_path / "run",
                                                                                           one_process_run))

@@ -104,7 +104,9 @@ def test_load_tune_ask_inspect_download(client, world, tmp_path):
     bars = dict(zip(budget["data"][0]["y"], budget["data"][0]["x"]))
     assert bars["shared"] == info["groups"]["shared"] and bars["modes"] == info["groups"]["modes"]
     assert "Aurora" in json.loads(gates["plot"])["layout"]["title"]["text"]
-    assert len(json.loads(curves["plot"])["data"]) == 3   # step losses, epoch losses, metric per epoch
+    # step losses, epoch losses, metric per epoch, and the range test that found the learning rate
+    assert [t["name"] for t in json.loads(curves["plot"])["data"]] == [
+        "loss per step", "mean loss per epoch", "test t2i_r1 per epoch", "range test loss"]
 
     downloaded = client.predict(run, api_name="/download_weights")
     assert {Path(f).name for f in downloaded} == {"pet.safetensors", "run.json"}
@@ -136,11 +138,26 @@ def test_the_authors_recipe_sets_options_and_learning_rate(client, tmp_path):
     """Under the authors' recipe the app sends no knobs: the recipe's options and lr are used,
     the card says whose recipe it was, and run.json records it."""
     client.predict(PHOTOS, api_name="/load_sample")
-    assert client.predict("offline", "aurora", "authors", api_name="/suggest_lr_for_recipe") is None
     card, _, weights, _, _, _ = tune(client, method="aurora", recipe="authors", epochs=1, shots=4)
     assert "Recipe **authors**: WillDreamer/Aurora" in card and "lr 0.0001" in card and "gqt " in card
+    assert "Learning rate found: the authors recipe's rate" in card   # the empty field: auto, which takes theirs
     info = json.loads(Path(next(w for w in weights if w.endswith("run.json"))).read_text())
     assert info["recipe"]["name"] == "authors" and info["config"]["gqt"] is True and info["train"]["warmup"] == 0.0
+
+
+def test_an_empty_learning_rate_is_found_on_the_data_and_shown(client):
+    """The Tune tab's learning rate starts empty: the run's range test chooses it, the card says how,
+    and the training figure plots the test's loss against the learning rate, the chosen one marked."""
+    client.predict(WORLD, api_name="/load_sample")
+    card, loss_plot, weights, _, _, _ = tune(client, method="lora", epochs=2)
+    info = json.loads(Path(next(w for w in weights if w.endswith("run.json"))).read_text())
+    choice = info["train"]["lr_choice"]
+    assert choice["why"].startswith("range test") and info["train"]["lr"] == choice["lr"]
+    assert f"Learning rate found: {choice['why']}" in card and f"lr {choice['lr']:g}" in card
+    curve = next(t for t in json.loads(loss_plot["plot"])["data"] if t["name"] == "range test loss")
+    assert plot_array(curve["y"]).tolist() == pytest.approx(choice["losses"])
+    again, *_ = tune(client, method="lora", epochs=2)   # the same run again: the test is not measured twice
+    assert "measured by an earlier run on this data, reused" in again
 
 
 def test_validation_report_names_file_and_row(client, tmp_path):
