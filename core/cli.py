@@ -248,7 +248,8 @@ def run_info(args) -> dict[str, Any]:
             "trainable_params": handle.num_trainable(),
             "trainable_pct": 100.0 * handle.num_trainable() / total, "groups": handle.budget(),
             "recipe": asdict(recipe),
-            "lr": recipe.lr if recipe.lr is not None else suggested_lr(backbone.spec, args.method)}
+            "lr": recipe.lr if recipe.lr is not None else "auto",
+            "suggested_lr": suggested_lr(backbone.spec, args.method)}
 
 
 def run_tune(args) -> dict[str, Any]:

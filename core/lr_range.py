@@ -8,7 +8,7 @@ than with the rate. The test stops once the loss is not finite or passes BLOW_UP
 
 The rule: the loss must first fall (by FALL of its start); it "turns up" at the first step whose
 loss gives back TURN of what it had gained below the start. The chosen learning rate is the one
-at the lowest loss before the turn — at least one step (×2.1–2.6) below where it turned up. A loss
+at the lowest loss before the turn — at least one step (×1.8 to ×2.4) below where it turned up. A loss
 that never falls (a batch the model already separates) keeps the suggested rate, and says so.
 Then the initial weights are put back, so the run trains from where it would have started.
 
@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import MutableMapping
 from dataclasses import asdict, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -44,7 +44,8 @@ TURN = 0.25           # it turns up once it gives back this share of what it had
 
 def plan(items_per_epoch: int, epochs: int, batch_size: int) -> tuple[int, int]:
     """(steps, batch size): the largest test within SHARE of the run's training, at least the least
-    that measures anything (the batch never above the training's batch or the data)."""
+    that measures anything (the batch never above the training's batch or the data, nor below 2:
+    a contrastive loss needs a negative)."""
     budget = SHARE * items_per_epoch * epochs
     largest = max(2, min(BATCH, batch_size, items_per_epoch))
     batch = max(min(largest, MIN_BATCH), min(largest, int(budget // STEPS)))
@@ -79,23 +80,23 @@ def _mean_across_processes(value: torch.Tensor) -> float:
 
 def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int, batch_size: int,
                weight_decay: float, grad_clip: float, autocast_to: Optional[str], seed: int = 0,
-               fallback: float = 1e-3) -> LrChoice:
+               fallback: float = 1e-3, stop: Optional[Callable[[], bool]] = None) -> LrChoice:
     """Run the test on `objective` (one batch of its `batches()`, as the trainer reads them) and put
-    the initial weights back; the choice falls back to `fallback` when the loss never fell. Under
-    torchrun each process steps on its slice of the batch and their losses are averaged, so every
-    process chooses the same rate."""
-    from core.trainer import TrainSettings, autocast, make_optimizer
+    the initial weights back; the choice falls back to `fallback` when the loss never fell, and the
+    test ends early when `stop()` says so (a cancel, a deadline: `LrChoice.steps` then tells). Under
+    torchrun each process steps on its slice of the batch through DDP and their losses are
+    averaged, so every process chooses the same rate."""
+    from core.trainer import TrainSettings, autocast, make_optimizer, optimizer_step, process_batches
 
     started = time.perf_counter()
     initial = {n: p.detach().clone() for n, p in params.items()}
     optimizer = make_optimizer(params, TrainSettings(lr=LOWEST, weight_decay=weight_decay))
     device = next(iter(params.values())).device
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_to == "fp16")
-    rank, world = rank_and_world()
-    batch = objective.batches(batch_size * world, torch.Generator().manual_seed(seed))[0]
-    batch = batch[:len(batch) - len(batch) % world].tensor_split(world)[rank]
+    world = rank_and_world()[1]
+    batch = process_batches(objective, batch_size, torch.Generator().manual_seed(seed))[0]
     model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective   # gradients averaged
-    lrs, losses, start = [], [], math.nan
+    lrs, losses, start, stopped = [], [], math.nan, False
     objective.train()
     # its random draws (dropout's) are given back: a run trains the same whether its choice was
     # measured now or read from the cache
@@ -105,16 +106,13 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                 loss = model(batch)
             start = _mean_across_processes(loss.detach().float())
             for step in range(steps if math.isfinite(start) else 0):
+                stopped = stop is not None and _any_process(stop(), device)
+                if stopped:
+                    break
                 lr = LOWEST * (HIGHEST / LOWEST) ** (step / max(1, steps - 1))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(loss, optimizer, scaler, params, grad_clip)
                 with autocast(device, autocast_to):
                     loss = model(batch)   # the loss after a step at `lr`
                 value = _mean_across_processes(loss.detach().float())
@@ -129,21 +127,40 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(initial[name])
-    chosen, why = pick(start, lrs, losses) if len(losses) >= 3 else \
-        (None, "the loss was not finite from the start" if not math.isfinite(start) else "the loss blew up at once")
+                    p.grad = None
+    if stopped:
+        chosen, why = None, "stopped before the range test finished"
+    elif len(losses) < 3:
+        chosen, why = None, "the loss was not finite from the start" if not math.isfinite(start) else \
+            "the loss blew up at once"
+    else:
+        chosen, why = pick(start, lrs, losses)
     if chosen is None:
         chosen, why = fallback, f"{why}; kept the suggested {fallback:.2g}"
     return LrChoice(lr=float(chosen), why=why, lrs=lrs, losses=losses, steps=len(lrs), batch_size=len(batch) * world,
-                    seconds=time.perf_counter() - started)
+                    seconds=time.perf_counter() - started, finished=not stopped)
 
 
-def cache_key(backbone, method: str, config: dict, dataset_fingerprint: str, task: str, frames: int,
-              extra_answers: tuple[str, ...], shots: Optional[int], seed: int, epochs: int, batch_size: int,
-              precision: str) -> tuple:
-    """What a range test depends on: the backbone's weights, the method and its options, the data
-    (which shots the seed draws), the task and the training's shape (its budget)."""
-    return (backbone.spec, backbone.weights, method, json.dumps(config, sort_keys=True), dataset_fingerprint,
-            task, frames, list(extra_answers), shots, seed, epochs, batch_size, precision)
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """Whether any process raised `flag`, so that all stop together."""
+    if rank_and_world()[1] == 1:
+        return flag
+    import torch.distributed as dist
+
+    shared = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    return bool(shared.item())
+
+
+def cache_key(backbone, method: str, revision: int, config: dict, dataset_fingerprint: str, task: str,
+              frames: int, extra_answers: tuple[str, ...], shots: Optional[int], seed: int, epochs: int,
+              batch_size: int, autocast_to: Optional[str]) -> tuple:
+    """What a range test depends on: the backbone's weights, the method (its revision) and options,
+    the data (which shots the seed draws), the task, the training's shape (its budget) and the
+    precision that runs."""
+    return (backbone.spec, backbone.weights, method, revision, json.dumps(config, sort_keys=True),
+            dataset_fingerprint, task, frames, list(extra_answers), shots, seed, epochs, batch_size,
+            autocast_to or "fp32")
 
 
 class ChoiceCache(JsonCache):
@@ -154,27 +171,32 @@ class ChoiceCache(JsonCache):
 
     def decode(self, stored) -> LrChoice:
         choice = read_record(LrChoice, stored, "a cached range test")
-        if not 0 < choice.lr <= 10 or len(choice.lrs) != len(choice.losses):
+        choice.check("a cached range test")
+        if choice.lr > 10 or not choice.finished:
             raise ValueError("not a learning-rate choice")
         return choice
 
 
 def choose_lr(objective: nn.Module, params: dict[str, nn.Parameter], settings, fallback: float,
-              cache: Optional[MutableMapping] = None, key: Optional[tuple] = None) -> LrChoice:
+              cache: Optional[MutableMapping] = None, key: Optional[tuple] = None,
+              stop: Optional[Callable[[], bool]] = None) -> LrChoice:
     """The learning rate for training `params` on `objective` with `settings` (core.trainer's
     TrainSettings; its lr is not read): the cached choice for `key`, else a range test sized by
-    `plan` (then kept in `cache`)."""
+    `plan` (then kept in `cache` when it finished). Under torchrun the cache is not used: every
+    process must run the same test, and a file one process reads another may not."""
+    world = rank_and_world()[1]
+    if world > 1:
+        cache = None
     if cache is not None and key is not None:
         try:
             return replace(cache[key], reused=True)
         except KeyError:
             pass
-    world = rank_and_world()[1]
     items = sum(len(b) for b in objective.batches(settings.batch_size * world, torch.Generator().manual_seed(0)))
     steps, batch_size = plan(items // world, settings.epochs, settings.batch_size)
     choice = range_test(objective, params, steps, batch_size, settings.weight_decay, settings.grad_clip,
-                        settings.autocast, settings.seed, fallback)
+                        settings.autocast, settings.seed, fallback, stop)
     choice.share = choice.steps * choice.batch_size / max(1, items * settings.epochs)
-    if cache is not None and key is not None:
+    if cache is not None and key is not None and choice.finished:
         cache[key] = choice
     return choice

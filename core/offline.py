@@ -206,15 +206,20 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
     return done
 
 
+def _by_rate(rows: list[dict]) -> dict[tuple, dict]:
+    """(part, shots, method) -> rate -> its runs."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        groups.setdefault((r["part"], r["shots"], r["method"]), {}).setdefault(r["lr"], []).append(r)
+    return groups
+
+
 def lr_proof_summary(rows: list[dict]) -> list[dict]:
     """Per part, shots and method: zero-shot, the best fixed rate and its mean, --lr auto's mean and
     the rates it chose, and what happened at the next fixed rate above the best (three times too
     high): seeds the guard restarted, seeds flagged below zero-shot, and its mean."""
-    groups: dict[tuple, dict] = {}
-    for r in rows:
-        groups.setdefault((r["part"], r["shots"], r["method"]), {}).setdefault(r["lr"], []).append(r)
     summary = []
-    for (part, k, method), by_rate in groups.items():
+    for (part, k, method), by_rate in _by_rate(rows).items():
         means = {rate: sum(r["t2i_r1"] for r in runs) / len(runs) for rate, runs in by_rate.items()}
         fixed = [rate for rate in FIXED_LRS if rate in means]
         if "auto" not in means or not fixed:
@@ -246,10 +251,7 @@ def lr_proof_table(rows: list[dict]) -> str:
     rates = [*FIXED_LRS, "auto"]
     lines = [f"| part | shots | method | zero-shot | {' | '.join(f'{r:g}' if r != 'auto' else 'auto' for r in rates)} |",
              f"|---|---|---|---:|{'---:|' * len(rates)}"]
-    groups: dict[tuple, dict] = {}
-    for r in rows:
-        groups.setdefault((r["part"], r["shots"], r["method"]), {}).setdefault(r["lr"], []).append(r)
-    for (part, k, method), by_rate in groups.items():
+    for (part, k, method), by_rate in _by_rate(rows).items():
         zero_shot = next(iter(by_rate.values()))[0]["zero_shot_t2i_r1"]
         cells = []
         for rate in rates:

@@ -49,7 +49,7 @@ class Restart:
 @dataclass
 class LrChoice:
     """How `--lr auto` chose the learning rate (core.lr_range), with the range test's curve: the
-    learning rate of each step taken and the smoothed loss after it (empty when no test ran)."""
+    learning rate of each step taken and the loss on the test's batch after it (empty when no test ran)."""
 
     lr: float
     why: str
@@ -60,6 +60,12 @@ class LrChoice:
     seconds: float = 0.0
     share: float = 0.0         # the test's items over the run's training items (epochs × items)
     reused: bool = False       # read from the cache: this run spent nothing on it
+    finished: bool = True      # False: a cancel or a deadline stopped it (never cached)
+
+    def check(self, where: str) -> None:
+        """Raise ResultError unless the rates are positive and the curve's two lists match."""
+        if not (self.lr > 0 and all(lr > 0 for lr in self.lrs) and len(self.lrs) == len(self.losses)):
+            raise ResultError(f"{where}: a learning-rate choice needs positive rates and as many losses as rates")
 
 
 @dataclass
@@ -158,6 +164,8 @@ class RunResult:
             raise ResultError(f"{where}: 'seed' must be between 0 and {MAX_SEED}")
         if not 1 <= result.frames <= MAX_FRAMES:
             raise ResultError(f"{where}: 'frames' must be between 1 and {MAX_FRAMES}")
+        if result.train is not None and result.train.lr_choice is not None:
+            result.train.lr_choice.check(f"{where}: 'train'['lr_choice']")
         return result
 
 

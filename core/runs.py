@@ -235,9 +235,15 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
         objective = handle.pulled(task_def.objective(backbone, task_def.prepare(backbone, train_items), handle),
                                   len(train_items))
         if lr == AUTO:
-            key = lr_range.cache_key(backbone, method, config_to_dict(config), dataset.fingerprint, task, frames,
-                                     tuple(extra_answers), shots, seed, epochs, batch_size, precision)
-            lr_choice = lr_range.choose_lr(objective, handle.trainable_parameters(), settings, fixed_lr, lr_cache, key)
+            key = lr_range.cache_key(backbone, method, get_method(method).revision, config_to_dict(config),
+                                     dataset.fingerprint, task, frames, tuple(extra_answers), shots, seed, epochs,
+                                     batch_size, amp)
+
+            def stop() -> bool:   # a cancel or the deadline ends the range test too
+                return (cancel is not None and cancel()) or (deadline is not None and time.monotonic() >= deadline)
+
+            lr_choice = lr_range.choose_lr(objective, handle.trainable_parameters(), settings, fixed_lr, lr_cache, key,
+                                           stop)
             settings.lr = lr_choice.lr
         def epoch_end(epoch: int) -> None:   # a restarted run scores its epochs again from the first
             per_epoch[epoch - 1:] = [task_def.evaluate(backbone, test_set)]

@@ -131,6 +131,26 @@ def make_optimizer(params: dict[str, nn.Parameter], settings: TrainSettings) -> 
                               {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, fused=fused or None)
 
 
+def process_batches(objective: nn.Module, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """This process's slice of each global batch of `objective` (batch size × processes, trimmed to
+    a multiple of the processes so that every process gathers the same number of pairs)."""
+    rank, world = rank_and_world()
+    return [b[:len(b) - len(b) % world].tensor_split(world)[rank]
+            for b in objective.batches(batch_size * world, generator) if len(b) >= world]
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   params: dict[str, nn.Parameter], grad_clip: float) -> None:
+    """Backward from `loss`, gradients clipped to `grad_clip` (0: not), one optimiser step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(list(params.values()), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
     warmup_steps = int(round(warmup * total_steps))
 
@@ -208,16 +228,12 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
 def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: TrainSettings, origin: _Start,
              progress, cancel, epoch_end, deadline) -> TrainLog:
     """One training schedule at settings.lr; raises _Diverging when the run goes wrong."""
-    rank, world = rank_and_world()
-    model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    model = nn.parallel.DistributedDataParallel(objective) if rank_and_world()[1] > 1 else objective
     device = next(iter(params.values())).device
     generator = torch.Generator().manual_seed(settings.seed)
 
     def my_batches(seeded: torch.Generator) -> list[torch.Tensor]:
-        """This process's slice of each global batch (batch size × processes, trimmed to a
-        multiple of the processes so that every process gathers the same number of pairs)."""
-        global_batches = objective.batches(settings.batch_size * world, seeded)
-        return [b[:len(b) - len(b) % world].tensor_split(world)[rank] for b in global_batches if len(b) >= world]
+        return process_batches(objective, settings.batch_size, seeded)
 
     per_epoch = len(my_batches(torch.Generator().manual_seed(0)))
     total = max(1, per_epoch * settings.epochs)
@@ -278,13 +294,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                     break
                 with autocast(device, settings.autocast):
                     loss = model(batch)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if settings.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), settings.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(loss, optimizer, scaler, params, settings.grad_clip)
                 scheduler.step()
                 step = log.steps = step + 1
                 pending.append(loss.detach().float())

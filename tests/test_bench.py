@@ -33,5 +33,4 @@ def test_bench_measures_every_method_and_the_peft_peer_on_one_batch(monkeypatch)
     assert result["e2e_s"] > result["forward_s"] and result["e2e_over_naive"] == result["e2e_s"] / result[
         "naive_forward_s"]
     # the range test that found the tune's learning rate, inside it
-    assert 0 < result["e2e_range_test_s"] < result["e2e_s"]
-    assert result["range_test_share_of_e2e"] == result["e2e_range_test_s"] / result["e2e_s"]
+    assert 0 < result["e2e_range_test_s"] < result["e2e_s"] and 0 < result["range_test_share_of_e2e"] < 1

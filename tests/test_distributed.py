@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from core.backbones import load_backbone
+from core.lr_range import choose_lr
 from core.pet import attach
 from core.tasks.retrieval import RetrievalObjective, RetrievalSet
 from core.trainer import TrainSettings, train
@@ -32,23 +33,54 @@ def _run(batch_size: int):
     return handle.state_dict(), log.step_losses
 
 
-def _worker(rank: int, world: int, port: int, results):
+def _range_test(batch_size: int):
+    """--lr auto's range test for the same LoRA: (its choice, the LoRA weights after it)."""
+    torch.set_num_threads(1)
+    backbone = load_backbone(TINY, seed=0)
+    torch.manual_seed(0)
+    handle = attach(backbone, "lora", {"dropout": 0.0})
+    generator = torch.Generator().manual_seed(0)
+    data = RetrievalSet(torch.randn(16, 3, 32, 32, generator=generator),
+                        backbone.tokenize([f"caption number {i}" for i in range(16)]), torch.arange(16))
+    choice = choose_lr(RetrievalObjective(backbone, data), handle.trainable_parameters(),
+                       TrainSettings(epochs=2, batch_size=batch_size, seed=0), fallback=1e-3)
+    return choice, handle.state_dict()
+
+
+def _worker(rank: int, world: int, port: int, results, work=_run):
     os.environ["HF_HUB_OFFLINE"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        results[rank] = _run(batch_size=4)
+        results[rank] = work(batch_size=4)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_of_batch_b_train_as_one_of_batch_2b():
+def _spawn(work) -> dict:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, port, results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, results, work), nprocs=2, join=True)
+    return results
+
+
+def test_under_two_processes_the_range_test_measures_as_one_and_both_choose_one_rate():
+    results = _spawn(_range_test)
+    (choice0, state0), (choice1, state1) = results[0], results[1]
+    alone, alone_state = _range_test(batch_size=8)
+    assert (choice0.lr, choice0.losses) == (choice1.lr, choice1.losses)   # every process chose the same
+    assert choice0.batch_size == alone.batch_size == 8   # each process: half of one batch
+    assert choice0.losses == pytest.approx(alone.losses, abs=1e-4) and choice0.lr == alone.lr
+    assert choice0.why.startswith("range test")
+    for name, tensor in alone_state.items():   # the weights are put back in every process
+        assert torch.equal(state0[name], tensor) and torch.equal(state1[name], tensor), name
+
+
+def test_two_processes_of_batch_b_train_as_one_of_batch_2b():
+    results = _spawn(_run)
     (state0, losses0), (state1, losses1) = results[0], results[1]
     alone_state, alone_losses = _run(batch_size=8)
     assert len(losses0) == len(alone_losses) == 2 * (16 // 8)     # each process: its half of every global batch
@@ -79,7 +111,7 @@ def one_process_run(shapes, tmp_path_factory):
 def _cli(launcher: list[str], data, out, batch_size: int):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}   # the same arithmetic in every process
     return subprocess.run([sys.executable, *launcher, "-m", "core", "tune", "--model", TINY, "--data", str(data),
-                           "--method", "lora", "--dropout", "0", "--shots", "8", "--epochs", "2",
+                           "--method", "lora", "--dropout", "0", "--shots", "8", "--epochs", "2", "--lr", "1e-2",
                            "--batch-size", str(batch_size), "--out", str(out), "--json"],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
 
@@ -98,10 +130,6 @@ def test_the_cli_under_a_launcher_trains_as_one_process(launcher, shapes, one_pr
     assert len(results) == 1 and results[0]["out"] == str(tmp_path / "run")     # the first process answers
     assert [p.name for p in tmp_path.iterdir()] == ["run"]                      # and writes the one run folder
     two, one = (json.loads((folder / "run.json").read_text()) for folder in (tmp_path / "run", one_process_run))
-    # --lr auto: the range test runs in every process on its slice of the batch, and all choose one rate
-    assert two["train"]["lr_choice"]["why"].startswith("range test")
-    assert two["train"]["lr_choice"]["losses"] == pytest.approx(one["train"]["lr_choice"]["losses"], abs=1e-4)
-    assert two["train"]["lr"] == one["train"]["lr"] == one["train"]["lr_choice"]["lr"]
     assert two["train"]["step_losses"] == pytest.approx(one["train"]["step_losses"], abs=1e-5)
     weights_two, weights_one = (load_file(str(folder / "pet.safetensors")) for folder in (tmp_path / "run",
                                                                                           one_process_run))

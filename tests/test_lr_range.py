@@ -26,7 +26,8 @@ class Regression(nn.Module):
         self.w = nn.Parameter(torch.zeros(dim))
 
     def forward(self, batch):
-        return ((self.x[batch] @ self.w - self.y[batch]) ** 2).mean()
+        jitter = 1 + 1e-3 * torch.rand(())   # a random draw, as dropout makes: the test must give it back
+        return ((self.x[batch] @ self.w - self.y[batch]) ** 2).mean() * jitter
 
     def batches(self, batch_size, generator):
         return list(torch.randperm(len(self.x), generator=generator).split(batch_size))
@@ -134,3 +135,14 @@ def test_the_training_figure_shows_the_range_test_beside_the_loss(shapes, tmp_pa
     assert list(curve.x) == result.train.lr_choice.lrs and list(curve.y) == result.train.lr_choice.losses
     assert figure.layout.xaxis2.type == "log"
     assert f"chosen {result.train.lr_choice.lr:.2g}" in [a.text for a in figure.layout.annotations]
+
+
+def test_a_cancel_ends_the_test_with_the_suggested_rate_and_nothing_is_cached(tmp_path):
+    cache, key = ChoiceCache(tmp_path), ("offline", "w", "lora", 1, "{}", "abc", "retrieval", 8, [], 16, 0, 5, 32, "fp32")
+    objective = Regression(0.3)
+    calls = []
+    choice = choose_lr(objective, {"w": objective.w}, SETTINGS, fallback=2e-3, cache=cache, key=key,
+                       stop=lambda: calls.append(1) or len(calls) > 3)
+    assert choice.lr == 2e-3 and not choice.finished and choice.steps == 3
+    assert choice.why == "stopped before the range test finished; kept the suggested 0.002" and len(cache) == 0
+    assert torch.equal(objective.w, torch.zeros(16))

@@ -28,8 +28,8 @@ def attach(backbone, config: Config) -> PetHandle:
 
 def _authors_recipe(setting) -> Recipe:
     # Their validation-free runs: Adam at 1e-5 (eps 1e-4), cosine from the first step, λ = 1/N.
-    return Recipe("authors", "Fahes et al. 2024 (astra-vision/ProLIP configs/base.yaml: lr_v 1e-5, "
-                             "lambda_funct_1_N)", options={"pull": 1.0}, lr=1e-5, warmup=0.0)
+    return Recipe("authors", "Fahes et al. 2024 (astra-vision/ProLIP, configs/experiments/"
+                             "few_shot_no_val_lr1e-5_lambda_1_N.yaml)", options={"pull": 1.0}, lr=1e-5, warmup=0.0)
 
 
 register(Method(
