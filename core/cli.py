@@ -378,7 +378,7 @@ def run_report(args) -> dict[str, Any]:
 
 def run_demo(args) -> dict[str, Any]:
     from core import world
-    from core.runs import suggested_lr, tune
+    from core.runs import tune
 
     out = Path(args.out) if args.out else Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     data = world.write_part(out / "novel-colours", "novel-colours", items=200)
@@ -386,12 +386,11 @@ def run_demo(args) -> dict[str, Any]:
     rows = {}
     for method, options in (("zero_shot", {}), ("linear_probe", {}), ("lora", {}), ("aurora", {}),
                             ("vlpet", {"granularity": "middleY"})):
-        result = tune("offline", data, method, options, shots=16, epochs=15,
-                      lr=suggested_lr("offline", method), out=out / method)
+        result = tune("offline", data, method, options, shots=16, epochs=15, out=out / method)   # --lr auto
         rows[method] = {"trainable_params": result.trainable_params, "t2i_r1": result.tuned["t2i_r1"],
-                        "i2t_r1": result.tuned["i2t_r1"], "seconds": result.seconds}
+                        "i2t_r1": result.tuned["i2t_r1"], "seconds": result.seconds, "lr": result.train.lr}
         _note(f"{method:>13}: {result.trainable_params:>7,} params  t2i R@1 {result.tuned['t2i_r1']:5.1f}  "
-              f"i2t R@1 {result.tuned['i2t_r1']:5.1f}  ({result.seconds:.1f}s)")
+              f"i2t R@1 {result.tuned['i2t_r1']:5.1f}  lr {result.train.lr:.2g}  ({result.seconds:.1f}s)")
     return {"model": "offline", "data": str(data), "shots": 16, "methods": rows}
 
 
