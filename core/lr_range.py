@@ -86,7 +86,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
     test ends early when `stop()` says so (a cancel, a deadline: `LrChoice.steps` then tells). Under
     torchrun each process steps on its slice of the batch through DDP and their losses are
     averaged, so every process chooses the same rate."""
-    from core.trainer import TrainSettings, autocast, make_optimizer, optimizer_step, process_batches
+    from core.trainer import TrainSettings, any_process, autocast, make_optimizer, optimizer_step, process_batches
 
     started = time.perf_counter()
     initial = {n: p.detach().clone() for n, p in params.items()}
@@ -106,7 +106,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                 loss = model(batch)
             start = _mean_across_processes(loss.detach().float())
             for step in range(steps if math.isfinite(start) else 0):
-                stopped = stop is not None and _any_process(stop(), device)
+                stopped = stop is not None and any_process(stop(), device)
                 if stopped:
                     break
                 lr = LOWEST * (HIGHEST / LOWEST) ** (step / max(1, steps - 1))
@@ -139,17 +139,6 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
         chosen, why = fallback, f"{why}; kept the suggested {fallback:.2g}"
     return LrChoice(lr=float(chosen), why=why, lrs=lrs, losses=losses, steps=len(lrs), batch_size=len(batch) * world,
                     seconds=time.perf_counter() - started, finished=not stopped)
-
-
-def _any_process(flag: bool, device: torch.device) -> bool:
-    """Whether any process raised `flag`, so that all stop together."""
-    if rank_and_world()[1] == 1:
-        return flag
-    import torch.distributed as dist
-
-    shared = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-    return bool(shared.item())
 
 
 def cache_key(backbone, method: str, revision: int, config: dict, dataset_fingerprint: str, task: str,

@@ -119,7 +119,7 @@ COMPARED = [("zero_shot", {}), ("linear_probe", {}), ("bitfit", {}), ("lora", {}
 def compare(out: Path, part: str, shots: int, seeds: list[int], epochs: int = 15, lr: Optional[float] = None,
             items: int = 200, precision: str = "fp32", compared: list[tuple[str, dict]] = COMPARED) -> list[dict]:
     """Tune every method `shots`-shot on a novel part of the world; one row per method, metrics
-    averaged over `seeds`, each at `lr` or else at the rate the CLI and the app suggest for it."""
+    averaged over `seeds`, each at `lr` or else at its fixed suggested rate (`suggested_lr`)."""
     from core.runs import tune
 
     data = world.write_part(out / part, part, items=items)
@@ -370,8 +370,9 @@ one batch of {report['batch_size']} freshly drawn base scenes (one caption each)
     python -m core.offline compare --part {comparison['part']} --shots {comparison['shots']} --seeds {','.join(map(str, comparison['seeds']))} --epochs {comparison['epochs']}
 
 {comparison['items']} scenes, the last quarter ({comparison['items'] // 4}) as the test split; {comparison['shots']} training
-scenes with 2 captions each, {comparison['epochs']} epochs of one batch; each method at the learning rate
-`tune` and the app suggest for this model (`suggested_lr`). Recall@1 (%) on the test split; the zero_shot row is
+scenes with 2 captions each, {comparison['epochs']} epochs of one batch; each method at its fixed suggested rate
+for this model (`suggested_lr`, what `--lr auto` keeps when its range test says nothing; the rate
+found on the data is measured below). Recall@1 (%) on the test split; the zero_shot row is
 the untuned model. Tuning time is per run, on {report['threads']} CPU threads. VL-PET runs in two placements:
 both towers (PET Studio's default) and `towers=text`, the text tower over frozen visual features (the
 authors' placement, `--recipe authors`); Aurora also with the authors' gated query transformation.

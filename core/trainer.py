@@ -179,8 +179,8 @@ class _Start:
             p.copy_(self.weights[name])
 
 
-def _agreed(flag: bool, device: torch.device) -> bool:
-    """Whether any process raised `flag` (every process restarts together)."""
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether any process raised `flag`, so that all act on it together (restart, stop)."""
     if rank_and_world()[1] == 1:
         return flag
     import torch.distributed as dist
@@ -271,7 +271,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
         first = step - len(losses) + 1
         pending.clear()
         wrong = diverging(losses, first)
-        if _agreed(wrong is not None, device):
+        if any_process(wrong is not None, device):
             raise wrong or _Diverging(first, "another process's loss went wrong")
         log.step_losses.extend(losses)
         if progress is not None:

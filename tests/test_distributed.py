@@ -19,8 +19,8 @@ from core.trainer import TrainSettings, train
 from tests.conftest import TINY
 
 
-def _run(batch_size: int):
-    """LoRA (no dropout) on 16 pairs, two epochs: (PET state, step losses)."""
+def _lora_on_16_pairs():
+    """LoRA (no dropout) on a tiny CLIP, and 16 random pairs to tune it on."""
     torch.set_num_threads(1)
     backbone = load_backbone(TINY, seed=0)
     torch.manual_seed(0)
@@ -28,22 +28,21 @@ def _run(batch_size: int):
     generator = torch.Generator().manual_seed(0)
     data = RetrievalSet(torch.randn(16, 3, 32, 32, generator=generator),
                         backbone.tokenize([f"caption number {i}" for i in range(16)]), torch.arange(16))
-    log = train(RetrievalObjective(backbone, data), handle.trainable_parameters(),
-                TrainSettings(epochs=2, lr=1e-2, batch_size=batch_size, seed=0))
+    return handle, RetrievalObjective(backbone, data)
+
+
+def _run(batch_size: int):
+    """Two epochs: (PET state, step losses)."""
+    handle, objective = _lora_on_16_pairs()
+    log = train(objective, handle.trainable_parameters(), TrainSettings(epochs=2, lr=1e-2, batch_size=batch_size, seed=0))
     return handle.state_dict(), log.step_losses
 
 
 def _range_test(batch_size: int):
-    """--lr auto's range test for the same LoRA: (its choice, the LoRA weights after it)."""
-    torch.set_num_threads(1)
-    backbone = load_backbone(TINY, seed=0)
-    torch.manual_seed(0)
-    handle = attach(backbone, "lora", {"dropout": 0.0})
-    generator = torch.Generator().manual_seed(0)
-    data = RetrievalSet(torch.randn(16, 3, 32, 32, generator=generator),
-                        backbone.tokenize([f"caption number {i}" for i in range(16)]), torch.arange(16))
-    choice = choose_lr(RetrievalObjective(backbone, data), handle.trainable_parameters(),
-                       TrainSettings(epochs=2, batch_size=batch_size, seed=0), fallback=1e-3)
+    """--lr auto's range test: (its choice, the LoRA weights after it)."""
+    handle, objective = _lora_on_16_pairs()
+    choice = choose_lr(objective, handle.trainable_parameters(), TrainSettings(epochs=2, batch_size=batch_size, seed=0),
+                       fallback=1e-3)
     return choice, handle.state_dict()
 
 

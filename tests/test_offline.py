@@ -94,3 +94,22 @@ def test_a_run_that_ends_below_zero_shot_says_so_everywhere_it_is_shown(novel_co
     assert "ends below its own zero-shot score" in write_report(tmp_path / "run", tmp_path / "r.html").read_text()
     summary = summarise(MethodChoice("adapter", {}), [result])   # a comparison's row says how many seeds did
     assert summary.below_zero_shot == 1 and summary.warning == "1 of 1 runs ends below its own zero-shot score"
+
+
+def test_the_lr_proof_summary_compares_auto_with_the_best_fixed_rate_and_the_one_above_it():
+    from core.offline import FIXED_LRS, lr_proof_summary, lr_proof_table
+
+    def row(lr, seed, score, restarts=0):
+        return {"part": "novel-colours", "shots": 16, "method": "aurora", "lr": lr, "seed": seed, "t2i_r1": score,
+                "zero_shot_t2i_r1": 49.0, "trained_lr": 0.01 if lr == "auto" else lr, "restarts": restarts,
+                "below_zero_shot": score < 49.0, "seconds": 10.0, "range_test_seconds": 2.0 if lr == "auto" else 0.0}
+
+    rows = [row(lr, seed, 50.0 + 10 * (lr == 1e-2)) for lr in FIXED_LRS if lr != 3e-2 for seed in (0, 1)]
+    rows += [row(3e-2, 0, 20.0), row(3e-2, 1, 58.0, restarts=1), row("auto", 0, 59.0), row("auto", 1, 57.0)]
+    (summary,) = lr_proof_summary(rows)
+    assert (summary["best_lr"], summary["best"], summary["auto"]) == (1e-2, 60.0, 58.0)
+    assert summary["too_high_lr"] == 3e-2 and summary["too_high"] == 39.0
+    assert (summary["too_high_restarted"], summary["too_high_flagged"], summary["seeds"]) == (1, 1, 2)
+    assert summary["range_test_seconds"] == 2.0 and summary["auto_lrs"] == [0.01, 0.01]
+    table = lr_proof_table(rows)
+    assert "| novel-colours | 16 | aurora | 49.0 |" in table and "39.0 ± 26.9⚠↺" in table and "58.0 ± 1.4 |" in table
