@@ -19,6 +19,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from typing import Optional
 from pathlib import Path
 
@@ -174,6 +175,7 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
     whole training split, per seed: one row per run (kept in out/runs.jsonl, so an interrupted
     proof resumes where it stopped)."""
     from core.runs import AUTO, tune
+    from core.trainer import TrainingDiverged
 
     record = out / "runs.jsonl"
     done = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()] if record.is_file() else []
@@ -189,16 +191,20 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
                     for seed in seeds:
                         if (part, k, method, rate, seed) in seen:
                             continue
-                        run = tune("offline", data, method, shots=k, epochs=epochs, lr=rate, seed=seed,
-                                   out=out / "runs" / f"{part}-{k or 'all'}-{method}-{rate}-{seed}",
-                                   zero_shot_cache=zero_shot)
-                        choice = run.train.lr_choice
-                        row = {"part": part, "shots": k, "method": method, "lr": rate, "seed": seed,
-                               "t2i_r1": run.tuned["t2i_r1"], "zero_shot_t2i_r1": run.zero_shot["t2i_r1"],
-                               "trained_lr": run.train.lr, "restarts": len(run.train.restarts),
-                               "below_zero_shot": run.below_zero_shot, "seconds": run.seconds,
-                               "range_test_seconds": choice.seconds if choice else 0.0,
-                               "why": choice.why if choice else None}
+                        row = {"part": part, "shots": k, "method": method, "lr": rate, "seed": seed}
+                        try:
+                            run = tune("offline", data, method, shots=k, epochs=epochs, lr=rate, seed=seed,
+                                       out=out / "runs" / f"{part}-{k or 'all'}-{method}-{rate}-{seed}",
+                                       zero_shot_cache=zero_shot)
+                        except TrainingDiverged as error:   # it ended with its message: no result to show
+                            row.update(t2i_r1=None, diverged=str(error), restarts=2, below_zero_shot=False)
+                        else:
+                            choice = run.train.lr_choice
+                            row.update(t2i_r1=run.tuned["t2i_r1"], zero_shot_t2i_r1=run.zero_shot["t2i_r1"],
+                                       trained_lr=run.train.lr, restarts=len(run.train.restarts),
+                                       below_zero_shot=run.below_zero_shot, seconds=run.seconds,
+                                       range_test_seconds=choice.seconds if choice else 0.0,
+                                       why=choice.why if choice else None)
                         done.append(row)
                         with record.open("a", encoding="utf-8") as stream:
                             stream.write(json.dumps(row) + "\n")
@@ -207,36 +213,46 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
 
 
 def _by_rate(rows: list[dict]) -> dict[tuple, dict]:
-    """(part, shots, method) -> rate -> its runs."""
+    """(part, shots, method) -> rate -> its runs, in the order parts and methods were measured."""
+    parts = list(dict.fromkeys(r["part"] for r in rows))
+    order = {m: i for i, m in enumerate(LR_PROOF_METHODS)}
     groups: dict[tuple, dict] = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (parts.index(r["part"]), r["shots"] or 0, order.get(r["method"], 99))):
         groups.setdefault((r["part"], r["shots"], r["method"]), {}).setdefault(r["lr"], []).append(r)
     return groups
 
 
+def _scores(runs: list[dict]) -> list[float]:
+    """The runs' t2i R@1, leaving out those that diverged (they have none)."""
+    return [r["t2i_r1"] for r in runs if r["t2i_r1"] is not None]
+
+
 def lr_proof_summary(rows: list[dict]) -> list[dict]:
-    """Per part, shots and method: zero-shot, the best fixed rate and its mean, --lr auto's mean and
-    the rates it chose, and what happened at the next fixed rate above the best (three times too
-    high): seeds the guard restarted, seeds flagged below zero-shot, and its mean."""
+    """Per part, shots and method: zero-shot, the best fixed rate (among those where no seed
+    diverged) and its mean, --lr auto's mean and the rates it chose, and what happened at the next
+    fixed rate above the best (three times too high): seeds the guard restarted, seeds flagged below
+    zero-shot, seeds that ended with the divergence message, and its mean over the others."""
     summary = []
     for (part, k, method), by_rate in _by_rate(rows).items():
-        means = {rate: sum(r["t2i_r1"] for r in runs) / len(runs) for rate, runs in by_rate.items()}
+        means = {rate: sum(_scores(runs)) / len(runs) for rate, runs in by_rate.items()
+                 if len(_scores(runs)) == len(runs)}
         fixed = [rate for rate in FIXED_LRS if rate in means]
         if "auto" not in means or not fixed:
             continue
         best = max(fixed, key=means.get)
-        higher = next((rate for rate in FIXED_LRS if rate > best and rate in means), None)
+        higher = next((rate for rate in FIXED_LRS if rate > best and rate in by_rate), None)
         too_high = by_rate.get(higher, [])
-        summary.append({"part": part, "shots": k, "method": method,
-                        "zero_shot": by_rate["auto"][0]["zero_shot_t2i_r1"], "best_lr": best,
-                        "best": means[best], "auto": means["auto"],
-                        "auto_lrs": [r["trained_lr"] for r in by_rate["auto"]],
-                        "auto_std": _std([r["t2i_r1"] for r in by_rate["auto"]]),
-                        "too_high_lr": higher, "too_high": means.get(higher),
+        auto = by_rate["auto"]
+        summary.append({"part": part, "shots": k, "method": method, "zero_shot": auto[0]["zero_shot_t2i_r1"],
+                        "best_lr": best, "best": means[best], "auto": means["auto"],
+                        "auto_lrs": [r["trained_lr"] for r in auto], "auto_std": _std(_scores(auto)),
+                        "too_high_lr": higher,
+                        "too_high": sum(_scores(too_high)) / len(_scores(too_high)) if _scores(too_high) else None,
                         "too_high_restarted": sum(bool(r["restarts"]) for r in too_high),
-                        "too_high_flagged": sum(r["below_zero_shot"] for r in too_high), "seeds": len(too_high),
-                        "range_test_seconds": sum(r["range_test_seconds"] for r in by_rate["auto"]) / len(by_rate["auto"]),
-                        "run_seconds": sum(r["seconds"] for r in by_rate["auto"]) / len(by_rate["auto"])})
+                        "too_high_flagged": sum(r["below_zero_shot"] for r in too_high),
+                        "too_high_diverged": sum(r["t2i_r1"] is None for r in too_high), "seeds": len(too_high),
+                        "range_test_seconds": sum(r["range_test_seconds"] for r in auto) / len(auto),
+                        "run_seconds": sum(r["seconds"] for r in auto) / len(auto)})
     return summary
 
 
@@ -247,18 +263,20 @@ def _std(values: list[float]) -> float:
 
 def lr_proof_table(rows: list[dict]) -> str:
     """method × (fixed rates, auto) per part and shots: t2i R@1 mean ± std over seeds; a ⚠ marks a
-    rate where a seed ended below zero-shot (flagged), a ↺ where the guard restarted one."""
+    rate where a seed ended below zero-shot (flagged), a ↺ where the guard restarted one, ✗N the
+    seeds that diverged after every restart (they end with a message, no result)."""
     rates = [*FIXED_LRS, "auto"]
     lines = [f"| part | shots | method | zero-shot | {' | '.join(f'{r:g}' if r != 'auto' else 'auto' for r in rates)} |",
              f"|---|---|---|---:|{'---:|' * len(rates)}"]
     for (part, k, method), by_rate in _by_rate(rows).items():
-        zero_shot = next(iter(by_rate.values()))[0]["zero_shot_t2i_r1"]
+        zero_shot = next(r["zero_shot_t2i_r1"] for runs in by_rate.values() for r in runs if r["t2i_r1"] is not None)
         cells = []
         for rate in rates:
             runs = by_rate.get(rate, [])
             marks = ("⚠" if any(r["below_zero_shot"] for r in runs) else "") + ("↺" if any(r["restarts"] for r in runs) else "")
-            scores = [r["t2i_r1"] for r in runs]
-            cells.append(f"{sum(scores) / len(scores):.1f} ± {_std(scores):.1f}{marks}" if runs else "—")
+            scores, diverged = _scores(runs), sum(r["t2i_r1"] is None for r in runs)
+            shown = f"{sum(scores) / len(scores):.1f} ± {_std(scores):.1f}{marks}" if scores else ""
+            cells.append(" ".join(filter(None, [shown, f"✗{diverged}" if diverged else ""])) or "—")
         lines.append(f"| {part} | {k or 'all'} | {method} | {zero_shot:.1f} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -270,8 +288,10 @@ def lr_proof_verdicts(summary: list[dict]) -> str:
              "|---|---|---|---:|---:|---:|---:|---|---:|"]
     for s in summary:
         chosen = ", ".join(f"{lr:.2g}" for lr in s["auto_lrs"])
-        high = (f"{s['too_high']:.1f} ({s['too_high_lr']:g}): {s['too_high_restarted']}/{s['seeds']} restarted, "
-                f"{s['too_high_flagged']}/{s['seeds']} flagged") if s["too_high_lr"] is not None else "—"
+        mean = f"{s['too_high']:.1f}" if s["too_high"] is not None else "no result"
+        high = (f"{mean} ({s['too_high_lr']:g}): {s['too_high_restarted']}/{s['seeds']} restarted, "
+                f"{s['too_high_flagged']}/{s['seeds']} flagged, {s['too_high_diverged']}/{s['seeds']} ended with "
+                f"the divergence message") if s["too_high_lr"] is not None else "—"
         lines.append(f"| {s['part']} | {s['shots'] or 'all'} | {s['method']} | {s['zero_shot']:.1f} | "
                      f"{s['best']:.1f} ({s['best_lr']:g}) | {s['auto']:.1f} ± {s['auto_std']:.1f} ({chosen}) | "
                      f"{s['auto'] - s['best']:+.1f} | {high} | {s['range_test_seconds']:.1f} / {s['run_seconds']:.1f} |")
@@ -307,6 +327,19 @@ difference in any Recall@1 is {worst:.1f} points.
 """
 
 
+def _unmeasured(record: dict) -> list[str]:
+    """"part, K shots: methods" for each part and shots the record lacks some method's runs of."""
+    wanted = (len(FIXED_LRS) + 1) * len(record["seeds"])
+    counts = Counter((r["part"], r["shots"], r["method"]) for r in record["rows"])
+    lacking = []
+    for part in record["parts"]:
+        for k in record["shots"]:
+            methods = [m for m in LR_PROOF_METHODS if counts[(part, k, m)] < wanted]
+            if methods:
+                lacking.append(f"{part}, {k or 'all'} shots: {', '.join(methods)}")
+    return lacking
+
+
 def _lr_proof_section(folder: Path) -> str:
     path = folder / "lr_proof.json"
     if not path.is_file():
@@ -316,6 +349,9 @@ def _lr_proof_section(folder: Path) -> str:
     within = sum(s["auto"] >= s["best"] - 3 for s in summary)
     above = sum(s["auto"] > s["zero_shot"] for s in summary)
     shots = ",".join("all" if k is None else str(k) for k in record["shots"])
+    missing = _unmeasured(record)
+    unfinished = (f"Not yet measured (the proof was stopped for time; the command above resumes it): "
+                  f"{'; '.join(missing)}.\n\n") if missing else ""
     return f"""## The learning rate found (`--lr auto`) against fixed rates
 
     python -m core.offline lr-proof --parts {','.join(record['parts'])} --shots {shots} --seeds {','.join(map(str, record['seeds']))} --epochs {record['epochs']}
@@ -326,7 +362,8 @@ on the run's own training data, core/lr_range.py), {record['epochs']} epochs, ba
 seeds. No validation set is used anywhere: the fixed-rate columns are what a grid search would see
 on the test split, which `auto` never does. ⚠ marks a rate where a seed ended below zero-shot (the
 run says so wherever it is shown), ↺ one where the divergence guard restarted a seed at a third of
-the rate. On {record['threads']} CPU threads.
+the rate, ✗N the seeds that still diverged after two restarts and ended with the guard's message
+(no result to show). On {record['threads']} CPU threads.
 
 {lr_proof_table(record['rows'])}
 
@@ -336,7 +373,7 @@ or more): {within} of {len(summary)} method × part rows end within 3 points of 
 
 {lr_proof_verdicts(summary)}
 
-"""
+{unfinished}"""
 
 
 def write_model_card(folder: Path = OFFLINE_DIR) -> Path:

@@ -44,7 +44,7 @@ def test_a_tuning_out_of_gpu_time_is_scored_and_saved(tmp_path):
     test_items = 4
     grant_end = time.monotonic() + MARGIN * 2 * scoring_seconds("offline", test_items) + 15.0
     result = tune_on_device(Call(CPU, grant_end), str(live), test_items,
-                            dict(model="offline", data=data, method="adapter", epochs=200, batch_size=2,
+                            dict(model="offline", data=data, method="adapter", epochs=200, batch_size=2, lr=1e-2,
                                  out=tmp_path / "run"))
     assert result.train.out_of_time and not result.train.cancelled
     taken = len(result.train.step_losses)
