@@ -113,3 +113,19 @@ def test_the_lr_proof_summary_compares_auto_with_the_best_fixed_rate_and_the_one
     assert summary["range_test_seconds"] == 2.0 and summary["auto_lrs"] == [0.01, 0.01]
     table = lr_proof_table(rows)
     assert "| novel-colours | 16 | aurora | 49.0 |" in table and "39.0 ± 26.9⚠↺" in table and "58.0 ± 1.4 |" in table
+
+
+def test_the_model_card_records_the_found_rate_against_every_fixed_rate():
+    """The card's lr-proof section is the recorded runs: every method on every part at every fixed
+    rate and at --lr auto, three seeds, and a found rate never below zero-shot by more than a scene."""
+    from core.offline import FIXED_LRS, LR_PROOF_METHODS, lr_proof_summary
+
+    record = json.loads((OFFLINE_CHECKPOINT.parent / "lr_proof.json").read_text())
+    card = (OFFLINE_CHECKPOINT.parent / "MODEL_CARD.md").read_text()
+    assert record["seeds"] == [0, 1, 2] and len(record["parts"]) == 3
+    assert len(record["rows"]) == len(record["parts"]) * len(LR_PROOF_METHODS) * (len(FIXED_LRS) + 1) * 3
+    summary = lr_proof_summary(record["rows"])
+    assert len(summary) == len(record["parts"]) * len(LR_PROOF_METHODS)
+    for s in summary:
+        assert f"| {s['part']} | 16 | {s['method']} | {s['zero_shot']:.1f} | {s['best']:.1f} ({s['best_lr']:g}) |" in card
+        assert s["auto"] >= s["zero_shot"] - 2, s   # 50 test scenes: one scene is 2 points
