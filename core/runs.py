@@ -47,8 +47,8 @@ AUTO = "auto"   # the learning rate found by a range test on the training data (
 
 
 def suggested_lr(model: str, method: str) -> float:
-    """A fixed learning rate for `method` on `model`: what `--lr auto` keeps when the run is too
-    short for a range test or the loss never falls."""
+    """A fixed learning rate for `method` on `model`: what `--lr auto` keeps when its range test
+    says nothing (the loss never fell, or a cancel or the deadline stopped it)."""
     if model == OFFLINE:
         return OFFLINE_LRS.get(method, OFFLINE_LR)
     return default_lr(method)
@@ -99,8 +99,8 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     """Tune `method` on `model` with the training split of `data`; score the test split before and after.
 
     `lr` is a number, used as given, or "auto": the authors' recipe's rate where it names one,
-    else a range test on the training data (core.lr_range) chooses it, within 15% of the run's
-    training (`lr_cache` keeps choices across runs: a run on the same backbone, method, options,
+    else a range test on the training data (core.lr_range) chooses it, sized to 15% of the run's
+    training where a useful test fits in that (`lr_cache` keeps choices across runs: a run on the same backbone, method, options,
     data, seed and training shape reuses one); run.json's train.lr_choice says what it chose and why.
 
     `recipe` (core.pet.recipes) is whose settings the run starts from: `studio` (the method's
