@@ -134,7 +134,8 @@ def _peft_lora_step(model, data: retrieval.RetrievalSet, device: torch.device, l
         with autocast(device, amp):
             image = model.encode_image(data.pixels.to(device))
             text = model.encode_text(data.tokens.to(device))
-            loss = retrieval.contrastive_loss(image, text, data.caption_image.to(device), model.logit_scale)
+            loss = retrieval.contrastive_loss(retrieval.cosine_matrix(image, text), data.caption_image.to(device),
+                                              model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

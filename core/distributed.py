@@ -54,3 +54,13 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def mean_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of every process's `tensor` (the tensor itself in one process), the same in all."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / world

@@ -4,12 +4,16 @@
 From the PET parameters' initial values, AdamW steps on one fixed batch of training items while
 the learning rate rises geometrically from LOWEST to HIGHEST. One fixed batch makes the curve
 the learning rate's alone: cycling small batches, the loss moves with how hard each batch is more
-than with the rate. The test stops once the loss is not finite or passes BLOW_UP times its start.
+than with the rate. The test stops once the loss turns up (below), is not finite or passes
+BLOW_UP times its start.
 
 The rule: the loss must first fall (by FALL of its start); it "turns up" at the first step whose
-loss gives back TURN of what it had gained below the start. The chosen learning rate is the one
-at the lowest loss before the turn — at least one step (×1.8 to ×2.4) below where it turned up. A loss
-that never falls (a batch the model already separates) keeps the suggested rate, and says so.
+loss gives back TURN of what it had gained below the start. The chosen learning rate is the
+geometric middle of the one at the lowest loss before the turn and the one where it turned up
+(the lowest loss when it never turned up). Trained with warm-up and cosine decay, a run's best
+peak rate sits above the one step that did best here: on the offline world's curves the best
+fixed rate lay between the two, and the lowest point alone chose a rate below it. A loss that
+never falls (a batch the model already separates) keeps the suggested rate, and says so.
 Then the initial weights are put back, so the run trains from where it would have started.
 
 Size: STEPS steps on a batch of BATCH items when that fits in SHARE of the items the run's
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from core.cache import JsonCache
-from core.distributed import rank_and_world
+from core.distributed import mean_across_processes, rank_and_world
 from core.result import LrChoice, read_record
 
 SHARE = 0.15          # of the run's training items (epochs × items) the test should use
@@ -53,29 +57,29 @@ def plan(items_per_epoch: int, epochs: int, batch_size: int) -> tuple[int, int]:
     return steps, batch
 
 
+def turn(start: float, losses: list[float]) -> tuple[Optional[int], Optional[int]]:
+    """(the step of the lowest loss before the turn, the step where the loss turned up): the first
+    None when the loss has not fallen, the second None when it has not turned up."""
+    lowest, at = start, None
+    for step, loss in enumerate(losses):
+        if loss > lowest + TURN * (start - lowest) and start - lowest >= FALL * start:
+            return at, step
+        if loss < lowest:
+            lowest, at = loss, step
+    return (at if start - lowest >= FALL * start else None), None
+
+
 def pick(start: float, lrs: list[float], losses: list[float]) -> tuple[Optional[float], str]:
     """The rule: (lr, why) from the loss at the start and after a step at each of `lrs`, or
     (None, why) when the loss never fell."""
-    lowest, at, turned = start, None, None
-    for step, loss in enumerate(losses):
-        if loss > lowest + TURN * (start - lowest) and start - lowest >= FALL * start:
-            turned = step
-            break
-        if loss < lowest:
-            lowest, at = loss, step
-    if at is None or start - lowest < FALL * start:
+    at, turned = turn(start, losses)
+    if at is None:
         return None, f"the loss did not fall at any learning rate the test tried (from {start:.3g})"
-    where = f"it turned up at {lrs[turned]:.2g}" if turned is not None else "it had not turned up by the end"
-    return lrs[at], f"range test: the loss was lowest at lr {lrs[at]:.2g} ({where})"
-
-
-def _mean_across_processes(value: torch.Tensor) -> float:
-    if rank_and_world()[1] > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value = value / rank_and_world()[1]
-    return float(value)
+    if turned is None:
+        return lrs[at], f"range test: the loss was lowest at lr {lrs[at]:.2g} (it had not turned up by the end)"
+    chosen = math.sqrt(lrs[at] * lrs[turned])
+    return chosen, (f"range test: the loss was lowest at lr {lrs[at]:.2g} and turned up at {lrs[turned]:.2g}; "
+                    f"chose their geometric middle, {chosen:.2g}")
 
 
 def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int, batch_size: int,
@@ -104,7 +108,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
         try:
             with autocast(device, autocast_to):
                 loss = model(batch)
-            start = _mean_across_processes(loss.detach().float())
+            start = float(mean_across_processes(loss.detach().float()))
             for step in range(steps if math.isfinite(start) else 0):
                 stopped = stop is not None and any_process(stop(), device)
                 if stopped:
@@ -115,12 +119,12 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                 optimizer_step(loss, optimizer, scaler, params, grad_clip)
                 with autocast(device, autocast_to):
                     loss = model(batch)   # the loss after a step at `lr`
-                value = _mean_across_processes(loss.detach().float())
+                value = float(mean_across_processes(loss.detach().float()))
                 if not math.isfinite(value):
                     break
                 lrs.append(lr)
                 losses.append(value)
-                if value > BLOW_UP * start:
+                if value > BLOW_UP * start or turn(start, losses)[1] is not None:   # the rule has its answer
                     break
         finally:
             objective.eval()

@@ -38,12 +38,14 @@ class DatasetSummary:
 
 @dataclass
 class Restart:
-    """A divergence the training caught: at `lr` it went wrong at `step`, and it restarted at `restarted_at`."""
+    """A divergence the training caught: at `lr` it went wrong at `step`, and it restarted at
+    `restarted_at` from the weights at the end of epoch `from_epoch` (0: the untrained weights)."""
 
     lr: float
     step: int
     reason: str
     restarted_at: float
+    from_epoch: int = 0
 
 
 @dataclass

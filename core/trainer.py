@@ -4,10 +4,12 @@ AdamW over the trainable parameters only, linear warm-up then cosine decay by st
 clipping, seeded shuffling, optional bf16 or fp16 autocast (fp16 with a gradient scaler), a
 progress callback, a cancel flag and a deadline. The loop never waits on the device for its own
 bookkeeping: losses stay on the device and reach the host once per logging interval.
-A run that diverges — a loss that is not finite, or a smoothed loss that climbs to DIVERGED_RISE
+A run that diverges — a loss that is not finite, a smoothed loss that climbs to DIVERGED_RISE
 times the untrained weights' mean loss over one epoch (measured first, without gradients) and
-DIVERGED_MARGIN above it — goes back to the untrained weights and trains again at a third of the
-learning rate, at most `restarts` times.
+DIVERGED_MARGIN above it, or embeddings that collapse (the smoothed spread of a batch's similarities
+below COLLAPSED of the untrained weights') — goes back to its best weights so far (the end of the
+epoch with the lowest mean loss) and trains the epochs left at a third of the learning rate, at
+most `restarts` times.
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
 `batch_size` is per process, and each process takes its slice of every global batch (batch size ×
 processes): with the retrieval objective's gathered negatives, N processes × batch B train as one
@@ -23,13 +25,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from core.distributed import rank_and_world
+from core.distributed import mean_across_processes, rank_and_world
 
 DIVERGED_RISE = 1.5   # a smoothed loss this many times the untrained weights' loss is a run going wrong
 DIVERGED_MARGIN = 0.5  # and at least this much above it (in nats: a loss near 0, as small batches give, doubles by chance)
 RISE_AFTER = 10       # steps before the smoothed loss is trusted (one small batch's loss can be 0 or 3)
 SMOOTHING = 0.9       # of the loss's exponential moving average (bias-corrected)
 RESTART_FACTOR = 3.0  # a restart divides the learning rate by this
+COLLAPSED = 0.2       # a smoothed similarity spread below this share of the untrained weights' is a collapse
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,13 +83,25 @@ class TrainLog:
     steps: int = 0              # steps taken
     total_steps: int = 0        # steps planned
     lr: float = 0.0             # the learning rate of the attempt that finished
-    restarts: list[dict] = field(default_factory=list)   # {lr, step, reason, restarted_at} per divergence
+    restarts: list[dict] = field(default_factory=list)   # {lr, step, reason, restarted_at, from_epoch} per divergence
+    ends: list[int] = field(default_factory=list)        # the step each finished epoch ended at
+
+    def keep_epochs(self, epochs: int) -> None:
+        """Forget what came after the first `epochs` epochs (a restart goes back to their end)."""
+        kept = self.ends[epochs - 1] if epochs else 0
+        del self.step_losses[kept:], self.epoch_losses[epochs:], self.ends[epochs:]
+        self.steps = kept
 
 
 def restart_note(restarts: list[dict]) -> Optional[str]:
-    """What the divergence guard did, in words ("lr 0.03 diverged at step 40 (…); restarted at 0.01")."""
+    """What the divergence guard did, in words ("lr 0.03 diverged at step 40 (…); restarted at 0.01
+    from epoch 2's weights")."""
     return "; ".join(f"lr {r['lr']:.3g} diverged at step {r['step']} ({r['reason']}); restarted at {r['restarted_at']:.3g}"
-                     for r in restarts) or None
+                     f" from {_weights_of(r.get('from_epoch', 0))}" for r in restarts) or None
+
+
+def _weights_of(epoch: int) -> str:
+    return f"epoch {epoch}'s weights" if epoch else "the untrained weights"
 
 
 def pick_device() -> torch.device:
@@ -163,20 +178,51 @@ def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_sche
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class _Start:
-    """The untrained weights, kept on the device to restart from, and their mean loss over an epoch
-    (what a rise is measured against). A restart goes back to them rather than to a later epoch's:
-    judged by one batch's loss, as small batches give it, a collapsed model can look best."""
+class _Guard:
+    """What the divergence guard measures against and goes back to: the untrained weights' mean loss
+    and similarity spread over an epoch (measured first, without gradients), and the best weights so
+    far — those at the end of the epoch with the lowest mean training loss, once the next batch has
+    shown them no worse than the untrained weights (an epoch's mean can be low while a high rate
+    leaves its last weights broken); the untrained weights until an epoch qualifies. A whole epoch's
+    loss judges, never one batch's alone: a collapsed model can score one small batch well."""
 
     def __init__(self, params: dict[str, nn.Parameter]):
         self.params = params
-        self.weights = {n: p.detach().clone() for n, p in params.items()}
+        self.untrained = {n: p.detach().clone() for n, p in params.items()}
         self.loss: Optional[float] = None
+        self.spread = math.nan          # NaN where the objective has no similarities to watch
+        self.best: Optional[dict[str, torch.Tensor]] = None
+        self.best_epoch, self.best_loss = 0, math.inf
+        self.candidate: Optional[dict[str, torch.Tensor]] = None
+        self.candidate_epoch, self.candidate_loss = 0, math.inf
+        self.check_step: Optional[int] = None   # the step whose loss tells on the candidate
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def consider(self, epoch: int, loss: float, next_step: int) -> None:
+        """Epoch `epoch` ended with mean loss `loss`: keep its weights as the candidate if it is the lowest."""
+        if loss < min(self.best_loss, self.loss):
+            if self.candidate is None:
+                self.candidate = {n: p.detach().clone() for n, p in self.params.items()}
+            else:
+                for name, p in self.params.items():
+                    self.candidate[name].copy_(p)
+            self.candidate_epoch, self.candidate_loss, self.check_step = epoch, loss, next_step
+
+    def settle(self, next_loss_fine: bool) -> None:
+        """The candidate's next batch was no worse than the untrained weights' mean: it becomes the best."""
+        if next_loss_fine:
+            self.best, self.candidate = self.candidate, self.best
+            self.best_epoch, self.best_loss = self.candidate_epoch, self.candidate_loss
+        self.check_step = None
+
+    @torch.no_grad()
+    def restore(self) -> int:
+        """The best weights so far put back; the epochs they had trained (0: the untrained weights)."""
+        source = self.best if self.best is not None else self.untrained
         for name, p in self.params.items():
-            p.copy_(self.weights[name])
+            p.copy_(source[name])
+        self.check_step = None
+        return self.best_epoch
 
 
 def any_process(flag: bool, device: torch.device) -> bool:
@@ -197,37 +243,41 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
           deadline: Optional[float] = None) -> TrainLog:
     """Train `params` (already marked trainable) by minimising objective(batch).
 
-    `objective.batches(batch_size, generator)` gives one epoch's batches; `epoch_end(epoch)`
-    runs after each epoch (the objective back in eval mode meanwhile; after a restart it is called
-    again from epoch 1). At `deadline` (a time.monotonic() value) training stops before its next
-    step, as a cancel does, and the log says so (`out_of_time`). A run that diverges restarts from
-    the untrained weights at a third of the lr (`log.restarts` says when and why); one that still
-    diverges after `settings.restarts` restarts raises TrainingDiverged.
+    `objective.batches(batch_size, generator)` gives one epoch's batches; an objective may keep
+    `last_spread`, its last batch's similarity spread (core.tasks.encoding.similarity_spread), for
+    the guard to watch. `epoch_end(epoch)` runs after each epoch (the objective back in eval mode
+    meanwhile; after a restart it is called again from the epoch the run went back to). At
+    `deadline` (a time.monotonic() value) training stops before its next step, as a cancel does,
+    and the log says so (`out_of_time`). A run that diverges goes back to its best weights so far
+    and trains the epochs left at a third of the lr (`log.restarts` says when, why and from where);
+    one that still diverges after `settings.restarts` restarts raises TrainingDiverged.
     """
     if not params:
         raise ValueError("nothing to train: the method has no trainable parameters")
-    origin, restarts, lr = _Start(params), [], settings.lr
+    guard, restarts, lr, log = _Guard(params), [], settings.lr, TrainLog()
     while True:
         try:
-            log = _attempt(objective, params, replace(settings, lr=lr), origin, progress, cancel, epoch_end, deadline)
+            _attempt(objective, params, replace(settings, lr=lr), guard, log, progress, cancel, epoch_end, deadline)
         except _Diverging as diverging:
             if len(restarts) >= settings.restarts:
                 tried = restart_note(restarts)
                 raise TrainingDiverged(f"{diverging.reason} at step {diverging.step} with lr {lr:.3g}"
                                        f"{f' (before that: {tried})' if tried else ''}; try a lower learning rate, "
                                        f"or check the data") from None
-            origin.restore()
+            kept = guard.restore()
+            log.keep_epochs(kept)
             restarts.append({"lr": lr, "step": diverging.step, "reason": diverging.reason,
-                             "restarted_at": lr / RESTART_FACTOR})
+                             "restarted_at": lr / RESTART_FACTOR, "from_epoch": kept})
             lr /= RESTART_FACTOR
             continue
         log.lr, log.restarts = lr, restarts
         return log
 
 
-def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: TrainSettings, origin: _Start,
-             progress, cancel, epoch_end, deadline) -> TrainLog:
-    """One training schedule at settings.lr; raises _Diverging when the run goes wrong."""
+def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: TrainSettings, guard: _Guard,
+             log: TrainLog, progress, cancel, epoch_end, deadline) -> None:
+    """Train at settings.lr from the end of the epochs `log` keeps to the last epoch, adding to `log`;
+    raises _Diverging when the run goes wrong."""
     model = nn.parallel.DistributedDataParallel(objective) if rank_and_world()[1] > 1 else objective
     device = next(iter(params.values())).device
     generator = torch.Generator().manual_seed(settings.seed)
@@ -236,57 +286,70 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
         return process_batches(objective, settings.batch_size, seeded)
 
     per_epoch = len(my_batches(torch.Generator().manual_seed(0)))
-    total = max(1, per_epoch * settings.epochs)
+    done = len(log.epoch_losses)
+    for _ in range(done):   # the kept epochs' draws: each epoch after them sees the batches it would have
+        my_batches(generator)
+    step = log.steps = len(log.step_losses)
+    log.total_steps = total = max(1, per_epoch * settings.epochs)
     optimizer = make_optimizer(params, settings)
-    scheduler = _schedule(optimizer, total, settings.warmup)
+    scheduler = _schedule(optimizer, max(1, total - step), settings.warmup)   # a restart warms up again
     scaler = torch.amp.GradScaler(device.type, enabled=settings.autocast == "fp16")
     log_every = settings.log_every or (1 if device.type == "cpu" else 10)
-    log, start, step, scored = TrainLog(total_steps=total), time.perf_counter(), 0, 0.0
-    pending: list[torch.Tensor] = []   # losses not yet reported, still on the device
-    smoothed = {"average": 0.0, "count": 0}
+    start, scored = time.perf_counter(), 0.0
+    no_spread = torch.tensor(math.nan, device=device)
+    pending: list[torch.Tensor] = []   # (loss, spread) of the steps not yet reported, still on the device
+    smoothed = {"loss": 0.0, "spread": 0.0, "count": 0}
 
-    ends: list[int] = []   # the step each finished epoch ended at
+    def measured(loss: torch.Tensor) -> torch.Tensor:
+        spread = getattr(objective, "last_spread", None)
+        return torch.stack([loss.detach().float(), no_spread if spread is None else spread.float()])
 
-    def epoch_of(at_step: int) -> int:
-        return 1 + sum(end < at_step for end in ends)
-
-    def diverging(losses: list[float], first: int) -> Optional[_Diverging]:
-        for at_step, value in enumerate(losses, start=first):
+    def diverging(rows: list[list[float]], first: int) -> Optional[_Diverging]:
+        for at_step, (value, spread) in enumerate(rows, start=first):
             if not math.isfinite(value):
                 return _Diverging(at_step, f"the loss became {value}")
             smoothed["count"] += 1
-            smoothed["average"] = SMOOTHING * smoothed["average"] + (1 - SMOOTHING) * value
-            level = smoothed["average"] / (1 - SMOOTHING ** smoothed["count"])
-            if smoothed["count"] >= RISE_AFTER and level > max(DIVERGED_RISE * origin.loss, origin.loss + DIVERGED_MARGIN):
-                return _Diverging(at_step, f"the smoothed loss rose to {level / origin.loss:.1f}× the untrained "
+            smoothed["loss"] = SMOOTHING * smoothed["loss"] + (1 - SMOOTHING) * value
+            smoothed["spread"] = SMOOTHING * smoothed["spread"] + (1 - SMOOTHING) * spread
+            if smoothed["count"] < RISE_AFTER:
+                continue
+            level = smoothed["loss"] / (1 - SMOOTHING ** smoothed["count"])
+            if level > max(DIVERGED_RISE * guard.loss, guard.loss + DIVERGED_MARGIN):
+                return _Diverging(at_step, f"the smoothed loss rose to {level / guard.loss:.1f}× the untrained "
                                            f"weights' loss")
+            spread_level = smoothed["spread"] / (1 - SMOOTHING ** smoothed["count"])
+            if spread_level < COLLAPSED * guard.spread:   # False while either is NaN
+                return _Diverging(at_step, f"the embeddings collapsed (the spread of a batch's similarities fell "
+                                           f"to {spread_level / guard.spread:.2f}× the untrained weights')")
         return None
 
     def report() -> None:
         """The pending losses to the host in one transfer: logged, checked, reported."""
-        losses = torch.stack([*pending, *untrained]).float().tolist()
+        rows = torch.stack([*pending, *untrained]).tolist()
         if untrained:   # it rode along with the first report's losses
-            origin.loss = losses.pop()
+            guard.loss, guard.spread = rows.pop()
             untrained.clear()
-        first = step - len(losses) + 1
+        first = step - len(rows) + 1
         pending.clear()
-        wrong = diverging(losses, first)
+        if guard.check_step is not None and first <= guard.check_step < first + len(rows):
+            guard.settle(not any_process(not rows[guard.check_step - first][0] <= guard.loss, device))
+        wrong = diverging(rows, first)
         if any_process(wrong is not None, device):
             raise wrong or _Diverging(first, "another process's loss went wrong")
-        log.step_losses.extend(losses)
+        log.step_losses.extend(value for value, _ in rows)
         if progress is not None:
-            progress(Progress(step, total, epoch_of(step), losses[-1], time.perf_counter() - start))
+            progress(Progress(step, total, len(log.epoch_losses) + 1, rows[-1][0], time.perf_counter() - start))
 
     objective.train()
     untrained: list[torch.Tensor] = []
-    if origin.loss is None:   # what a rise is measured against: the untrained weights' mean loss over an epoch
+    if guard.loss is None:   # what a rise and a collapse are measured against, over one epoch
         # (its random draws, e.g. dropout's, are given back: the training that follows is the same with or without it)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
                 autocast(device, settings.autocast):
-            untrained.append(torch.stack([model(batch).float()
-                                          for batch in my_batches(torch.Generator().manual_seed(0))]).mean())
+            at_start = torch.stack([measured(model(batch)) for batch in my_batches(torch.Generator().manual_seed(0))])
+            untrained.append(mean_across_processes(at_start.mean(dim=0)))   # every process judges alike
     try:
-        for epoch in range(1, settings.epochs + 1):
+        for epoch in range(done + 1, settings.epochs + 1):
             for batch in my_batches(generator):
                 log.cancelled = cancel is not None and cancel()
                 log.out_of_time = deadline is not None and time.monotonic() >= deadline
@@ -297,15 +360,20 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                 optimizer_step(loss, optimizer, scaler, params, settings.grad_clip)
                 scheduler.step()
                 step = log.steps = step + 1
-                pending.append(loss.detach().float())
+                pending.append(measured(loss))
                 if len(pending) >= log_every:
                     report()
             if log.cancelled or log.out_of_time:
                 break
-            ends.append(step)
+            if pending:
+                report()
+            epoch_start = log.ends[-1] if log.ends else 0
+            losses = log.step_losses[epoch_start:]
+            epoch_loss = float(mean_across_processes(torch.tensor(sum(losses) / max(1, len(losses)), device=device)))
+            log.ends.append(step)
+            log.epoch_losses.append(epoch_loss)
+            guard.consider(epoch, epoch_loss, step + 1)
             if epoch_end is not None:
-                if pending:
-                    report()
                 objective.eval()
                 scoring = time.perf_counter()
                 epoch_end(epoch)
@@ -313,8 +381,6 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                 objective.train()
         if pending:
             report()
-        log.epoch_losses = [sum(log.step_losses[a:b]) / max(1, b - a) for a, b in zip([0, *ends], ends)]
     finally:
         objective.eval()
-        log.seconds = time.perf_counter() - start - scored
-    return log
+        log.seconds += time.perf_counter() - start - scored

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from core.cli import main
-from core.lr_range import ChoiceCache, choose_lr, pick, plan
+from core.lr_range import ChoiceCache, choose_lr, pick, plan, turn
 from core.result import LrChoice
 from core.runs import tune
 from core.trainer import TrainingDiverged, TrainSettings, train
@@ -63,13 +63,18 @@ def test_the_range_test_picks_within_a_factor_of_3_of_the_best_fixed_rate(scale)
     # the curve is the rates tried, rising geometrically, and the loss after a step at each
     assert len(choice.lrs) == len(choice.losses) == choice.steps and choice.lrs == sorted(choice.lrs)
     assert 0 < choice.share <= 0.2
+    if "turned up at" in choice.why:   # the test ended at the step the rule needed, not later
+        batch = objective.batches(choice.batch_size, torch.Generator().manual_seed(SETTINGS.seed))[0]
+        with torch.no_grad():
+            start = float(objective(batch))   # from the initial weights, put back
+        assert turn(start, choice.losses)[1] == choice.steps - 1
 
 
 def test_the_rule_needs_a_fall_and_stops_at_the_turn():
     lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
     assert pick(1.0, lrs, [1.0, 0.999, 1.0, 1.2, 5.0])[0] is None   # never fell: the suggested rate is kept
     lr, why = pick(1.0, lrs, [0.9, 0.5, 0.8, 0.2, 5.0])   # turns up at 1e-2 (gives back 0.6 of 0.5 gained)
-    assert lr == 1e-3 and "turned up at 0.01" in why
+    assert lr == pytest.approx(10 ** -2.5) and "lowest at lr 0.001 and turned up at 0.01" in why   # their middle
     assert pick(1.0, lrs, [0.9, 0.7, 0.5, 0.3, 0.1])[0] == 1.0   # still falling at the end
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from core.tasks import TASKS, TaskError, headline_metric, lower_is_better, metric_label
-from core.tasks.retrieval import METRIC_KEYS, contrastive_loss, recall_metrics
+from core.tasks.retrieval import METRIC_KEYS, contrastive_loss, cosine_matrix, recall_metrics
 
 
 def test_recall_and_median_rank_on_a_hand_worked_matrix():
@@ -34,13 +34,13 @@ def test_contrastive_loss_treats_captions_of_one_image_as_positives():
     image_emb = emb[[0, 0, 1]]
     text_emb = F.normalize(torch.stack([emb[0] + 0.3 * emb[2], emb[0] - 0.3 * emb[2], emb[1]]), dim=-1)
     scale = torch.tensor(math.log(100.0))
-    soft = contrastive_loss(image_emb, text_emb, torch.tensor([0, 0, 1]), scale)
+    soft = contrastive_loss(cosine_matrix(image_emb, text_emb), torch.tensor([0, 0, 1]), scale)
     logits = 100.0 * image_emb @ text_emb.T
     targets = torch.tensor([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1.0]])  # rows and columns alike
     expected = (-(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.T.log_softmax(1)).sum(1).mean()) / 2
     assert soft.item() == pytest.approx(expected.item(), rel=1e-5)
     # Two captions of image 0 scored against image 1's: the third pair is a negative for both.
-    assert contrastive_loss(image_emb, text_emb, torch.tensor([0, 0, 0]), scale) != pytest.approx(soft.item())
+    assert contrastive_loss(cosine_matrix(image_emb, text_emb), torch.tensor([0, 0, 0]), scale) != pytest.approx(soft.item())
 
 
 def test_tasks_declare_their_metrics_headline_and_direction():

@@ -8,7 +8,7 @@ from torch import nn
 from safetensors.torch import load_file
 
 from core.runs import RunError, tune
-from core.trainer import TrainingDiverged, TrainSettings, _schedule, train
+from core.trainer import TrainingDiverged, TrainSettings, _schedule, restart_note, train
 from tests.conftest import TINY
 
 
@@ -40,9 +40,10 @@ def test_trainer_minimises_and_reports_progress():
 
 def test_a_loss_that_stays_nan_ends_after_two_restarts_with_a_clear_message():
     objective = Quadratic(nan_at=10)   # calls 1-4 measure the untrained weights: NaN from step 6 on
-    expected = (r"the loss became nan at step 1 with lr 0.0556 \(before that: lr 0.5 diverged at step 6 \(the loss "
-                r"became nan\); restarted at 0.167; lr 0.167 diverged at step 1 \(the loss became nan\); restarted at "
-                r"0.0556\); try a lower learning rate")
+    # epoch 1 (steps 1-4) had learned, so each restart goes back to its end
+    expected = (r"the loss became nan at step 5 with lr 0.0556 \(before that: lr 0.5 diverged at step 6 \(the loss "
+                r"became nan\); restarted at 0.167 from epoch 1's weights; lr 0.167 diverged at step 5 \(the loss "
+                r"became nan\); restarted at 0.0556 from epoch 1's weights\); try a lower learning rate")
     with pytest.raises(TrainingDiverged, match=expected):
         train(objective, {"w": objective.w}, TrainSettings(epochs=3, lr=0.5))
 
@@ -62,6 +63,63 @@ def test_a_blow_up_restarts_from_the_untrained_weights_at_a_third_of_the_lr():
     assert log.steps == log.total_steps == 40 and log.step_losses[-1] < 0.01 * 36   # the last attempt learned
     # each attempt (where the step numbers start again) begins from the untrained weights: |0 - 3|² × 4
     assert [p.loss for p in seen if p.step == 1] == [36.0, 36.0, 36.0]
+
+
+class Collapsing(Quadratic):
+    """|w - 3|², except over a window of calls where the embeddings collapse: the similarity spread
+    falls from 1 to 0.01 and the loss sits at 1.2× the untrained weights' — too little a rise for
+    the loss alone to be caught, as with a model that starts near chance."""
+
+    def __init__(self, collapsed_calls):
+        super().__init__()
+        self.collapsed_calls = collapsed_calls
+
+    def forward(self, batch):
+        loss = super().forward(batch)
+        collapsed = self.calls in self.collapsed_calls
+        self.last_spread = torch.tensor(0.01 if collapsed else 1.0)
+        return loss * 0 + 1.2 * 36 if collapsed else loss
+
+
+def test_a_collapse_restarts_from_the_best_epoch_so_far_and_says_so():
+    # 4 calls measure the untrained weights (loss 36); steps 18 on (calls 22 on) collapse, for 18 calls
+    objective, scored, seen = Collapsing(collapsed_calls=range(22, 40)), [], []
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0),
+                progress=seen.append, epoch_end=scored.append)
+    (restart,) = log.restarts
+    assert restart["lr"] == 0.3 and restart["restarted_at"] == pytest.approx(0.1) and log.lr == pytest.approx(0.1)
+    assert restart["reason"].startswith("the embeddings collapsed (the spread of a batch's similarities fell to 0.1")
+    # back to the last epoch before the collapse (step 17, the first after it, still showed its weights fine)
+    assert 18 < restart["step"] <= 36 and restart["from_epoch"] == 4
+    diverged_in = (restart["step"] - 1) // 4 + 1
+    assert scored == [*range(1, diverged_in), *range(5, 13)]   # epochs 5 on are trained and scored again
+    assert [p.step for p in seen].count(17) == 2 and log.steps == len(log.step_losses) == 48
+    assert len(log.epoch_losses) == 12 and log.epoch_losses[-1] < 0.01 * 36
+    assert "restarted at 0.1 from epoch 4's weights" in restart_note(log.restarts)
+
+
+class OneNan(Quadratic):
+    """|w - 3|², NaN at call `at` only."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def forward(self, batch):
+        loss = super().forward(batch)
+        return loss * float("nan") if self.calls == self.at else loss
+
+
+def test_the_guard_goes_back_to_the_epoch_with_the_lowest_mean_loss():
+    objective, seen = OneNan(at=4 + 4 * 5 + 2), []   # one NaN in epoch 6, at step 22
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=6, lr=0.3, grad_clip=0), progress=seen.append)
+    (restart,) = log.restarts
+    assert restart["step"] == 22 and restart["reason"] == "the loss became nan"
+    first_attempt = [p.loss for p in seen[:20]]   # steps 1-20: five epochs of four
+    means = [sum(first_attempt[i:i + 4]) / 4 for i in range(0, 20, 4)]
+    assert restart["from_epoch"] == 1 + means.index(min(means))
+    assert log.epoch_losses[:restart["from_epoch"]] == pytest.approx(means[:restart["from_epoch"]])
+    assert len(log.epoch_losses) == 6 and log.steps == 24
 
 
 def test_cancel_flag_stops_between_steps():
@@ -98,7 +156,8 @@ def test_the_loop_reaches_the_host_once_per_logging_interval(shapes, monkeypatch
                 TrainSettings(epochs=2, lr=1e-3, batch_size=4, log_every=5), progress=reports.append)
     monkeypatch.undo()
     assert log.steps == 16 and len(log.step_losses) == 16 and len(log.epoch_losses) == 2
-    assert [(p.step, p.epoch) for p in reports] == [(5, 1), (10, 2), (15, 2), (16, 2)]   # every 5 steps, and the last
+    # every 5 steps and at each epoch's end (the guard keeps the best epoch's weights)
+    assert [(p.step, p.epoch) for p in reports] == [(5, 1), (8, 1), (13, 2), (16, 2)]
     assert counts["syncs"] <= len(reports), counts
 
 

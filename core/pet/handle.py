@@ -180,6 +180,10 @@ class PulledObjective(nn.Module):
     def batches(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
         return self.objective.batches(batch_size, generator)
 
+    @property
+    def last_spread(self) -> Optional[torch.Tensor]:
+        return getattr(self.objective, "last_spread", None)
+
 
 def resolve_towers(backbone: Backbone, towers: Iterable[str]) -> tuple[str, ...]:
     """The named towers, checked; none named means every tower of the backbone."""

@@ -1,6 +1,7 @@
 """Media through the vision tower: an image as it is; a video as its frames, each through the
 same tower (and the same PET deltas), their embeddings mean-pooled (then normalised by the
-task), their tokens concatenated for heads that cross-attend to them."""
+task), their tokens concatenated for heads that cross-attend to them. And how far apart a batch's
+similarities are, which the trainer watches for a collapse."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -57,3 +58,9 @@ def embed_texts(backbone: Backbone, tokens: torch.Tensor, batch_size: int = 64) 
     with evaluating(backbone):
         return F.normalize(torch.cat([backbone.encode_text(t.to(backbone.device)).float().cpu()
                                       for t in tokens.split(batch_size)]), dim=-1)
+
+
+def similarity_spread(cosine: torch.Tensor) -> torch.Tensor:
+    """How far apart each query's cosine similarities to its candidates are (their standard deviation,
+    averaged over queries; detached): near 0 when the embeddings have collapsed onto one another."""
+    return cosine.detach().float().std(dim=-1).mean()

@@ -17,7 +17,7 @@ from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
 from core.distributed import gather, gather_with_grad
-from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens
+from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens, similarity_spread
 from core.tasks.frozen import FrozenCache
 from core.tasks.matching import BELOW, RERANK_TOP, match_scores
 
@@ -56,10 +56,15 @@ def prepare(backbone: Backbone, dataset: Dataset, items: list[Item], frames: int
     return RetrievalSet(torch.stack(pixels), backbone.tokenize(captions), torch.tensor(owners))
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids: torch.Tensor,
-                     logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of (image, caption) pairs; pairs sharing an image are all positives."""
-    logits = logit_scale.exp() * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+def cosine_matrix(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """(images, captions) cosine similarities."""
+    return F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+
+
+def contrastive_loss(cosine: torch.Tensor, image_ids: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of (image, caption) pairs from their `cosine_matrix`; pairs
+    sharing an image are all positives."""
+    logits = logit_scale.exp() * cosine
     same = (image_ids[:, None] == image_ids[None, :]).to(logits.dtype)
     targets = same / same.sum(dim=1, keepdim=True)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
@@ -76,7 +81,8 @@ class RetrievalObjective(nn.Module):
     a frozen tower's embeddings (BLIP: its vision tokens, its unimodal text [CLS]), the features a
     linear probe projects, the input of a tower's lowest adapted block. `cache_frozen=False` turns
     that off (the results are the same, computed every time). Caption ids stay on the host (the
-    trainer makes them there), so indexing the data never waits on the device.
+    trainer makes them there), so indexing the data never waits on the device. `last_spread` is the
+    last batch's similarity spread (core.tasks.encoding.similarity_spread), for the trainer's guard.
     """
 
     def __init__(self, backbone: Backbone, data: RetrievalSet, handle: Optional[PetHandle] = None,
@@ -84,6 +90,7 @@ class RetrievalObjective(nn.Module):
         super().__init__()
         self.backbone, self.data, self.handle = backbone, data, handle
         self.frozen = FrozenCache(backbone, enabled=cache_frozen)
+        self.last_spread: Optional[torch.Tensor] = None
 
     def _contextualise(self, embeddings: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if not self.training or self.handle is None:
@@ -104,7 +111,9 @@ class RetrievalObjective(nn.Module):
         # computes the global loss (DDP's average of its gradients is then the one-process gradient).
         image_emb, text_emb = gather_with_grad(image_emb), gather_with_grad(text_emb)
         text_emb = self._contextualise(text_emb, text_emb)
-        return contrastive_loss(image_emb, text_emb, gather(image_ids.to(device)), self.backbone.logit_scale)
+        cosine = cosine_matrix(image_emb, text_emb)
+        self.last_spread = similarity_spread(cosine)
+        return contrastive_loss(cosine, gather(image_ids.to(device)), self.backbone.logit_scale)
 
     def _media_rows(self, key: str, images: torch.Tensor, encode) -> torch.Tensor:
         """`encode(backbone, pixels)` of the given images, kept per image where frozen."""
@@ -120,12 +129,14 @@ class RetrievalObjective(nn.Module):
         text_cls = self.frozen.rows("text_cls", caption_ids,
                                     lambda ids: backbone.text_cls(self.data.tokens[ids].to(device)), len(self.data))
         image_emb, text_emb = backbone.embed_image_tokens(image_tokens), backbone.embed_text_cls(text_cls)
-        loss = contrastive_loss(image_emb, text_emb, image_ids, backbone.logit_scale)
+        cosine = cosine_matrix(image_emb, text_emb)
+        self.last_spread = similarity_spread(cosine)
+        loss = contrastive_loss(cosine, image_ids, backbone.logit_scale)
         if len(unique) == 1:
             return loss   # one image in the batch: no negatives to match against
         same = image_ids[:, None] == image_ids[None, :]
         with torch.no_grad():  # hard negatives, drawn by ITC similarity among other images' pairs
-            similarity = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+            similarity = cosine.detach()
             weights = similarity.float().softmax(dim=1).masked_fill(same, 0) + (~same) * 1e-8
             negative_text = torch.multinomial(weights, 1).squeeze(1)
             weights = similarity.float().T.softmax(dim=1).masked_fill(same, 0) + (~same) * 1e-8

@@ -14,6 +14,7 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from torch import nn
 from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
-from core.tasks.encoding import encode_media, evaluating, media_tokens
+from core.tasks.encoding import encode_media, evaluating, media_tokens, similarity_spread
 from core.tasks.frozen import FrozenCache
 
 METRICS = {"vqa_acc": "VQA accuracy"}   # key -> how people read it
@@ -105,10 +106,14 @@ def answer_scores(backbone: Backbone, image_emb: torch.Tensor, questions: list[s
     return answer_logits(backbone, image_emb, text_emb)
 
 
+def answer_cosines(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """(questions, candidates) cosines from (questions, D) image and (questions, candidates, D) text embeddings."""
+    return torch.einsum("bd,bcd->bc", F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1))
+
+
 def answer_logits(backbone: Backbone, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-    """(questions, candidates) logits from (questions, D) image and (questions, candidates, D) text embeddings."""
-    cosine = torch.einsum("bd,bcd->bc", F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1))
-    return backbone.logit_scale.exp() * cosine
+    """(questions, candidates) logits: the `answer_cosines` at the backbone's logit scale."""
+    return backbone.logit_scale.exp() * answer_cosines(image_emb, text_emb)
 
 
 class VqaObjective(nn.Module):
@@ -117,13 +122,15 @@ class VqaObjective(nn.Module):
     What no trainable parameter influences is computed once per item and kept (core.tasks.frozen):
     a frozen vision tower's embeddings (BLIP VQA: its vision tokens), a frozen text tower's
     embedding of each question-answer text, the features a linear probe projects, the input of a
-    tower's lowest adapted block. `cache_frozen=False` turns that off (same results).
+    tower's lowest adapted block. `cache_frozen=False` turns that off (same results). `last_spread`
+    is the last batch's spread of answer similarities (None where answers are generated).
     """
 
     def __init__(self, backbone: Backbone, data: VqaSet, cache_frozen: bool = True):
         super().__init__()
         self.backbone, self.data = backbone, data
         self.frozen = FrozenCache(backbone, enabled=cache_frozen)
+        self.last_spread: Optional[torch.Tensor] = None
 
     def forward(self, question_ids: torch.Tensor) -> torch.Tensor:
         image_ids = self.data.question_image[question_ids]
@@ -139,7 +146,9 @@ class VqaObjective(nn.Module):
         count = len(self.data.candidates)
         rows = (question_ids[:, None] * count + torch.arange(count)).flatten()   # question-major, as answer_scores
         text_emb = self.frozen.rows("answers", rows, self._encode_prompts, len(self.data) * count)
-        logits = answer_logits(self.backbone, media, text_emb.view(len(question_ids), count, -1))
+        cosine = answer_cosines(media, text_emb.view(len(question_ids), count, -1))
+        self.last_spread = similarity_spread(cosine)
+        logits = self.backbone.logit_scale.exp() * cosine
         return F.cross_entropy(logits.float(), self.data.targets[question_ids].to(device))
 
     def _encode_prompts(self, rows: torch.Tensor) -> torch.Tensor:
