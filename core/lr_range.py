@@ -44,6 +44,7 @@ LOWEST, HIGHEST = 3e-6, 0.3
 BLOW_UP = 4.0         # the test stops once the loss passes this many times its start
 FALL = 0.1            # the loss must fall by this share of its start for the test to say anything
 TURN = 0.25           # it turns up once it gives back this share of what it had gained
+RULE = 2              # the rule's version, in the cache key: a changed rule reuses no choice of the old one
 
 
 def plan(items_per_epoch: int, epochs: int, batch_size: int) -> tuple[int, int]:
@@ -134,7 +135,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                     p.grad = None
     if stopped:
         chosen, why = None, "stopped before the range test finished"
-    elif len(losses) < 3:
+    elif len(losses) < 3 and turn(start, losses)[1] is None:
         chosen, why = None, "the loss was not finite from the start" if not math.isfinite(start) else \
             "the loss blew up at once"
     else:
@@ -149,9 +150,9 @@ def cache_key(backbone, method: str, revision: int, config: dict, dataset_finger
               frames: int, extra_answers: tuple[str, ...], shots: Optional[int], seed: int, epochs: int,
               batch_size: int, autocast_to: Optional[str]) -> tuple:
     """What a range test depends on: the backbone's weights, the method (its revision) and options,
-    the data (which shots the seed draws), the task, the training's shape (its budget) and the
-    precision that runs."""
-    return (backbone.spec, backbone.weights, method, revision, json.dumps(config, sort_keys=True),
+    the data (which shots the seed draws), the task, the training's shape (its budget), the
+    precision that runs and the rule."""
+    return (RULE, backbone.spec, backbone.weights, method, revision, json.dumps(config, sort_keys=True),
             dataset_fingerprint, task, frames, list(extra_answers), shots, seed, epochs, batch_size,
             autocast_to or "fp32")
 

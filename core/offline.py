@@ -350,6 +350,7 @@ def _lr_proof_section(folder: Path) -> str:
     above = sum(s["auto"] > s["zero_shot"] for s in summary)
     shots = ",".join("all" if k is None else str(k) for k in record["shots"])
     missing = _unmeasured(record)
+    # a record whose rows were measured at different commits says so in 'provenance'
     unfinished = (f"Not yet measured (the proof was stopped for time; the command above resumes it): "
                   f"{'; '.join(missing)}.\n\n") if missing else ""
     return f"""## The learning rate found (`--lr auto`) against fixed rates
@@ -363,7 +364,7 @@ seeds. No validation set is used anywhere: the fixed-rate columns are what a gri
 on the test split, which `auto` never does. ⚠ marks a rate where a seed ended below zero-shot (the
 run says so wherever it is shown), ↺ one where the divergence guard restarted a seed at a third of
 the rate, ✗N the seeds that still diverged after two restarts and ended with the guard's message
-(no result to show). On {record['threads']} CPU threads.
+(no result to show). On {record['threads']} CPU threads.{f" {record['provenance']}" if record.get('provenance') else ""}
 
 {lr_proof_table(record['rows'])}
 

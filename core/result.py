@@ -86,7 +86,8 @@ class TrainSummary:
     precision: Optional[str] = None   # asked for (auto, fp32, bf16, fp16; None: before it could be)
     autocast: Optional[str] = None    # what ran: bf16, fp16 or fp32 (None: saved before fp16; `bf16` says)
     out_of_time: bool = False         # stopped at a GPU grant's deadline (the note says after how many steps)
-    seconds: Optional[float] = None   # the training loop's own time (None: saved before it was kept)
+    seconds: Optional[float] = None   # the training loop's own time, restarted attempts' too (None: saved before it was kept)
+    steps_run: int = 0                # the steps `seconds` covers, restarted attempts' too (0: saved before it was kept)
     restarts: list[Restart] = field(default_factory=list)   # divergences caught; `lr` is the one that finished
     weight_decay: float = 0.05
     lr_choice: Optional[LrChoice] = None   # how --lr auto chose `lr` (None: a learning rate given as a number)

@@ -245,10 +245,12 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
             lr_choice = lr_range.choose_lr(objective, handle.trainable_parameters(), settings, fixed_lr, lr_cache, key,
                                            stop)
             settings.lr = lr_choice.lr
-        def epoch_end(epoch: int) -> None:   # a restarted run scores its epochs again from the first
+
+        def epoch_end(epoch: int) -> None:   # a restarted run scores again from the epoch it went back to
             per_epoch[epoch - 1:] = [task_def.evaluate(backbone, test_set)]
         log = train(objective, handle.trainable_parameters(), settings, progress, cancel,
                     epoch_end if epoch_metrics else None, deadline)
+        del per_epoch[len(log.epoch_losses):]   # a restart stopped early leaves no epoch it went back on
     tuned = score(task_def, handle, test_set)
     notes = [backbone.fallback_note] if backbone.fallback_note else []
     if log is not None and log.restarts:
@@ -276,6 +278,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
                            epoch_losses=log.epoch_losses if log else [], step_losses=log.step_losses if log else [],
                            epoch_metrics=per_epoch, cancelled=bool(log and log.cancelled),
                            out_of_time=bool(log and log.out_of_time), seconds=log.seconds if log else None,
+                           steps_run=log.steps_run if log else 0,
                            restarts=[Restart(**r) for r in log.restarts] if log else []),
         zero_shot=zero_shot, tuned=tuned, seconds=time.perf_counter() - started, out=str(out))
     if save:

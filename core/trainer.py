@@ -8,8 +8,8 @@ A run that diverges — a loss that is not finite, a smoothed loss that climbs t
 times the untrained weights' mean loss over one epoch (measured first, without gradients) and
 DIVERGED_MARGIN above it, or embeddings that collapse (the smoothed spread of a batch's similarities
 below COLLAPSED of the untrained weights') — goes back to its best weights so far (the end of the
-epoch with the lowest mean loss) and trains the epochs left at a third of the learning rate, at
-most `restarts` times.
+epoch with the lowest mean loss, once the batch after it showed them sound) and trains the epochs
+left at a third of the learning rate, at most `restarts` times.
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
 `batch_size` is per process, and each process takes its slice of every global batch (batch size ×
 processes): with the retrieval objective's gathered negatives, N processes × batch B train as one
@@ -66,18 +66,21 @@ class Progress:
     total_steps: int
     epoch: int
     loss: float
-    elapsed: float
+    elapsed: float      # since this attempt began
+    first_step: int = 0  # the step this attempt began after (a restart keeps the steps before it)
 
     @property
     def eta(self) -> float:
-        return self.elapsed / self.step * (self.total_steps - self.step) if self.step else float("nan")
+        done = self.step - self.first_step
+        return self.elapsed / done * (self.total_steps - self.step) if done else float("nan")
 
 
 @dataclass
 class TrainLog:
     step_losses: list[float] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0        # training's own time (epoch_end's scorings left out)
+    seconds: float = 0.0        # training's own time, restarted attempts' too (epoch_end's scorings left out)
+    steps_run: int = 0          # every step taken, restarted attempts' too
     cancelled: bool = False
     out_of_time: bool = False   # stopped at the deadline
     steps: int = 0              # steps taken
@@ -181,10 +184,11 @@ def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_sche
 class _Guard:
     """What the divergence guard measures against and goes back to: the untrained weights' mean loss
     and similarity spread over an epoch (measured first, without gradients), and the best weights so
-    far — those at the end of the epoch with the lowest mean training loss, once the next batch has
-    shown them no worse than the untrained weights (an epoch's mean can be low while a high rate
-    leaves its last weights broken); the untrained weights until an epoch qualifies. A whole epoch's
-    loss judges, never one batch's alone: a collapsed model can score one small batch well."""
+    far — those at the end of the epoch with the lowest mean training loss, once the first batch
+    after it has shown them neither worse than the untrained weights' mean loss nor collapsed (an
+    epoch's mean can be low while a high rate leaves its last weights broken); the untrained weights
+    until an epoch qualifies. An epoch's mean loss chooses, not one batch's: a collapsed model can
+    score one small batch well. The candidate and the best are a copy each, beside the untrained one."""
 
     def __init__(self, params: dict[str, nn.Parameter]):
         self.params = params
@@ -208,9 +212,13 @@ class _Guard:
                     self.candidate[name].copy_(p)
             self.candidate_epoch, self.candidate_loss, self.check_step = epoch, loss, next_step
 
-    def settle(self, next_loss_fine: bool) -> None:
-        """The candidate's next batch was no worse than the untrained weights' mean: it becomes the best."""
-        if next_loss_fine:
+    def collapsed(self, spread: float) -> bool:
+        """Whether a similarity spread is below COLLAPSED of the untrained weights' (never where either is NaN)."""
+        return spread < COLLAPSED * self.spread
+
+    def settle(self, fine: bool) -> None:
+        """The first batch after the candidate's epoch said whether its weights are `fine`: if so, they are the best."""
+        if fine:
             self.best, self.candidate = self.candidate, self.best
             self.best_epoch, self.best_loss = self.candidate_epoch, self.candidate_loss
         self.check_step = None
@@ -289,7 +297,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
     done = len(log.epoch_losses)
     for _ in range(done):   # the kept epochs' draws: each epoch after them sees the batches it would have
         my_batches(generator)
-    step = log.steps = len(log.step_losses)
+    step = log.steps = first_step = len(log.step_losses)
     log.total_steps = total = max(1, per_epoch * settings.epochs)
     optimizer = make_optimizer(params, settings)
     scheduler = _schedule(optimizer, max(1, total - step), settings.warmup)   # a restart warms up again
@@ -298,7 +306,16 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
     start, scored = time.perf_counter(), 0.0
     no_spread = torch.tensor(math.nan, device=device)
     pending: list[torch.Tensor] = []   # (loss, spread) of the steps not yet reported, still on the device
-    smoothed = {"loss": 0.0, "spread": 0.0, "count": 0}
+    smoothed = {"loss": 0.0, "count": 0, "spread": 0.0, "spreads": 0}
+
+    def stopping() -> bool:
+        """A cancel or the deadline; under torchrun agreed by every process, once per logging interval
+        (a process that stopped alone would leave the others waiting in a collective)."""
+        if rank_and_world()[1] > 1 and step % log_every:
+            return False
+        log.cancelled = any_process(cancel is not None and cancel(), device)
+        log.out_of_time = any_process(deadline is not None and time.monotonic() >= deadline, device)
+        return log.cancelled or log.out_of_time
 
     def measured(loss: torch.Tensor) -> torch.Tensor:
         spread = getattr(objective, "last_spread", None)
@@ -310,15 +327,16 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                 return _Diverging(at_step, f"the loss became {value}")
             smoothed["count"] += 1
             smoothed["loss"] = SMOOTHING * smoothed["loss"] + (1 - SMOOTHING) * value
-            smoothed["spread"] = SMOOTHING * smoothed["spread"] + (1 - SMOOTHING) * spread
-            if smoothed["count"] < RISE_AFTER:
-                continue
+            if math.isfinite(spread):   # NaN: no similarities to watch in this batch (one candidate, a generated answer)
+                smoothed["spreads"] += 1
+                smoothed["spread"] = SMOOTHING * smoothed["spread"] + (1 - SMOOTHING) * spread
             level = smoothed["loss"] / (1 - SMOOTHING ** smoothed["count"])
-            if level > max(DIVERGED_RISE * guard.loss, guard.loss + DIVERGED_MARGIN):
+            if smoothed["count"] >= RISE_AFTER and level > max(DIVERGED_RISE * guard.loss,
+                                                               guard.loss + DIVERGED_MARGIN):
                 return _Diverging(at_step, f"the smoothed loss rose to {level / guard.loss:.1f}× the untrained "
                                            f"weights' loss")
-            spread_level = smoothed["spread"] / (1 - SMOOTHING ** smoothed["count"])
-            if spread_level < COLLAPSED * guard.spread:   # False while either is NaN
+            spread_level = smoothed["spread"] / (1 - SMOOTHING ** max(1, smoothed["spreads"]))
+            if smoothed["spreads"] >= RISE_AFTER and guard.collapsed(spread_level):
                 return _Diverging(at_step, f"the embeddings collapsed (the spread of a batch's similarities fell "
                                            f"to {spread_level / guard.spread:.2f}× the untrained weights')")
         return None
@@ -332,13 +350,15 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
         first = step - len(rows) + 1
         pending.clear()
         if guard.check_step is not None and first <= guard.check_step < first + len(rows):
-            guard.settle(not any_process(not rows[guard.check_step - first][0] <= guard.loss, device))
+            loss_then, spread_then = rows[guard.check_step - first]
+            guard.settle(not any_process(not loss_then <= guard.loss or guard.collapsed(spread_then), device))
         wrong = diverging(rows, first)
         if any_process(wrong is not None, device):
             raise wrong or _Diverging(first, "another process's loss went wrong")
         log.step_losses.extend(value for value, _ in rows)
         if progress is not None:
-            progress(Progress(step, total, len(log.epoch_losses) + 1, rows[-1][0], time.perf_counter() - start))
+            progress(Progress(step, total, len(log.epoch_losses) + 1, rows[-1][0], time.perf_counter() - start,
+                              first_step))
 
     objective.train()
     untrained: list[torch.Tensor] = []
@@ -347,19 +367,18 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
                 autocast(device, settings.autocast):
             at_start = torch.stack([measured(model(batch)) for batch in my_batches(torch.Generator().manual_seed(0))])
-            untrained.append(mean_across_processes(at_start.mean(dim=0)))   # every process judges alike
+            untrained.append(mean_across_processes(at_start.nanmean(dim=0)))   # every process judges alike
     try:
         for epoch in range(done + 1, settings.epochs + 1):
             for batch in my_batches(generator):
-                log.cancelled = cancel is not None and cancel()
-                log.out_of_time = deadline is not None and time.monotonic() >= deadline
-                if log.cancelled or log.out_of_time:
+                if stopping():
                     break
                 with autocast(device, settings.autocast):
                     loss = model(batch)
                 optimizer_step(loss, optimizer, scaler, params, settings.grad_clip)
                 scheduler.step()
                 step = log.steps = step + 1
+                log.steps_run += 1
                 pending.append(measured(loss))
                 if len(pending) >= log_every:
                     report()

@@ -46,6 +46,21 @@ def _range_test(batch_size: int):
     return choice, handle.state_dict()
 
 
+def _cancelled_on_one_process(batch_size: int):
+    """Two epochs of two global batches, where only the second process is asked to stop, at its
+    third check: (steps taken, cancelled)."""
+    handle, objective = _lora_on_16_pairs()
+    checks = {"count": 0}
+
+    def cancel() -> bool:
+        checks["count"] += 1
+        return dist.get_rank() == 1 and checks["count"] >= 3
+
+    log = train(objective, handle.trainable_parameters(), TrainSettings(epochs=2, lr=1e-2, batch_size=batch_size),
+                cancel=cancel)
+    return log.steps, log.cancelled
+
+
 def _worker(rank: int, world: int, port: int, results, work=_run):
     os.environ["HF_HUB_OFFLINE"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -76,6 +91,11 @@ def test_under_two_processes_the_range_test_measures_as_one_and_both_choose_one_
     assert choice0.why.startswith("range test")
     for name, tensor in alone_state.items():   # the weights are put back in every process
         assert torch.equal(state0[name], tensor) and torch.equal(state1[name], tensor), name
+
+
+def test_a_cancel_in_one_process_stops_every_process_at_the_same_step():
+    results = _spawn(_cancelled_on_one_process)
+    assert results[0] == results[1] == (2, True)   # both stopped before step 3; neither waited on the other
 
 
 def test_two_processes_of_batch_b_train_as_one_of_batch_2b():

@@ -51,3 +51,25 @@ def test_tasks_declare_their_metrics_headline_and_direction():
     assert lower_is_better("i2t_medr") and not lower_is_better("i2t_r10") and not lower_is_better("vqa_acc")
     with pytest.raises(TaskError, match="unknown task 'captioning': choose one of retrieval, vqa"):
         headline_metric("captioning")
+
+
+def test_the_objective_keeps_its_batch_similarity_spread_for_the_guard(shapes):
+    from core.backbones import load_backbone
+    from core.data import read_dataset
+    from core.tasks import retrieval
+    from core.tasks.encoding import similarity_spread
+    from tests.conftest import TINY
+
+    backbone = load_backbone(TINY, seed=0)
+    dataset = read_dataset(shapes, shapes.parent)
+    data = retrieval.prepare(backbone, dataset, dataset.split("train")[:6])
+    objective = retrieval.RetrievalObjective(backbone, data).eval()
+    ids = torch.arange(len(data))
+    with torch.no_grad():
+        objective(ids)
+    images, texts = retrieval.embed(backbone, data)   # the same embeddings, made apart from the objective
+    expected = (images[data.caption_image] @ texts.T).std(dim=1).mean()
+    assert float(objective.last_spread) == pytest.approx(float(expected), rel=1e-4) and float(expected) > 1e-3
+    # embeddings collapsed onto one another have no spread at all
+    same = F.normalize(torch.ones(4, 8), dim=-1)
+    assert float(similarity_spread(cosine_matrix(same, same))) == pytest.approx(0.0, abs=1e-6)

@@ -68,22 +68,24 @@ def test_a_blow_up_restarts_from_the_untrained_weights_at_a_third_of_the_lr():
 class Collapsing(Quadratic):
     """|w - 3|², except over a window of calls where the embeddings collapse: the similarity spread
     falls from 1 to 0.01 and the loss sits at 1.2× the untrained weights' — too little a rise for
-    the loss alone to be caught, as with a model that starts near chance."""
+    the loss alone to be caught, as with a model that starts near chance (`hidden`: the loss does not
+    change at all). At `unmeasured` calls the batch has no spread (NaN: one candidate)."""
 
-    def __init__(self, collapsed_calls):
+    def __init__(self, collapsed_calls, hidden=False, unmeasured=()):
         super().__init__()
-        self.collapsed_calls = collapsed_calls
+        self.collapsed_calls, self.hidden, self.unmeasured = collapsed_calls, hidden, unmeasured
 
     def forward(self, batch):
         loss = super().forward(batch)
         collapsed = self.calls in self.collapsed_calls
-        self.last_spread = torch.tensor(0.01 if collapsed else 1.0)
-        return loss * 0 + 1.2 * 36 if collapsed else loss
+        self.last_spread = torch.tensor(math.nan if self.calls in self.unmeasured else 0.01 if collapsed else 1.0)
+        return loss * 0 + 1.2 * 36 if collapsed and not self.hidden else loss
 
 
-def test_a_collapse_restarts_from_the_best_epoch_so_far_and_says_so():
+@pytest.mark.parametrize("unmeasured", [(), (2, 10, 30)], ids=["every-batch-measured", "some-batches-without-spread"])
+def test_a_collapse_restarts_from_the_best_epoch_so_far_and_says_so(unmeasured):
     # 4 calls measure the untrained weights (loss 36); steps 18 on (calls 22 on) collapse, for 18 calls
-    objective, scored, seen = Collapsing(collapsed_calls=range(22, 40)), [], []
+    objective, scored, seen = Collapsing(collapsed_calls=range(22, 40), unmeasured=unmeasured), [], []
     log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0),
                 progress=seen.append, epoch_end=scored.append)
     (restart,) = log.restarts
@@ -94,8 +96,19 @@ def test_a_collapse_restarts_from_the_best_epoch_so_far_and_says_so():
     diverged_in = (restart["step"] - 1) // 4 + 1
     assert scored == [*range(1, diverged_in), *range(5, 13)]   # epochs 5 on are trained and scored again
     assert [p.step for p in seen].count(17) == 2 and log.steps == len(log.step_losses) == 48
+    assert log.steps_run == 48 + restart["step"] - 16
+    again = [p for p in seen if p.step == 17][-1]   # the restarted attempt's first report: its own pace
+    assert again.first_step == 16 and again.eta == pytest.approx(again.elapsed * 31)
     assert len(log.epoch_losses) == 12 and log.epoch_losses[-1] < 0.01 * 36
     assert "restarted at 0.1 from epoch 4's weights" in restart_note(log.restarts)
+
+
+def test_weights_whose_next_batch_has_collapsed_are_never_the_best():
+    # the spread collapses from step 17 on (call 21), the first batch after epoch 4, while the loss
+    # goes on falling: epoch 4's weights, and every later epoch's, fail their check
+    objective = Collapsing(collapsed_calls=range(21, 39), hidden=True)
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0))
+    assert [r["from_epoch"] for r in log.restarts] == [3] and "collapsed" in log.restarts[0]["reason"]
 
 
 class OneNan(Quadratic):

@@ -51,3 +51,24 @@ def test_answer_ranking_learns_and_eval_reproduces(tmp_path):
                                   "--data", str(data))
     assert code == 0, stderr
     assert evaluated["task"] == "vqa" and evaluated["metrics"] == tuned["tuned"]
+
+
+def test_the_vqa_objective_keeps_its_answer_similarity_spread_for_the_guard(tmp_path):
+    import torch
+
+    from core.backbones import load_backbone
+    from core.tasks import vqa
+    from core.tasks.encoding import encode_media
+    from tests.conftest import TINY
+
+    backbone = load_backbone(TINY, seed=0)
+    dataset = read_dataset(write_shapes_vqa_dataset(tmp_path / "v", train_per_pair=1), tmp_path / "w")
+    candidates = candidate_answers(dataset.items, ())
+    data = vqa.prepare(backbone, dataset, dataset.split("train")[:4], candidates)
+    objective = vqa.VqaObjective(backbone, data).eval()
+    with torch.no_grad():
+        objective(torch.arange(len(data)))
+        images = encode_media(backbone, data.pixels[data.question_image])   # made apart from the objective
+        cosine = vqa.answer_scores(backbone, images, data.questions, candidates) / backbone.logit_scale.exp()
+    assert float(objective.last_spread) == pytest.approx(float(cosine.std(dim=1).mean()), rel=1e-4)
+    assert float(objective.last_spread) > 1e-3

@@ -190,9 +190,9 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
     if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
         STORE.remove(session.folder)
         raise gr.Error("this page's session was closed while it was tuning")
-    if result.train.seconds and result.train.step_losses:
-        record_step_time(result.backbone, method, arguments["batch_size"],
-                         result.train.seconds / len(result.train.step_losses))
+    steps = result.train.steps_run or len(result.train.step_losses)
+    if result.train.seconds and steps:
+        record_step_time(result.backbone, method, arguments["batch_size"], result.train.seconds / steps)
     name = f"{len(session.runs) + 1} · {method} · {result.backbone}"
     session.runs[name] = Run(name, out, result, local_paths=LOCAL_PATHS)
     cancelled = " (cancelled early)" if result.train.cancelled else ""
