@@ -6,8 +6,8 @@ progress callback, a cancel flag and a deadline. The loop never waits on the dev
 bookkeeping: losses stay on the device and reach the host once per logging interval.
 A run that diverges — a loss that is not finite, a smoothed loss that climbs to DIVERGED_RISE
 times the untrained weights' mean loss over one epoch (measured first, without gradients) and
-DIVERGED_MARGIN above it, or embeddings that collapse (the smoothed spread of a batch's similarities
-below COLLAPSED of the untrained weights') — goes back to its best weights so far (the end of the
+DIVERGED_MARGIN above it, or embeddings that collapse (the smoothed spread of a batch's logits below
+NEAR_CONSTANT and below COLLAPSED of the untrained weights') — goes back to its best weights so far (the end of the
 epoch with the lowest mean loss, once the batch after it showed them sound) and trains the epochs
 left at a third of the learning rate, at most `restarts` times.
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
@@ -32,7 +32,12 @@ DIVERGED_MARGIN = 0.5  # and at least this much above it (in nats: a loss near 0
 RISE_AFTER = 10       # steps before the smoothed loss is trusted (one small batch's loss can be 0 or 3)
 SMOOTHING = 0.9       # of the loss's exponential moving average (bias-corrected)
 RESTART_FACTOR = 3.0  # a restart divides the learning rate by this
-COLLAPSED = 0.2       # a smoothed similarity spread below this share of the untrained weights' is a collapse
+# A collapse: the smoothed spread of a batch's logits (core.tasks.encoding.similarity_spread) both near
+# constant — every candidate scoring alike — and fallen from the untrained weights'. Either alone misleads:
+# learning VQA first shrinks an overconfident model's spread tenfold (to ~2 logits, never near 0), and a
+# random-init model can start near 0.
+NEAR_CONSTANT = 0.1   # logits
+COLLAPSED = 0.2       # of the untrained weights' spread
 
 
 class TrainingDiverged(RuntimeError):
@@ -183,7 +188,7 @@ def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_sche
 
 class _Guard:
     """What the divergence guard measures against and goes back to: the untrained weights' mean loss
-    and similarity spread over an epoch (measured first, without gradients), and the best weights so
+    and logit spread over an epoch (measured first, without gradients), and the best weights so
     far — those at the end of the epoch with the lowest mean training loss, once the first batch
     after it has shown them neither worse than the untrained weights' mean loss nor collapsed (an
     epoch's mean can be low while a high rate leaves its last weights broken); the untrained weights
@@ -213,8 +218,8 @@ class _Guard:
             self.candidate_epoch, self.candidate_loss, self.check_step = epoch, loss, next_step
 
     def collapsed(self, spread: float) -> bool:
-        """Whether a similarity spread is below COLLAPSED of the untrained weights' (never where either is NaN)."""
-        return spread < COLLAPSED * self.spread
+        """Whether a batch's logit spread says the embeddings collapsed (never where it or the untrained one is NaN)."""
+        return spread < NEAR_CONSTANT and spread < COLLAPSED * self.spread
 
     def settle(self, fine: bool) -> None:
         """The first batch after the candidate's epoch said whether its weights are `fine`: if so, they are the best."""
@@ -252,7 +257,7 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
     """Train `params` (already marked trainable) by minimising objective(batch).
 
     `objective.batches(batch_size, generator)` gives one epoch's batches; an objective may keep
-    `last_spread`, its last batch's similarity spread (core.tasks.encoding.similarity_spread), for
+    `last_spread`, its last batch's logit spread (core.tasks.encoding.similarity_spread), for
     the guard to watch. `epoch_end(epoch)` runs after each epoch (the objective back in eval mode
     meanwhile; after a restart it is called again from the epoch the run went back to). At
     `deadline` (a time.monotonic() value) training stops before its next step, as a cancel does,
@@ -337,8 +342,9 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                                            f"weights' loss")
             spread_level = smoothed["spread"] / (1 - SMOOTHING ** max(1, smoothed["spreads"]))
             if smoothed["spreads"] >= RISE_AFTER and guard.collapsed(spread_level):
-                return _Diverging(at_step, f"the embeddings collapsed (the spread of a batch's similarities fell "
-                                           f"to {spread_level / guard.spread:.2f}× the untrained weights')")
+                return _Diverging(at_step, f"the embeddings collapsed (the spread of a batch's logits fell to "
+                                           f"{spread_level:.2g}, {spread_level / guard.spread:.2f}× the untrained "
+                                           f"weights')")
         return None
 
     def report() -> None:

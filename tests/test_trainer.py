@@ -66,7 +66,7 @@ def test_a_blow_up_restarts_from_the_untrained_weights_at_a_third_of_the_lr():
 
 
 class Collapsing(Quadratic):
-    """|w - 3|², except over a window of calls where the embeddings collapse: the similarity spread
+    """|w - 3|², except over a window of calls where the embeddings collapse: the logit spread
     falls from 1 to 0.01 and the loss sits at 1.2× the untrained weights' — too little a rise for
     the loss alone to be caught, as with a model that starts near chance (`hidden`: the loss does not
     change at all). At `unmeasured` calls the batch has no spread (NaN: one candidate)."""
@@ -84,15 +84,15 @@ class Collapsing(Quadratic):
 
 @pytest.mark.parametrize("unmeasured", [(), (2, 10, 30)], ids=["every-batch-measured", "some-batches-without-spread"])
 def test_a_collapse_restarts_from_the_best_epoch_so_far_and_says_so(unmeasured):
-    # 4 calls measure the untrained weights (loss 36); steps 18 on (calls 22 on) collapse, for 18 calls
-    objective, scored, seen = Collapsing(collapsed_calls=range(22, 40), unmeasured=unmeasured), [], []
+    # 4 calls measure the untrained weights (loss 36); steps 18 on (calls 22 on) collapse, for 26 calls
+    objective, scored, seen = Collapsing(collapsed_calls=range(22, 48), unmeasured=unmeasured), [], []
     log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0),
                 progress=seen.append, epoch_end=scored.append)
     (restart,) = log.restarts
     assert restart["lr"] == 0.3 and restart["restarted_at"] == pytest.approx(0.1) and log.lr == pytest.approx(0.1)
-    assert restart["reason"].startswith("the embeddings collapsed (the spread of a batch's similarities fell to 0.1")
+    assert restart["reason"].startswith("the embeddings collapsed (the spread of a batch's logits fell to 0.")
     # back to the last epoch before the collapse (step 17, the first after it, still showed its weights fine)
-    assert 18 < restart["step"] <= 36 and restart["from_epoch"] == 4
+    assert 18 < restart["step"] <= 44 and restart["from_epoch"] == 4
     diverged_in = (restart["step"] - 1) // 4 + 1
     assert scored == [*range(1, diverged_in), *range(5, 13)]   # epochs 5 on are trained and scored again
     assert [p.step for p in seen].count(17) == 2 and log.steps == len(log.step_losses) == 48
@@ -106,7 +106,7 @@ def test_a_collapse_restarts_from_the_best_epoch_so_far_and_says_so(unmeasured):
 def test_weights_whose_next_batch_has_collapsed_are_never_the_best():
     # the spread collapses from step 17 on (call 21), the first batch after epoch 4, while the loss
     # goes on falling: epoch 4's weights, and every later epoch's, fail their check
-    objective = Collapsing(collapsed_calls=range(21, 39), hidden=True)
+    objective = Collapsing(collapsed_calls=range(21, 47), hidden=True)
     log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0))
     assert [r["from_epoch"] for r in log.restarts] == [3] and "collapsed" in log.restarts[0]["reason"]
 

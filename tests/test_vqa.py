@@ -69,6 +69,6 @@ def test_the_vqa_objective_keeps_its_answer_similarity_spread_for_the_guard(tmp_
     with torch.no_grad():
         objective(torch.arange(len(data)))
         images = encode_media(backbone, data.pixels[data.question_image])   # made apart from the objective
-        cosine = vqa.answer_scores(backbone, images, data.questions, candidates) / backbone.logit_scale.exp()
-    assert float(objective.last_spread) == pytest.approx(float(cosine.std(dim=1).mean()), rel=1e-4)
+        logits = vqa.answer_scores(backbone, images, data.questions, candidates)
+    assert float(objective.last_spread) == pytest.approx(float(logits.std(dim=1).mean()), rel=1e-4)
     assert float(objective.last_spread) > 1e-3

@@ -60,7 +60,9 @@ def embed_texts(backbone: Backbone, tokens: torch.Tensor, batch_size: int = 64) 
                                       for t in tokens.split(batch_size)]), dim=-1)
 
 
-def similarity_spread(cosine: torch.Tensor) -> torch.Tensor:
-    """How far apart each query's cosine similarities to its candidates are (their standard deviation,
-    averaged over queries; detached): near 0 when the embeddings have collapsed onto one another."""
-    return cosine.detach().float().std(dim=-1).mean()
+def similarity_spread(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """How far apart each query's logits — its cosine similarities to its candidates at the model's
+    logit scale — are: their standard deviation, averaged over queries (detached; NaN with one
+    candidate). Near 0 when the embeddings have collapsed onto one another and every candidate
+    scores alike."""
+    return (logit_scale.detach().exp() * cosine.detach()).float().std(dim=-1).mean()

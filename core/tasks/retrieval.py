@@ -82,7 +82,7 @@ class RetrievalObjective(nn.Module):
     linear probe projects, the input of a tower's lowest adapted block. `cache_frozen=False` turns
     that off (the results are the same, computed every time). Caption ids stay on the host (the
     trainer makes them there), so indexing the data never waits on the device. `last_spread` is the
-    last batch's similarity spread (core.tasks.encoding.similarity_spread), for the trainer's guard.
+    last batch's spread of logits (core.tasks.encoding.similarity_spread), for the trainer's guard.
     """
 
     def __init__(self, backbone: Backbone, data: RetrievalSet, handle: Optional[PetHandle] = None,
@@ -112,7 +112,7 @@ class RetrievalObjective(nn.Module):
         image_emb, text_emb = gather_with_grad(image_emb), gather_with_grad(text_emb)
         text_emb = self._contextualise(text_emb, text_emb)
         cosine = cosine_matrix(image_emb, text_emb)
-        self.last_spread = similarity_spread(cosine)
+        self.last_spread = similarity_spread(cosine, self.backbone.logit_scale)
         return contrastive_loss(cosine, gather(image_ids.to(device)), self.backbone.logit_scale)
 
     def _media_rows(self, key: str, images: torch.Tensor, encode) -> torch.Tensor:
@@ -130,7 +130,7 @@ class RetrievalObjective(nn.Module):
                                     lambda ids: backbone.text_cls(self.data.tokens[ids].to(device)), len(self.data))
         image_emb, text_emb = backbone.embed_image_tokens(image_tokens), backbone.embed_text_cls(text_cls)
         cosine = cosine_matrix(image_emb, text_emb)
-        self.last_spread = similarity_spread(cosine)
+        self.last_spread = similarity_spread(cosine, backbone.logit_scale)
         loss = contrastive_loss(cosine, image_ids, backbone.logit_scale)
         if len(unique) == 1:
             return loss   # one image in the batch: no negatives to match against

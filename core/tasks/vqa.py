@@ -123,7 +123,7 @@ class VqaObjective(nn.Module):
     a frozen vision tower's embeddings (BLIP VQA: its vision tokens), a frozen text tower's
     embedding of each question-answer text, the features a linear probe projects, the input of a
     tower's lowest adapted block. `cache_frozen=False` turns that off (same results). `last_spread`
-    is the last batch's spread of answer similarities (None where answers are generated).
+    is the last batch's spread of answer logits (None where answers are generated).
     """
 
     def __init__(self, backbone: Backbone, data: VqaSet, cache_frozen: bool = True):
@@ -147,7 +147,7 @@ class VqaObjective(nn.Module):
         rows = (question_ids[:, None] * count + torch.arange(count)).flatten()   # question-major, as answer_scores
         text_emb = self.frozen.rows("answers", rows, self._encode_prompts, len(self.data) * count)
         cosine = answer_cosines(media, text_emb.view(len(question_ids), count, -1))
-        self.last_spread = similarity_spread(cosine)
+        self.last_spread = similarity_spread(cosine, self.backbone.logit_scale)
         logits = self.backbone.logit_scale.exp() * cosine
         return F.cross_entropy(logits.float(), self.data.targets[question_ids].to(device))
 
