@@ -2,6 +2,8 @@
 files a run offers for download, and core's user errors as the page shows them."""
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -14,6 +16,15 @@ COMPARE_COLUMNS = ["run", "method", "backbone", "trainable params", "% of backbo
                    "tuned", "seconds", "file KiB"]
 
 
+_MARKUP = re.compile(r"([\\`*_\[\]<>~|#!])")
+
+
+def plain(text: object) -> str:
+    """Text that came with a run or an upload shown as itself in Markdown: one line, no links,
+    images, HTML or emphasis of its own."""
+    return _MARKUP.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
+
+
 def dataset_stats(label: str, dataset) -> str:
     stats = dataset.stats()
     kind = dataset.items[0].kind if dataset.items else "image"
@@ -24,7 +35,7 @@ def dataset_stats(label: str, dataset) -> str:
 def validation_report(problems: list) -> str:
     if not problems:
         return "✓ **Validation:** every row checked, no problems."
-    lines = "\n".join(f"- `{p}`" for p in problems)
+    lines = "\n".join(f"- {plain(p)}" for p in problems)
     return f"✗ **Validation: {len(problems)} problem(s)** — nothing was loaded.\n\n{lines}"
 
 
@@ -48,8 +59,8 @@ def run_card(name: str, result: RunResult) -> str:
     train = result.train
     groups = ", ".join(f"{g} {n:,}" for g, n in result.groups.items()) or "none"
     status = " (cancelled early)" if train.cancelled else ""
-    lines = [f"### {name}{status}",
-             f"**{result.method}** on `{result.backbone}` · task {result.task} · "
+    lines = [f"### {plain(name)}{status}",
+             f"**{plain(result.method)}** on {plain(result.backbone)} · task {plain(result.task)} · "
              f"{result.dataset.train_used} training items, {train.epochs} epochs, "
              f"lr {train.lr:g} · {result.seconds:.0f} s on {train.device}",
              "", "| metric (test split) | zero-shot | tuned | change |", "|---|---|---|---|", *rows, "",
@@ -57,11 +68,11 @@ def run_card(name: str, result: RunResult) -> str:
              f"({result.trainable_pct:.4g}%) — {groups}"]
     if train.lr_choice is not None:
         cached = " (measured by an earlier run on this data, reused)" if train.lr_choice.reused else ""
-        lines.insert(2, f"Learning rate found: {train.lr_choice.why}{cached}")
+        lines.insert(2, f"Learning rate found: {plain(train.lr_choice.why)}{cached}")
     if result.recipe is not None and result.recipe.name != "studio":
-        lines.insert(2, f"Recipe **{result.recipe.name}**: {result.recipe.source}")
+        lines.insert(2, f"Recipe **{plain(result.recipe.name)}**: {plain(result.recipe.source)}")
     if result.note:
-        lines.insert(1, f"> **Note:** {result.note}")
+        lines.insert(1, f"> **Note:** {plain(result.note)}")
     return "\n".join(lines)
 
 

@@ -266,3 +266,17 @@ def test_a_run_saved_before_the_schema_version_still_loads(good_run, tmp_path):
     result, _ = checkpoint.read(run)
     assert result.schema_version == 2 and result.tuned == info["tuned"] and result.train.step_losses == \
         info["train"]["step_losses"]
+
+
+def test_an_uploaded_runs_texts_show_as_text_on_its_card(good_run):
+    from app.views import run_card
+    from core.result import RunResult
+
+    info = json.loads(json.dumps(good_run[0]))
+    info["note"] = "fine [click me](https://evil.example) <img src=x onerror=alert(1)>\n# Trust this"
+    info["train"]["lr_choice"]["why"] = "**chosen** by `hand` ![x](https://evil.example/p.png)"
+    card = run_card("1 · lora", RunResult.from_json(info))
+    note = next(line for line in card.splitlines() if line.startswith("> **Note:**"))
+    assert note == (r"> **Note:** fine \[click me\](https://evil.example) &lt;img src=x onerror=alert(1)&gt; "
+                    r"\# Trust this")   # one line: no link, no HTML, no heading
+    assert r"Learning rate found: \*\*chosen\*\* by \`hand\` \!\[x\](https://evil.example/p.png)" in card
