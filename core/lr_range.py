@@ -7,8 +7,9 @@ the learning rate's alone: cycling small batches, the loss moves with how hard e
 than with the rate. The test stops once the loss turns up (below), is not finite or passes
 BLOW_UP times its start.
 
-The rule: the loss must first fall (by FALL of its start); it "turns up" at the first step whose
-loss gives back TURN of what it had gained below the start. The chosen learning rate is the
+The rule: the loss must first fall (by FALL of its start, or of chance's loss when the model starts
+worse than chance — `objective.chance_loss`, where the objective knows it); it "turns up" at the
+first step whose loss gives back TURN of what it had gained below that. The chosen learning rate is the
 geometric middle of the one at the lowest loss before the turn and the one where it turned up
 (the lowest loss when it never turned up). Trained with warm-up and cosine decay, a run's best
 peak rate sits above the one step that did best here: on the offline world's curves the best
@@ -44,7 +45,7 @@ LOWEST, HIGHEST = 3e-6, 0.3
 BLOW_UP = 4.0         # the test stops once the loss passes this many times its start
 FALL = 0.1            # the loss must fall by this share of its start for the test to say anything
 TURN = 0.25           # it turns up once it gives back this share of what it had gained
-RULE = 2              # the rule's version, in the cache key: a changed rule reuses no choice of the old one
+RULE = 3              # the rule's version, in the cache key: a changed rule reuses no choice of the old one
 
 
 def plan(items_per_epoch: int, epochs: int, batch_size: int) -> tuple[int, int]:
@@ -71,11 +72,11 @@ def turn(start: float, losses: list[float]) -> tuple[Optional[int], Optional[int
 
 
 def pick(start: float, lrs: list[float], losses: list[float]) -> tuple[Optional[float], str]:
-    """The rule: (lr, why) from the loss at the start and after a step at each of `lrs`, or
-    (None, why) when the loss never fell."""
+    """The rule: (lr, why) from the reference loss (the start's, or chance's when that is lower) and
+    the loss after a step at each of `lrs`, or (None, why) when the loss never fell below it."""
     at, turned = turn(start, losses)
     if at is None:
-        return None, f"the loss did not fall at any learning rate the test tried (from {start:.3g})"
+        return None, f"the loss did not fall below {start:.3g} at any learning rate the test tried"
     if turned is None:
         return lrs[at], f"range test: the loss was lowest at lr {lrs[at]:.2g} (it had not turned up by the end)"
     chosen = math.sqrt(lrs[at] * lrs[turned])
@@ -101,7 +102,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
     world = rank_and_world()[1]
     batch = process_batches(objective, batch_size, torch.Generator().manual_seed(seed))[0]
     model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective   # gradients averaged
-    lrs, losses, start, stopped = [], [], math.nan, False
+    lrs, losses, start, reference, stopped = [], [], math.nan, math.nan, False
     objective.train()
     # its random draws (dropout's) are given back: a run trains the same whether its choice was
     # measured now or read from the cache
@@ -110,6 +111,10 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
             with autocast(device, autocast_to):
                 loss = model(batch)
             start = float(mean_across_processes(loss.detach().float()))
+            # A model that starts worse than chance (VQA's overconfident logits) gains loss by merely
+            # flattening them, at any high rate: only a loss below chance's measures learning.
+            chance = getattr(objective, "chance_loss", None)
+            reference = min(start, chance) if chance is not None else start
             for step in range(steps if math.isfinite(start) else 0):
                 stopped = stop is not None and any_process(stop(), device)
                 if stopped:
@@ -125,7 +130,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                     break
                 lrs.append(lr)
                 losses.append(value)
-                if value > BLOW_UP * start or turn(start, losses)[1] is not None:   # the rule has its answer
+                if value > BLOW_UP * start or turn(reference, losses)[1] is not None:   # the rule has its answer
                     break
         finally:
             objective.eval()
@@ -135,11 +140,11 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                     p.grad = None
     if stopped:
         chosen, why = None, "stopped before the range test finished"
-    elif len(losses) < 3 and turn(start, losses)[1] is None:
+    elif len(losses) < 3 and turn(reference, losses)[1] is None:
         chosen, why = None, "the loss was not finite from the start" if not math.isfinite(start) else \
             "the loss blew up at once"
     else:
-        chosen, why = pick(start, lrs, losses)
+        chosen, why = pick(reference, lrs, losses)
     if chosen is None:
         chosen, why = fallback, f"{why}; kept the suggested {fallback:.2g}"
     return LrChoice(lr=float(chosen), why=why, lrs=lrs, losses=losses, steps=len(lrs), batch_size=len(batch) * world,

@@ -151,3 +151,24 @@ def test_a_cancel_ends_the_test_with_the_suggested_rate_and_nothing_is_cached(tm
     assert choice.lr == 2e-3 and not choice.finished and choice.steps == 3
     assert choice.why == "stopped before the range test finished; kept the suggested 0.002" and len(cache) == 0
     assert torch.equal(objective.w, torch.zeros(16))
+
+
+@pytest.mark.parametrize("chance_share", [0.5, 2.0])
+def test_a_model_worse_than_chance_is_judged_against_chance(chance_share, monkeypatch):
+    """An overconfident start (VQA's, 10 nats where chance is 3) gains loss by flattening its logits
+    at any high rate: the rule then needs the loss to fall below chance's, not below the start."""
+    import core.lr_range as lr_range
+
+    objective = Regression(0.3)
+    batch = objective.batches(16, torch.Generator().manual_seed(0))[0]
+    with torch.no_grad():
+        start = float(objective(batch))
+    objective.chance_loss = chance_share * start
+    references = []
+    monkeypatch.setattr(lr_range, "pick", lambda reference, lrs, losses: references.append(reference) or (None, "x"))
+    lr_range.range_test(objective, {"w": objective.w}, steps=12, batch_size=16, weight_decay=0.0, grad_clip=1.0,
+                        autocast_to=None)
+    assert references == [pytest.approx(min(start, chance_share * start), rel=1e-2)]
+    monkeypatch.undo()
+    assert lr_range.pick(3.0, [1, 2, 3, 4], [9.0, 6.0, 3.2, 3.1])[0] is None   # flattened, never below chance
+    assert lr_range.pick(3.0, [1, 2, 3, 4], [9.0, 2.0, 2.8, 9.0])[0] == pytest.approx(6 ** 0.5)

@@ -184,6 +184,10 @@ class PulledObjective(nn.Module):
     def last_spread(self) -> Optional[torch.Tensor]:
         return getattr(self.objective, "last_spread", None)
 
+    @property
+    def chance_loss(self) -> Optional[float]:   # the pull adds nothing at the start, where it is read
+        return getattr(self.objective, "chance_loss", None)
+
 
 def resolve_towers(backbone: Backbone, towers: Iterable[str]) -> tuple[str, ...]:
     """The named towers, checked; none named means every tower of the backbone."""

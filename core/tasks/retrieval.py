@@ -6,6 +6,7 @@ top k candidates by ITM, as BLIP does.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -91,6 +92,7 @@ class RetrievalObjective(nn.Module):
         self.backbone, self.data, self.handle = backbone, data, handle
         self.frozen = FrozenCache(backbone, enabled=cache_frozen)
         self.last_spread: Optional[torch.Tensor] = None
+        self.chance_loss: Optional[float] = None   # the last batch's loss had it scored every pair alike
 
     def _contextualise(self, embeddings: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if not self.training or self.handle is None:
@@ -113,6 +115,7 @@ class RetrievalObjective(nn.Module):
         text_emb = self._contextualise(text_emb, text_emb)
         cosine = cosine_matrix(image_emb, text_emb)
         self.last_spread = similarity_spread(cosine, self.backbone.logit_scale)
+        self.chance_loss = math.log(len(cosine))   # contrastive_loss with every pair scored alike
         return contrastive_loss(cosine, gather(image_ids.to(device)), self.backbone.logit_scale)
 
     def _media_rows(self, key: str, images: torch.Tensor, encode) -> torch.Tensor:

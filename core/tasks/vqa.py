@@ -10,6 +10,7 @@ exact match otherwise, after normalisation.
 """
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -131,6 +132,7 @@ class VqaObjective(nn.Module):
         self.backbone, self.data = backbone, data
         self.frozen = FrozenCache(backbone, enabled=cache_frozen)
         self.last_spread: Optional[torch.Tensor] = None
+        self.chance_loss: Optional[float] = None   # the last batch's loss had it scored every answer alike
 
     def forward(self, question_ids: torch.Tensor) -> torch.Tensor:
         image_ids = self.data.question_image[question_ids]
@@ -148,8 +150,12 @@ class VqaObjective(nn.Module):
         text_emb = self.frozen.rows("answers", rows, self._encode_prompts, len(self.data) * count)
         cosine = answer_cosines(media, text_emb.view(len(question_ids), count, -1))
         self.last_spread = similarity_spread(cosine, self.backbone.logit_scale)
+        targets = self.data.targets[question_ids]
+        # uniform scores cost log(count) against any target distribution (a question with no answer
+        # among the candidates has none, and costs nothing)
+        self.chance_loss = math.log(count) * float(targets.sum(dim=1).mean())
         logits = self.backbone.logit_scale.exp() * cosine
-        return F.cross_entropy(logits.float(), self.data.targets[question_ids].to(device))
+        return F.cross_entropy(logits.float(), targets.to(device))
 
     def _encode_prompts(self, rows: torch.Tensor) -> torch.Tensor:
         """The embeddings of the question-answer texts numbered question × candidates + candidate;
