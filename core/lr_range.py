@@ -157,9 +157,9 @@ def cache_key(backbone, method: str, revision: int, config: dict, dataset_finger
     """What a range test depends on: the backbone's weights, the method (its revision) and options,
     the data (which shots the seed draws), the task, the training's shape (its budget), the
     precision that runs and the rule."""
-    return (RULE, backbone.spec, backbone.weights, method, revision, json.dumps(config, sort_keys=True),
+    return (backbone.spec, backbone.weights, method, revision, json.dumps(config, sort_keys=True),
             dataset_fingerprint, task, frames, list(extra_answers), shots, seed, epochs, batch_size,
-            autocast_to or "fp32")
+            autocast_to or "fp32", RULE)   # the spec first, as core.cache reads it
 
 
 class ChoiceCache(JsonCache):
