@@ -45,7 +45,7 @@ def _distance(folder, backbone_seed=0):
 
     original = load_backbone(TINY, seed=backbone_seed).towers["vision"].output_parameters[0]
     tuned = load_file(str(folder / "pet.safetensors"))
-    return float((tuned["model.visual.proj"] - original).norm())
+    return float((tuned["model.visual.proj"] - original).detach().norm())
 
 
 def test_a_stronger_pull_keeps_the_projection_nearer_its_pretrained_value(shapes, tmp_path):
