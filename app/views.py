@@ -16,7 +16,9 @@ COMPARE_COLUMNS = ["run", "method", "backbone", "trainable params", "% of backbo
                    "tuned", "seconds", "file KiB"]
 
 
-_MARKUP = re.compile(r"([\\`*_\[\]<>~|#!])")
+# Markdown's own punctuation, and what would turn into a link or formula of its own (a URL, www., an
+# e-mail address, $…$): escaped, it shows as itself. (html.escape has already made < > & text.)
+_MARKUP = re.compile(r"([\\`*_\[\]~|#!$@]|:(?=//)|(?<=www)\.)", re.IGNORECASE)
 
 
 def plain(text: object) -> str:
@@ -28,8 +30,8 @@ def plain(text: object) -> str:
 def dataset_stats(label: str, dataset) -> str:
     stats = dataset.stats()
     kind = dataset.items[0].kind if dataset.items else "image"
-    return (f"**{label}** — {stats['items']} {kind}s, {stats['captions']} captions, {stats['questions']} "
-            f"questions · train {stats['train']}, test {stats['test']} · manifest `{dataset.manifest}`")
+    return (f"**{plain(label)}** — {stats['items']} {kind}s, {stats['captions']} captions, {stats['questions']} "
+            f"questions · train {stats['train']}, test {stats['test']} · manifest {plain(dataset.manifest)}")
 
 
 def validation_report(problems: list) -> str:

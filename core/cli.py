@@ -211,7 +211,7 @@ def _progress_printer():
     last = [-1.0]
 
     def show(p: Progress) -> None:
-        if p.step == p.total_steps or p.elapsed - last[0] >= 2.0:
+        if p.step == p.total_steps or not 0 <= p.elapsed - last[0] < 2.0:   # (a restart's attempt starts its clock again)
             last[0] = p.elapsed
             _note(f"step {p.step}/{p.total_steps}  epoch {p.epoch}  loss {p.loss:.4f}  eta {p.eta:.0f}s")
 

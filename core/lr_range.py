@@ -114,6 +114,8 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
             # A model that starts worse than chance (VQA's overconfident logits) gains loss by merely
             # flattening them, at any high rate: only a loss below chance's measures learning.
             chance = getattr(objective, "chance_loss", None)
+            if chance is not None:   # VQA's depends on each process's slice: every process must judge alike
+                chance = float(mean_across_processes(torch.tensor(chance, device=device)))
             reference = min(start, chance) if chance is not None else start
             for step in range(steps if math.isfinite(start) else 0):
                 stopped = stop is not None and any_process(stop(), device)

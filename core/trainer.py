@@ -4,10 +4,10 @@ AdamW over the trainable parameters only, linear warm-up then cosine decay by st
 clipping, seeded shuffling, optional bf16 or fp16 autocast (fp16 with a gradient scaler), a
 progress callback, a cancel flag and a deadline. The loop never waits on the device for its own
 bookkeeping: losses stay on the device and reach the host once per logging interval.
-A run that diverges — a loss that is not finite, a smoothed loss that climbs to DIVERGED_RISE
-times the untrained weights' mean loss over one epoch (measured first, without gradients) and
-DIVERGED_MARGIN above it, or embeddings that collapse (the smoothed spread of a batch's logits below
-NEAR_CONSTANT and below COLLAPSED of the untrained weights') — goes back to its best weights so far (the end of the
+A run that diverges — a loss that is not finite, a loss whose median over the last WINDOW steps
+climbs to DIVERGED_RISE times the untrained weights' mean loss over one epoch (measured first,
+without gradients) and DIVERGED_MARGIN above it, or embeddings that collapse (the median spread of
+a batch's logits below NEAR_CONSTANT and below COLLAPSED of the untrained weights') — goes back to its best weights so far (the end of the
 epoch with the lowest mean loss, once the batch after it showed them sound) and trains the epochs
 left at a third of the learning rate, at most `restarts` times.
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
@@ -18,7 +18,9 @@ process × batch N·B.
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -27,12 +29,14 @@ from torch import nn
 
 from core.distributed import mean_across_processes, rank_and_world
 
-DIVERGED_RISE = 1.5   # a smoothed loss this many times the untrained weights' loss is a run going wrong
+DIVERGED_RISE = 1.5   # a loss (the window's median) this many times the untrained weights' loss is a run going wrong
 DIVERGED_MARGIN = 0.5  # and at least this much above it (in nats: a loss near 0, as small batches give, doubles by chance)
-RISE_AFTER = 10       # steps before the smoothed loss is trusted (one small batch's loss can be 0 or 3)
-SMOOTHING = 0.9       # of the loss's exponential moving average (bias-corrected)
+# The guard judges the median of the last WINDOW steps, never a mean: one small batch's loss can be 0
+# or 4.5 by which pairs it drew (a batch of 2 on the offline world, at any rate), and one such batch
+# lifts a moving average past the margin as surely as a run that diverges; half the window cannot.
+WINDOW = 10
 RESTART_FACTOR = 3.0  # a restart divides the learning rate by this
-# A collapse: the smoothed spread of a batch's logits (core.tasks.encoding.similarity_spread) both near
+# A collapse: the median spread of a batch's logits (core.tasks.encoding.similarity_spread) both near
 # constant — every candidate scoring alike — and fallen from the untrained weights'. Either alone misleads:
 # learning VQA first shrinks an overconfident model's spread tenfold (to ~2 logits, never near 0), and a
 # random-init model can start near 0.
@@ -311,7 +315,8 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
     start, scored = time.perf_counter(), 0.0
     no_spread = torch.tensor(math.nan, device=device)
     pending: list[torch.Tensor] = []   # (loss, spread) of the steps not yet reported, still on the device
-    smoothed = {"loss": 0.0, "count": 0, "spread": 0.0, "spreads": 0}
+    # this attempt's last losses, and spreads (a batch with nothing to watch, NaN, left out: one candidate, a generated answer)
+    recent = {"loss": deque(maxlen=WINDOW), "spread": deque(maxlen=WINDOW)}
 
     def stopping() -> bool:
         """A cancel or the deadline; under torchrun agreed by every process, once per logging interval
@@ -330,19 +335,15 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
         for at_step, (value, spread) in enumerate(rows, start=first):
             if not math.isfinite(value):
                 return _Diverging(at_step, f"the loss became {value}")
-            smoothed["count"] += 1
-            smoothed["loss"] = SMOOTHING * smoothed["loss"] + (1 - SMOOTHING) * value
-            if math.isfinite(spread):   # NaN: no similarities to watch in this batch (one candidate, a generated answer)
-                smoothed["spreads"] += 1
-                smoothed["spread"] = SMOOTHING * smoothed["spread"] + (1 - SMOOTHING) * spread
-            level = smoothed["loss"] / (1 - SMOOTHING ** smoothed["count"])
-            if smoothed["count"] >= RISE_AFTER and level > max(DIVERGED_RISE * guard.loss,
-                                                               guard.loss + DIVERGED_MARGIN):
-                return _Diverging(at_step, f"the smoothed loss rose to {level / guard.loss:.1f}× the untrained "
-                                           f"weights' loss")
-            spread_level = smoothed["spread"] / (1 - SMOOTHING ** max(1, smoothed["spreads"]))
-            if smoothed["spreads"] >= RISE_AFTER and guard.collapsed(spread_level):
-                return _Diverging(at_step, f"the embeddings collapsed (the spread of a batch's logits fell to "
+            recent["loss"].append(value)
+            if math.isfinite(spread):
+                recent["spread"].append(spread)
+            level = statistics.median(recent["loss"])
+            if len(recent["loss"]) == WINDOW and level > max(DIVERGED_RISE * guard.loss, guard.loss + DIVERGED_MARGIN):
+                return _Diverging(at_step, f"the loss's median over {WINDOW} steps rose to {level / guard.loss:.1f}× "
+                                           f"the untrained weights' loss")
+            if len(recent["spread"]) == WINDOW and guard.collapsed(spread_level := statistics.median(recent["spread"])):
+                return _Diverging(at_step, f"the embeddings collapsed (the median spread of a batch's logits fell to "
                                            f"{spread_level:.2g}, {spread_level / guard.spread:.2f}× the untrained "
                                            f"weights')")
         return None
@@ -373,7 +374,9 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
                 autocast(device, settings.autocast):
             at_start = torch.stack([measured(model(batch)) for batch in my_batches(torch.Generator().manual_seed(0))])
-            untrained.append(mean_across_processes(at_start.nanmean(dim=0)))   # every process judges alike
+            # a NaN loss stays NaN (the first step on that batch will say so); a NaN spread is a batch with nothing to watch
+            at_start = torch.stack([at_start[:, 0].mean(), at_start[:, 1].nanmean()])
+            untrained.append(mean_across_processes(at_start))   # every process judges alike
     try:
         for epoch in range(done + 1, settings.epochs + 1):
             for batch in my_batches(generator):

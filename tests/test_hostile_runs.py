@@ -273,10 +273,12 @@ def test_an_uploaded_runs_texts_show_as_text_on_its_card(good_run):
     from core.result import RunResult
 
     info = json.loads(json.dumps(good_run[0]))
-    info["note"] = "fine [click me](https://evil.example) <img src=x onerror=alert(1)>\n# Trust this"
+    info["note"] = ("fine [click me](https://evil.example) <img src=x onerror=alert(1)>\n# Trust this: "
+                    "www.evil.example, help@evil.example, $\\frac{1}{2}$")
     info["train"]["lr_choice"]["why"] = "**chosen** by `hand` ![x](https://evil.example/p.png)"
     card = run_card("1 · lora", RunResult.from_json(info))
     note = next(line for line in card.splitlines() if line.startswith("> **Note:**"))
-    assert note == (r"> **Note:** fine \[click me\](https://evil.example) &lt;img src=x onerror=alert(1)&gt; "
-                    r"\# Trust this")   # one line: no link, no HTML, no heading
-    assert r"Learning rate found: \*\*chosen\*\* by \`hand\` \!\[x\](https://evil.example/p.png)" in card
+    # one line: no link (nor a bare address the page would link), no HTML, no heading, no formula
+    assert note == (r"> **Note:** fine \[click me\](https\://evil.example) &lt;img src=x onerror=alert(1)&gt; "
+                    r"\# Trust this: www\.evil.example, help\@evil.example, \$\\frac{1}{2}\$")
+    assert r"Learning rate found: \*\*chosen\*\* by \`hand\` \!\[x\](https\://evil.example/p.png)" in card

@@ -72,3 +72,6 @@ def test_the_vqa_objective_keeps_its_answer_similarity_spread_for_the_guard(tmp_
         logits = vqa.answer_scores(backbone, images, data.questions, candidates)
     assert float(objective.last_spread) == pytest.approx(float(logits.std(dim=1).mean()), rel=1e-4)
     assert float(objective.last_spread) > 1e-3
+    # chance's loss: what the batch would cost with every answer scored alike
+    alike = torch.nn.functional.cross_entropy(torch.zeros(len(data), len(candidates)), data.targets)
+    assert objective.chance_loss == pytest.approx(float(alike)) and float(alike) > 0

@@ -79,5 +79,5 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
             STORE.remove(folder)
             raise
         session.runs[run.name] = run
-    card = views.run_card(run.name, info) if info.scored else f"Loaded **{run.name}**."
+    card = views.run_card(run.name, info) if info.scored else f"Loaded **{views.plain(run.name)}**."
     return card, *run_choices(session, run.name)

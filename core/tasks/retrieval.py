@@ -135,8 +135,10 @@ class RetrievalObjective(nn.Module):
         cosine = cosine_matrix(image_emb, text_emb)
         self.last_spread = similarity_spread(cosine, backbone.logit_scale)
         loss = contrastive_loss(cosine, image_ids, backbone.logit_scale)
+        self.chance_loss = math.log(len(cosine))
         if len(unique) == 1:
             return loss   # one image in the batch: no negatives to match against
+        self.chance_loss += math.log(2)   # the matching head's, scoring match and no match alike
         same = image_ids[:, None] == image_ids[None, :]
         with torch.no_grad():  # hard negatives, drawn by ITC similarity among other images' pairs
             similarity = cosine.detach()
