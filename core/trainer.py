@@ -338,10 +338,11 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
             recent["loss"].append(value)
             if math.isfinite(spread):
                 recent["spread"].append(spread)
-            level = statistics.median(recent["loss"])
-            if len(recent["loss"]) == WINDOW and level > max(DIVERGED_RISE * guard.loss, guard.loss + DIVERGED_MARGIN):
-                return _Diverging(at_step, f"the loss's median over {WINDOW} steps rose to {level / guard.loss:.1f}× "
-                                           f"the untrained weights' loss")
+            if len(recent["loss"]) == WINDOW and (level := statistics.median(recent["loss"])) > max(
+                    DIVERGED_RISE * guard.loss, guard.loss + DIVERGED_MARGIN):
+                rise = f"{level / guard.loss:.1f}× the untrained weights' loss" if guard.loss >= 1 else \
+                    f"{level:.3g}, {level - guard.loss:.2g} nats above the untrained weights' {guard.loss:.3g}"
+                return _Diverging(at_step, f"the loss's median over {WINDOW} steps rose to {rise}")
             if len(recent["spread"]) == WINDOW and guard.collapsed(spread_level := statistics.median(recent["spread"])):
                 return _Diverging(at_step, f"the embeddings collapsed (the median spread of a batch's logits fell to "
                                            f"{spread_level:.2g}, {spread_level / guard.spread:.2f}× the untrained "
@@ -374,8 +375,11 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
                 autocast(device, settings.autocast):
             at_start = torch.stack([measured(model(batch)) for batch in my_batches(torch.Generator().manual_seed(0))])
-            # a NaN loss stays NaN (the first step on that batch will say so); a NaN spread is a batch with nothing to watch
-            at_start = torch.stack([at_start[:, 0].mean(), at_start[:, 1].nanmean()])
+            # the reference is the finite losses' mean: a batch the untrained weights cannot score (NaN, inf)
+            # must not switch the guard off (training on it says so at its step); a NaN spread is a batch
+            # with nothing to watch
+            losses = at_start[:, 0]
+            at_start = torch.stack([losses.where(losses.isfinite(), math.nan).nanmean(), at_start[:, 1].nanmean()])
             untrained.append(mean_across_processes(at_start))   # every process judges alike
     try:
         for epoch in range(done + 1, settings.epochs + 1):

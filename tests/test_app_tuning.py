@@ -52,6 +52,8 @@ def test_a_tuning_out_of_gpu_time_is_scored_and_saved(tmp_path):
     # again the steps after the epoch it went back to, and the later report is the one kept.
     reported = {}
     for report in read_progress(live):
+        for redone in [step for step in reported if step >= report["step"]]:
+            del reported[redone]
         reported[report["step"]] = report["loss"]
     assert 0 < taken and list(reported) == list(range(1, taken + 1))
     assert list(reported.values()) == result.train.step_losses

@@ -182,3 +182,22 @@ def test_evaluation_streams_vision_tokens_and_reranks_as_each_query_alone_would(
     wanted.scatter_(0, similarity.topk(3, dim=0).indices, True)
     assert sum(pairs) == int(wanted.sum()) < 7 * 3 + 9 * 3   # a pair in both top-3s matched once
     assert torch.allclose(i2t, expected_i2t, atol=1e-5) and torch.allclose(t2i, expected_t2i, atol=1e-5)
+
+
+def test_blips_chance_loss_counts_its_matching_head(tiny_blip):
+    """--lr auto's reference for BLIP retrieval: the contrastive loss with every pair scored alike
+    (log of the batch) plus the matching head's with match and no match scored alike (log 2),
+    which a batch of one picture does not train."""
+    import math
+
+    torch.manual_seed(0)
+    captions = tiny_blip.tokenize(["a red circle", "a blue square", "a green star", "a red star"])
+    data = RetrievalSet(torch.randn(3, 3, 32, 32), captions, torch.tensor([0, 1, 2, 0]))
+    objective = RetrievalObjective(tiny_blip, data).train()
+    with torch.no_grad():
+        objective(torch.arange(4))
+        assert objective.chance_loss == pytest.approx(math.log(4) + math.log(2))
+        pixels = tiny_blip.image_tokens(data.pixels[:1])
+        assert tiny_blip.match_logits(tiny_blip.fused_cls(pixels, captions[:1])).shape == (1, 2)   # two ways
+        objective(torch.tensor([0, 3]))   # one picture: no negatives to match
+        assert objective.chance_loss == pytest.approx(math.log(2))

@@ -80,6 +80,20 @@ def test_one_hard_small_batch_an_epoch_is_no_divergence():
     assert log.restarts == [] and log.steps == 48 and max(log.step_losses) > 4.5
 
 
+class PerfectThenWorse(Quadratic):
+    """Loss 0 for the untrained weights (calls 1-4), 2 from then on."""
+
+    def forward(self, batch):
+        return super().forward(batch) * 0 + (0.0 if self.calls <= 4 else 2.0)
+
+
+def test_a_rise_from_an_untrained_loss_of_zero_is_told_in_nats():
+    objective = PerfectThenWorse()
+    with pytest.raises(TrainingDiverged, match=r"^the loss's median over 10 steps rose to 2, 2 nats above the "
+                                               r"untrained weights' 0 at step 10 with lr 0.111 "):
+        train(objective, {"w": objective.w}, TrainSettings(epochs=5, lr=1.0))
+
+
 class Collapsing(Quadratic):
     """|w - 3|², except over a window of calls where the embeddings collapse: the logit spread
     falls from 1 to 0.01 and the loss sits at 1.2× the untrained weights' — too little a rise for
@@ -107,7 +121,8 @@ def test_a_collapse_restarts_from_the_best_epoch_so_far_and_says_so(unmeasured):
     assert restart["lr"] == 0.3 and restart["restarted_at"] == pytest.approx(0.1) and log.lr == pytest.approx(0.1)
     assert restart["reason"].startswith("the embeddings collapsed (the median spread of a batch's logits fell to 0.")
     # back to the last epoch before the collapse (step 17, the first after it, still showed its weights fine)
-    assert 18 < restart["step"] <= 44 and restart["from_epoch"] == 4
+    # the sixth collapsed step of ten makes the median collapsed
+    assert restart["step"] == 23 and restart["from_epoch"] == 4
     diverged_in = (restart["step"] - 1) // 4 + 1
     assert scored == [*range(1, diverged_in), *range(5, 13)]   # epochs 5 on are trained and scored again
     assert [p.step for p in seen].count(17) == 2 and log.steps == len(log.step_losses) == 48

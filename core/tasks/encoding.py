@@ -65,5 +65,5 @@ def similarity_spread(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.
     logit scale — are: their standard deviation, averaged over queries (detached; NaN with one
     candidate). Near 0 when the embeddings have collapsed onto one another and every candidate
     scores alike."""
-    # in fp32: under bf16 autocast a spread of 0.05 logits at scale 100 is below bf16's resolution
+    # the product in fp32: in bf16, logits near 100 round to steps of 0.5 (a collapse still reads ~0 either way)
     return (logit_scale.detach().float().exp() * cosine.detach().float()).std(dim=-1).mean()
