@@ -94,6 +94,21 @@ def test_a_rise_from_an_untrained_loss_of_zero_is_told_in_nats():
         train(objective, {"w": objective.w}, TrainSettings(epochs=5, lr=1.0))
 
 
+class OvershootUnscoredAtFirst(Overshoot):
+    """Overshoot, but the untrained weights cannot score one batch (NaN at call 2)."""
+
+    def forward(self, batch):
+        loss = super().forward(batch)
+        return loss * float("nan") if self.calls == 2 else loss
+
+
+def test_a_batch_the_untrained_weights_cannot_score_does_not_switch_the_guard_off():
+    objective = OvershootUnscoredAtFirst()
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=10, lr=10.0, grad_clip=0))
+    assert [r["lr"] for r in log.restarts] == [10.0, pytest.approx(10 / 3)]
+    assert all("× the untrained weights' loss" in r["reason"] for r in log.restarts)   # measured against 36
+
+
 class Collapsing(Quadratic):
     """|w - 3|², except over a window of calls where the embeddings collapse: the logit spread
     falls from 1 to 0.01 and the loss sits at 1.2× the untrained weights' — too little a rise for
