@@ -328,15 +328,19 @@ difference in any Recall@1 is {worst:.1f} points.
 
 
 def _unmeasured(record: dict) -> list[str]:
-    """"part, K shots: methods" for each part and shots the record lacks some method's runs of."""
-    wanted = (len(FIXED_LRS) + 1) * len(record["seeds"])
-    counts = Counter((r["part"], r["shots"], r["method"]) for r in record["rows"])
+    """"part, K shots: methods" for each part and shots the record lacks some method's runs of,
+    naming the seeds measured where some were."""
+    runs = Counter((r["part"], r["shots"], r["method"], r["seed"]) for r in record["rows"])
     lacking = []
     for part in record["parts"]:
         for k in record["shots"]:
-            methods = [m for m in LR_PROOF_METHODS if counts[(part, k, m)] < wanted]
-            if methods:
-                lacking.append(f"{part}, {k or 'all'} shots: {', '.join(methods)}")
+            said = []
+            for method in LR_PROOF_METHODS:
+                measured = [s for s in record["seeds"] if runs[(part, k, method, s)] == len(FIXED_LRS) + 1]
+                if len(measured) < len(record["seeds"]):
+                    said.append(f"{method} (seed {', '.join(map(str, measured))} only)" if measured else method)
+            if said:
+                lacking.append(f"{part}, {k or 'all'} shots: {', '.join(said)}")
     return lacking
 
 
@@ -351,7 +355,7 @@ def _lr_proof_section(folder: Path) -> str:
     shots = ",".join("all" if k is None else str(k) for k in record["shots"])
     missing = _unmeasured(record)
     # a record whose rows were measured at different commits says so in 'provenance'
-    unfinished = (f"Not yet measured (the proof was stopped for time; the command above resumes it): "
+    unfinished = (f"Not measured for every seed (the proof was stopped for time; the command above resumes it): "
                   f"{'; '.join(missing)}.\n\n") if missing else ""
     return f"""## The learning rate found (`--lr auto`) against fixed rates
 
