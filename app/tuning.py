@@ -78,6 +78,20 @@ def read_progress(live: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.endswith("}")]   # the last line may be half written
 
 
+def training_steps(live: Path) -> list[dict[str, Any]]:
+    """The training steps reported so far as the run's own curve will hold them: a restart's
+    reports replace those of the steps it trains again (a comparison's runs each keep theirs, and
+    its lines that only announce a run are left out)."""
+    steps: list[dict[str, Any]] = []
+    for step in read_progress(live):
+        if step["loss"] is None:
+            continue
+        while steps and steps[-1].get("run") == step.get("run") and steps[-1]["step"] >= step["step"]:
+            steps.pop()
+        steps.append(step)
+    return steps
+
+
 def _step_line(p: Progress) -> dict[str, Any]:
     return {"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch, "loss": p.loss, "elapsed": p.elapsed,
             "eta": p.eta}

@@ -13,7 +13,7 @@ from app.device import GPU_SECONDS, ZERO_GPU, granted_seconds, on_device, record
 from app.models import LOCAL_PATHS, run_choices, spec_of
 from app.sessions import STORE, Run, Session, session_of
 from app.tabs.compare import compare_runs
-from app.tuning import (CANCEL_FILE, TUNING_CONCURRENCY, claim_folders, planned_seconds, read_progress,
+from app.tuning import (CANCEL_FILE, TUNING_CONCURRENCY, claim_folders, planned_seconds, training_steps,
                         request_cancel, run_polling, tune_on_device)
 from core import figures
 from core.backbones import describe_spec
@@ -139,11 +139,6 @@ def _step_text(step: dict) -> str:
            f"ETA {step['eta']:.0f} s"
 
 
-def _steps(live) -> list[dict]:
-    """The training steps reported so far (a comparison also reports the start of each run)."""
-    return [step for step in read_progress(live) if step["loss"] is not None]
-
-
 def _training(session: Session) -> bool:
     """A tuning is running and not being cancelled: its steps are the news."""
     return session.tuning and session.live is not None and not (session.live / CANCEL_FILE).exists()
@@ -169,7 +164,7 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
     progress(0, desc="loading the model and scoring it zero-shot")
 
     def show_step() -> None:
-        steps = _steps(live) if _training(session) else []
+        steps = training_steps(live) if _training(session) else []
         if steps:
             progress((steps[-1]["step"], steps[-1]["total_steps"]), unit="steps", desc=_step_text(steps[-1]))
 
@@ -230,7 +225,7 @@ def cancel_tuning(request: gr.Request) -> str:
 def live_progress(request: gr.Request):
     """The loss so far and a status line: the latest step while training, else what happened last."""
     session = session_of(request)
-    steps = _steps(session.live) if session.live else []
+    steps = training_steps(session.live) if session.live else []
     status = _step_text(steps[-1]) if steps and _training(session) else session.live_status
     return figures.training_figure(None, live=[step["loss"] for step in steps]), status
 
