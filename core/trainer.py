@@ -7,9 +7,10 @@ bookkeeping: losses stay on the device and reach the host once per logging inter
 A run that diverges — a loss that is not finite, a loss whose median over the last WINDOW steps
 climbs to DIVERGED_RISE times the untrained weights' mean loss over one epoch (measured first,
 without gradients) and DIVERGED_MARGIN above it, or embeddings that collapse (the median spread of
-a batch's logits below NEAR_CONSTANT and below COLLAPSED of the untrained weights') — goes back to its best weights so far (the end of the
-epoch with the lowest mean loss, once the batch after it showed them sound) and trains the epochs
-left at a third of the learning rate, at most `restarts` times.
+a batch's logits below NEAR_CONSTANT and below COLLAPSED of the untrained weights') — goes back to
+its best weights so far (the end of the epoch with the lowest mean loss, once the batch after it
+showed them sound) and trains the epochs left at a third of the learning rate, at most `restarts`
+times.
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
 `batch_size` is per process, and each process takes its slice of every global batch (batch size ×
 processes): with the retrieval objective's gathered negatives, N processes × batch B train as one
@@ -315,7 +316,8 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
     start, scored = time.perf_counter(), 0.0
     no_spread = torch.tensor(math.nan, device=device)
     pending: list[torch.Tensor] = []   # (loss, spread) of the steps not yet reported, still on the device
-    # this attempt's last losses, and spreads (a batch with nothing to watch, NaN, left out: one candidate, a generated answer)
+    # this attempt's last losses and spreads (a batch with nothing to watch — one candidate, a generated
+    # answer: NaN — left out)
     recent = {"loss": deque(maxlen=WINDOW), "spread": deque(maxlen=WINDOW)}
 
     def stopping() -> bool:
