@@ -10,7 +10,8 @@ without gradients) and DIVERGED_MARGIN above it, or embeddings that collapse (th
 a batch's logits below NEAR_CONSTANT and below COLLAPSED of the untrained weights') — goes back to
 its best weights so far (the end of the epoch with the lowest mean loss, once the batch after it
 showed them sound) and trains the epochs left at a third of the learning rate, at most `restarts`
-times.
+times; a restart that diverges again before any later epoch did better goes back to the untrained
+weights next (those best weights were unsound).
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
 `batch_size` is per process, and each process takes its slice of every global batch (batch size ×
 processes): with the retrieval objective's gathered negatives, N processes × batch B train as one
@@ -242,6 +243,12 @@ class _Guard:
         self.check_step = None
         return self.best_epoch
 
+    def forget_best(self) -> None:
+        """The best weights led a restart straight into divergence again: they are unsound (an epoch
+        can look fine on one batch and overflow on the next), so the next restart starts untrained."""
+        self.best, self.best_epoch, self.best_loss = None, 0, math.inf
+        self.candidate, self.check_step = None, None
+
 
 def any_process(flag: bool, device: torch.device) -> bool:
     """Whether any process raised `flag`, so that all act on it together (restart, stop)."""
@@ -282,6 +289,8 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
                 raise TrainingDiverged(f"{diverging.reason} at step {diverging.step} with lr {lr:.3g}"
                                        f"{f' (before that: {tried})' if tried else ''}; try a lower learning rate, "
                                        f"or check the data") from None
+            if restarts and restarts[-1]["from_epoch"] and guard.best_epoch == restarts[-1]["from_epoch"]:
+                guard.forget_best()   # no better epoch since the last restart went back to these weights
             kept = guard.restore()
             log.keep_epochs(kept)
             restarts.append({"lr": lr, "step": diverging.step, "reason": diverging.reason,
