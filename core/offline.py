@@ -3,10 +3,12 @@ the base part of the procedural world, shipped in assets/offline.
 
     python -m core.offline pretrain --steps 1500 --out assets/offline
     python -m core.offline compare --part novel-colours --shots 16 --seeds 0,1,2 --record assets/offline
+    python -m core.offline lr-proof --shots 16,all --record assets/offline   (--task vqa: lr_proof_vqa.json)
     python -m core.offline card
 
 `compare` writes a novel part as a dataset and tunes every method on it K-shot (mean over
-seeds); `card` writes assets/offline/MODEL_CARD.md from pretraining.json and compare.json.
+seeds); `lr-proof` measures `--lr auto` against fixed rates; `card` writes
+assets/offline/MODEL_CARD.md from pretraining.json, compare.json and the proofs' records.
 
 Scenes are drawn on the fly from the seed, one batch per step, through the engine's trainer
 (full fine-tuning of a random-init backbone), then the model is scored zero-shot on held-out
@@ -169,17 +171,31 @@ FIXED_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LR_PROOF_METHODS = ("linear_probe", "bitfit", "lora", "prompt", "adapter", "aurora", "vlpet", "full", "prolip")
 
 
+# each task's headline score in the proof: a row keeps it under this name, and its zero-shot
+# value under "zero_shot_" + this name (rows without a task are retrieval's)
+PROOF_METRICS = {"retrieval": "t2i_r1", "vqa": "vqa_acc"}
+PROOF_RECORDS = {"retrieval": "lr_proof.json", "vqa": "lr_proof_vqa.json"}   # in assets/offline, for the card
+PROOF_SCORES = {"retrieval": "text→image Recall@1 (%) on the part's 50 test scenes",
+                "vqa": "VQA accuracy (%) on the questions about the part's 50 test scenes (answers ranked)"}
+
+
+def _metric(row: dict) -> str:
+    return PROOF_METRICS[row.get("task", "retrieval")]
+
+
 def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: list[int], epochs: int = 15,
-             methods: tuple[str, ...] = LR_PROOF_METHODS, items: int = 200) -> list[dict]:
-    """Every method at every rate of FIXED_LRS and at `--lr auto`, on each part, K-shot and with the
-    whole training split, per seed: one row per run (kept in out/runs.jsonl, so an interrupted
-    proof resumes where it stopped)."""
+             methods: tuple[str, ...] = LR_PROOF_METHODS, items: int = 200, task: str = "retrieval",
+             rates: Optional[tuple] = None) -> list[dict]:
+    """Every method at every rate of `rates` (default: `--lr auto` and FIXED_LRS) on each part, K-shot
+    and with the whole training split, per seed, for `task`: one row per run (kept in out/runs.jsonl, so an
+    interrupted proof resumes where it stopped; rows of another task there are kept, not redone)."""
     from core.runs import AUTO, tune
     from core.trainer import TrainingDiverged
 
     record = out / "runs.jsonl"
     done = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()] if record.is_file() else []
-    seen = {(r["part"], r["shots"], r["method"], r["lr"], r["seed"]) for r in done}
+    seen = {(r.get("task", "retrieval"), r["part"], r["shots"], r["method"], r["lr"], r["seed"]) for r in done}
+    metric = PROOF_METRICS[task]
     zero_shot: dict = {}
     for part in parts:
         data = out / "data" / part
@@ -187,20 +203,20 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
             world.write_part(data, part, items=items)
         for k in shots:
             for method in methods:
-                for rate in (AUTO, *FIXED_LRS):
+                for rate in rates or (AUTO, *FIXED_LRS):
                     for seed in seeds:
-                        if (part, k, method, rate, seed) in seen:
+                        if (task, part, k, method, rate, seed) in seen:
                             continue
-                        row = {"part": part, "shots": k, "method": method, "lr": rate, "seed": seed}
+                        row = {"task": task, "part": part, "shots": k, "method": method, "lr": rate, "seed": seed}
                         try:
-                            run = tune("offline", data, method, shots=k, epochs=epochs, lr=rate, seed=seed,
-                                       out=out / "runs" / f"{part}-{k or 'all'}-{method}-{rate}-{seed}",
+                            run = tune("offline", data, method, shots=k, epochs=epochs, lr=rate, seed=seed, task=task,
+                                       out=out / "runs" / f"{task}-{part}-{k or 'all'}-{method}-{rate}-{seed}",
                                        zero_shot_cache=zero_shot)
                         except TrainingDiverged as error:   # it ended with its message: no result to show
-                            row.update(t2i_r1=None, diverged=str(error), restarts=2, below_zero_shot=False)
+                            row.update({metric: None}, diverged=str(error), restarts=2, below_zero_shot=False)
                         else:
                             choice = run.train.lr_choice
-                            row.update(t2i_r1=run.tuned["t2i_r1"], zero_shot_t2i_r1=run.zero_shot["t2i_r1"],
+                            row.update({metric: run.tuned[metric], f"zero_shot_{metric}": run.zero_shot[metric]},
                                        trained_lr=run.train.lr, restarts=len(run.train.restarts),
                                        below_zero_shot=run.below_zero_shot, seconds=run.seconds,
                                        range_test_seconds=choice.seconds if choice else 0.0,
@@ -209,11 +225,12 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
                         with record.open("a", encoding="utf-8") as stream:
                             stream.write(json.dumps(row) + "\n")
                         print(json.dumps(row), file=sys.stderr, flush=True)
-    return done
+    return [r for r in done if r.get("task", "retrieval") == task]
 
 
 def _by_rate(rows: list[dict]) -> dict[tuple, dict]:
-    """(part, shots, method) -> rate -> its runs, in the order parts and methods were measured."""
+    """(part, shots, method) -> rate -> its runs, in the order parts and methods were measured (the
+    rows of one task)."""
     parts = list(dict.fromkeys(r["part"] for r in rows))
     order = {m: i for i, m in enumerate(LR_PROOF_METHODS)}
     groups: dict[tuple, dict] = {}
@@ -223,8 +240,8 @@ def _by_rate(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def _scores(runs: list[dict]) -> list[float]:
-    """The runs' t2i R@1, leaving out those that diverged (they have none)."""
-    return [r["t2i_r1"] for r in runs if r["t2i_r1"] is not None]
+    """The runs' headline scores (t2i R@1, VQA accuracy), leaving out those that diverged (they have none)."""
+    return [r[_metric(r)] for r in runs if r[_metric(r)] is not None]
 
 
 def lr_proof_summary(rows: list[dict]) -> list[dict]:
@@ -243,14 +260,15 @@ def lr_proof_summary(rows: list[dict]) -> list[dict]:
         higher = next((rate for rate in FIXED_LRS if rate > best and rate in by_rate), None)
         too_high = by_rate.get(higher, [])
         auto = by_rate["auto"]
-        summary.append({"part": part, "shots": k, "method": method, "zero_shot": auto[0]["zero_shot_t2i_r1"],
+        summary.append({"part": part, "shots": k, "method": method,
+                        "zero_shot": auto[0][f"zero_shot_{_metric(auto[0])}"],
                         "best_lr": best, "best": means[best], "auto": means["auto"],
                         "auto_lrs": [r["trained_lr"] for r in auto], "auto_std": _std(_scores(auto)),
                         "too_high_lr": higher,
                         "too_high": sum(_scores(too_high)) / len(_scores(too_high)) if _scores(too_high) else None,
                         "too_high_restarted": sum(bool(r["restarts"]) for r in too_high),
                         "too_high_flagged": sum(r["below_zero_shot"] for r in too_high),
-                        "too_high_diverged": sum(r["t2i_r1"] is None for r in too_high), "seeds": len(too_high),
+                        "too_high_diverged": len(too_high) - len(_scores(too_high)), "seeds": len(too_high),
                         "range_test_seconds": sum(r["range_test_seconds"] for r in auto) / len(auto),
                         "run_seconds": sum(r["seconds"] for r in auto) / len(auto)})
     return summary
@@ -262,19 +280,22 @@ def _std(values: list[float]) -> float:
 
 
 def lr_proof_table(rows: list[dict]) -> str:
-    """method × (fixed rates, auto) per part and shots: t2i R@1 mean ± std over seeds; a ⚠ marks a
+    """method × (fixed rates, auto) per part and shots: the headline score's mean ± std over seeds; a ⚠ marks a
     rate where a seed ended below zero-shot (flagged), a ↺ where the guard restarted one, ✗N the
     seeds that diverged after every restart (they end with a message, no result)."""
-    rates = [*FIXED_LRS, "auto"]
+    measured = {r["lr"] for r in rows}
+    rates = [*(rate for rate in FIXED_LRS if rate in measured), "auto"]
     lines = [f"| part | shots | method | zero-shot | {' | '.join(f'{r:g}' if r != 'auto' else 'auto' for r in rates)} |",
              f"|---|---|---|---:|{'---:|' * len(rates)}"]
     for (part, k, method), by_rate in _by_rate(rows).items():
-        zero_shot = next(r["zero_shot_t2i_r1"] for runs in by_rate.values() for r in runs if r["t2i_r1"] is not None)
+        zero_shot = next(r[f"zero_shot_{_metric(r)}"] for runs in by_rate.values() for r in runs
+                         if r[_metric(r)] is not None)
         cells = []
         for rate in rates:
             runs = by_rate.get(rate, [])
             marks = ("⚠" if any(r["below_zero_shot"] for r in runs) else "") + ("↺" if any(r["restarts"] for r in runs) else "")
-            scores, diverged = _scores(runs), sum(r["t2i_r1"] is None for r in runs)
+            scores = _scores(runs)
+            diverged = len(runs) - len(scores)
             shown = f"{sum(scores) / len(scores):.1f} ± {_std(scores):.1f}{marks}" if scores else ""
             cells.append(" ".join(filter(None, [shown, f"✗{diverged}" if diverged else ""])) or "—")
         lines.append(f"| {part} | {k or 'all'} | {method} | {zero_shot:.1f} | {' | '.join(cells)} |")
@@ -336,7 +357,8 @@ def _unmeasured(record: dict) -> list[str]:
         for k in record["shots"]:
             said = []
             for method in LR_PROOF_METHODS:
-                measured = [s for s in record["seeds"] if runs[(part, k, method, s)] == len(FIXED_LRS) + 1]
+                measured = [s for s in record["seeds"]
+                            if runs[(part, k, method, s)] == len(record.get("rates", FIXED_LRS + ("auto",)))]
                 if len(measured) < len(record["seeds"]):
                     said.append(f"{method} (seed {', '.join(map(str, measured))} only)" if measured else method)
             if said:
@@ -344,8 +366,8 @@ def _unmeasured(record: dict) -> list[str]:
     return lacking
 
 
-def _lr_proof_section(folder: Path) -> str:
-    path = folder / "lr_proof.json"
+def _lr_proof_section(folder: Path, task: str = "retrieval") -> str:
+    path = folder / PROOF_RECORDS[task]
     if not path.is_file():
         return ""
     record = json.loads(path.read_text(encoding="utf-8"))
@@ -357,14 +379,17 @@ def _lr_proof_section(folder: Path) -> str:
     # a record whose rows were measured at different commits says so in 'provenance'
     unfinished = (f"Not measured for every seed (the proof was stopped for time; the command above resumes it): "
                   f"{'; '.join(missing)}.\n\n") if missing else ""
-    return f"""## The learning rate found (`--lr auto`) against fixed rates
+    seeds = f"seed{'s' if len(record['seeds']) > 1 else ''} {', '.join(map(str, record['seeds']))}"
+    rates = record.get("rates", ["auto", *FIXED_LRS])
+    options = (f" --task {task}" if task != "retrieval" else "") + \
+        (f" --rates {','.join(map(str, rates))}" if len(rates) < len(FIXED_LRS) + 1 else "")
+    return f"""## The learning rate found (`--lr auto`) against fixed rates{": VQA" if task == "vqa" else ""}
 
-    python -m core.offline lr-proof --parts {','.join(record['parts'])} --shots {shots} --seeds {','.join(map(str, record['seeds']))} --epochs {record['epochs']}
+    python -m core.offline lr-proof{options} --parts {','.join(record['parts'])} --shots {shots} --seeds {','.join(map(str, record['seeds']))} --epochs {record['epochs']}
 
-Each method at every fixed rate of {', '.join(f'{r:g}' for r in FIXED_LRS)} and at `--lr auto` (a range test
-on the run's own training data, core/lr_range.py), {record['epochs']} epochs, batch 32, seeds
-{', '.join(map(str, record['seeds']))}: text→image Recall@1 (%) on the part's 50 test scenes, mean ± std over
-seeds. No validation set is used anywhere: the fixed-rate columns are what a grid search would see
+Each method at every fixed rate of {', '.join(f'{r:g}' for r in rates if r != "auto")} and at `--lr auto` (a range test
+on the run's own training data, core/lr_range.py), {record['epochs']} epochs, batch 32, {seeds}:
+{PROOF_SCORES[task]}{", mean ± std over seeds" if len(record['seeds']) > 1 else " (one seed: no spread)"}. No validation set is used anywhere: the fixed-rate columns are what a grid search would see
 on the test split, which `auto` never does. ⚠ marks a rate where a seed ended below zero-shot (the
 run says so wherever it is shown), ↺ one where the divergence guard restarted a seed at a third of
 the rate, ✗N the seeds that still diverged after two restarts and ended with the guard's message
@@ -421,7 +446,7 @@ authors' placement, `--recipe authors`); Aurora also with the authors' gated que
 
 {markdown_table(comparison['rows'])}
 
-{_precision_section(folder)}{_lr_proof_section(folder)}## Limits
+{_precision_section(folder)}{_lr_proof_section(folder)}{_lr_proof_section(folder, "vqa")}## Limits
 
 It knows only the world's vocabulary (shapes, colours, sizes, positions, counts, textures); it
 is a teaching and testing model, not a general one.
@@ -466,15 +491,19 @@ def main(argv: list[str] | None = None) -> int:
     proof.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     proof.add_argument("--epochs", type=int, default=15)
     proof.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=LR_PROOF_METHODS)
+    proof.add_argument("--task", choices=list(PROOF_METRICS), default="retrieval")
+    proof.add_argument("--rates", type=lambda s: [k if k == "auto" else float(k) for k in s.split(",")],
+                       default=["auto", *FIXED_LRS], help="comma-separated: auto and fixed rates (default: all)")
     proof.add_argument("--out", default="runs/lr-proof")
     proof.add_argument("--record", help="folder to write lr_proof.json into (for the model card)")
     args = parser.parse_args(argv)
     if args.command == "lr-proof":
-        rows = lr_proof(Path(args.out), args.parts, args.shots, args.seeds, args.epochs, args.methods)
+        rows = lr_proof(Path(args.out), args.parts, args.shots, args.seeds, args.epochs, args.methods, task=args.task,
+                        rates=tuple(args.rates))
         if args.record:
             record = {"parts": args.parts, "shots": args.shots, "seeds": args.seeds, "epochs": args.epochs,
-                      "threads": torch.get_num_threads(), "rows": rows}
-            (Path(args.record) / "lr_proof.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                      "rates": args.rates, "threads": torch.get_num_threads(), "rows": rows}
+            (Path(args.record) / PROOF_RECORDS[args.task]).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         print(lr_proof_verdicts(lr_proof_summary(rows)))
         return 0
     if args.command == "card":

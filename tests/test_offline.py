@@ -113,6 +113,13 @@ def test_the_lr_proof_summary_compares_auto_with_the_best_fixed_rate_and_the_one
     assert summary["range_test_seconds"] == 2.0 and summary["auto_lrs"] == [0.01, 0.01]
     table = lr_proof_table(rows)
     assert "| novel-colours | 16 | aurora | 49.0 |" in table and "39.0 ± 26.9⚠↺" in table and "58.0 ± 1.4 |" in table
+    # VQA's rows keep their accuracy under its own name, and read the same
+    vqa = [{**{k: v for k, v in r.items() if "t2i_r1" not in k}, "task": "vqa", "vqa_acc": r["t2i_r1"] / 2,
+            "zero_shot_vqa_acc": 24.5} for r in rows]
+    vqa[0]["vqa_acc"] = None   # a seed that ended with the divergence message has no score
+    (summary,) = lr_proof_summary(vqa)
+    assert (summary["best_lr"], summary["best"], summary["auto"], summary["zero_shot"]) == (1e-2, 30.0, 29.0, 24.5)
+    assert "| novel-colours | 16 | aurora | 24.5 |" in lr_proof_table(vqa) and "25.0 ± 0.0 ✗1" in lr_proof_table(vqa)
 
 
 def test_the_model_card_records_the_found_rate_against_every_fixed_rate():
@@ -131,3 +138,21 @@ def test_the_model_card_records_the_found_rate_against_every_fixed_rate():
         assert (f"| {s['part']} | {s['shots'] or 'all'} | {s['method']} | {s['zero_shot']:.1f} | {s['best']:.1f} "
                 f"({s['best_lr']:g}) |") in card
         assert s["auto"] >= s["zero_shot"] - 2, s   # 50 test scenes: one scene is 2 points
+
+
+def test_the_model_card_records_the_found_rate_for_vqa_on_every_method():
+    """VQA's lr proof: every method at --lr auto and at fixed rates around the suggested one; the
+    card shows each verdict, and auto learns above zero-shot on every method."""
+    from core.offline import LR_PROOF_METHODS, lr_proof_summary
+
+    record = json.loads((OFFLINE_CHECKPOINT.parent / "lr_proof_vqa.json").read_text())
+    card = (OFFLINE_CHECKPOINT.parent / "MODEL_CARD.md").read_text()
+    assert all(r["task"] == "vqa" and (r["vqa_acc"] is None or 0 <= r["vqa_acc"] <= 100) for r in record["rows"])
+    summary = lr_proof_summary(record["rows"])
+    assert sorted(s["method"] for s in summary) == sorted(LR_PROOF_METHODS)
+    assert "## The learning rate found (`--lr auto`) against fixed rates: VQA" in card
+    assert "lr-proof --task vqa --rates auto,0.001,0.003,0.01,0.03 --parts novel-colours" in card
+    for s in summary:
+        assert (f"| {s['part']} | {s['shots'] or 'all'} | {s['method']} | {s['zero_shot']:.1f} | {s['best']:.1f} "
+                f"({s['best_lr']:g}) |") in card
+        assert s["auto"] > s["zero_shot"], s
