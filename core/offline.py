@@ -21,7 +21,6 @@ import json
 import random
 import sys
 import time
-from collections import Counter
 from typing import Optional
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from core import world
 from core.backbones import load_backbone
 from core.pet import attach
 from core.runs import suggested_lr
-from core.tasks import retrieval
+from core.tasks import headline_metric, retrieval
 from core.trainer import TrainSettings, train
 
 ARCHITECTURE = "PETStudio-World"
@@ -171,31 +170,48 @@ FIXED_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LR_PROOF_METHODS = ("linear_probe", "bitfit", "lora", "prompt", "adapter", "aurora", "vlpet", "full", "prolip")
 
 
-# each task's headline score in the proof: a row keeps it under this name, and its zero-shot
-# value under "zero_shot_" + this name (rows without a task are retrieval's)
-PROOF_METRICS = {"retrieval": "t2i_r1", "vqa": "vqa_acc"}
+PROOF_TASKS = ("retrieval", "vqa")
 PROOF_RECORDS = {"retrieval": "lr_proof.json", "vqa": "lr_proof_vqa.json"}   # in assets/offline, for the card
 PROOF_SCORES = {"retrieval": "text→image Recall@1 (%) on the part's 50 test scenes",
                 "vqa": "VQA accuracy (%) on the questions about the part's 50 test scenes (answers ranked)"}
 
 
 def _metric(row: dict) -> str:
-    return PROOF_METRICS[row.get("task", "retrieval")]
+    """The row's task's headline score: a row keeps it under this name, and its zero-shot value under
+    "zero_shot_" + this name (rows without a task are retrieval's)."""
+    return headline_metric(row.get("task", "retrieval"))
+
+
+def proof_rates(text: str) -> list:
+    """`--rates`: "auto" and fixed rates of FIXED_LRS, comma-separated, each once, in order."""
+    rates = []
+    for item in (part.strip() for part in text.split(",")):
+        try:
+            rate = item if item == "auto" else float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is neither auto nor a number") from None
+        if rate != "auto" and rate not in FIXED_LRS:
+            raise argparse.ArgumentTypeError(f"{item}: a fixed rate must be one of {', '.join(map(str, FIXED_LRS))}")
+        if rate not in rates:
+            rates.append(rate)
+    if "auto" not in rates:
+        raise argparse.ArgumentTypeError("the proof measures auto against fixed rates: include auto")
+    return rates
 
 
 def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: list[int], epochs: int = 15,
              methods: tuple[str, ...] = LR_PROOF_METHODS, items: int = 200, task: str = "retrieval",
-             rates: Optional[tuple] = None) -> list[dict]:
+             rates: tuple = ("auto", *FIXED_LRS)) -> list[dict]:
     """Every method at every rate of `rates` (default: `--lr auto` and FIXED_LRS) on each part, K-shot
     and with the whole training split, per seed, for `task`: one row per run (kept in out/runs.jsonl, so an
-    interrupted proof resumes where it stopped; rows of another task there are kept, not redone)."""
-    from core.runs import AUTO, tune
+    interrupted proof resumes where it stopped); what it returns is this grid's rows, whenever measured."""
+    from core.runs import tune
     from core.trainer import TrainingDiverged
 
     record = out / "runs.jsonl"
     done = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()] if record.is_file() else []
     seen = {(r.get("task", "retrieval"), r["part"], r["shots"], r["method"], r["lr"], r["seed"]) for r in done}
-    metric = PROOF_METRICS[task]
+    metric = headline_metric(task)
     zero_shot: dict = {}
     for part in parts:
         data = out / "data" / part
@@ -203,7 +219,7 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
             world.write_part(data, part, items=items)
         for k in shots:
             for method in methods:
-                for rate in rates or (AUTO, *FIXED_LRS):
+                for rate in rates:
                     for seed in seeds:
                         if (task, part, k, method, rate, seed) in seen:
                             continue
@@ -225,7 +241,8 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
                         with record.open("a", encoding="utf-8") as stream:
                             stream.write(json.dumps(row) + "\n")
                         print(json.dumps(row), file=sys.stderr, flush=True)
-    return [r for r in done if r.get("task", "retrieval") == task]
+    return [r for r in done if r.get("task", "retrieval") == task and r["part"] in parts and r["shots"] in shots
+            and r["method"] in methods and r["lr"] in rates and r["seed"] in seeds]
 
 
 def _by_rate(rows: list[dict]) -> dict[tuple, dict]:
@@ -263,7 +280,7 @@ def lr_proof_summary(rows: list[dict]) -> list[dict]:
         summary.append({"part": part, "shots": k, "method": method,
                         "zero_shot": auto[0][f"zero_shot_{_metric(auto[0])}"],
                         "best_lr": best, "best": means[best], "auto": means["auto"],
-                        "auto_lrs": [r["trained_lr"] for r in auto], "auto_std": _std(_scores(auto)),
+                        "auto_lrs": [r["trained_lr"] for r in auto], "auto_scores": _scores(auto),
                         "too_high_lr": higher,
                         "too_high": sum(_scores(too_high)) / len(_scores(too_high)) if _scores(too_high) else None,
                         "too_high_restarted": sum(bool(r["restarts"]) for r in too_high),
@@ -272,6 +289,12 @@ def lr_proof_summary(rows: list[dict]) -> list[dict]:
                         "range_test_seconds": sum(r["range_test_seconds"] for r in auto) / len(auto),
                         "run_seconds": sum(r["seconds"] for r in auto) / len(auto)})
     return summary
+
+
+def _mean_std(values: list[float]) -> str:
+    """"mean ± std", or the one value alone (one seed has no spread)."""
+    mean = f"{sum(values) / len(values):.1f}"
+    return f"{mean} ± {_std(values):.1f}" if len(values) > 1 else mean
 
 
 def _std(values: list[float]) -> float:
@@ -288,17 +311,17 @@ def lr_proof_table(rows: list[dict]) -> str:
     lines = [f"| part | shots | method | zero-shot | {' | '.join(f'{r:g}' if r != 'auto' else 'auto' for r in rates)} |",
              f"|---|---|---|---:|{'---:|' * len(rates)}"]
     for (part, k, method), by_rate in _by_rate(rows).items():
-        zero_shot = next(r[f"zero_shot_{_metric(r)}"] for runs in by_rate.values() for r in runs
-                         if r[_metric(r)] is not None)
+        zero_shot = next((f'{r[f"zero_shot_{_metric(r)}"]:.1f}' for runs in by_rate.values() for r in runs
+                          if r[_metric(r)] is not None), "—")   # every run diverged: none was scored
         cells = []
         for rate in rates:
             runs = by_rate.get(rate, [])
             marks = ("⚠" if any(r["below_zero_shot"] for r in runs) else "") + ("↺" if any(r["restarts"] for r in runs) else "")
             scores = _scores(runs)
             diverged = len(runs) - len(scores)
-            shown = f"{sum(scores) / len(scores):.1f} ± {_std(scores):.1f}{marks}" if scores else ""
+            shown = f"{_mean_std(scores)}{marks}" if scores else ""
             cells.append(" ".join(filter(None, [shown, f"✗{diverged}" if diverged else ""])) or "—")
-        lines.append(f"| {part} | {k or 'all'} | {method} | {zero_shot:.1f} | {' | '.join(cells)} |")
+        lines.append(f"| {part} | {k or 'all'} | {method} | {zero_shot} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -314,7 +337,7 @@ def lr_proof_verdicts(summary: list[dict]) -> str:
                 f"{s['too_high_flagged']}/{s['seeds']} flagged, {s['too_high_diverged']}/{s['seeds']} ended with "
                 f"the divergence message") if s["too_high_lr"] is not None else "—"
         lines.append(f"| {s['part']} | {s['shots'] or 'all'} | {s['method']} | {s['zero_shot']:.1f} | "
-                     f"{s['best']:.1f} ({s['best_lr']:g}) | {s['auto']:.1f} ± {s['auto_std']:.1f} ({chosen}) | "
+                     f"{s['best']:.1f} ({s['best_lr']:g}) | {_mean_std(s['auto_scores'])} ({chosen}) | "
                      f"{s['auto'] - s['best']:+.1f} | {high} | {s['range_test_seconds']:.1f} / {s['run_seconds']:.1f} |")
     return "\n".join(lines)
 
@@ -351,14 +374,16 @@ difference in any Recall@1 is {worst:.1f} points.
 def _unmeasured(record: dict) -> list[str]:
     """"part, K shots: methods" for each part and shots the record lacks some method's runs of,
     naming the seeds measured where some were."""
-    runs = Counter((r["part"], r["shots"], r["method"], r["seed"]) for r in record["rows"])
+    rates: dict[tuple, set] = {}
+    for r in record["rows"]:
+        rates.setdefault((r["part"], r["shots"], r["method"], r["seed"]), set()).add(r["lr"])
+    wanted = set(record.get("rates", ["auto", *FIXED_LRS]))
     lacking = []
     for part in record["parts"]:
         for k in record["shots"]:
             said = []
             for method in LR_PROOF_METHODS:
-                measured = [s for s in record["seeds"]
-                            if runs[(part, k, method, s)] == len(record.get("rates", FIXED_LRS + ("auto",)))]
+                measured = [s for s in record["seeds"] if rates.get((part, k, method, s), set()) >= wanted]
                 if len(measured) < len(record["seeds"]):
                     said.append(f"{method} (seed {', '.join(map(str, measured))} only)" if measured else method)
             if said:
@@ -491,11 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     proof.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     proof.add_argument("--epochs", type=int, default=15)
     proof.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=LR_PROOF_METHODS)
-    proof.add_argument("--task", choices=list(PROOF_METRICS), default="retrieval")
-    proof.add_argument("--rates", type=lambda s: [k if k == "auto" else float(k) for k in s.split(",")],
-                       default=["auto", *FIXED_LRS], help="comma-separated: auto and fixed rates (default: all)")
+    proof.add_argument("--task", choices=PROOF_TASKS, default="retrieval")
+    proof.add_argument("--rates", type=proof_rates, default=["auto", *FIXED_LRS],
+                       help=f"comma-separated: auto and fixed rates of {', '.join(map(str, FIXED_LRS))} (default: all)")
     proof.add_argument("--out", default="runs/lr-proof")
-    proof.add_argument("--record", help="folder to write lr_proof.json into (for the model card)")
+    proof.add_argument("--record", help="folder to write lr_proof.json (lr_proof_vqa.json with --task vqa) into, "
+                                        "for the model card")
     args = parser.parse_args(argv)
     if args.command == "lr-proof":
         rows = lr_proof(Path(args.out), args.parts, args.shots, args.seeds, args.epochs, args.methods, task=args.task,

@@ -10,8 +10,8 @@ without gradients) and DIVERGED_MARGIN above it, or embeddings that collapse (th
 a batch's logits below NEAR_CONSTANT and below COLLAPSED of the untrained weights') — goes back to
 its best weights so far (the end of the epoch with the lowest mean loss, once the batch after it
 showed them sound) and trains the epochs left at a third of the learning rate, at most `restarts`
-times; a restart that diverges again before any later epoch did better goes back to the untrained
-weights next (those best weights were unsound).
+times; a restart that diverges again before it finished an epoch from those weights goes back to
+the untrained weights next (those best weights are taken as unsound).
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
 `batch_size` is per process, and each process takes its slice of every global batch (batch size ×
 processes): with the retrieval objective's gathered negatives, N processes × batch B train as one
@@ -198,7 +198,7 @@ class _Guard:
     far — those at the end of the epoch with the lowest mean training loss, once the first batch
     after it has shown them neither worse than the untrained weights' mean loss nor collapsed (an
     epoch's mean can be low while a high rate leaves its last weights broken); the untrained weights
-    until an epoch qualifies. An epoch's mean loss chooses, not one batch's: a collapsed model can
+    until an epoch qualifies, and again after `forget_best`. An epoch's mean loss chooses, not one batch's: a collapsed model can
     score one small batch well. The candidate and the best are a copy each, beside the untrained one."""
 
     def __init__(self, params: dict[str, nn.Parameter]):
@@ -244,8 +244,9 @@ class _Guard:
         return self.best_epoch
 
     def forget_best(self) -> None:
-        """The best weights led a restart straight into divergence again: they are unsound (an epoch
-        can look fine on one batch and overflow on the next), so the next restart starts untrained."""
+        """A restart from the best weights diverged again before it finished an epoch: take them as
+        unsound (an epoch's end can pass one batch and overflow on the next) and go back to the
+        untrained weights from now on, until an epoch qualifies again."""
         self.best, self.best_epoch, self.best_loss = None, 0, math.inf
         self.candidate, self.check_step = None, None
 
@@ -275,7 +276,9 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
     `deadline` (a time.monotonic() value) training stops before its next step, as a cancel does,
     and the log says so (`out_of_time`). A run that diverges goes back to its best weights so far
     and trains the epochs left at a third of the lr (`log.restarts` says when, why and from where);
-    one that still diverges after `settings.restarts` restarts raises TrainingDiverged.
+    when a restart diverges again within its first epoch, the next one starts from the untrained
+    weights and trains every epoch. One that still diverges after `settings.restarts` restarts
+    raises TrainingDiverged.
     """
     if not params:
         raise ValueError("nothing to train: the method has no trainable parameters")
@@ -289,8 +292,8 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
                 raise TrainingDiverged(f"{diverging.reason} at step {diverging.step} with lr {lr:.3g}"
                                        f"{f' (before that: {tried})' if tried else ''}; try a lower learning rate, "
                                        f"or check the data") from None
-            if restarts and restarts[-1]["from_epoch"] and guard.best_epoch == restarts[-1]["from_epoch"]:
-                guard.forget_best()   # no better epoch since the last restart went back to these weights
+            if restarts and restarts[-1]["from_epoch"] and len(log.epoch_losses) == restarts[-1]["from_epoch"]:
+                guard.forget_best()   # the last restart went back to these weights and diverged within an epoch
             kept = guard.restore()
             log.keep_epochs(kept)
             restarts.append({"lr": lr, "step": diverging.step, "reason": diverging.reason,

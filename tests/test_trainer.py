@@ -41,7 +41,7 @@ def test_trainer_minimises_and_reports_progress():
 def test_a_loss_that_stays_nan_ends_after_two_restarts_with_a_clear_message():
     objective = Quadratic(nan_at=10)   # calls 1-4 measure the untrained weights: NaN from step 6 on
     # epoch 1 (steps 1-4) had learned, so the first restart goes back to its end; diverging again
-    # with no better epoch since, those weights are given up and the second goes back to the start
+    # within the epoch after it, those weights are given up and the second goes back to the start
     expected = (r"the loss became nan at step 1 with lr 0.0556 \(before that: lr 0.5 diverged at step 6 \(the loss "
                 r"became nan\); restarted at 0.167 from epoch 1's weights; lr 0.167 diverged at step 5 \(the loss "
                 r"became nan\); restarted at 0.0556 from the untrained weights\); try a lower learning rate")
@@ -198,6 +198,27 @@ def test_best_weights_that_diverge_again_at_once_are_given_up_for_the_untrained_
     assert "restarted at 0.222 from the untrained weights" in restart_note(log.restarts)
     assert log.steps == log.total_steps == 24 and [p.loss for p in seen if p.step == 1][-1] == 36.0
     assert log.step_losses[-1] < 0.05 * 36 and math.isfinite(log.step_losses[-1])
+
+
+class TwoNans(Quadratic):
+    """|w - 3|², NaN at the calls in `at` only."""
+
+    def __init__(self, *at):
+        super().__init__()
+        self.at = at
+
+    def forward(self, batch):
+        loss = super().forward(batch)
+        return loss * float("nan") if self.calls in self.at else loss
+
+
+def test_a_restart_that_finished_an_epoch_before_diverging_keeps_its_best_weights():
+    # calls 1-4 measure the untrained weights; NaN at step 10 (epoch 3), back to epoch 2; the restart
+    # finishes epoch 3 (steps 9-12), its check passes, then NaN at step 15: back to epoch 3, not the start
+    objective = TwoNans(4 + 9 + 1, 4 + 9 + 1 + 7)
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=6, lr=0.3, grad_clip=0))
+    assert [(r["step"], r["from_epoch"]) for r in log.restarts] == [(10, 2), (15, 3)]
+    assert log.steps == 24 and len(log.epoch_losses) == 6
 
 
 class OneNan(Quadratic):
