@@ -198,8 +198,9 @@ class _Guard:
     far — those at the end of the epoch with the lowest mean training loss, once the first batch
     after it has shown them neither worse than the untrained weights' mean loss nor collapsed (an
     epoch's mean can be low while a high rate leaves its last weights broken); the untrained weights
-    until an epoch qualifies, and again after `forget_best`. An epoch's mean loss chooses, not one batch's: a collapsed model can
-    score one small batch well. The candidate and the best are a copy each, beside the untrained one."""
+    until an epoch qualifies, and again after `forget_best`. An epoch's mean loss chooses, not one
+    batch's: a collapsed model can score one small batch well. The candidate and the best are a copy
+    each, beside the untrained one."""
 
     def __init__(self, params: dict[str, nn.Parameter]):
         self.params = params
