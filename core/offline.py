@@ -167,6 +167,7 @@ def precision_table(rows: list[dict]) -> str:
 
 
 FIXED_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+PROOF_RATES = ("auto", *FIXED_LRS)   # what a proof measures unless told (--rates); a record without "rates" did
 LR_PROOF_METHODS = ("linear_probe", "bitfit", "lora", "prompt", "adapter", "aurora", "vlpet", "full", "prolip")
 
 
@@ -201,8 +202,8 @@ def proof_rates(text: str) -> list:
 
 def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: list[int], epochs: int = 15,
              methods: tuple[str, ...] = LR_PROOF_METHODS, items: int = 200, task: str = "retrieval",
-             rates: tuple = ("auto", *FIXED_LRS)) -> list[dict]:
-    """Every method at every rate of `rates` (default: `--lr auto` and FIXED_LRS) on each part, K-shot
+             rates: tuple = PROOF_RATES) -> list[dict]:
+    """Every method at every rate of `rates` (`--lr auto` and FIXED_LRS unless told) on each part, K-shot
     and with the whole training split, per seed, for `task`: one row per run (kept in out/runs.jsonl, so an
     interrupted proof resumes where it stopped); what it returns is this grid's rows, whenever measured."""
     from core.runs import tune
@@ -377,7 +378,7 @@ def _unmeasured(record: dict) -> list[str]:
     rates: dict[tuple, set] = {}
     for r in record["rows"]:
         rates.setdefault((r["part"], r["shots"], r["method"], r["seed"]), set()).add(r["lr"])
-    wanted = set(record.get("rates", ["auto", *FIXED_LRS]))
+    wanted = set(record.get("rates", PROOF_RATES))
     lacking = []
     for part in record["parts"]:
         for k in record["shots"]:
@@ -405,9 +406,9 @@ def _lr_proof_section(folder: Path, task: str = "retrieval") -> str:
     unfinished = (f"Not measured for every seed (the proof was stopped for time; the command above resumes it): "
                   f"{'; '.join(missing)}.\n\n") if missing else ""
     seeds = f"seed{'s' if len(record['seeds']) > 1 else ''} {', '.join(map(str, record['seeds']))}"
-    rates = record.get("rates", ["auto", *FIXED_LRS])
+    rates = record.get("rates", PROOF_RATES)
     options = (f" --task {task}" if task != "retrieval" else "") + \
-        (f" --rates {','.join(map(str, rates))}" if len(rates) < len(FIXED_LRS) + 1 else "")
+        (f" --rates {','.join(map(str, rates))}" if set(rates) != set(PROOF_RATES) else "")
     return f"""## The learning rate found (`--lr auto`) against fixed rates{": VQA" if task == "vqa" else ""}
 
     python -m core.offline lr-proof{options} --parts {','.join(record['parts'])} --shots {shots} --seeds {','.join(map(str, record['seeds']))} --epochs {record['epochs']}
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     proof.add_argument("--epochs", type=int, default=15)
     proof.add_argument("--methods", type=lambda s: tuple(s.split(",")), default=LR_PROOF_METHODS)
     proof.add_argument("--task", choices=PROOF_TASKS, default="retrieval")
-    proof.add_argument("--rates", type=proof_rates, default=["auto", *FIXED_LRS],
+    proof.add_argument("--rates", type=proof_rates, default=list(PROOF_RATES),
                        help=f"comma-separated: auto and fixed rates of {', '.join(map(str, FIXED_LRS))} (default: all)")
     proof.add_argument("--out", default="runs/lr-proof")
     proof.add_argument("--record", help="folder to write lr_proof.json (lr_proof_vqa.json with --task vqa) into, "

@@ -143,9 +143,10 @@ def test_the_model_card_records_the_found_rate_against_every_fixed_rate():
 def test_the_model_card_records_the_found_rate_for_vqa_on_every_method():
     """VQA's lr proof: every method at --lr auto and at fixed rates around the suggested one; the
     card shows each verdict, and auto learns above zero-shot on every method."""
-    from core.offline import LR_PROOF_METHODS, lr_proof_summary
+    from core.offline import LR_PROOF_METHODS, _unmeasured, lr_proof_summary
 
     record = json.loads((OFFLINE_CHECKPOINT.parent / "lr_proof_vqa.json").read_text())
+    assert _unmeasured(record) == []   # every method and seed at each of the record's rates, no more
     card = (OFFLINE_CHECKPOINT.parent / "MODEL_CARD.md").read_text()
     assert all(r["task"] == "vqa" and (r["vqa_acc"] is None or 0 <= r["vqa_acc"] <= 100) for r in record["rows"])
     summary = lr_proof_summary(record["rows"])
@@ -156,3 +157,14 @@ def test_the_model_card_records_the_found_rate_for_vqa_on_every_method():
         assert (f"| {s['part']} | {s['shots'] or 'all'} | {s['method']} | {s['zero_shot']:.1f} | {s['best']:.1f} "
                 f"({s['best_lr']:g}) |") in card
         assert s["auto"] > s["zero_shot"], s
+
+
+def test_the_proofs_rates_are_auto_and_fixed_rates_each_once():
+    import argparse
+
+    from core.offline import proof_rates
+
+    assert proof_rates(" auto, 1e-2,0.01 ,3E-2") == ["auto", 0.01, 0.03]   # what resume matches rows by
+    for wrong, said in (("0.01,0.03", "include auto"), ("auto,0.005", "must be one of"), ("auto,fast", "neither")):
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            proof_rates(wrong)
