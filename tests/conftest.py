@@ -1,10 +1,13 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # The CLI's zero-shot scores go to a folder of this test session's, never the user's cache.
 os.environ["PETSTUDIO_CACHE"] = tempfile.mkdtemp(prefix="petstudio-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PETSTUDIO_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
