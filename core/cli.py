@@ -24,6 +24,7 @@ from core.media_index import MediaIndexError
 from core.pet import METHODS
 from core.pet.recipes import RECIPES, Setting, recipe_for
 from core.query import QueryError
+from core.result import BELOW_ZERO_SHOT
 from core.runs import USER_ERRORS, RunError
 from core.tasks import TASKS
 from core.trainer import PRECISIONS, Progress
@@ -388,9 +389,11 @@ def run_demo(args) -> dict[str, Any]:
                             ("vlpet", {"granularity": "middleY"})):
         result = tune("offline", data, method, options, shots=16, epochs=15, out=out / method)   # --lr auto
         rows[method] = {"trainable_params": result.trainable_params, "t2i_r1": result.tuned["t2i_r1"],
-                        "i2t_r1": result.tuned["i2t_r1"], "seconds": result.seconds, "lr": result.train.lr}
+                        "i2t_r1": result.tuned["i2t_r1"], "seconds": result.seconds, "lr": result.train.lr,
+                        "below_zero_shot": result.below_zero_shot, "note": result.note}
         _note(f"{method:>13}: {result.trainable_params:>7,} params  t2i R@1 {result.tuned['t2i_r1']:5.1f}  "
-              f"i2t R@1 {result.tuned['i2t_r1']:5.1f}  lr {result.train.lr:.2g}  ({result.seconds:.1f}s)")
+              f"i2t R@1 {result.tuned['i2t_r1']:5.1f}  lr {result.train.lr:.2g}  ({result.seconds:.1f}s)"
+              + (f"\n{'':>15}note: {result.note}" if result.note else ""))
     return {"model": "offline", "data": str(data), "shots": 16, "methods": rows}
 
 
@@ -398,16 +401,20 @@ def _human(command: str, result: dict[str, Any]) -> str:
     if command == "tune":
         return (f"{result['method']}: {result['trainable_params']:,} trainable ({result['trainable_pct']:.3f}%)\n"
                 f"zero-shot: {_format_metrics(result['zero_shot'])}\n"
-                f"tuned:     {_format_metrics(result['tuned'])}\n"
+                f"tuned:     {_format_metrics(result['tuned'])}"
+                f"{f'  ⚠ {BELOW_ZERO_SHOT}' if result['below_zero_shot'] else ''}\n"
                 f"saved to {result['out']} in {result['seconds']:.1f}s")
     if command == "eval":
         return _format_metrics(result["metrics"])
     if command == "sweep":
+        from core.sweep import MethodSummary
         from core.tasks import headline_metric
 
         key = headline_metric(result["task"])
         rows = [f"{m['label']:<32} {m['trainable_params']:>12,} {m['metrics'][key][0]:6.1f} ± {m['metrics'][key][1]:.1f}"
-                for m in result["methods"]]
+                + (f"  ⚠ {warning}" if (warning := MethodSummary(**m).warning) else "") for m in result["methods"]]
+        if result["note"]:
+            rows.append(f"note: {result['note']}")
         return "\n".join([f"{'method':<32} {'trainable':>12} {key}", *rows, f"saved under {result['out']}"])
     if command == "search":
         return "\n".join(f"{found['score']:.4f}  {found['path']}" for found in result["results"])

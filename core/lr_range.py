@@ -9,7 +9,7 @@ BLOW_UP times its start.
 
 The rule: the loss must first fall (by FALL of its start, or of chance's loss when the model starts
 worse than chance — `objective.chance_loss`, where the objective knows it); it "turns up" at the
-first step whose loss gives back TURN of what it had gained below that. The chosen learning rate is the
+first step whose loss gives back TURN of what it had gained below that, or is not finite. The chosen learning rate is the
 geometric middle of the one at the lowest loss before the turn and the one where it turned up
 (the lowest loss when it never turned up). Trained with warm-up and cosine decay, a run's best
 peak rate sits above the one step that did best here: on the offline world's curves the best
@@ -45,13 +45,14 @@ LOWEST, HIGHEST = 3e-6, 0.3
 BLOW_UP = 4.0         # the test stops once the loss passes this many times its start
 FALL = 0.1            # the loss must fall by this share of its start for the test to say anything
 TURN = 0.25           # it turns up once it gives back this share of what it had gained
-RULE = 3              # the rule's version, in the cache key: a changed rule reuses no choice of the old one
+RULE = 4              # the rule's version: with the constants above, in the cache key (a changed rule reuses no choice)
+RULE_CONSTANTS = [SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, RULE]
 
 
 def plan(items_per_epoch: int, epochs: int, batch_size: int) -> tuple[int, int]:
     """(steps, batch size): the largest test within SHARE of the run's training, at least the least
-    that measures anything (the batch never above the training's batch or the data, nor below 2:
-    a contrastive loss needs a negative)."""
+    that measures anything (the batch never above the data, nor above the training's batch unless
+    that is 1: it is never below 2, as a contrastive loss needs a negative)."""
     budget = SHARE * items_per_epoch * epochs
     largest = max(2, min(BATCH, batch_size, items_per_epoch))
     batch = max(min(largest, MIN_BATCH), min(largest, int(budget // STEPS)))
@@ -71,16 +72,20 @@ def turn(start: float, losses: list[float]) -> tuple[Optional[int], Optional[int
     return (at if start - lowest >= FALL * start else None), None
 
 
-def pick(start: float, lrs: list[float], losses: list[float]) -> tuple[Optional[float], str]:
+def pick(start: float, lrs: list[float], losses: list[float],
+         not_finite_at: Optional[float] = None) -> tuple[Optional[float], str]:
     """The rule: (lr, why) from the reference loss (the start's, or chance's when that is lower) and
-    the loss after a step at each of `lrs`, or (None, why) when the loss never fell below it."""
+    the loss after a step at each of `lrs` (and the rate after which it was not finite, where the
+    test ended so), or (None, why) when the loss never fell below it."""
     at, turned = turn(start, losses)
     if at is None:
         return None, f"the loss did not fall below {start:.3g} at any learning rate the test tried"
-    if turned is None:
+    if turned is None and not_finite_at is None:
         return lrs[at], f"range test: the loss was lowest at lr {lrs[at]:.2g} (it had not turned up by the end)"
-    chosen = math.sqrt(lrs[at] * lrs[turned])
-    return chosen, (f"range test: the loss was lowest at lr {lrs[at]:.2g} and turned up at {lrs[turned]:.2g}; "
+    # a loss gone non-finite has turned up as far as it can
+    edge, how = (lrs[turned], "turned up") if turned is not None else (not_finite_at, "was not finite")
+    chosen = math.sqrt(lrs[at] * edge)
+    return chosen, (f"range test: the loss was lowest at lr {lrs[at]:.2g} and {how} at {edge:.2g}; "
                     f"chose their geometric middle, {chosen:.2g}")
 
 
@@ -102,7 +107,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
     world = rank_and_world()[1]
     batch = process_batches(objective, batch_size, torch.Generator().manual_seed(seed))[0]
     model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective   # gradients averaged
-    lrs, losses, start, reference, stopped = [], [], math.nan, math.nan, False
+    lrs, losses, start, reference, stopped, not_finite_at = [], [], math.nan, math.nan, False, None
     objective.train()
     # its random draws (dropout's) are given back: a run trains the same whether its choice was
     # measured now or read from the cache
@@ -129,6 +134,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                     loss = model(batch)   # the loss after a step at `lr`
                 value = float(mean_across_processes(loss.detach().float()))
                 if not math.isfinite(value):
+                    not_finite_at = lr
                     break
                 lrs.append(lr)
                 losses.append(value)
@@ -146,7 +152,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
         chosen, why = None, "the loss was not finite from the start" if not math.isfinite(start) else \
             "the loss blew up at once"
     else:
-        chosen, why = pick(reference, lrs, losses)
+        chosen, why = pick(reference, lrs, losses, not_finite_at)
     if chosen is None:
         chosen, why = fallback, f"{why}; kept the suggested {fallback:.2g}"
     return LrChoice(lr=float(chosen), why=why, lrs=lrs, losses=losses, steps=len(lrs), batch_size=len(batch) * world,
@@ -161,7 +167,7 @@ def cache_key(backbone, method: str, revision: int, config: dict, dataset_finger
     precision that runs and the rule."""
     return (backbone.spec, backbone.weights, method, revision, json.dumps(config, sort_keys=True),
             dataset_fingerprint, task, frames, list(extra_answers), shots, seed, epochs, batch_size,
-            autocast_to or "fp32", RULE)   # the spec first, as core.cache reads it
+            autocast_to or "fp32", RULE_CONSTANTS)   # the spec first, as core.cache reads it
 
 
 class ChoiceCache(JsonCache):

@@ -207,7 +207,7 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
     and with the whole training split, per seed, for `task`: one row per run (kept in out/runs.jsonl, so an
     interrupted proof resumes where it stopped); what it returns is this grid's rows, whenever measured."""
     from core.runs import tune
-    from core.trainer import TrainingDiverged
+    from core.trainer import TrainingDiverged, TrainSettings
 
     record = out / "runs.jsonl"
     done = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()] if record.is_file() else []
@@ -230,7 +230,8 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
                                        out=out / "runs" / f"{task}-{part}-{k or 'all'}-{method}-{rate}-{seed}",
                                        zero_shot_cache=zero_shot)
                         except TrainingDiverged as error:   # it ended with its message: no result to show
-                            row.update({metric: None}, diverged=str(error), restarts=2, below_zero_shot=False)
+                            row.update({metric: None}, diverged=str(error), restarts=TrainSettings.restarts,
+                                       below_zero_shot=False)
                         else:
                             choice = run.train.lr_choice
                             row.update({metric: run.tuned[metric], f"zero_shot_{metric}": run.zero_shot[metric]},
@@ -272,23 +273,28 @@ def lr_proof_summary(rows: list[dict]) -> list[dict]:
         means = {rate: sum(_scores(runs)) / len(runs) for rate, runs in by_rate.items()
                  if len(_scores(runs)) == len(runs)}
         fixed = [rate for rate in FIXED_LRS if rate in means]
-        if "auto" not in means or not fixed:
+        auto = by_rate.get("auto", [])
+        if not auto or not fixed:
             continue
         best = max(fixed, key=means.get)
         higher = next((rate for rate in FIXED_LRS if rate > best and rate in by_rate), None)
         too_high = by_rate.get(higher, [])
-        auto = by_rate["auto"]
+        finished = [r for r in auto if r[_metric(r)] is not None]
+        scored = next(r for runs in by_rate.values() for r in runs if r[_metric(r)] is not None)
+        # a seed of auto's that ended with the divergence message has no score: the row counts as a miss
         summary.append({"part": part, "shots": k, "method": method,
-                        "zero_shot": auto[0][f"zero_shot_{_metric(auto[0])}"],
-                        "best_lr": best, "best": means[best], "auto": means["auto"],
-                        "auto_lrs": [r["trained_lr"] for r in auto], "auto_scores": _scores(auto),
+                        "zero_shot": scored[f"zero_shot_{_metric(scored)}"],
+                        "best_lr": best, "best": means[best],
+                        "auto": sum(_scores(auto)) / len(finished) if finished else None,
+                        "auto_lrs": [r["trained_lr"] for r in finished],
+                        "auto_scores": _scores(auto), "auto_diverged": len(auto) - len(_scores(auto)),
                         "too_high_lr": higher,
                         "too_high": sum(_scores(too_high)) / len(_scores(too_high)) if _scores(too_high) else None,
                         "too_high_restarted": sum(bool(r["restarts"]) for r in too_high),
                         "too_high_flagged": sum(r["below_zero_shot"] for r in too_high),
                         "too_high_diverged": len(too_high) - len(_scores(too_high)), "seeds": len(too_high),
-                        "range_test_seconds": sum(r["range_test_seconds"] for r in auto) / len(auto),
-                        "run_seconds": sum(r["seconds"] for r in auto) / len(auto)})
+                        "range_test_seconds": sum(r["range_test_seconds"] for r in finished) / max(1, len(finished)),
+                        "run_seconds": sum(r["seconds"] for r in finished) / max(1, len(finished))})
     return summary
 
 
@@ -338,9 +344,16 @@ def lr_proof_verdicts(summary: list[dict]) -> str:
                 f"{s['too_high_flagged']}/{s['seeds']} flagged, {s['too_high_diverged']}/{s['seeds']} ended with "
                 f"the divergence message") if s["too_high_lr"] is not None else "—"
         lines.append(f"| {s['part']} | {s['shots'] or 'all'} | {s['method']} | {s['zero_shot']:.1f} | "
-                     f"{s['best']:.1f} ({s['best_lr']:g}) | {_mean_std(s['auto_scores'])} ({chosen}) | "
-                     f"{s['auto'] - s['best']:+.1f} | {high} | {s['range_test_seconds']:.1f} / {s['run_seconds']:.1f} |")
+                     f"{s['best']:.1f} ({s['best_lr']:g}) | {_mean_std(s['auto_scores']) if s['auto_scores'] else 'no result'} "
+                     f"({chosen}) | {_auto_gap(s)} | {high} | {s['range_test_seconds']:.1f} / {s['run_seconds']:.1f} |")
     return "\n".join(lines)
+
+
+def _auto_gap(s: dict) -> str:
+    """auto − best, and auto's seeds that ended with the divergence message (a miss, whatever the
+    others scored)."""
+    gap = f"{s['auto'] - s['best']:+.1f}" if s["auto"] is not None else "no result"
+    return f"{gap}; {s['auto_diverged']} seed(s) ended with the divergence message" if s["auto_diverged"] else gap
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -398,8 +411,8 @@ def _lr_proof_section(folder: Path, task: str = "retrieval") -> str:
         return ""
     record = json.loads(path.read_text(encoding="utf-8"))
     summary = lr_proof_summary(record["rows"])
-    within = sum(s["auto"] >= s["best"] - 3 for s in summary)
-    above = sum(s["auto"] > s["zero_shot"] for s in summary)
+    within = sum(not s["auto_diverged"] and s["auto"] >= s["best"] - 3 for s in summary)
+    above = sum(not s["auto_diverged"] and s["auto"] > s["zero_shot"] for s in summary)
     shots = ",".join("all" if k is None else str(k) for k in record["shots"])
     missing = _unmeasured(record)
     # a record whose rows were measured at different commits says so in 'provenance'

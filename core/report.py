@@ -49,7 +49,8 @@ def run_command(result: RunResult) -> str:
             options += f" --{flag} {','.join(value) if isinstance(value, list) else value}"
     train = result.train
     shots = f" --shots {train.shots}" if train and train.shots else ""   # none given: every training item
-    settings = f" --epochs {train.epochs} --lr {train.lr:g} --batch-size {train.batch_size}" if train else ""
+    started_at = train and (train.restarts[0].lr if train.restarts else train.lr)   # a restart's lower lr is the guard's
+    settings = f" --epochs {train.epochs} --lr {started_at:g} --batch-size {train.batch_size}" if train else ""
     precision = train and (train.precision or ("bf16" if train.bf16 else "fp32"))
     settings += f" --precision {precision}" if train and precision != "auto" else ""
     settings += f" --recipe {result.recipe.name}" if result.recipe and result.recipe.name != "studio" else ""

@@ -17,6 +17,14 @@ MAX_FRAMES = 64
 BELOW_ZERO_SHOT = "ends below its own zero-shot score"   # said wherever such a run is shown
 
 
+def ends_below_zero_shot(task: str, zero_shot: dict[str, float], tuned: dict[str, float]) -> bool:
+    """Tuned lower than the untuned model on the task's headline metric: the run made it worse."""
+    from core.tasks import headline_metric   # the task registry reads datasets; a result stays light
+
+    key = headline_metric(task)
+    return key in zero_shot and key in tuned and tuned[key] < zero_shot[key]
+
+
 class ResultError(ValueError):
     """A run.json that is not a PET Studio run result; the message names the key."""
 
@@ -90,7 +98,7 @@ class TrainSummary:
     steps_run: int = 0                # the steps `seconds` covers, restarted attempts' too (0: saved before it was kept)
     restarts: list[Restart] = field(default_factory=list)   # divergences caught; `lr` is the one that finished
     weight_decay: float = 0.05
-    lr_choice: Optional[LrChoice] = None   # how --lr auto chose `lr` (None: a learning rate given as a number)
+    lr_choice: Optional[LrChoice] = None   # how --lr auto chose `lr` (None: a rate given, or nothing trained)
 
 
 @dataclass
@@ -141,11 +149,7 @@ class RunResult:
     @property
     def below_zero_shot(self) -> bool:
         """Tuned lower than the untuned model on the task's headline metric: the run made it worse."""
-        from core.tasks import headline_metric   # the task registry reads datasets; a result stays light
-
-        key = headline_metric(self.task)
-        return self.scored and key in (self.zero_shot or {}) and key in self.tuned \
-            and self.tuned[key] < self.zero_shot[key]
+        return self.scored and ends_below_zero_shot(self.task, self.zero_shot or {}, self.tuned)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

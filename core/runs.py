@@ -21,7 +21,7 @@ from core.distributed import is_main_process
 from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, get_method, make_config
 from core.pet.recipes import Setting, check_recipe, recipe_for
 from core.result import (BELOW_ZERO_SHOT, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice, Restart, RunResult,
-                         TrainSummary)
+                         TrainSummary, ends_below_zero_shot)
 from core.tasks import Task, TaskError, get_task, headline_metric, metric_label
 from core.trainer import (PRECISIONS, Progress, TrainingDiverged, TrainSettings, autocast_for, pick_device,
                           restart_note, train)
@@ -148,7 +148,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
 
 
 # The training settings a run accepts: (type, lowest, highest); None for shots means all, AUTO for lr a range test.
-SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (float, 0.0, 10.0),
+SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (float, 1e-8, 10.0),
             "batch_size": (int, 1, 4096), "seed": (int, 0, MAX_SEED), "frames": (int, 1, MAX_FRAMES)}
 
 
@@ -158,7 +158,7 @@ def _check_settings(extra_answers, **settings) -> None:
         if (name == "shots" and value is None) or (name == "lr" and value == AUTO):
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
-                or not low <= value <= high:
+                or not low <= value <= high:   # a learning rate of 0 would train nothing and say it had
             raise RunError(f"{name.replace('_', '-')} must be a {'number' if kind is float else 'whole number'} "
                            f"from {low} to {high}, not {value!r:.40}")
     if not isinstance(extra_answers, (list, tuple)) or len(extra_answers) > 1000 or not all(
@@ -256,10 +256,11 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     if log is not None and log.restarts:
         notes.append(restart_note(log.restarts))
     headline = headline_metric(task)
-    if log is not None and headline in zero_shot and tuned[headline] < zero_shot[headline]:
+    if ends_below_zero_shot(task, zero_shot, tuned):   # trained or not (prompt tuning's random prompts alone can be)
+        advice = "try a lower learning rate or fewer epochs" if log is not None else \
+            "it was not trained: the method's parameters as they start changed the scores"
         notes.append(f"{BELOW_ZERO_SHOT} ({metric_label(headline)} {tuned[headline]:.1f} against "
-                     f"{zero_shot[headline]:.1f} untuned): this run made the model worse; try a lower learning "
-                     f"rate or fewer epochs")
+                     f"{zero_shot[headline]:.1f} untuned): this run made the model worse; {advice}")
     if log is not None and log.out_of_time:
         notes.append(f"stopped at the GPU time limit after {log.steps} of {log.total_steps} steps; "
                      f"scored and saved as far as it got")

@@ -20,7 +20,7 @@ from core.result import BELOW_ZERO_SHOT, RunResult
 from core.backbones import load_backbone
 from core.pet.recipes import check_recipe
 from core.runs import RunError, tune
-from core.trainer import Progress
+from core.trainer import Progress, TrainingDiverged
 
 SWEEP_INFO = "sweep.json"
 
@@ -103,19 +103,23 @@ class MethodSummary:
     options: dict[str, Any]
     trainable_params: int
     trainable_pct: float
-    runs: list[str]                          # run folders, one per seed
+    runs: list[str]                          # run folders, one per seed that ended with a result
     metrics: dict[str, tuple[float, float]]  # key -> (mean, std over seeds)
     zero_shot: dict[str, float]              # mean over seeds (they differ only for an untrained backbone)
     seconds: float                           # mean time per run
     file_bytes: int                          # saved pet.safetensors
     below_zero_shot: int = 0                 # runs that ended below their own zero-shot score
     restarted: int = 0                       # runs the divergence guard restarted at a lower lr
+    diverged: list[str] = field(default_factory=list)   # the message of each run that diverged past its restarts
 
     @property
     def warning(self) -> Optional[str]:
         """What the table must say beside the method's numbers, if anything."""
-        said = [f"{self.below_zero_shot} of {len(self.runs)} runs {BELOW_ZERO_SHOT}" if self.below_zero_shot else "",
-                f"{self.restarted} of {len(self.runs)} runs diverged and restarted" if self.restarted else ""]
+        ran = len(self.runs) + len(self.diverged)
+        said = [f"{self.below_zero_shot} of {ran} runs {BELOW_ZERO_SHOT}" if self.below_zero_shot else "",
+                f"{self.restarted} of {ran} runs diverged and restarted" if self.restarted else "",
+                f"{len(self.diverged)} of {ran} runs diverged after every restart and have no result "
+                f"(the means are of the others): {self.diverged[0]}" if self.diverged else ""]
         return "; ".join(filter(None, said)) or None
 
 
@@ -144,7 +148,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(choice: MethodChoice, results: list[RunResult]) -> MethodSummary:
+def summarise(choice: MethodChoice, results: list[RunResult], diverged: Optional[list[str]] = None) -> MethodSummary:
     first = results[0]
     keys = list(first.tuned)
     folder = Path(first.out)
@@ -156,7 +160,8 @@ def summarise(choice: MethodChoice, results: list[RunResult]) -> MethodSummary:
         seconds=statistics.fmean(r.seconds for r in results),
         # Only the first of several processes writes the runs: the others may not see them yet.
         file_bytes=(folder / checkpoint.WEIGHTS).stat().st_size if (folder / checkpoint.WEIGHTS).is_file() else 0,
-        below_zero_shot=sum(r.below_zero_shot for r in results), restarted=sum(bool(r.train.restarts) for r in results))
+        below_zero_shot=sum(r.below_zero_shot for r in results), restarted=sum(bool(r.train.restarts) for r in results),
+        diverged=list(diverged or []))
 
 
 def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], shots: Optional[int], epochs: int,
@@ -209,6 +214,7 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     del backbone
     plan = [(number, seed) for number in range(len(choices)) for seed in seeds]
     finished: dict[int, list[RunResult]] = {}   # choice number -> its finished runs
+    diverged: dict[int, list[str]] = {}          # choice number -> the messages of its runs that had no result
     zero_shot_cache = zero_shot_cache if zero_shot_cache is not None else {}   # scored once per sweep at least
     cancelled, fingerprint = False, ""
     for index, (number, seed) in enumerate(plan):
@@ -225,11 +231,15 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
             if progress else None
         if report:
             report(None)
-        result = tune(model, data, choice.method, choice.options, shots=shots, epochs=epochs,
-                      lr=lr, batch_size=batch_size, seed=seed, out=out / _folder_name(choice, seed),
-                      precision=precision,
-                      task=task, frames=frames, progress=report, cancel=cancel, local_paths=local_paths,
-                      zero_shot_cache=zero_shot_cache, recipe=recipe, deadline=deadline, lr_cache=lr_cache)
+        try:
+            result = tune(model, data, choice.method, choice.options, shots=shots, epochs=epochs,
+                          lr=lr, batch_size=batch_size, seed=seed, out=out / _folder_name(choice, seed),
+                          precision=precision,
+                          task=task, frames=frames, progress=report, cancel=cancel, local_paths=local_paths,
+                          zero_shot_cache=zero_shot_cache, recipe=recipe, deadline=deadline, lr_cache=lr_cache)
+        except TrainingDiverged as error:   # one run's end, not the sweep's: the others are still worth having
+            diverged.setdefault(number, []).append(f"seed {seed}: {error}")
+            continue
         fingerprint = result.dataset.fingerprint
         if result.train.cancelled or result.train.out_of_time:
             cancelled = True
@@ -237,9 +247,14 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
                 note = "; ".join(filter(None, [note, f"the GPU time ran out during run {index + 1} of {len(plan)}"]))
             break
         finished.setdefault(number, []).append(result)
+    # A method none of whose runs ended with a result has no numbers to show: the note names it.
+    lost = [f"{choices[number].label}: every run diverged after its restarts ({messages[0]})"
+            for number, messages in diverged.items() if number not in finished]
+    note = "; ".join(filter(None, [note, *lost])) or None
     summary = SweepResult(
         model=model, fingerprint=fingerprint, task=task, shots=shots, epochs=epochs, seeds=list(seeds),
-        methods=[summarise(choices[number], results) for number, results in finished.items()], cancelled=cancelled,
+        methods=[summarise(choices[number], results, diverged.get(number)) for number, results in finished.items()],
+        cancelled=cancelled,
         seconds=time.perf_counter() - started, out=str(out), note=note, recipe=recipe,
         command=sweep_command(model, choices, seeds, shots, epochs, lr, batch_size, task, frames, precision,
                                       recipe))

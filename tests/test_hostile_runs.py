@@ -239,7 +239,8 @@ def test_a_remote_spec_may_not_name_a_server_path_and_learns_nothing_of_it(spec)
 @pytest.mark.parametrize("flag, value, expected", [
     ("--shots", "0", "shots must be a whole number from 1 to 1000000, not 0"),
     ("--epochs", "-1", "epochs must be a whole number from 0 to 10000, not -1"),
-    ("--lr", "nan", "lr must be a number from 0.0 to 10.0, not nan"),
+    ("--lr", "nan", "lr must be a number from 1e-08 to 10.0, not nan"),
+    ("--lr", "0", "lr must be a number from 1e-08 to 10.0, not 0.0"),
     ("--batch-size", "0", "batch-size must be a whole number from 1 to 4096, not 0"),
     ("--frames", "999", "frames must be a whole number from 1 to 64, not 999"),
     ("--out", "a\0b", "cannot be used as a run folder (embedded null byte)"),

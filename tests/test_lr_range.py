@@ -76,6 +76,31 @@ def test_the_rule_needs_a_fall_and_stops_at_the_turn():
     lr, why = pick(1.0, lrs, [0.9, 0.5, 0.8, 0.2, 5.0])   # turns up at 1e-2 (gives back 0.6 of 0.5 gained)
     assert lr == pytest.approx(10 ** -2.5) and "lowest at lr 0.001 and turned up at 0.01" in why   # their middle
     assert pick(1.0, lrs, [0.9, 0.7, 0.5, 0.3, 0.1])[0] == 1.0   # still falling at the end
+    lr, why = pick(1.0, lrs[:3], [0.9, 0.5, 0.4], not_finite_at=1e-1)   # fell, then not finite at 0.1: the turn
+    assert lr == pytest.approx(10 ** -1.5) and "lowest at lr 0.01 and was not finite at 0.1" in why
+    assert pick(1.0, lrs[:2], [1.0, 0.99], not_finite_at=1e-2)[0] is None   # never fell: nothing to judge
+
+
+class Fragile(Regression):
+    """Regression whose loss stops being finite once the weights are half way to the true ones (the
+    loss has fallen by then, and is still falling)."""
+
+    def __init__(self, scale: float):
+        super().__init__(scale)
+        self.limit = 0.5 * float(torch.linalg.lstsq(self.x, self.y[:, None]).solution.norm())
+
+    def forward(self, batch):
+        loss = super().forward(batch)
+        return loss if self.w.detach().norm() < self.limit else loss * float("nan")
+
+
+def test_a_loss_that_goes_non_finite_after_falling_has_turned_up_there():
+    objective = Fragile(0.3)
+    choice = choose_lr(objective, {"w": objective.w}, SETTINGS, fallback=1e-3)
+    lowest = choice.lrs[choice.losses.index(min(choice.losses))]
+    edge = choice.lrs[-1] * (choice.lrs[-1] / choice.lrs[-2])   # the rate of the step that went non-finite
+    assert "was not finite at" in choice.why, choice.why
+    assert choice.lr == pytest.approx((lowest * edge) ** 0.5, rel=1e-6)
 
 
 def test_a_few_shot_run_gets_the_least_test_and_a_long_one_stays_within_its_share():
@@ -165,7 +190,7 @@ def test_a_model_worse_than_chance_is_judged_against_chance(chance_share, monkey
         start = float(objective(batch))
     objective.chance_loss = chance_share * start
     references = []
-    monkeypatch.setattr(lr_range, "pick", lambda reference, lrs, losses: references.append(reference) or (None, "x"))
+    monkeypatch.setattr(lr_range, "pick", lambda reference, *curve: references.append(reference) or (None, "x"))
     lr_range.range_test(objective, {"w": objective.w}, steps=12, batch_size=16, weight_decay=0.0, grad_clip=1.0,
                         autocast_to=None)
     assert references == [pytest.approx(min(start, chance_share * start), rel=1e-2)]

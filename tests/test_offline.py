@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from core import world
+from core import checkpoint, world
 from core.backbones import OFFLINE, OFFLINE_CHECKPOINT, load_backbone
 from core.offline import part_test_set
+from core.report import run_command
 from core.runs import tune
 from core.tasks import retrieval
 from tests.test_cli import cli
@@ -78,10 +79,16 @@ def test_aurora_three_times_too_fast_is_caught_and_restarted_not_reported_as_a_c
     assert out["tuned"]["t2i_r1"] > out["zero_shot"]["t2i_r1"] and not out["below_zero_shot"]
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
     assert saved["train"]["restarts"] == out["restarts"] and saved["train"]["lr"] == out["lr"]
+    # the report's command to reproduce it starts where the run started, and the guard restarts it likewise
+    assert " --lr 0.03 " in run_command(checkpoint.read(tmp_path / "run")[0])
 
 
 def test_a_run_that_ends_below_zero_shot_says_so_everywhere_it_is_shown(novel_colours, tmp_path):
+    from dataclasses import replace
+
     from app.views import compare_row, run_card
+    from core.cli import _human
+    from core.export import model_card
     from core.report import write_report
     from core.sweep import MethodChoice, summarise
 
@@ -94,10 +101,15 @@ def test_a_run_that_ends_below_zero_shot_says_so_everywhere_it_is_shown(novel_co
     assert "ends below its own zero-shot score" in write_report(tmp_path / "run", tmp_path / "r.html").read_text()
     summary = summarise(MethodChoice("adapter", {}), [result])   # a comparison's row says how many seeds did
     assert summary.below_zero_shot == 1 and summary.warning == "1 of 1 runs ends below its own zero-shot score"
+    assert "ends below its own zero-shot score" in model_card(result, "open_clip", "")   # the exported model's card
+    printed = _human("tune", {**result.to_json(), "below_zero_shot": result.below_zero_shot})
+    assert "⚠ ends below its own zero-shot score" in printed.splitlines()[2]   # the CLI's "tuned:" line
+    older = replace(result, note=None)   # a run.json from before the note said so
+    assert "⚠ This run ends below its own zero-shot score" in run_card("1 · adapter", older)
 
 
 def test_the_lr_proof_summary_compares_auto_with_the_best_fixed_rate_and_the_one_above_it():
-    from core.offline import FIXED_LRS, lr_proof_summary, lr_proof_table
+    from core.offline import FIXED_LRS, lr_proof_summary, lr_proof_table, lr_proof_verdicts
 
     def row(lr, seed, score, restarts=0):
         return {"part": "novel-colours", "shots": 16, "method": "aurora", "lr": lr, "seed": seed, "t2i_r1": score,
@@ -120,6 +132,16 @@ def test_the_lr_proof_summary_compares_auto_with_the_best_fixed_rate_and_the_one
     (summary,) = lr_proof_summary(vqa)
     assert (summary["best_lr"], summary["best"], summary["auto"], summary["zero_shot"]) == (1e-2, 30.0, 29.0, 24.5)
     assert "| novel-colours | 16 | aurora | 24.5 |" in lr_proof_table(vqa) and "| 25.0 ✗1 |" in lr_proof_table(vqa)
+    # a seed of auto's that ended with the divergence message: the row stays, and counts as a miss
+    lost = [r if r["lr"] != "auto" or r["seed"] else {**r, "t2i_r1": None, "diverged": "lr 0.01 ..."} for r in rows]
+    (summary,) = lr_proof_summary(lost)
+    assert (summary["auto"], summary["auto_diverged"], summary["auto_lrs"]) == (57.0, 1, [0.01])
+    assert "| +3.0 |" not in lr_proof_verdicts([summary])
+    assert "| -3.0; 1 seed(s) ended with the divergence message |" in lr_proof_verdicts([summary])
+    everything_lost = [r if r["lr"] != "auto" else {**r, "t2i_r1": None} for r in rows]
+    (summary,) = lr_proof_summary(everything_lost)
+    assert summary["auto"] is None and "| no result; 2 seed(s) ended with the divergence message |" in \
+        lr_proof_verdicts([summary])
 
 
 def test_the_model_card_records_the_found_rate_against_every_fixed_rate():

@@ -84,6 +84,34 @@ def test_cancel_keeps_what_finished(shapes, tmp_path):
     assert not (tmp_path / "s" / "linear_probe-seed1").exists()
 
 
+def test_a_run_that_diverges_past_its_restarts_ends_itself_not_the_sweep(shapes, tmp_path, monkeypatch, capsys):
+    """The trainer gives up on a run after two restarts (TrainingDiverged); the sweep counts it, says
+    so beside the method's numbers, names a method left with no result, and goes on."""
+    import core.sweep
+    from core.trainer import TrainingDiverged
+
+    real = core.sweep.tune
+
+    def tune(model, data, method, options, **settings):
+        if method == "bitfit" or settings["seed"] == 1:
+            raise TrainingDiverged(f"the loss was not finite at step 3 with lr 0.01 (seed {settings['seed']})")
+        return real(model, data, method, options, **settings)
+
+    monkeypatch.setattr(core.sweep, "tune", tune)
+    code = main(["sweep", "--model", TINY, "--data", str(shapes), "--methods", "linear_probe,bitfit", "--seeds", "0,1",
+                 "--shots", "4", "--epochs", "1", "--lr", "0.01", "--out", str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    result = read_sweep(tmp_path / "s")
+    assert code == 0 and [m.label for m in result.methods] == ["linear_probe"]
+    probe = result.methods[0]
+    assert len(probe.runs) == 1 and probe.diverged == ["seed 1: the loss was not finite at step 3 with lr 0.01 (seed 1)"]
+    assert probe.warning == ("1 of 2 runs diverged after every restart and have no result (the means are of the "
+                             "others): seed 1: the loss was not finite at step 3 with lr 0.01 (seed 1)")
+    assert result.note == ("bitfit: every run diverged after its restarts (seed 0: the loss was not finite at step 3 "
+                           "with lr 0.01 (seed 0))")
+    assert f"⚠ {probe.warning}" in out and f"note: {result.note}" in out
+
+
 def test_methods_are_read_with_their_options():
     choices = parse_methods('aurora, vlpet:granularity=middleX;reduction=4 ,lora:rank=8;towers=["vision", "text"],'
                             'adapter:towers=vision')

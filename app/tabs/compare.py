@@ -35,8 +35,8 @@ def layout(page) -> None:
                                   elem_id="runs-table")
         page.compare_plot = gr.Plot(label="Metric against trainable parameters")
         with gr.Accordion("Compare methods: every chosen method × seeds in one job (the Tune tab's backbone, "
-                          "task, recipe, shots, epochs, batch size and frames; each method at its suggested or its "
-                          "recipe's learning rate)",
+                          "task, recipe, shots, epochs, batch size and frames; each method at the learning rate found "
+                          "on your data, or its recipe's)",
                           open=True):
             with gr.Row():
                 page.sweep_methods = gr.CheckboxGroup([(m.label, m.name) for m in METHODS.values()],

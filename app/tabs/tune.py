@@ -170,7 +170,8 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
 
     seconds, _ = planned_seconds(session.dataset, spec, task, method, arguments["shots"], arguments["epochs"],
                                  arguments["batch_size"])
-    arguments.update(data=data, out=out, lr=number(lr, "learning rate") or "auto")
+    given = number(lr, "learning rate")
+    arguments.update(data=data, out=out, lr="auto" if given is None else given)
     try:
         result = run_polling(on_device, show_step, tune_on_device, str(live), len(session.dataset.split("test")),
                              arguments, seconds=seconds)
