@@ -75,8 +75,8 @@ def run_card(name: str, result: RunResult) -> str:
         lines.insert(2, f"Recipe **{plain(result.recipe.name)}**: {plain(result.recipe.source)}")
     if result.note:
         lines.insert(1, f"> **Note:** {plain(result.note)}")
-    if result.below_zero_shot and BELOW_ZERO_SHOT not in (result.note or ""):   # a run.json written without the note
-        lines.insert(1, f"> **⚠ This run {BELOW_ZERO_SHOT}.**")
+    if result.unsaid_warning:
+        lines.insert(1, f"> **⚠ {result.unsaid_warning}**")
     return "\n".join(lines)
 
 

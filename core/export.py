@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from core.backbones.openclip import CONFIGS
 from core.checkpoint import package_versions
-from core.result import BELOW_ZERO_SHOT, RunResult
+from core.result import RunResult
 from core.runs import RunError, load_run
 from core.tasks import metric_label
 
@@ -83,8 +83,8 @@ def model_card(info: RunResult, library: str, usage: str) -> str:
     options = ", ".join(f"{k}={v}" for k, v in info.config.items()) or "defaults"
     dataset = info.dataset
     # what the run's own card says beside its numbers (a restart, a result below zero-shot) goes with it
-    said = [f"**⚠ This run {BELOW_ZERO_SHOT}.**" if info.below_zero_shot and BELOW_ZERO_SHOT not in (info.note or "") else "",
-            f"**Note:** {info.note}" if info.note else ""]
+    said = [f"**⚠ {info.unsaid_warning}**" if info.unsaid_warning else "",
+            f"**Note:** {' '.join(info.note.split())}" if info.note else ""]   # one line, whatever run.json held
     warning = "".join(f"\n{line}\n" for line in said if line)
     return f"""---
 library_name: {library}

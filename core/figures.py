@@ -220,7 +220,7 @@ def sweep_figure(result: "SweepResult") -> go.Figure:
     figure = go.Figure(go.Scatter(
         x=x, y=[m.metrics[key][0] for m in methods], mode="markers+text", text=[m.label for m in methods],
         textposition="top center", error_y=dict(type="data", array=[m.metrics[key][1] for m in methods]),
-        marker=dict(size=12, color="#5b8def"), name=f"tuned (mean ± std over {len(result.seeds)} seeds)",
+        marker=dict(size=12, color="#5b8def"), name=f"tuned (mean ± std over each method's finished seeds, of {len(result.seeds)})",
         hovertemplate="%{text}: %{x:,} trainable, " + key + " %{y:.1f}<extra></extra>"))
     if methods:
         zero_shot = sum(m.zero_shot[key] for m in methods) / len(methods)

@@ -46,13 +46,13 @@ BLOW_UP = 4.0         # the test stops once the loss passes this many times its 
 FALL = 0.1            # the loss must fall by this share of its start for the test to say anything
 TURN = 0.25           # it turns up once it gives back this share of what it had gained
 RULE = 4              # the rule's version: with the constants above, in the cache key (a changed rule reuses no choice)
-RULE_CONSTANTS = [SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, RULE]
+RULE_CONSTANTS = (SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, RULE)   # a new one too
 
 
 def plan(items_per_epoch: int, epochs: int, batch_size: int) -> tuple[int, int]:
     """(steps, batch size): the largest test within SHARE of the run's training, at least the least
-    that measures anything (the batch never above the data, nor above the training's batch unless
-    that is 1: it is never below 2, as a contrastive loss needs a negative)."""
+    that measures anything (the batch never above the data or the training's batch, except that it
+    is never below 2: a contrastive loss needs a negative)."""
     budget = SHARE * items_per_epoch * epochs
     largest = max(2, min(BATCH, batch_size, items_per_epoch))
     batch = max(min(largest, MIN_BATCH), min(largest, int(budget // STEPS)))
@@ -148,7 +148,8 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                     p.grad = None
     if stopped:
         chosen, why = None, "stopped before the range test finished"
-    elif len(losses) < 3 and turn(reference, losses)[1] is None:
+    elif len(losses) < 3 and turn(reference, losses)[1] is None and (not_finite_at is None or
+                                                                      turn(reference, losses)[0] is None):
         chosen, why = None, "the loss was not finite from the start" if not math.isfinite(start) else \
             "the loss blew up at once"
     else:
@@ -167,7 +168,7 @@ def cache_key(backbone, method: str, revision: int, config: dict, dataset_finger
     precision that runs and the rule."""
     return (backbone.spec, backbone.weights, method, revision, json.dumps(config, sort_keys=True),
             dataset_fingerprint, task, frames, list(extra_answers), shots, seed, epochs, batch_size,
-            autocast_to or "fp32", RULE_CONSTANTS)   # the spec first, as core.cache reads it
+            autocast_to or "fp32", list(RULE_CONSTANTS))   # the spec first, as core.cache reads it
 
 
 class ChoiceCache(JsonCache):

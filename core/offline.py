@@ -33,7 +33,7 @@ from core.backbones import load_backbone
 from core.pet import attach
 from core.runs import suggested_lr
 from core.tasks import headline_metric, retrieval
-from core.trainer import TrainSettings, train
+from core.trainer import RESTART_FACTOR, TrainSettings, train
 
 ARCHITECTURE = "PETStudio-World"
 OFFLINE_DIR = Path(__file__).resolve().parents[1] / "assets" / "offline"
@@ -207,7 +207,7 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
     and with the whole training split, per seed, for `task`: one row per run (kept in out/runs.jsonl, so an
     interrupted proof resumes where it stopped); what it returns is this grid's rows, whenever measured."""
     from core.runs import tune
-    from core.trainer import TrainingDiverged, TrainSettings
+    from core.trainer import TrainingDiverged
 
     record = out / "runs.jsonl"
     done = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()] if record.is_file() else []
@@ -293,8 +293,9 @@ def lr_proof_summary(rows: list[dict]) -> list[dict]:
                         "too_high_restarted": sum(bool(r["restarts"]) for r in too_high),
                         "too_high_flagged": sum(r["below_zero_shot"] for r in too_high),
                         "too_high_diverged": len(too_high) - len(_scores(too_high)), "seeds": len(too_high),
-                        "range_test_seconds": sum(r["range_test_seconds"] for r in finished) / max(1, len(finished)),
-                        "run_seconds": sum(r["seconds"] for r in finished) / max(1, len(finished))})
+                        "range_test_seconds": sum(r["range_test_seconds"] for r in finished) / len(finished)
+                        if finished else None,
+                        "run_seconds": sum(r["seconds"] for r in finished) / len(finished) if finished else None})
     return summary
 
 
@@ -339,13 +340,14 @@ def lr_proof_verdicts(summary: list[dict]) -> str:
              "|---|---|---|---:|---:|---:|---:|---|---:|"]
     for s in summary:
         chosen = ", ".join(f"{lr:.2g}" for lr in s["auto_lrs"])
+        auto = f"{_mean_std(s['auto_scores'])} ({chosen})" if chosen else "no result"
+        seconds = f"{s['range_test_seconds']:.1f} / {s['run_seconds']:.1f}" if chosen else "—"
         mean = f"{s['too_high']:.1f}" if s["too_high"] is not None else "no result"
         high = (f"{mean} ({s['too_high_lr']:g}): {s['too_high_restarted']}/{s['seeds']} restarted, "
                 f"{s['too_high_flagged']}/{s['seeds']} flagged, {s['too_high_diverged']}/{s['seeds']} ended with "
                 f"the divergence message") if s["too_high_lr"] is not None else "—"
         lines.append(f"| {s['part']} | {s['shots'] or 'all'} | {s['method']} | {s['zero_shot']:.1f} | "
-                     f"{s['best']:.1f} ({s['best_lr']:g}) | {_mean_std(s['auto_scores']) if s['auto_scores'] else 'no result'} "
-                     f"({chosen}) | {_auto_gap(s)} | {high} | {s['range_test_seconds']:.1f} / {s['run_seconds']:.1f} |")
+                     f"{s['best']:.1f} ({s['best_lr']:g}) | {auto} | {_auto_gap(s)} | {high} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -430,8 +432,8 @@ Each method at every fixed rate of {', '.join(f'{r:g}' for r in rates if r != "a
 on the run's own training data, core/lr_range.py), {record['epochs']} epochs, batch 32, {seeds}:
 {PROOF_SCORES[task]}{", mean ± std over seeds" if len(record['seeds']) > 1 else " (one seed: no spread)"}. No validation set is used anywhere: the fixed-rate columns are what a grid search would see
 on the test split, which `auto` never does. ⚠ marks a rate where a seed ended below zero-shot (the
-run says so wherever it is shown), ↺ one where the divergence guard restarted a seed at a third of
-the rate, ✗N the seeds that still diverged after two restarts and ended with the guard's message
+run says so wherever it is shown), ↺ one where the divergence guard restarted a seed at 1/{RESTART_FACTOR:g} of
+the rate, ✗N the seeds that still diverged after {TrainSettings.restarts} restarts and ended with the guard's message
 (no result to show). On {record['threads']} CPU threads.{f" {record['provenance']}" if record.get('provenance') else ""}
 
 {lr_proof_table(record['rows'])}

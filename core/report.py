@@ -81,7 +81,8 @@ def _run_section(folder: Path, result: RunResult, title: str, local_paths: bool)
             f"{result.train.epochs} epochs at lr {result.train.lr:g}, seed {result.seed}; "
             f"{result.seconds:.0f} s on {html.escape(result.train.device)}"
             f"{' (cancelled early)' if result.train.cancelled else ''}.</p>")
-    note = f"<p><b>Note:</b> {html.escape(result.note)}</p>" if result.note else ""
+    note = "".join(f"<p><b>{label}</b> {html.escape(text)}</p>" for label, text in
+                   (("⚠", result.unsaid_warning), ("Note:", result.note)) if text)
     return "".join([
         f"<h2>{html.escape(title)}</h2>", card, note,
         _table(["metric (test split)", "zero-shot", "tuned", "change"], rows),
@@ -101,6 +102,7 @@ def _sweep_sections(sweep: SweepResult, local_paths: bool) -> list[str]:
                 f"<p><code>{html.escape(sweep.model)}</code>, dataset fingerprint <code>{html.escape(sweep.fingerprint)}</code>, "
                 f"task {sweep.task}, {sweep.shots or 'all'} shots, {sweep.epochs} epochs, seeds "
                 f"{', '.join(map(str, sweep.seeds))}; the whole sweep took {sweep.seconds:.0f} s.</p>",
+                f"<p><b>Note:</b> {html.escape(sweep.note)}</p>" if sweep.note else "",
                 _table(["method", "trainable", "% of backbone", *(f"{metric_label(k)} (mean ± std)" for k in keys),
                         "seconds per run", "file KiB"], rows),
                 _figure(figures.sweep_figure(sweep)),
@@ -108,7 +110,7 @@ def _sweep_sections(sweep: SweepResult, local_paths: bool) -> list[str]:
     for summary in sweep.methods:
         folder = Path(summary.runs[0])
         result, _ = checkpoint.read(folder)
-        sections.append(_run_section(folder, result, f"{summary.label}, seed {sweep.seeds[0]}", local_paths))
+        sections.append(_run_section(folder, result, f"{summary.label}, seed {result.seed}", local_paths))
     return sections
 
 

@@ -98,7 +98,7 @@ class TrainSummary:
     steps_run: int = 0                # the steps `seconds` covers, restarted attempts' too (0: saved before it was kept)
     restarts: list[Restart] = field(default_factory=list)   # divergences caught; `lr` is the one that finished
     weight_decay: float = 0.05
-    lr_choice: Optional[LrChoice] = None   # how --lr auto chose `lr` (None: a rate given, or nothing trained)
+    lr_choice: Optional[LrChoice] = None   # how --lr auto chose `lr` (None: a rate given, or a studio run that trained nothing)
 
 
 @dataclass
@@ -150,6 +150,13 @@ class RunResult:
     def below_zero_shot(self) -> bool:
         """Tuned lower than the untuned model on the task's headline metric: the run made it worse."""
         return self.scored and ends_below_zero_shot(self.task, self.zero_shot or {}, self.tuned)
+
+    @property
+    def unsaid_warning(self) -> Optional[str]:
+        """The below-zero-shot flag where the note does not say it (a run.json written before it did),
+        for whatever shows the note."""
+        return f"This run {BELOW_ZERO_SHOT}." if self.below_zero_shot and BELOW_ZERO_SHOT not in (self.note or "") \
+            else None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

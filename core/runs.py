@@ -122,8 +122,8 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     started = time.perf_counter()
     make_config(method, options)   # the user's options, checked before anything is read
     check_recipe(recipe)
-    _check_settings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, frames=frames,
-                    extra_answers=extra_answers)
+    check_settings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, frames=frames,
+                   extra_answers=extra_answers)
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise RunError(f"precision must be one of {', '.join(PRECISIONS)}, not {str(precision)[:20]!r}")
     out = Path(out) if out is not None else default_run_folder(method)
@@ -152,7 +152,9 @@ SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (flo
             "batch_size": (int, 1, 4096), "seed": (int, 0, MAX_SEED), "frames": (int, 1, MAX_FRAMES)}
 
 
-def _check_settings(extra_answers, **settings) -> None:
+def check_settings(extra_answers=(), **settings) -> None:
+    """Refuse a training setting out of SETTINGS' range (a RunError naming it): for tune, and for a
+    caller that must refuse before it claims folders or a device (a sweep, the app)."""
     for name, value in settings.items():
         kind, low, high = SETTINGS[name]
         if (name == "shots" and value is None) or (name == "lr" and value == AUTO):

@@ -19,7 +19,7 @@ from core.pet import get_method, make_config
 from core.result import BELOW_ZERO_SHOT, RunResult
 from core.backbones import load_backbone
 from core.pet.recipes import check_recipe
-from core.runs import RunError, tune
+from core.runs import RunError, check_settings, tune
 from core.trainer import Progress, TrainingDiverged
 
 SWEEP_INFO = "sweep.json"
@@ -136,7 +136,7 @@ class SweepResult:
     seconds: float
     out: str
     command: str                   # the command that reproduces it (the data named by its fingerprint)
-    note: Optional[str] = None     # why another backbone was used (weights that could not be fetched)
+    note: Optional[str] = None     # another backbone used, the GPU time run out, a method left with no result
     recipe: str = "studio"         # core.pet.recipes: whose settings every run started from
 
     def to_json(self) -> dict[str, Any]:
@@ -199,6 +199,8 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     out = Path(out)
     if not seeds or len(set(seeds)) != len(seeds):
         raise RunError("give one or more different seeds")
+    for seed in seeds:   # every run's settings, before the sweep's folder is made
+        check_settings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, frames=frames)
     try:   # under torchrun / accelerate only the first process writes (core.runs.tune does the same)
         if is_main_process() and out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise RunError(f"{out}: the sweep folder already exists and is not empty; choose another --out")

@@ -93,7 +93,7 @@ def test_a_run_that_diverges_past_its_restarts_ends_itself_not_the_sweep(shapes,
     real = core.sweep.tune
 
     def tune(model, data, method, options, **settings):
-        if method == "bitfit" or settings["seed"] == 1:
+        if method == "bitfit" or settings["seed"] == 0:
             raise TrainingDiverged(f"the loss was not finite at step 3 with lr 0.01 (seed {settings['seed']})")
         return real(model, data, method, options, **settings)
 
@@ -104,12 +104,19 @@ def test_a_run_that_diverges_past_its_restarts_ends_itself_not_the_sweep(shapes,
     result = read_sweep(tmp_path / "s")
     assert code == 0 and [m.label for m in result.methods] == ["linear_probe"]
     probe = result.methods[0]
-    assert len(probe.runs) == 1 and probe.diverged == ["seed 1: the loss was not finite at step 3 with lr 0.01 (seed 1)"]
+    message = "the loss was not finite at step 3 with lr 0.01 (seed 0)"
+    assert len(probe.runs) == 1 and probe.diverged == [f"seed 0: {message}"]
     assert probe.warning == ("1 of 2 runs diverged after every restart and have no result (the means are of the "
-                             "others): seed 1: the loss was not finite at step 3 with lr 0.01 (seed 1)")
-    assert result.note == ("bitfit: every run diverged after its restarts (seed 0: the loss was not finite at step 3 "
-                           "with lr 0.01 (seed 0))")
+                             f"others): seed 0: {message}")
+    assert result.note == f"bitfit: every run diverged after its restarts (seed 0: {message})"
     assert f"⚠ {probe.warning}" in out and f"note: {result.note}" in out
+    report = write_report(tmp_path / "s", tmp_path / "report.html").read_text()
+    assert f"<b>Note:</b> {result.note}" in report and "linear_probe, seed 1</h2>" in report   # the run it shows
+    info = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    for method in info["methods"]:
+        del method["diverged"]   # a sweep.json from before runs could diverge alone
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps(info))
+    assert read_sweep(tmp_path / "s").methods[0].diverged == []
 
 
 def test_methods_are_read_with_their_options():

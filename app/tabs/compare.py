@@ -17,7 +17,7 @@ from app.tuning import (TUNING_CONCURRENCY, claim_folders, planned_seconds, read
                         request_cancel, run_polling, sweep_on_device)
 from core import checkpoint, figures
 from core.pet import METHODS, make_config
-from core.runs import USER_ERRORS
+from core.runs import USER_ERRORS, RunError, check_settings
 from core.cache import ScoreCache
 from core.lr_range import ChoiceCache
 from core.sweep import MethodChoice
@@ -110,6 +110,11 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
                      precision=precision, local_paths=LOCAL_PATHS, recipe=recipe,
                      zero_shot_cache=ScoreCache(session.folder / "zero-shot"),
                      lr_cache=ChoiceCache(session.folder / "lr-range"))
+    try:   # refused before any folder or device time is taken
+        for seed in arguments["seeds"]:
+            check_settings(seed=seed, **{k: arguments[k] for k in ("shots", "epochs", "batch_size", "frames")})
+    except RunError as error:
+        raise views.user_error(error) from error
     live, out, data = claim_folders(session, "sweeps", "compare")
 
     def show_step() -> None:

@@ -20,7 +20,7 @@ from core.backbones import describe_spec
 from core.data.media import DEFAULT_FRAMES
 from core.pet import METHODS
 from core.pet.recipes import RECIPES
-from core.runs import USER_ERRORS
+from core.runs import USER_ERRORS, RunError, check_settings
 from core.cache import ScoreCache
 from core.lr_range import ChoiceCache
 from core.tasks import TASKS
@@ -159,6 +159,12 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
                      recipe=recipe, zero_shot_cache=ScoreCache(session.folder / "zero-shot"),
                      lr_cache=ChoiceCache(session.folder / "lr-range"),
                      extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))
+    given = number(lr, "learning rate")
+    arguments["lr"] = "auto" if given is None else given
+    try:   # refused before any folder or device time is taken
+        check_settings(**{k: arguments[k] for k in ("shots", "epochs", "lr", "batch_size", "frames", "extra_answers")})
+    except RunError as error:
+        raise views.user_error(error) from error
     live, out, data = claim_folders(session, "runs", str(method))
     session.live_status = "loading the model and scoring it zero-shot…"
     progress(0, desc="loading the model and scoring it zero-shot")
@@ -170,8 +176,7 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
 
     seconds, _ = planned_seconds(session.dataset, spec, task, method, arguments["shots"], arguments["epochs"],
                                  arguments["batch_size"])
-    given = number(lr, "learning rate")
-    arguments.update(data=data, out=out, lr="auto" if given is None else given)
+    arguments.update(data=data, out=out)
     try:
         result = run_polling(on_device, show_step, tune_on_device, str(live), len(session.dataset.split("test")),
                              arguments, seconds=seconds)
