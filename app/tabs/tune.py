@@ -67,7 +67,7 @@ def layout(page) -> None:
             with gr.Column(scale=1):
                 page.shots = gr.Number(16, precision=0, minimum=0, label="Shots (training items; 0 = all)")
                 page.epochs = gr.Slider(1, 50, value=10, step=1, label="Epochs")
-                page.lr = gr.Number(None, minimum=0, label="Learning rate (empty: found on your data)",
+                page.lr = gr.Number(None, minimum=0, label="Learning rate (empty or 0: found on your data)",
                                     info="a short range test on your training data picks it, and the result shows "
                                          "the loss it measured; a rate typed in is used as given")
                 page.batch_size = gr.Slider(2, 128, value=16, step=1, label="Batch size")
@@ -159,8 +159,8 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
                      recipe=recipe, zero_shot_cache=ScoreCache(session.folder / "zero-shot"),
                      lr_cache=ChoiceCache(session.folder / "lr-range"),
                      extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))
-    given = number(lr, "learning rate")
-    arguments["lr"] = "auto" if given is None else given
+    # the browser sends an emptied field as 0 (it is the field's minimum): both mean "found on your data"
+    arguments["lr"] = number(lr, "learning rate") or "auto"
     try:   # refused before any folder or device time is taken
         check_settings(**{k: arguments[k] for k in ("shots", "epochs", "lr", "batch_size", "frames", "extra_answers")})
     except RunError as error:
