@@ -146,10 +146,10 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                 for name, p in params.items():
                     p.copy_(initial[name])
                     p.grad = None
+    fell, turned = turn(reference, losses)
     if stopped:
         chosen, why = None, "stopped before the range test finished"
-    elif len(losses) < 3 and turn(reference, losses)[1] is None and (not_finite_at is None or
-                                                                      turn(reference, losses)[0] is None):
+    elif len(losses) < 3 and turned is None and (not_finite_at is None or fell is None):
         chosen, why = None, "the loss was not finite from the start" if not math.isfinite(start) else \
             "the loss blew up at once"
     else:
