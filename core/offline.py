@@ -247,6 +247,33 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
             and r["method"] in methods and r["lr"] in rates and r["seed"] in seeds]
 
 
+def _row_key(row: dict) -> tuple:
+    return row.get("task", "retrieval"), row["part"], row["shots"], row["method"], row["lr"], row["seed"]
+
+
+def merged_record(old: Optional[dict], new: dict, provenance: Optional[str] = None) -> dict:
+    """The record `old` (None: none yet) with the runs of `new` (a proof's record of one command): a run
+    measured again replaces its row, the others stay; the parts, shots, seeds and rates are those of
+    both, and `provenance`, a sentence on these runs, is added to the record's. Records of different
+    epochs are not one table (ValueError)."""
+    if old is None:
+        return {**new, **({"provenance": provenance} if provenance else {})}
+    if old["epochs"] != new["epochs"]:
+        raise ValueError(f"its runs trained {old['epochs']} epochs, these {new['epochs']}: not one table")
+    replaced = {_row_key(r) for r in new["rows"]}
+
+    def union(key: str) -> list:
+        return list(dict.fromkeys([*old.get(key, PROOF_RATES if key == "rates" else []), *new[key]]))
+
+    record = {**old, **{key: union(key) for key in ("parts", "shots", "seeds", "rates")},
+              "rows": [r for r in old["rows"] if _row_key(r) not in replaced] + new["rows"]}
+    if old.get("threads") != new["threads"]:
+        provenance = " ".join(filter(None, [provenance, f"These on {new['threads']} CPU threads."]))
+    if provenance:
+        record["provenance"] = " ".join(filter(None, [old.get("provenance"), provenance]))
+    return record
+
+
 def _by_rate(rows: list[dict]) -> dict[tuple, dict]:
     """(part, shots, method) -> rate -> its runs, in the order parts and methods were measured (the
     rows of one task)."""
@@ -536,16 +563,27 @@ def main(argv: list[str] | None = None) -> int:
     proof.add_argument("--rates", type=proof_rates, default=list(PROOF_RATES),
                        help=f"comma-separated: auto and fixed rates of {', '.join(map(str, FIXED_LRS))} (default: all)")
     proof.add_argument("--out", default="runs/lr-proof")
-    proof.add_argument("--record", help="folder to write lr_proof.json (lr_proof_vqa.json with --task vqa) into, "
-                                        "for the model card")
+    proof.add_argument("--record", help="folder whose lr_proof.json (lr_proof_vqa.json with --task vqa) takes "
+                                        "these runs, for the model card: rows measured again replace theirs, the "
+                                        "others stay")
+    proof.add_argument("--provenance", help="with --record: a sentence on where these runs were measured (the "
+                                            "commit, the machine), added to the record's")
     args = parser.parse_args(argv)
     if args.command == "lr-proof":
+        if args.provenance and not args.record:
+            parser.error("--provenance describes the runs --record adds to a record: give --record too")
         rows = lr_proof(Path(args.out), args.parts, args.shots, args.seeds, args.epochs, args.methods, task=args.task,
                         rates=tuple(args.rates))
         if args.record:
-            record = {"parts": args.parts, "shots": args.shots, "seeds": args.seeds, "epochs": args.epochs,
-                      "rates": args.rates, "threads": torch.get_num_threads(), "rows": rows}
-            (Path(args.record) / PROOF_RECORDS[args.task]).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            path = Path(args.record) / PROOF_RECORDS[args.task]
+            measured = {"parts": args.parts, "shots": args.shots, "seeds": args.seeds, "epochs": args.epochs,
+                        "rates": args.rates, "threads": torch.get_num_threads(), "rows": rows}
+            try:
+                record = merged_record(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None,
+                                       measured, args.provenance)
+            except ValueError as error:
+                parser.error(f"{path}: {error}")
+            path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         print(lr_proof_verdicts(lr_proof_summary(rows)))
         return 0
     if args.command == "card":

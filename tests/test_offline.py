@@ -155,6 +155,46 @@ def test_the_lr_proof_summary_compares_auto_with_the_best_fixed_rate_and_the_one
         in verdict and verdict.endswith("| — |")
 
 
+def test_lr_proof_record_adds_new_runs_to_the_record_and_keeps_its_provenance(tmp_path, capsys):
+    """--record merges: a block measured later (another seed, at another commit) joins the card's
+    record without losing the rows or the provenance sentence already there."""
+    from core.offline import main
+
+    def row(seed, lr, score):
+        return {"task": "vqa", "part": "novel-colours", "shots": 16, "method": "aurora", "lr": lr, "seed": seed,
+                "vqa_acc": score, "zero_shot_vqa_acc": 6.0, "trained_lr": 0.01 if lr == "auto" else lr,
+                "restarts": 0, "below_zero_shot": False, "seconds": 20.0, "range_test_seconds": 2.0}
+
+    old = {"parts": ["novel-colours"], "shots": [16], "seeds": [0, 1], "epochs": 15, "rates": ["auto", 0.01],
+           "threads": 2, "provenance": "Seeds 0 and 1 at commit abc.",
+           "rows": [row(s, lr, 20.0 + s) for s in (0, 1) for lr in ("auto", 0.01)]}
+    record = tmp_path / "card"
+    record.mkdir()
+    (record / "lr_proof_vqa.json").write_text(json.dumps(old))
+    out = tmp_path / "proof"
+    (out / "data" / "novel-colours").mkdir(parents=True)
+    (out / "data" / "novel-colours" / "data.jsonl").write_text("")   # the part is there: nothing is generated
+    # seed 1 measured again (its auto differs: another commit's range test), and seed 2
+    measured = [row(1, "auto", 25.0), row(1, 0.01, 21.0), row(2, "auto", 30.0), row(2, 0.01, 31.0)]
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in measured))
+    args = ["lr-proof", "--task", "vqa", "--parts", "novel-colours", "--shots", "16", "--methods", "aurora",
+            "--rates", "auto,0.01", "--out", str(out), "--record", str(record)]
+    assert main([*args, "--seeds", "1,2", "--provenance", "Seed 2 at commit def."]) == 0
+    merged = json.loads((record / "lr_proof_vqa.json").read_text())
+    assert merged["seeds"] == [0, 1, 2] and merged["parts"] == ["novel-colours"] and merged["shots"] == [16]
+    assert merged["provenance"] == "Seeds 0 and 1 at commit abc. Seed 2 at commit def."
+    scores = {(r["seed"], r["lr"]): r["vqa_acc"] for r in merged["rows"]}
+    assert len(merged["rows"]) == 6 and scores == {(0, "auto"): 20.0, (0, 0.01): 20.0, (1, "auto"): 25.0,
+                                                   (1, 0.01): 21.0, (2, "auto"): 30.0, (2, 0.01): 31.0}
+    (record / "lr_proof_vqa.json").write_text(json.dumps({**old, "epochs": 10}))   # another table
+    with pytest.raises(SystemExit):
+        main([*args, "--seeds", "2"])
+    assert "lr_proof_vqa.json: its runs trained 10 epochs, these 15" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args[:-2], "--seeds", "2", "--provenance", "where?"])
+    assert "give --record too" in capsys.readouterr().err
+
+
 def test_the_model_card_records_the_found_rate_against_every_fixed_rate():
     """The card's lr-proof section is the recorded runs: every method on every part at every fixed
     rate and at --lr auto, three seeds, and a found rate never below zero-shot by more than a scene."""
