@@ -9,10 +9,13 @@ from a local file or folder are never cached: the file may change under the same
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import uuid
+import warnings
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, Iterator
@@ -73,11 +76,18 @@ class JsonCache(MutableMapping):
         stored = self.encode(value)
         if not _cacheable(key) or stored is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(key)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps({"key": _plain(key), "value": stored}), encoding="utf-8")
-        partial.replace(path)
+        # unique per writer: two threads of one process (concurrent tunings) may keep the same key
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"key": _plain(key), "value": stored}), encoding="utf-8")
+            partial.replace(path)
+        except OSError as error:   # a cache saves time, nothing more: the run goes on without it
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            warnings.warn(f"{self.folder}: could not keep a result in the cache ({error}); it will be computed "
+                          f"again next time", stacklevel=2)
 
     def __delitem__(self, key: tuple) -> None:
         try:

@@ -176,11 +176,16 @@ def training_figure(result: Optional[RunResult], live: Optional[list[float]] = N
                                         line=dict(color="#34a853", dash="dot")), secondary_y=True)
             figure.update_yaxes(title_text=f"{key} (%)", secondary_y=True, row=1, col=1)
     if found:
-        figure.add_trace(go.Scatter(x=found.lrs, y=found.losses, mode="lines+markers", name="range test loss",
-                                    line=dict(color="#8e44ad"), hovertemplate="lr %{x:.2g}: loss %{y:.3f}<extra></extra>"),
-                         row=1, col=2)
-        figure.add_vline(x=math.log10(found.lr), line_dash="dash", line_color="#8e44ad", row=1, col=2,
-                         annotation_text=f"chosen {found.lr:.2g}", annotation_position="top left")
+        curve = go.Scatter(x=found.lrs, y=found.losses, mode="lines+markers", name="range test loss",
+                           line=dict(color="#8e44ad"), hovertemplate="lr %{x:.2g}: loss %{y:.3f}<extra></extra>")
+        figure.add_trace(curve, row=1, col=2)
+        axis_x, axis_y = figure.data[-1].xaxis, figure.data[-1].yaxis
+        # on a log axis plotly places a shape at the value itself but an annotation at its log10
+        # (plotly.py #2580): the line and its label are placed each in its own units
+        figure.add_vline(x=found.lr, line_dash="dash", line_color="#8e44ad", row=1, col=2)
+        figure.add_annotation(x=math.log10(found.lr), xref=axis_x, y=1, yref=f"{axis_y} domain", yanchor="bottom",
+                              xanchor="right", showarrow=False, text=f"chosen {found.lr:.2g}",
+                              font=dict(color="#8e44ad"))
         figure.update_xaxes(type="log", title_text="learning rate", row=1, col=2)
         figure.update_yaxes(title_text="loss", row=1, col=2)
     figure.update_xaxes(title_text="step", row=1, col=1)

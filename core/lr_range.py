@@ -79,7 +79,8 @@ def pick(start: float, lrs: list[float], losses: list[float],
     test ended so), or (None, why) when the loss never fell below it."""
     at, turned = turn(start, losses)
     if at is None:
-        return None, f"the loss did not fall below {start:.3g} at any learning rate the test tried"
+        return None, (f"the loss did not fall {FALL:.0%} below {start:.3g} (the least the rule reads as learning) "
+                      f"at any learning rate the test tried")
     if turned is None and not_finite_at is None:
         return lrs[at], f"range test: the loss was lowest at lr {lrs[at]:.2g} (it had not turned up by the end)"
     # a loss gone non-finite has turned up as far as it can

@@ -47,12 +47,13 @@ class DatasetSummary:
 @dataclass
 class Restart:
     """A divergence the training caught: at `lr` it went wrong at `step`, and it restarted at
-    `restarted_at` from the weights at the end of epoch `from_epoch` (0: the untrained weights)."""
+    `restarted_at` from the weights at the end of epoch `from_epoch` (0: the untrained weights);
+    `restarted_at` None: a cancel or the deadline had stopped the run, which ends at those weights."""
 
     lr: float
     step: int
     reason: str
-    restarted_at: float
+    restarted_at: Optional[float]
     from_epoch: int = 0
 
 

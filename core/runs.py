@@ -17,7 +17,7 @@ from core import checkpoint, lr_range
 from core.backbones import OFFLINE, Backbone, BackboneError, load_backbone
 from core.data import DEFAULT_LIMITS, Dataset, DatasetError, few_shot, read_dataset
 from core.data.media import DEFAULT_FRAMES
-from core.distributed import is_main_process
+from core.distributed import is_main_process, rank_and_world
 from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, get_method, make_config
 from core.pet.recipes import Setting, check_recipe, recipe_for
 from core.result import (BELOW_ZERO_SHOT, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice, Restart, RunResult,
@@ -217,6 +217,9 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     train_items = few_shot(_items(task_def, dataset, "train"), shots, seed)
     if not train_items:
         raise RunError(f"{dataset.manifest}: the dataset has no training items for {task}")
+    if len(train_items) < (world := rank_and_world()[1]):   # each process trains on its share of every batch
+        raise RunError(f"{dataset.manifest}: {len(train_items)} training item(s) cannot be shared among {world} "
+                       f"processes; run fewer processes (torchrun --nproc-per-node) or use more shots")
     # The weights text names the seed of a random init, so seeds of an untrained backbone stay apart.
     scored_as = (backbone.spec, backbone.weights, dataset.fingerprint, task, frames, tuple(extra_answers))
     cache = zero_shot_cache if zero_shot_cache is not None else {}

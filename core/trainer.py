@@ -110,8 +110,10 @@ class TrainLog:
 def restart_note(restarts: list[dict]) -> Optional[str]:
     """What the divergence guard did, in words ("lr 0.03 diverged at step 40 (…); restarted at 0.01
     from epoch 2's weights")."""
-    return "; ".join(f"lr {r['lr']:.3g} diverged at step {r['step']} ({r['reason']}); restarted at {r['restarted_at']:.3g}"
-                     f" from {_weights_of(r.get('from_epoch', 0))}" for r in restarts) or None
+    return "; ".join(f"lr {r['lr']:.3g} diverged at step {r['step']} ({r['reason']}); "
+                     + (f"restarted at {r['restarted_at']:.3g} from " if r["restarted_at"] is not None else
+                        "the run had been stopped there, and ends at ")
+                     + _weights_of(r.get("from_epoch", 0)) for r in restarts) or None
 
 
 def _weights_of(epoch: int) -> str:
@@ -288,7 +290,10 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
         try:
             _attempt(objective, params, replace(settings, lr=lr), guard, log, progress, cancel, epoch_end, deadline)
         except _Diverging as diverging:
-            if len(restarts) >= settings.restarts:
+            # a cancel's or the deadline's last report found it: the run goes back to its best weights
+            # and ends there (an attempt at a lower rate would take no step)
+            stopped = log.cancelled or log.out_of_time
+            if len(restarts) >= settings.restarts and not stopped:
                 tried = restart_note(restarts)
                 raise TrainingDiverged(f"{diverging.reason} at step {diverging.step} with lr {lr:.3g}"
                                        f"{f' (before that: {tried})' if tried else ''}; try a lower learning rate, "
@@ -298,7 +303,10 @@ def train(objective: nn.Module, params: dict[str, nn.Parameter], settings: Train
             kept = guard.restore()
             log.keep_epochs(kept)
             restarts.append({"lr": lr, "step": diverging.step, "reason": diverging.reason,
-                             "restarted_at": lr / RESTART_FACTOR, "from_epoch": kept})
+                             "restarted_at": None if stopped else lr / RESTART_FACTOR, "from_epoch": kept})
+            if stopped:
+                log.lr, log.restarts = lr, restarts
+                return log
             lr /= RESTART_FACTOR
             continue
         log.lr, log.restarts = lr, restarts

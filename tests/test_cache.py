@@ -1,6 +1,8 @@
 """Zero-shot scores computed once: across CLI runs (a cache folder) and runs of one app session."""
 import json
 
+import pytest
+
 from core.cli import main
 from core.cache import ScoreCache
 from tests.conftest import TINY
@@ -24,6 +26,16 @@ def test_scores_round_trip_and_anything_else_counts_as_absent(tmp_path):
     local = ("openclip:ViT-B-32:/tmp/my.pt",) + KEY[1:]   # a local file may change under its name
     cache[local] = {"t2i_r1": 1.0}
     assert local not in cache
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path):
+    """A cache saves time, nothing more: a full disk or a cache folder that cannot be made does not
+    end the run that computed the value."""
+    (tmp_path / "taken").write_text("a file where the cache folder would be")
+    cache = ScoreCache(tmp_path / "taken" / "zero-shot")
+    with pytest.warns(UserWarning, match="could not keep a result in the cache"):
+        cache[KEY] = {"t2i_r1": 12.5}
+    assert KEY not in cache and (tmp_path / "taken").read_text().startswith("a file")
 
 
 def test_a_second_cli_run_on_the_same_data_reuses_the_zero_shot_scores(shapes, tmp_path, capsys):

@@ -154,3 +154,12 @@ def test_the_cli_under_a_launcher_trains_as_one_process(launcher, shapes, one_pr
     weights_two, weights_one = (load_file(str(folder / "pet.safetensors")) for folder in (tmp_path / "run",
                                                                                           one_process_run))
     assert all(torch.allclose(weights_two[name], weights_one[name], atol=1e-5) for name in weights_one)
+
+
+def test_fewer_training_items_than_processes_is_refused_with_a_message(shapes, tmp_path, monkeypatch):
+    from core.runs import RunError, tune
+
+    monkeypatch.setattr("core.runs.rank_and_world", lambda: (0, 4))   # as under torchrun --nproc-per-node 4
+    with pytest.raises(RunError, match=r"2 training item\(s\) cannot be shared among 4 processes; run fewer"):
+        tune(TINY, shapes, "bitfit", shots=2, epochs=1, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

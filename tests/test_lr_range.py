@@ -1,6 +1,7 @@
 """--lr auto: the range test that finds the learning rate on the training data (core.lr_range),
 its cache, and what runs, the CLI and the figures say of it."""
 import json
+import math
 
 import pytest
 import torch
@@ -73,6 +74,8 @@ def test_the_range_test_picks_within_a_factor_of_3_of_the_best_fixed_rate(scale)
 def test_the_rule_needs_a_fall_and_stops_at_the_turn():
     lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
     assert pick(1.0, lrs, [1.0, 0.999, 1.0, 1.2, 5.0])[0] is None   # never fell: the suggested rate is kept
+    lr, why = pick(1.0, lrs, [0.97, 0.94, 1.0, 1.2, 5.0])   # fell 6%: less than the rule reads as learning
+    assert lr is None and why.startswith("the loss did not fall 10% below 1 (")
     lr, why = pick(1.0, lrs, [0.9, 0.5, 0.8, 0.2, 5.0])   # turns up at 1e-2 (gives back 0.6 of 0.5 gained)
     assert lr == pytest.approx(10 ** -2.5) and "lowest at lr 0.001 and turned up at 0.01" in why   # their middle
     assert pick(1.0, lrs, [0.9, 0.7, 0.5, 0.3, 0.1])[0] == 1.0   # still falling at the end
@@ -163,8 +166,12 @@ def test_the_training_figure_shows_the_range_test_beside_the_loss(shapes, tmp_pa
     figure = figures.training_figure(result)
     curve = next(trace for trace in figure.data if trace.name == "range test loss")
     assert list(curve.x) == result.train.lr_choice.lrs and list(curve.y) == result.train.lr_choice.losses
-    assert figure.layout.xaxis2.type == "log"
-    assert f"chosen {result.train.lr_choice.lr:.2g}" in [a.text for a in figure.layout.annotations]
+    assert figure.layout.xaxis2.type == "log" and curve.xaxis == "x2"
+    lr = result.train.lr_choice.lr
+    (line,) = [s for s in figure.layout.shapes if s.xref == "x2"]
+    assert line.x0 == line.x1 == lr   # on a log axis plotly places a shape at the value itself
+    (label,) = [a for a in figure.layout.annotations if a.text == f"chosen {lr:.2g}"]
+    assert label.xref == "x2" and label.x == pytest.approx(math.log10(lr))   # and an annotation at its log10
 
 
 def test_a_cancel_ends_the_test_with_the_suggested_rate_and_nothing_is_cached(tmp_path):

@@ -297,6 +297,22 @@ def test_a_deadline_stops_training_cleanly_and_says_so(monkeypatch):
     assert len(log.step_losses) == 7
 
 
+def test_a_divergence_found_as_the_deadline_stops_the_run_goes_back_to_its_best_weights_and_ends(monkeypatch):
+    """On a GPU the losses reach the host every 10 steps: the deadline's last report can find that the
+    run had gone wrong. It goes back to its best weights and ends at the rate it trained at; no
+    restart is reported that took no step."""
+    objective = Quadratic(nan_at=10)   # calls 1-4 measure the untrained weights: NaN from step 6 on
+    monkeypatch.setattr("core.trainer.time.monotonic", lambda: 100.0 if objective.calls >= 11 else 0.0)   # after step 7
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=5, lr=0.5, log_every=10), deadline=100.0)
+    monkeypatch.undo()
+    assert log.out_of_time and log.lr == 0.5 and len(log.epoch_losses) == 1 and len(log.step_losses) == 4
+    (restart,) = log.restarts
+    assert (restart["step"], restart["restarted_at"], restart["from_epoch"]) == (6, None, 1)
+    assert torch.isfinite(objective.w).all() and ((objective.w - 3) ** 2).sum() < 36   # epoch 1's weights
+    assert restart_note(log.restarts) == ("lr 0.5 diverged at step 6 (the loss became nan); the run had been "
+                                          "stopped there, and ends at epoch 1's weights")
+
+
 def test_warmup_then_cosine_by_step():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = _schedule(optimizer, total_steps=10, warmup=0.2)
