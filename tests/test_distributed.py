@@ -61,32 +61,34 @@ def _cancelled_on_one_process(batch_size: int):
     return log.steps, log.cancelled
 
 
-def _worker(rank: int, world: int, port: int, results, work=_run):
+def _worker(rank: int, world: int, port: int, results, work=_run, batch_size: int = 4):
     os.environ["HF_HUB_OFFLINE"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        results[rank] = work(batch_size=4)
+        results[rank] = work(batch_size=batch_size)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(work) -> dict:
+def _spawn(work, batch_size: int = 4) -> dict:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, port, results, work), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, results, work, batch_size), nprocs=2, join=True)
     return results
 
 
 def test_under_two_processes_the_range_test_measures_as_one_and_both_choose_one_rate():
-    results = _spawn(_range_test)
+    results = _spawn(_range_test, batch_size=8)
     (choice0, state0), (choice1, state1) = results[0], results[1]
-    alone, alone_state = _range_test(batch_size=8)
+    alone, alone_state = _range_test(batch_size=16)   # what two processes of batch 8 train as
     assert (choice0.lr, choice0.losses) == (choice1.lr, choice1.losses)   # every process chose the same
-    assert choice0.batch_size == alone.batch_size == 8   # each process: half of one batch
+    # planned as the one process of batch 16 (a test batch of 8 for this short run), each process
+    # taking half: not a test batch of 8 in each (16 in all), as planning per process gave
+    assert choice0.batch_size == alone.batch_size == 8
     assert choice0.losses == pytest.approx(alone.losses, abs=1e-4) and choice0.lr == alone.lr
     assert choice0.why.startswith("range test")
     for name, tensor in alone_state.items():   # the weights are put back in every process
