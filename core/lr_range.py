@@ -202,10 +202,11 @@ def choose_lr(objective: nn.Module, params: dict[str, nn.Parameter], settings, f
         except KeyError:
             pass
     items = sum(len(b) for b in objective.batches(settings.batch_size * world, torch.Generator().manual_seed(0)))
-    # planned as the one process that N processes of batch B train as (batch N·B), then shared out:
-    # the test's global batch, and so its contrastive negatives, do not depend on how many there are
+    # planned as the one process that N processes of batch B train as (batch N·B), then shared out
+    # (rounded up to a share each): the test's global batch, so its contrastive negatives, does not
+    # depend on how many there are
     steps, batch_size = plan(items, settings.epochs, settings.batch_size * world)
-    choice = range_test(objective, params, steps, max(1, batch_size // world), settings.weight_decay,
+    choice = range_test(objective, params, steps, -(-batch_size // world), settings.weight_decay,
                         settings.grad_clip, settings.autocast, settings.seed, fallback, stop)
     choice.share = choice.steps * choice.batch_size / max(1, items * settings.epochs)
     if cache is not None and key is not None and choice.finished:

@@ -253,25 +253,34 @@ def _row_key(row: dict) -> tuple:
 
 def merged_record(old: Optional[dict], new: dict, provenance: Optional[str] = None) -> dict:
     """The record `old` (None: none yet) with the runs of `new` (a proof's record of one command): a run
-    measured again replaces its row, the others stay; the parts, shots, seeds and rates are those of
-    both, and `provenance`, a sentence on these runs, is added to the record's. Records of different
-    epochs are not one table (ValueError)."""
+    measured again replaces its row, the others stay; the parts, shots, seeds (in order) and rates are
+    those of both, and `provenance`, a sentence on these runs, is added to the record's (with the
+    threads they ran on where those differ from the record's). Records of different epochs are not
+    one table (ValueError: `check_mergeable`)."""
     if old is None:
         return {**new, **({"provenance": provenance} if provenance else {})}
-    if old["epochs"] != new["epochs"]:
-        raise ValueError(f"its runs trained {old['epochs']} epochs, these {new['epochs']}: not one table")
+    check_mergeable(old, new["epochs"])
     replaced = {_row_key(r) for r in new["rows"]}
 
     def union(key: str) -> list:
         return list(dict.fromkeys([*old.get(key, PROOF_RATES if key == "rates" else []), *new[key]]))
 
-    record = {**old, **{key: union(key) for key in ("parts", "shots", "seeds", "rates")},
+    record = {**old, **{key: union(key) for key in ("parts", "shots", "rates")},
+              "seeds": sorted(set(old["seeds"]) | set(new["seeds"])), "threads": old.get("threads", new["threads"]),
               "rows": [r for r in old["rows"] if _row_key(r) not in replaced] + new["rows"]}
-    if old.get("threads") != new["threads"]:
-        provenance = " ".join(filter(None, [provenance, f"These on {new['threads']} CPU threads."]))
+    if record["threads"] != new["threads"]:
+        provenance = f"{provenance or 'Runs added later.'} (On {new['threads']} CPU threads.)"
     if provenance:
         record["provenance"] = " ".join(filter(None, [old.get("provenance"), provenance]))
     return record
+
+
+def check_mergeable(old: dict, epochs: int) -> None:
+    """ValueError unless runs of `epochs` epochs can join the record `old` (a record as the card reads it)."""
+    if not isinstance(old, dict) or not all(isinstance(old.get(key), list) for key in ("parts", "shots", "seeds", "rows")):
+        raise ValueError("not a proof record (parts, shots, seeds and rows lists)")
+    if old.get("epochs") != epochs:
+        raise ValueError(f"its runs trained {old.get('epochs')} epochs, these {epochs}: not one table")
 
 
 def _by_rate(rows: list[dict]) -> dict[tuple, dict]:
@@ -445,7 +454,7 @@ def _lr_proof_section(folder: Path, task: str = "retrieval") -> str:
     shots = ",".join("all" if k is None else str(k) for k in record["shots"])
     missing = _unmeasured(record)
     # a record whose rows were measured at different commits says so in 'provenance'
-    unfinished = (f"Not measured for every seed (the proof was stopped for time; the command above resumes it): "
+    unfinished = (f"Not measured yet (the command above measures what is missing, resuming where a proof stopped): "
                   f"{'; '.join(missing)}.\n\n") if missing else ""
     seeds = f"seed{'s' if len(record['seeds']) > 1 else ''} {', '.join(map(str, record['seeds']))}"
     rates = record.get("rates", PROOF_RATES)
@@ -572,18 +581,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lr-proof":
         if args.provenance and not args.record:
             parser.error("--provenance describes the runs --record adds to a record: give --record too")
-        rows = lr_proof(Path(args.out), args.parts, args.shots, args.seeds, args.epochs, args.methods, task=args.task,
-                        rates=tuple(args.rates))
-        if args.record:
-            path = Path(args.record) / PROOF_RECORDS[args.task]
-            measured = {"parts": args.parts, "shots": args.shots, "seeds": args.seeds, "epochs": args.epochs,
-                        "rates": args.rates, "threads": torch.get_num_threads(), "rows": rows}
+        path = Path(args.record) / PROOF_RECORDS[args.task] if args.record else None
+        old = None
+        if path is not None and path.is_file():   # checked before hours of runs, not after
             try:
-                record = merged_record(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None,
-                                       measured, args.provenance)
+                old = json.loads(path.read_text(encoding="utf-8"))
+                check_mergeable(old, args.epochs)
             except ValueError as error:
                 parser.error(f"{path}: {error}")
-            path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        rows = lr_proof(Path(args.out), args.parts, args.shots, args.seeds, args.epochs, args.methods, task=args.task,
+                        rates=tuple(args.rates))
+        if path is not None:
+            measured = {"parts": args.parts, "shots": args.shots, "seeds": args.seeds, "epochs": args.epochs,
+                        "rates": args.rates, "threads": torch.get_num_threads(), "rows": rows}
+            path.write_text(json.dumps(merged_record(old, measured, args.provenance), indent=2) + "\n",
+                            encoding="utf-8")
         print(lr_proof_verdicts(lr_proof_summary(rows)))
         return 0
     if args.command == "card":

@@ -160,7 +160,9 @@ def summarise(choice: MethodChoice, results: list[RunResult], diverged: Optional
         seconds=statistics.fmean(r.seconds for r in results),
         # Only the first of several processes writes the runs: the others may not see them yet.
         file_bytes=(folder / checkpoint.WEIGHTS).stat().st_size if (folder / checkpoint.WEIGHTS).is_file() else 0,
-        below_zero_shot=sum(r.below_zero_shot for r in results), restarted=sum(bool(r.train.restarts) for r in results),
+        below_zero_shot=sum(r.below_zero_shot for r in results),
+        # a divergence found as a stop ended the run (restarted_at None): it did not restart
+        restarted=sum(any(r.restarted_at is not None for r in run.train.restarts) for run in results),
         diverged=list(diverged or []))
 
 

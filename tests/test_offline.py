@@ -90,6 +90,7 @@ def test_a_run_that_ends_below_zero_shot_says_so_everywhere_it_is_shown(novel_co
     from core.cli import _human
     from core.export import model_card
     from core.report import write_report
+    from core.result import Restart
     from core.sweep import MethodChoice, summarise
 
     result = tune("offline", novel_colours, "adapter", shots=16, epochs=15, lr=0.03, seed=0, out=tmp_path / "run")
@@ -101,6 +102,11 @@ def test_a_run_that_ends_below_zero_shot_says_so_everywhere_it_is_shown(novel_co
     assert "ends below its own zero-shot score" in write_report(tmp_path / "run", tmp_path / "r.html").read_text()
     summary = summarise(MethodChoice("adapter", {}), [result])   # a comparison's row says how many seeds did
     assert summary.below_zero_shot == 1 and summary.warning == "1 of 1 runs ends below its own zero-shot score"
+    # a divergence the deadline's stop found ended that run: not a restart
+    stopped = replace(result, train=replace(result.train, restarts=[Restart(0.03, 6, "the loss became nan", None, 1)]))
+    assert summarise(MethodChoice("adapter", {}), [stopped]).restarted == 0
+    restarted = replace(result, train=replace(result.train, restarts=[Restart(0.03, 6, "the loss became nan", 0.01, 1)]))
+    assert summarise(MethodChoice("adapter", {}), [restarted]).restarted == 1
     assert "ends below its own zero-shot score" in model_card(result, "open_clip", "")   # the exported model's card
     printed = _human("tune", {**result.to_json(), "below_zero_shot": result.below_zero_shot})
     assert "⚠ ends below its own zero-shot score" in printed.splitlines()[2]   # the CLI's "tuned:" line
@@ -155,17 +161,19 @@ def test_the_lr_proof_summary_compares_auto_with_the_best_fixed_rate_and_the_one
         in verdict and verdict.endswith("| — |")
 
 
-def test_lr_proof_record_adds_new_runs_to_the_record_and_keeps_its_provenance(tmp_path, capsys):
+def test_lr_proof_record_adds_new_runs_to_the_record_and_keeps_its_provenance(tmp_path, capsys, monkeypatch):
     """--record merges: a block measured later (another seed, at another commit) joins the card's
     record without losing the rows or the provenance sentence already there."""
     from core.offline import main
+
+    monkeypatch.setattr("core.offline.torch.get_num_threads", lambda: 2)   # the record's threads
 
     def row(seed, lr, score):
         return {"task": "vqa", "part": "novel-colours", "shots": 16, "method": "aurora", "lr": lr, "seed": seed,
                 "vqa_acc": score, "zero_shot_vqa_acc": 6.0, "trained_lr": 0.01 if lr == "auto" else lr,
                 "restarts": 0, "below_zero_shot": False, "seconds": 20.0, "range_test_seconds": 2.0}
 
-    old = {"parts": ["novel-colours"], "shots": [16], "seeds": [0, 1], "epochs": 15, "rates": ["auto", 0.01],
+    old = {"parts": ["novel-colours"], "shots": [16], "seeds": [1, 0], "epochs": 15, "rates": ["auto", 0.01],
            "threads": 2, "provenance": "Seeds 0 and 1 at commit abc.",
            "rows": [row(s, lr, 20.0 + s) for s in (0, 1) for lr in ("auto", 0.01)]}
     record = tmp_path / "card"
@@ -190,6 +198,11 @@ def test_lr_proof_record_adds_new_runs_to_the_record_and_keeps_its_provenance(tm
     with pytest.raises(SystemExit):
         main([*args, "--seeds", "2"])
     assert "lr_proof_vqa.json: its runs trained 10 epochs, these 15" in capsys.readouterr().err
+    monkeypatch.setattr("core.offline.torch.get_num_threads", lambda: 16)   # a record begun on another machine
+    (record / "lr_proof_vqa.json").write_text(json.dumps({k: v for k, v in old.items() if k != "provenance"}))
+    assert main([*args, "--seeds", "2"]) == 0
+    merged = json.loads((record / "lr_proof_vqa.json").read_text())
+    assert merged["threads"] == 2 and merged["provenance"] == "Runs added later. (On 16 CPU threads.)"
     with pytest.raises(SystemExit):
         main([*args[:-2], "--seeds", "2", "--provenance", "where?"])
     assert "give --record too" in capsys.readouterr().err
