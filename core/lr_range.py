@@ -13,8 +13,13 @@ first step whose loss gives back TURN of what it had gained below that, or is no
 geometric middle of the one at the lowest loss before the turn and the one where it turned up
 (the lowest loss when it never turned up). Trained with warm-up and cosine decay, a run's best
 peak rate sits above the one step that did best here: on the offline world's curves the best
-fixed rate lay between the two, and the lowest point alone chose a rate below it. A loss that
-never falls (a batch the model already separates) keeps the suggested rate, and says so.
+fixed rate lay between the two, and the lowest point alone chose a rate below it. A model that
+starts worse than chance is judged otherwise: its chosen rate is the first at which the loss fell
+FALL below chance's, where the test stops. Its lower rates only flatten its overconfident logits,
+and past that one a step on one small batch measures how fast the batch is memorised: on the
+offline world's VQA the lowest point lay 3–30× above the best fixed rate (rule 4 chose 0.066–0.3
+where 0.01–0.03 was best). A loss that never falls (a batch the model already separates, or one
+never below chance) keeps the suggested rate, and says so.
 Then the initial weights are put back, so the run trains from where it would have started.
 
 Size: STEPS steps on a batch of BATCH items when that fits in SHARE of the items the run's
@@ -45,7 +50,7 @@ LOWEST, HIGHEST = 3e-6, 0.3
 BLOW_UP = 4.0         # the test stops once the loss passes this many times its start
 FALL = 0.1            # the loss must fall by this share of its start for the test to say anything
 TURN = 0.25           # it turns up once it gives back this share of what it had gained
-RULE = 4              # the rule's version: with the constants above, in the cache key (a changed rule reuses no choice)
+RULE = 5              # the rule's version: with the constants above, in the cache key (a changed rule reuses no choice)
 RULE_CONSTANTS = (SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, RULE)   # a new one too
 
 
@@ -60,27 +65,36 @@ def plan(items_per_epoch: int, epochs: int, batch_size: int) -> tuple[int, int]:
     return steps, batch
 
 
+def fell_below(reference: float, loss: float) -> bool:
+    """Whether `loss` is FALL below the reference, the least the rule reads as learning."""
+    return reference - loss >= FALL * reference
+
+
 def turn(start: float, losses: list[float]) -> tuple[Optional[int], Optional[int]]:
     """(the step of the lowest loss before the turn, the step where the loss turned up): the first
     None when the loss has not fallen, the second None when it has not turned up."""
     lowest, at = start, None
     for step, loss in enumerate(losses):
-        if loss > lowest + TURN * (start - lowest) and start - lowest >= FALL * start:
+        if loss > lowest + TURN * (start - lowest) and fell_below(start, lowest):
             return at, step
         if loss < lowest:
             lowest, at = loss, step
-    return (at if start - lowest >= FALL * start else None), None
+    return (at if fell_below(start, lowest) else None), None
 
 
-def pick(start: float, lrs: list[float], losses: list[float],
-         not_finite_at: Optional[float] = None) -> tuple[Optional[float], str]:
-    """The rule: (lr, why) from the reference loss (the start's, or chance's when that is lower) and
-    the loss after a step at each of `lrs` (and the rate after which it was not finite, where the
-    test ended so), or (None, why) when the loss never fell below it."""
+def pick(start: float, lrs: list[float], losses: list[float], not_finite_at: Optional[float] = None,
+         worse_than_chance: bool = False) -> tuple[Optional[float], str]:
+    """The rule: (lr, why) from the reference loss (the start's, or chance's when that is lower:
+    `worse_than_chance`) and the loss after a step at each of `lrs` (and the rate after which it was
+    not finite, where the test ended so), or (None, why) when the loss never fell below it."""
     at, turned = turn(start, losses)
     if at is None:
         return None, (f"the loss did not fall {FALL:.0%} below {start:.3g} (the least the rule reads as learning) "
                       f"at any learning rate the test tried")
+    if worse_than_chance:
+        first = next(step for step, loss in enumerate(losses) if fell_below(start, loss))
+        return lrs[first], (f"range test: the model started worse than chance; the loss first fell {FALL:.0%} "
+                            f"below chance's {start:.3g} at lr {lrs[first]:.2g}, the rate chosen")
     if turned is None and not_finite_at is None:
         return lrs[at], f"range test: the loss was lowest at lr {lrs[at]:.2g} (it had not turned up by the end)"
     # a loss gone non-finite has turned up as far as it can
@@ -108,7 +122,7 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
     world = rank_and_world()[1]
     batch = process_batches(objective, batch_size, torch.Generator().manual_seed(seed))[0]
     model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective   # gradients averaged
-    lrs, losses, start, reference, stopped, not_finite_at = [], [], math.nan, math.nan, False, None
+    lrs, losses, start, reference, stopped, not_finite_at, worse = [], [], math.nan, math.nan, False, None, False
     objective.train()
     # its random draws (dropout's) are given back: a run trains the same whether its choice was
     # measured now or read from the cache
@@ -122,7 +136,8 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
             chance = getattr(objective, "chance_loss", None)
             if chance is not None:   # VQA's depends on each process's slice: every process must judge alike
                 chance = float(mean_across_processes(torch.tensor(chance, device=device)))
-            reference = min(start, chance) if chance is not None else start
+            worse = chance is not None and start > chance
+            reference = chance if worse else start
             for step in range(steps if math.isfinite(start) else 0):
                 stopped = stop is not None and any_process(stop(), device)
                 if stopped:
@@ -139,7 +154,8 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                     break
                 lrs.append(lr)
                 losses.append(value)
-                if value > BLOW_UP * start or turn(reference, losses)[1] is not None:   # the rule has its answer
+                if value > BLOW_UP * start or turn(reference, losses)[1] is not None or \
+                        (worse and fell_below(reference, value)):   # the rule has its answer
                     break
         finally:
             objective.eval()
@@ -150,11 +166,11 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
     fell, turned = turn(reference, losses)
     if stopped:
         chosen, why = None, "stopped before the range test finished"
-    elif len(losses) < 3 and turned is None and (not_finite_at is None or fell is None):
+    elif len(losses) < 3 and turned is None and fell is None:
         chosen, why = None, "the loss was not finite from the start" if not math.isfinite(start) else \
             "the loss blew up at once"
     else:
-        chosen, why = pick(reference, lrs, losses, not_finite_at)
+        chosen, why = pick(reference, lrs, losses, not_finite_at, worse)
     if chosen is None:
         chosen, why = fallback, f"{why}; kept the suggested {fallback:.2g}"
     return LrChoice(lr=float(chosen), why=why, lrs=lrs, losses=losses, steps=len(lrs), batch_size=len(batch) * world,

@@ -202,5 +202,23 @@ def test_a_model_worse_than_chance_is_judged_against_chance(chance_share, monkey
                         autocast_to=None)
     assert references == [pytest.approx(min(start, chance_share * start), rel=1e-2)]
     monkeypatch.undo()
-    assert lr_range.pick(3.0, [1, 2, 3, 4], [9.0, 6.0, 3.2, 3.1])[0] is None   # flattened, never below chance
-    assert lr_range.pick(3.0, [1, 2, 3, 4], [9.0, 2.0, 2.8, 9.0])[0] == pytest.approx(6 ** 0.5)
+    assert lr_range.pick(3.0, [1, 2, 3, 4], [9.0, 6.0, 3.2, 3.1], worse_than_chance=True)[0] is None   # flattened
+    # worse than chance: the first rate whose loss fell 10% below chance, not the middle of the lowest and the turn
+    lr, why = lr_range.pick(3.0, [1, 2, 3, 4], [9.0, 2.5, 2.0, 9.0], worse_than_chance=True)
+    assert lr == 2 and why.startswith("range test: the model started worse than chance; the loss first fell 10% "
+                                      "below chance's 3 at lr 2")
+    assert lr_range.pick(3.0, [1, 2, 3, 4], [9.0, 2.5, 2.0, 9.0])[0] == pytest.approx(12 ** 0.5)   # from a start of 3
+
+
+def test_a_model_worse_than_chance_stops_the_test_where_its_loss_first_falls_below_chance():
+    import core.lr_range as lr_range
+
+    objective = Regression(0.3)
+    batch = objective.batches(16, torch.Generator().manual_seed(0))[0]
+    with torch.no_grad():
+        start = float(objective(batch))
+    objective.chance_loss = 0.5 * start   # the start is twice chance's loss
+    choice = lr_range.range_test(objective, {"w": objective.w}, steps=20, batch_size=16, weight_decay=0.0,
+                                 grad_clip=1.0, autocast_to=None)
+    assert choice.losses[-1] <= 0.9 * 0.5 * start < min(choice.losses[:-1])   # it stopped at the first such step
+    assert choice.lr == choice.lrs[-1] and choice.steps < 20 and "worse than chance" in choice.why
