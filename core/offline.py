@@ -211,7 +211,7 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
 
     record = out / "runs.jsonl"
     done = [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()] if record.is_file() else []
-    seen = {(r.get("task", "retrieval"), r["part"], r["shots"], r["method"], r["lr"], r["seed"]) for r in done}
+    seen = {_row_key(r) for r in done}
     metric = headline_metric(task)
     zero_shot: dict = {}
     for part in parts:
@@ -258,7 +258,7 @@ def merged_record(old: Optional[dict], new: dict, provenance: Optional[str] = No
     threads they ran on where those differ from the record's). Records of different epochs are not
     one table (ValueError: `check_mergeable`)."""
     if old is None:
-        return {**new, **({"provenance": provenance} if provenance else {})}
+        return {**new, "seeds": sorted(new["seeds"]), **({"provenance": provenance} if provenance else {})}
     check_mergeable(old, new["epochs"])
     replaced = {_row_key(r) for r in new["rows"]}
 
