@@ -7,7 +7,8 @@ bookkeeping: losses stay on the device and reach the host once per logging inter
 A run that diverges — a loss that is not finite, a loss whose median over the last WINDOW steps
 climbs to DIVERGED_RISE times the untrained weights' mean loss over one epoch (measured first,
 without gradients) and DIVERGED_MARGIN above it, or embeddings that collapse (the median spread of
-a batch's logits below NEAR_CONSTANT and below COLLAPSED of the untrained weights') — goes back to
+a batch's logits below COLLAPSED of the untrained weights' and either below NEAR_CONSTANT, or below
+NEAR_UNIFORM with the loss at chance's) — goes back to
 its best weights so far (the end of the epoch with the lowest mean loss, once the batch after it
 showed them sound) and trains the epochs left at a third of the learning rate, at most `restarts`
 times; a restart that diverges again before it finished an epoch from those weights goes back to
@@ -44,6 +45,12 @@ RESTART_FACTOR = 3.0  # a restart divides the learning rate by this
 # random-init model can start near 0.
 NEAR_CONSTANT = 0.1   # logits
 COLLAPSED = 0.2       # of the untrained weights' spread
+# A model that starts worse than chance (VQA's overconfident logits) collapses onto chance instead:
+# its candidates scored almost alike (spread ~0.2 on the offline world: Aurora at 3e-2, LoRA at 9e-2)
+# with the loss's median no more than AT_CHANCE below the loss of scoring them exactly alike, while it
+# falls to chance and below on the way to learning with a spread above 1.3.
+NEAR_UNIFORM = 0.5    # logits
+AT_CHANCE = 0.05      # of chance's loss (the objective's `chance_loss`)
 
 
 class TrainingDiverged(RuntimeError):
@@ -226,9 +233,11 @@ class _Guard:
                     self.candidate[name].copy_(p)
             self.candidate_epoch, self.candidate_loss, self.check_step = epoch, loss, next_step
 
-    def collapsed(self, spread: float) -> bool:
-        """Whether a batch's logit spread says the embeddings collapsed (never where it or the untrained one is NaN)."""
-        return spread < NEAR_CONSTANT and spread < COLLAPSED * self.spread
+    def collapsed(self, spread: float, loss: float, chance: float) -> bool:
+        """Whether a batch's logit spread (with its loss against chance's, where the objective knows
+        it) says the embeddings collapsed (never where the spread or the untrained one is NaN)."""
+        return spread < COLLAPSED * self.spread and (
+            spread < NEAR_CONSTANT or (spread < NEAR_UNIFORM and loss >= (1 - AT_CHANCE) * chance))
 
     def settle(self, fine: bool) -> None:
         """The first batch after the candidate's epoch said whether its weights are `fine`: if so, they are the best."""
@@ -337,9 +346,10 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
     start, scored = time.perf_counter(), 0.0
     no_spread = torch.tensor(math.nan, device=device)
     pending: list[torch.Tensor] = []   # (loss, spread) of the steps not yet reported, still on the device
-    # this attempt's last losses and spreads (a batch with nothing to watch — one candidate, a generated
-    # answer: NaN — left out)
-    recent = {"loss": deque(maxlen=WINDOW), "spread": deque(maxlen=WINDOW)}
+    # this attempt's last losses, and spreads with their batches' loss and chance's (a batch with nothing
+    # to watch — one candidate, a generated answer: NaN — left out)
+    recent = {"loss": deque(maxlen=WINDOW), "spread": deque(maxlen=WINDOW), "watched loss": deque(maxlen=WINDOW),
+              "chance": deque(maxlen=WINDOW)}
 
     def stopping() -> bool:
         """A cancel or the deadline; under torchrun agreed by every process, once per logging interval
@@ -351,42 +361,51 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
         return log.cancelled or log.out_of_time
 
     def measured(loss: torch.Tensor) -> torch.Tensor:
-        spread = getattr(objective, "last_spread", None)
-        return torch.stack([loss.detach().float(), no_spread if spread is None else spread.float()])
+        spread, chance = getattr(objective, "last_spread", None), getattr(objective, "chance_loss", None)
+        return torch.stack([loss.detach().float(), no_spread if spread is None else spread.float(),
+                            no_spread if chance is None else torch.tensor(float(chance), device=device)])
 
     def diverging(rows: list[list[float]], first: int) -> Optional[_Diverging]:
-        for at_step, (value, spread) in enumerate(rows, start=first):
+        for at_step, (value, spread, chance) in enumerate(rows, start=first):
             if not math.isfinite(value):
                 return _Diverging(at_step, f"the loss became {value}")
             recent["loss"].append(value)
             if math.isfinite(spread):
                 recent["spread"].append(spread)
+                recent["watched loss"].append(value)
+                recent["chance"].append(chance)   # NaN where the objective does not know it: never at chance
             if len(recent["loss"]) == WINDOW and (level := statistics.median(recent["loss"])) > max(
                     DIVERGED_RISE * guard.loss, guard.loss + DIVERGED_MARGIN):
                 rise = f"{level / guard.loss:.1f}× the untrained weights' loss" if guard.loss >= 1 else \
                     f"{level:.3g}, {level - guard.loss:.2g} nats above the untrained weights' {guard.loss:.3g}"
                 return _Diverging(at_step, f"the loss's median over {WINDOW} steps rose to {rise}")
-            if len(recent["spread"]) == WINDOW and guard.collapsed(spread_level := statistics.median(recent["spread"])):
-                return _Diverging(at_step, f"the embeddings collapsed (the median spread of a batch's logits fell to "
-                                           f"{spread_level:.2g}, {spread_level / guard.spread:.2f}× the untrained "
-                                           f"weights')")
+            if len(recent["spread"]) == WINDOW:
+                spread_level, loss_level, chance_level = (statistics.median(recent[key]) for key in
+                                                          ("spread", "watched loss", "chance"))
+                if guard.collapsed(spread_level, loss_level, chance_level):
+                    at_chance = "" if spread_level < NEAR_CONSTANT else \
+                        f", the loss's median {loss_level:.3g} at chance's {chance_level:.3g}: every candidate scored alike"
+                    return _Diverging(at_step, f"the embeddings collapsed (the median spread of a batch's logits fell to "
+                                               f"{spread_level:.2g}, {spread_level / guard.spread:.2f}× the untrained "
+                                               f"weights'{at_chance})")
         return None
 
     def report() -> None:
         """The pending losses to the host in one transfer: logged, checked, reported."""
         rows = torch.stack([*pending, *untrained]).tolist()
         if untrained:   # it rode along with the first report's losses
-            guard.loss, guard.spread = rows.pop()
+            guard.loss, guard.spread, _ = rows.pop()
             untrained.clear()
         first = step - len(rows) + 1
         pending.clear()
         if guard.check_step is not None and first <= guard.check_step < first + len(rows):
-            loss_then, spread_then = rows[guard.check_step - first]
-            guard.settle(not any_process(not loss_then <= guard.loss or guard.collapsed(spread_then), device))
+            loss_then, spread_then, chance_then = rows[guard.check_step - first]
+            guard.settle(not any_process(not loss_then <= guard.loss or guard.collapsed(spread_then, loss_then,
+                                                                                          chance_then), device))
         wrong = diverging(rows, first)
         if any_process(wrong is not None, device):
             raise wrong or _Diverging(first, "another process's loss went wrong")
-        log.step_losses.extend(value for value, _ in rows)
+        log.step_losses.extend(value for value, _, _ in rows)
         if progress is not None:
             progress(Progress(step, total, len(log.epoch_losses) + 1, rows[-1][0], time.perf_counter() - start,
                               first_step))
@@ -402,7 +421,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
             # must not switch the guard off (training on it says so at its step); a NaN spread is a batch
             # with nothing to watch
             losses = at_start[:, 0]
-            at_start = torch.stack([losses.where(losses.isfinite(), math.nan).nanmean(), at_start[:, 1].nanmean()])
+            at_start = torch.stack([losses.where(losses.isfinite(), math.nan).nanmean(), *at_start[:, 1:].nanmean(dim=0)])
             untrained.append(mean_across_processes(at_start))   # every process judges alike
     try:
         for epoch in range(done + 1, settings.epochs + 1):

@@ -180,6 +180,44 @@ def test_a_spread_that_is_small_but_never_fell_or_fell_but_not_near_constant_is_
     assert log.restarts == [] and log.steps == 48 and log.epoch_losses[-1] < 0.05 * 36
 
 
+class OntoChance(Quadratic):
+    """|w - 3|² as a model that starts worse than chance (chance's loss 3, the untrained weights'
+    36, their logit spread 5): over `flat_calls` its candidates score almost alike (spread
+    `flat_spread`) with the loss at `flat_loss`; elsewhere the spread is 2."""
+
+    def __init__(self, flat_calls, flat_spread=0.2, flat_loss=3.05):
+        super().__init__()
+        self.flat_calls, self.flat_spread, self.flat_loss = flat_calls, flat_spread, flat_loss
+        self.chance_loss = 3.0
+
+    def forward(self, batch):
+        loss = super().forward(batch)
+        flat = self.calls in self.flat_calls
+        self.last_spread = torch.tensor(5.0 if self.calls <= 4 else self.flat_spread if flat else 2.0)
+        return loss * 0 + self.flat_loss if flat else loss
+
+
+def test_answers_scored_alike_at_chance_loss_are_a_collapse():
+    # VQA at a rate past its cliff: the loss falls from far above chance onto it and stays, every
+    # answer scored almost alike (spread 0.2, above the near-constant 0.1): steps 18 on (calls 22 on)
+    objective = OntoChance(flat_calls=range(22, 30))
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0))
+    (restart,) = log.restarts
+    assert restart["step"] == 23 and restart["from_epoch"] == 4 and restart["restarted_at"] == pytest.approx(0.1)
+    assert restart["reason"] == ("the embeddings collapsed (the median spread of a batch's logits fell to 0.2, "
+                                 "0.04× the untrained weights', the loss's median 3.05 at chance's 3: every "
+                                 "candidate scored alike)")
+
+
+@pytest.mark.parametrize("flat_spread, flat_loss", [(1.0, 3.05), (0.2, 2.5)],
+                         ids=["at-chance-but-spread", "flat-but-below-chance"])
+def test_a_loss_passing_chance_or_a_flat_spread_below_it_is_no_collapse(flat_spread, flat_loss):
+    # learning VQA passes chance's loss with its answers ~2 logits apart, and a model whose loss is
+    # well below chance's has learned, however flat its logits
+    objective = OntoChance(flat_calls=range(22, 30), flat_spread=flat_spread, flat_loss=flat_loss)
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0))
+    assert log.restarts == []
+
 class Unsound(Quadratic):
     """|w - 3|², but past w = 4 (where a high rate overshoots to) every batch that starts with an
     even item overflows: weights there can pass one batch and fail the next, at any rate."""
