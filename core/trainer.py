@@ -202,11 +202,11 @@ def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_sche
 
 
 class _Guard:
-    """What the divergence guard measures against and goes back to: the untrained weights' mean loss
-    and logit spread over an epoch (measured first, without gradients), and the best weights so
-    far — those at the end of the epoch with the lowest mean training loss, once the first batch
-    after it has shown them neither worse than the untrained weights' mean loss nor collapsed (an
-    epoch's mean can be low while a high rate leaves its last weights broken); the untrained weights
+    """What the divergence guard measures against and goes back to: the untrained weights' mean loss,
+    logit spread and chance's loss over an epoch (measured first, without gradients), and the best
+    weights so far — those at the end of the epoch with the lowest mean training loss, once the first
+    batch after it has shown them `sound` (an epoch's mean can be low while a high rate leaves its
+    last weights broken); the untrained weights
     until an epoch qualifies, and again after `forget_best`. An epoch's mean loss chooses, not one
     batch's: a collapsed model can score one small batch well. The candidate and the best are a copy
     each, beside the untrained one."""
@@ -216,6 +216,7 @@ class _Guard:
         self.untrained = {n: p.detach().clone() for n, p in params.items()}
         self.loss: Optional[float] = None
         self.spread = math.nan          # NaN where the objective has no similarities to watch
+        self.chance = math.nan          # chance's loss (its mean over the epoch), NaN where the objective does not know it
         self.best: Optional[dict[str, torch.Tensor]] = None
         self.best_epoch, self.best_loss = 0, math.inf
         self.candidate: Optional[dict[str, torch.Tensor]] = None
@@ -238,6 +239,14 @@ class _Guard:
         it) says the embeddings collapsed (never where the spread or the untrained one is NaN)."""
         return spread < COLLAPSED * self.spread and (
             spread < NEAR_CONSTANT or (spread < NEAR_UNIFORM and loss >= (1 - AT_CHANCE) * chance))
+
+    def sound(self, loss: float, spread: float, chance: float) -> bool:
+        """Whether a batch's numbers show the weights it ran on worth going back to: a loss no worse
+        than the untrained weights', not collapsed, and below chance's for a model that started worse
+        than chance (weights at chance's loss have learned only to flatten its logits, and a restart
+        from them collapses again: VQA with Aurora at 3e-2 on the offline world, twice, from epoch 3)."""
+        only_flattened = self.loss > self.chance and loss >= (1 - AT_CHANCE) * chance   # False where chance is NaN
+        return loss <= self.loss and not only_flattened and not self.collapsed(spread, loss, chance)
 
     def settle(self, fine: bool) -> None:
         """The first batch after the candidate's epoch said whether its weights are `fine`: if so, they are the best."""
@@ -394,14 +403,13 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
         """The pending losses to the host in one transfer: logged, checked, reported."""
         rows = torch.stack([*pending, *untrained]).tolist()
         if untrained:   # it rode along with the first report's losses
-            guard.loss, guard.spread, _ = rows.pop()
+            guard.loss, guard.spread, guard.chance = rows.pop()
             untrained.clear()
         first = step - len(rows) + 1
         pending.clear()
         if guard.check_step is not None and first <= guard.check_step < first + len(rows):
             loss_then, spread_then, chance_then = rows[guard.check_step - first]
-            guard.settle(not any_process(not loss_then <= guard.loss or guard.collapsed(spread_then, loss_then,
-                                                                                          chance_then), device))
+            guard.settle(not any_process(not guard.sound(loss_then, spread_then, chance_then), device))
         wrong = diverging(rows, first)
         if any_process(wrong is not None, device):
             raise wrong or _Diverging(first, "another process's loss went wrong")

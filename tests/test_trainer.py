@@ -185,16 +185,16 @@ class OntoChance(Quadratic):
     36, their logit spread 5): over `flat_calls` its candidates score almost alike (spread
     `flat_spread`) with the loss at `flat_loss`; elsewhere the spread is 2."""
 
-    def __init__(self, flat_calls, flat_spread=0.2, flat_loss=3.05):
+    def __init__(self, flat_calls, flat_spread=0.2, flat_loss=3.05, floor=0.0):
         super().__init__()
-        self.flat_calls, self.flat_spread, self.flat_loss = flat_calls, flat_spread, flat_loss
+        self.flat_calls, self.flat_spread, self.flat_loss, self.floor = flat_calls, flat_spread, flat_loss, floor
         self.chance_loss = 3.0
 
     def forward(self, batch):
         loss = super().forward(batch)
         flat = self.calls in self.flat_calls
         self.last_spread = torch.tensor(5.0 if self.calls <= 4 else self.flat_spread if flat else 2.0)
-        return loss * 0 + self.flat_loss if flat else loss
+        return loss * 0 + self.flat_loss if flat else loss.clamp(min=self.floor)
 
 
 def test_answers_scored_alike_at_chance_loss_are_a_collapse():
@@ -207,6 +207,15 @@ def test_answers_scored_alike_at_chance_loss_are_a_collapse():
     assert restart["reason"] == ("the embeddings collapsed (the median spread of a batch's logits fell to 0.2, "
                                  "0.04× the untrained weights', the loss's median 3.05 at chance's 3: every "
                                  "candidate scored alike)")
+
+
+def test_weights_that_only_fell_onto_chance_are_not_gone_back_to():
+    # the loss falls from 36 onto chance's (3) and no further before the answers flatten: those
+    # epochs learned nothing a restart should keep, so it starts from the untrained weights
+    objective = OntoChance(flat_calls=range(22, 30), floor=3.0)
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0))
+    assert [(r["step"], r["from_epoch"]) for r in log.restarts] == [(23, 0)]
+    assert "restarted at 0.1 from the untrained weights" in restart_note(log.restarts)
 
 
 @pytest.mark.parametrize("flat_spread, flat_loss", [(1.0, 3.05), (0.2, 2.5)],
