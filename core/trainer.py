@@ -353,8 +353,8 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
     scaler = torch.amp.GradScaler(device.type, enabled=settings.autocast == "fp16")
     log_every = settings.log_every or (1 if device.type == "cpu" else 10)
     start, scored = time.perf_counter(), 0.0
-    no_spread = torch.tensor(math.nan, device=device)
-    pending: list[torch.Tensor] = []   # (loss, spread) of the steps not yet reported, still on the device
+    unknown = torch.tensor(math.nan, device=device)
+    pending: list[torch.Tensor] = []   # (loss, spread, chance's loss) of the steps not yet reported, still on the device
     # this attempt's last losses, and spreads with their batches' loss and chance's (a batch with nothing
     # to watch — one candidate, a generated answer: NaN — left out)
     recent = {"loss": deque(maxlen=WINDOW), "spread": deque(maxlen=WINDOW), "watched loss": deque(maxlen=WINDOW),
@@ -371,8 +371,8 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
 
     def measured(loss: torch.Tensor) -> torch.Tensor:
         spread, chance = getattr(objective, "last_spread", None), getattr(objective, "chance_loss", None)
-        return torch.stack([loss.detach().float(), no_spread if spread is None else spread.float(),
-                            no_spread if chance is None else torch.tensor(float(chance), device=device)])
+        return torch.stack([loss.detach().float(), unknown if spread is None else spread.float(),
+                            unknown if chance is None else torch.tensor(float(chance), device=device)])
 
     def diverging(rows: list[list[float]], first: int) -> Optional[_Diverging]:
         for at_step, (value, spread, chance) in enumerate(rows, start=first):
