@@ -372,7 +372,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
     def measured(loss: torch.Tensor) -> torch.Tensor:
         spread, chance = getattr(objective, "last_spread", None), getattr(objective, "chance_loss", None)
         return torch.stack([loss.detach().float(), unknown if spread is None else spread.float(),
-                            unknown if chance is None else torch.tensor(float(chance), device=device)])
+                            unknown if chance is None else torch.full((), float(chance), device=device)])   # a fill: no copy to wait on
 
     def diverging(rows: list[list[float]], first: int) -> Optional[_Diverging]:
         for at_step, (value, spread, chance) in enumerate(rows, start=first):
