@@ -180,8 +180,9 @@ def test_a_malformed_upload_gets_a_clear_report_and_leaves_nothing(app_server, t
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the app's memory from /proc")
 def test_many_short_sessions_do_not_grow_the_server(app_server, app_pid):
-    """100 API sessions, each loading a set and searching it with the bundled model, then closed:
-    the app's resident memory after the 100th is within 10% of where it was after the 10th."""
+    """50 API sessions, each loading a set and searching it with the bundled model, then closed:
+    the app's resident memory after the 50th is within 6% of where it was after the 10th (measured:
+    +2.8% after 50 and +4.1% after 100, at about 1.2 s a session)."""
     from concurrent.futures import ThreadPoolExecutor
 
     url, sessions = app_server
@@ -199,8 +200,8 @@ def test_many_short_sessions_do_not_grow_the_server(app_server, app_pid):
 
     resident = {}
     with ThreadPoolExecutor(5) as clients:   # the app's work is small; most of a call is waiting
-        for done, each in ((10, 2), (100, 18)):
+        for done, each in ((10, 2), (50, 8)):
             assert sum(clients.map(short_sessions, [each] * 5), []) == [5] * 5 * each
             assert _released(sessions, before)   # every session so far is gone, its folder too
             resident[done] = resident_mib(app_pid)
-    assert resident[100] <= 1.10 * resident[10], resident
+    assert resident[50] <= 1.06 * resident[10], resident
