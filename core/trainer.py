@@ -4,7 +4,8 @@ AdamW over the trainable parameters only, linear warm-up then cosine decay by st
 clipping, seeded shuffling, optional bf16 or fp16 autocast (fp16 with a gradient scaler), a
 progress callback, a cancel flag and a deadline. The loop never waits on the device for its own
 bookkeeping: losses stay on the device and reach the host once per logging interval.
-A run that diverges — a loss that is not finite, a loss whose median over the last WINDOW steps
+A run that diverges — a loss that is not finite, a loss whose median over the last `guard_window`
+steps
 climbs to DIVERGED_RISE times the untrained weights' mean loss over one epoch (measured first,
 without gradients) and DIVERGED_MARGIN above it, or embeddings that collapse (the median spread of
 a batch's logits below COLLAPSED of the untrained weights' and either below NEAR_CONSTANT, or below
@@ -37,7 +38,10 @@ DIVERGED_MARGIN = 0.5  # and at least this much above it (in nats: a loss near 0
 # The guard judges the median of the last WINDOW steps, never a mean: one small batch's loss can be 0
 # or 4.5 by which pairs it drew (a batch of 2 on the offline world, at any rate), and one such batch
 # lifts a moving average past the margin as surely as a run that diverges; half the window cannot.
-WINDOW = 10
+# A short run is judged over a third of its steps, at least MIN_WINDOW: over 10, a 15-step run (16
+# shots) is seen only from its tenth step, and a collapse in its last third never holds the median
+# (retrieval with Aurora at 0.1 on novel colours, seed 2: at chance's loss from step 9, 4% R@1).
+WINDOW, MIN_WINDOW = 10, 5
 RESTART_FACTOR = 3.0  # a restart divides the learning rate by this
 # A collapse: the median spread of a batch's logits (core.tasks.encoding.similarity_spread) both near
 # constant — every candidate scoring alike — and fallen from the untrained weights'. Either alone misleads:
@@ -272,6 +276,12 @@ class _Guard:
         self.candidate, self.check_step = None, None
 
 
+def guard_window(total_steps: int) -> int:
+    """How many of the last steps the guard judges in a run of `total_steps`: WINDOW, or a third of
+    a short run's steps (at least MIN_WINDOW)."""
+    return max(MIN_WINDOW, min(WINDOW, total_steps // 3))
+
+
 def any_process(flag: bool, device: torch.device) -> bool:
     """Whether any process raised `flag`, so that all act on it together (restart, stop)."""
     if rank_and_world()[1] == 1:
@@ -357,8 +367,8 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
     pending: list[torch.Tensor] = []   # (loss, spread, chance's loss) of the steps not yet reported, still on the device
     # this attempt's last losses, and spreads with their batches' loss and chance's (a batch with nothing
     # to watch — one candidate, a generated answer: NaN — left out)
-    recent = {"loss": deque(maxlen=WINDOW), "spread": deque(maxlen=WINDOW), "watched loss": deque(maxlen=WINDOW),
-              "chance": deque(maxlen=WINDOW)}
+    window = guard_window(total)
+    recent = {key: deque(maxlen=window) for key in ("loss", "spread", "watched loss", "chance")}
 
     def stopping() -> bool:
         """A cancel or the deadline; under torchrun agreed by every process, once per logging interval
@@ -383,12 +393,12 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                 recent["spread"].append(spread)
                 recent["watched loss"].append(value)
                 recent["chance"].append(chance)   # NaN where the objective does not know it: never at chance
-            if len(recent["loss"]) == WINDOW and (level := statistics.median(recent["loss"])) > max(
+            if len(recent["loss"]) == window and (level := statistics.median(recent["loss"])) > max(
                     DIVERGED_RISE * guard.loss, guard.loss + DIVERGED_MARGIN):
                 rise = f"{level / guard.loss:.1f}× the untrained weights' loss" if guard.loss >= 1 else \
                     f"{level:.3g}, {level - guard.loss:.2g} nats above the untrained weights' {guard.loss:.3g}"
-                return _Diverging(at_step, f"the loss's median over {WINDOW} steps rose to {rise}")
-            if len(recent["spread"]) == WINDOW:
+                return _Diverging(at_step, f"the loss's median over {window} steps rose to {rise}")
+            if len(recent["spread"]) == window:
                 spread_level, loss_level, chance_level = (statistics.median(recent[key]) for key in
                                                           ("spread", "watched loss", "chance"))
                 if guard.collapsed(spread_level, loss_level, chance_level):

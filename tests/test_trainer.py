@@ -8,7 +8,7 @@ from torch import nn
 from safetensors.torch import load_file
 
 from core.runs import RunError, tune
-from core.trainer import TrainingDiverged, TrainSettings, _schedule, restart_note, train
+from core.trainer import TrainingDiverged, TrainSettings, _schedule, guard_window, restart_note, train
 from tests.conftest import TINY
 
 
@@ -92,7 +92,7 @@ def test_a_rise_from_an_untrained_loss_of_zero_is_told_in_nats():
     objective = PerfectThenWorse()
     with pytest.raises(TrainingDiverged, match=r"^the loss's median over 10 steps rose to 2, 2 nats above the "
                                                r"untrained weights' 0 at step 10 with lr 0.111 "):
-        train(objective, {"w": objective.w}, TrainSettings(epochs=5, lr=1.0))
+        train(objective, {"w": objective.w}, TrainSettings(epochs=8, lr=1.0))
 
 
 class OvershootUnscoredAtFirst(Overshoot):
@@ -155,6 +155,20 @@ def test_weights_whose_next_batch_has_collapsed_are_never_the_best():
     objective = Collapsing(collapsed_calls=range(21, 29), hidden=True)
     log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0))
     assert [r["from_epoch"] for r in log.restarts] == [3] and "collapsed" in log.restarts[0]["reason"]
+
+
+def test_a_short_run_is_judged_over_a_third_of_its_steps():
+    # 4 epochs of 4 steps: the embeddings collapse over its last 5 steps (calls 16-20); a 10-step
+    # window never had them in its median (5 of 10), a third of the run (5 steps) does
+    objective = Collapsing(collapsed_calls=range(16, 21))
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=4, lr=0.3, grad_clip=0))
+    (restart,) = log.restarts
+    assert restart["step"] == 14 and "collapsed" in restart["reason"] and log.lr == pytest.approx(0.1)
+    assert log.steps == 16 and log.epoch_losses[-1] < 36
+
+
+def test_the_guards_window_is_a_third_of_a_short_run_between_5_and_10_steps():
+    assert [guard_window(steps) for steps in (1, 10, 15, 18, 27, 30, 45, 400)] == [5, 5, 5, 6, 9, 10, 10, 10]
 
 
 class Spread(Quadratic):
