@@ -253,21 +253,23 @@ def _row_key(row: dict) -> tuple:
 
 def merged_record(old: Optional[dict], new: dict, provenance: Optional[str] = None) -> dict:
     """The record `old` (None: none yet) with the runs of `new` (a proof's record of one command): a run
-    measured again replaces its row, the others stay; the parts, shots, seeds (in order) and rates are
+    measured again replaces its row where it stands (the record's diff shows only what changed), new
+    runs follow, the others stay; the parts, shots, seeds (in order) and rates are
     those of both, and `provenance`, a sentence on these runs, is added to the record's (with the
     threads they ran on where those differ from the record's). Records of different epochs are not
     one table (ValueError: `check_mergeable`)."""
     if old is None:
         return {**new, "seeds": sorted(new["seeds"]), **({"provenance": provenance} if provenance else {})}
     check_mergeable(old, new["epochs"])
-    replaced = {_row_key(r) for r in new["rows"]}
+    measured, recorded = {_row_key(r): r for r in new["rows"]}, {_row_key(r) for r in old["rows"]}
 
     def union(key: str) -> list:
         return list(dict.fromkeys([*old.get(key, PROOF_RATES if key == "rates" else []), *new[key]]))
 
     record = {**old, **{key: union(key) for key in ("parts", "shots", "rates")},
               "seeds": sorted(set(old["seeds"]) | set(new["seeds"])), "threads": old.get("threads", new["threads"]),
-              "rows": [r for r in old["rows"] if _row_key(r) not in replaced] + new["rows"]}
+              "rows": [measured.get(_row_key(r), r) for r in old["rows"]] +
+                      [r for key, r in measured.items() if key not in recorded]}
     if record["threads"] != new["threads"]:
         provenance = f"{provenance or 'Runs added later.'} (On {new['threads']} CPU threads.)"
     if provenance:
