@@ -4,16 +4,16 @@ AdamW over the trainable parameters only, linear warm-up then cosine decay by st
 clipping, seeded shuffling, optional bf16 or fp16 autocast (fp16 with a gradient scaler), a
 progress callback, a cancel flag and a deadline. The loop never waits on the device for its own
 bookkeeping: losses stay on the device and reach the host once per logging interval.
-A run that diverges — a loss that is not finite, a loss whose median over the last `guard_window`
-steps
-climbs to DIVERGED_RISE times the untrained weights' mean loss over one epoch (measured first,
-without gradients) and DIVERGED_MARGIN above it, or embeddings that collapse (the median spread of
-a batch's logits below COLLAPSED of the untrained weights' and either below NEAR_CONSTANT, or below
-NEAR_UNIFORM with the loss at chance's) — goes back to
-its best weights so far (the end of the epoch with the lowest mean loss, once the batch after it
-showed them sound) and trains the epochs left at a third of the learning rate, at most `restarts`
-times; a restart that diverges again before it finished an epoch from those weights goes back to
-the untrained weights next (those best weights are taken as unsound).
+A run that diverges — a loss that is not finite, a loss whose median over the guard's window (the
+last `guard_window` steps: 10, or a third of a shorter run's, at least 5) climbs to DIVERGED_RISE
+times the untrained weights' mean loss over one epoch (measured first, without gradients) and
+DIVERGED_MARGIN above it, or embeddings that collapse (the median spread of a batch's logits below
+COLLAPSED of the untrained weights' and either below NEAR_CONSTANT, or below NEAR_UNIFORM with the
+loss at chance's) — goes back to its best weights so far (the end of the epoch with the lowest
+mean loss, once the batch after it showed them sound) and trains the epochs left at a third of the
+learning rate, at most `restarts` times; a restart that diverges again before it finished an epoch
+from those weights goes back to the untrained weights next (those best weights are taken as
+unsound).
 Under torchrun / accelerate (torch.distributed initialised) the objective is wrapped in DDP,
 `batch_size` is per process, and each process takes its slice of every global batch (batch size ×
 processes): with the retrieval objective's gathered negatives, N processes × batch B train as one
@@ -35,7 +35,7 @@ from core.distributed import mean_across_processes, rank_and_world
 
 DIVERGED_RISE = 1.5   # a loss (the window's median) this many times the untrained weights' loss is a run going wrong
 DIVERGED_MARGIN = 0.5  # and at least this much above it (in nats: a loss near 0, as small batches give, doubles by chance)
-# The guard judges the median of the last WINDOW steps, never a mean: one small batch's loss can be 0
+# The guard judges the median of its window of steps, never a mean: one small batch's loss can be 0
 # or 4.5 by which pairs it drew (a batch of 2 on the offline world, at any rate), and one such batch
 # lifts a moving average past the margin as surely as a run that diverges; half the window cannot.
 # A short run is judged over a third of its steps, at least MIN_WINDOW: over 10, a 15-step run (16

@@ -76,6 +76,7 @@ def test_aurora_three_times_too_fast_is_caught_and_restarted_not_reported_as_a_c
     assert code == 0 and out["lr"] == pytest.approx(0.01)
     assert [(r["lr"], r["restarted_at"]) for r in out["restarts"]] == [(0.03, pytest.approx(0.01))]
     assert "lr 0.03 diverged at step" in out["note"] and "restarted at 0.01" in out["note"]
+    assert "median over 5 steps" in out["note"]   # 15 steps: the guard's window is a third of them
     assert out["tuned"]["t2i_r1"] > out["zero_shot"]["t2i_r1"] and not out["below_zero_shot"]
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
     assert saved["train"]["restarts"] == out["restarts"] and saved["train"]["lr"] == out["lr"]
