@@ -50,11 +50,16 @@ def test_a_run_is_attached_for_one_call_and_the_shared_backbone_is_put_back(runs
                           for colour in ((200, 40, 40), (30, 90, 220))])
     with torch.no_grad():
         frozen = backbone.encode_image(pixels)
+    # a call computes in the precision the hardware does fastest (bf16 where native): the frozen
+    # model's embeddings in the same call differ from the tuned model's only by the run's weights
+    with cache.on(CPU, models.ModelKey("offline", 0, False)) as (inside, handle):
+        assert inside is backbone and handle is None
+        frozen_in_call = backbone.encode_image(pixels).float()
     key = models.ModelKey("offline", 0, False, str(runs[method]))
     with cache.on(CPU, key) as (inside, handle):
         assert inside is backbone and handle.method == method
-        tuned = backbone.encode_image(pixels)
-    assert not torch.allclose(tuned, frozen, atol=1e-4)       # the run's weights did act
+        tuned = backbone.encode_image(pixels).float()
+    assert not torch.allclose(tuned, frozen_in_call, atol=1e-2)   # the run's weights did act
     after = _state(backbone)
     assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
     assert not any(p.requires_grad for p in backbone.parameters()) and backbone.device.type == "cpu"
