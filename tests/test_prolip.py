@@ -49,8 +49,8 @@ def _distance(folder, backbone_seed=0):
 
 
 def test_a_stronger_pull_keeps_the_projection_nearer_its_pretrained_value(shapes, tmp_path):
-    # a rate the held run trains at without the guard stepping in: at 3e-2 (or 1000 at 3e-3) AdamW's
-    # steps overshoot so strong a pull, the pulled loss climbs, and the guard restarts the run
+    # a rate and pull the guard leaves alone: at 3e-2, or with a pull of 1000 even at 3e-3, AdamW's
+    # steps overshoot the pull, the pulled loss climbs, and the guard restarts the run
     runs = {pull: tune(TINY, shapes, "prolip", {"pull": pull}, shots=8, epochs=3, batch_size=8, lr=3e-3,
                        out=tmp_path / f"pull-{pull}") for pull in (0.0, 100.0)}
     assert [r.train.restarts for r in runs.values()] == [[], []]
