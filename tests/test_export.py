@@ -30,7 +30,9 @@ def test_open_clip_loads_the_exported_model_alone(shapes, tmp_path, inputs, meth
                  "--json"]) == 0
     reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert reply["files"] == [OPEN_CLIP_WEIGHTS, "PETStudio-Tiny.json", "README.md"]
-    backbone = load_run(TINY, tmp_path / "run")[0].eval()   # PET Studio's tuned model, deltas not merged
+    # PET Studio's tuned model, deltas not merged, on the CPU where open_clip loads the export (on a
+    # GPU machine load_run would pick the GPU)
+    backbone = load_run(TINY, tmp_path / "run", device=torch.device("cpu"))[0].eval()
     pixels, texts = inputs
     with torch.no_grad():
         tuned = backbone.encode_image(pixels), backbone.encode_text(backbone.tokenize(texts))
@@ -54,7 +56,7 @@ def test_transformers_loads_the_exported_blip_alone(shapes, tiny_blip_folder, tm
     tune(spec, shapes, method, {"heads": True} if method == "aurora" else {}, shots=4, epochs=1, lr=1e-2,
          out=tmp_path / "run")
     assert export(spec, tmp_path / "run", tmp_path / "out")["library"] == "transformers"
-    backbone = load_run(spec, tmp_path / "run")[0].eval()
+    backbone = load_run(spec, tmp_path / "run", device=torch.device("cpu"))[0].eval()
     pixels, texts = inputs
     tokens = backbone.tokenize(texts)
     model = BlipForImageTextRetrieval.from_pretrained(tmp_path / "out").eval()

@@ -22,7 +22,7 @@ from core.tasks import get_task, retrieval, vqa
 from core.tasks.frozen import FrozenCache, stochastic_modules
 from core.tasks.retrieval import RetrievalObjective, RetrievalSet
 from core.tasks.vqa import VqaObjective
-from core.trainer import TrainSettings, train
+from core.trainer import TrainSettings, pick_device, train
 from tests.conftest import TINY, write_tiny_blip_vqa
 
 REL = 1e-6   # fp32: the kept values are the ones the first pass computed, reused
@@ -214,8 +214,12 @@ def test_runs_use_it_and_the_memory_cap_turns_it_off(shapes, tmp_path, monkeypat
         results[cap] = tune(TINY, shapes, "lora", {"towers": ["text"]}, shots=16, epochs=2, lr=1e-2,
                             batch_size=8, precision="fp32", out=tmp_path / cap.replace(".", "_"))
     reference = results["0"]
+    # tune trains on the GPU where there is one, and there the kept features and a step's own come from
+    # different fast kernels (attention, TF32 convolution): on an H200 the losses parted by 9e-6 from the
+    # third step, and agreed exactly with SDPA's math kernel and TF32 off; two uncached runs agree exactly
+    rel = REL if pick_device().type == "cpu" else 1e-4
     for cap in ("2048", "0.001"):
-        assert results[cap].train.step_losses == pytest.approx(reference.train.step_losses, rel=REL)
+        assert results[cap].train.step_losses == pytest.approx(reference.train.step_losses, rel=rel)
         assert results[cap].tuned == reference.tuned
 
 
