@@ -241,7 +241,13 @@ def test_the_model_card_records_the_found_rate_for_vqa_on_every_method():
     assert all(r["task"] == "vqa" and (r["vqa_acc"] is None or 0 <= r["vqa_acc"] <= 100) for r in record["rows"])
     summary = lr_proof_summary(record["rows"])
     for part in record["parts"]:
-        assert sorted(s["method"] for s in summary if s["part"] == part) == sorted(LR_PROOF_METHODS), part
+        for k in record["shots"]:
+            measured = sorted(s["method"] for s in summary if s["part"] == part and s["shots"] == k)
+            if k == 16:   # the whole grid at 16 shots
+                assert measured == sorted(LR_PROOF_METHODS), part
+            else:         # the whole split so far: the card names every method it lacks
+                lacking = next((m for m in missing if m.startswith(f"{part}, all shots: ")), ": ")
+                assert all((m in measured) != (m in lacking.split(": ")[1].split(", ")) for m in LR_PROOF_METHODS)
     assert "## The learning rate found (`--lr auto`) against fixed rates: VQA" in card
     assert "lr-proof --task vqa --rates auto,0.001,0.003,0.01,0.03 --parts novel-colours" in card
     for s in summary:
