@@ -13,6 +13,7 @@ pass); on CUDA, torch's peak allocation.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import random
 import tempfile
@@ -55,17 +56,21 @@ def _time(step: Callable[[], None], steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL:
+    return ctypes.CDLL("libc.so.6")
+
+
 def _return_freed_memory() -> None:
     """glibc keeps freed blocks mapped, which hides each step's peak from VmHWM; with a fixed mmap
     threshold large tensors are returned on free, so the peak is measurable (and steps slower)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 65536)   # M_MMAP_THRESHOLD
+    _glibc().mallopt(-3, 65536)   # M_MMAP_THRESHOLD
 
 
 def _trim() -> None:
     """Give the heap's free pages back: a step's tensors otherwise reuse blocks the timing pass
     freed, which are still resident, and its peak never shows (a ViT-B-32 Aurora step read 0 MB)."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    _glibc().malloc_trim(0)
 
 
 def _peak_mb(step: Callable[[], None], device: torch.device) -> float:
