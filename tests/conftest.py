@@ -17,6 +17,10 @@ from core.data.shapes import write_shapes_dataset  # noqa: E402
 
 TINY = "openclip:PETStudio-Tiny"
 
+# Under pytest-xdist each worker computes on one thread: the workers share the cores already.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny():

@@ -228,8 +228,8 @@ def test_the_model_card_records_the_found_rate_against_every_fixed_rate():
 
 
 def test_the_model_card_records_the_found_rate_for_vqa_on_every_method():
-    """VQA's lr proof: every method at --lr auto and at fixed rates around the suggested one; the
-    card shows each verdict and names what is not measured yet; auto learns above zero-shot on every
+    """VQA's lr proof: every method at --lr auto and at fixed rates around the suggested one, at 16
+    shots and on the whole split; the card shows each verdict; auto learns above zero-shot on every
     method where all three seeds are measured on novel colours, and a run that ends below zero-shot
     anywhere is flagged, never shown as a plain result."""
     from core.offline import LR_PROOF_METHODS, _unmeasured, lr_proof_summary
@@ -240,14 +240,11 @@ def test_the_model_card_records_the_found_rate_for_vqa_on_every_method():
     assert ("Not measured yet" in card.split("against fixed rates: VQA")[1]) == bool(missing)
     assert all(r["task"] == "vqa" and (r["vqa_acc"] is None or 0 <= r["vqa_acc"] <= 100) for r in record["rows"])
     summary = lr_proof_summary(record["rows"])
+    assert record["shots"] == [16, None] and not missing   # the whole grid, at 16 shots and on the whole split
     for part in record["parts"]:
         for k in record["shots"]:
             measured = sorted(s["method"] for s in summary if s["part"] == part and s["shots"] == k)
-            if k == 16:   # the whole grid at 16 shots
-                assert measured == sorted(LR_PROOF_METHODS), part
-            else:         # the whole split so far: the card names every method it lacks
-                lacking = next((m for m in missing if m.startswith(f"{part}, all shots: ")), ": ")
-                assert all((m in measured) != (m in lacking.split(": ")[1].split(", ")) for m in LR_PROOF_METHODS)
+            assert measured == sorted(LR_PROOF_METHODS), (part, k)
     assert "## The learning rate found (`--lr auto`) against fixed rates: VQA" in card
     assert "lr-proof --task vqa --rates auto,0.001,0.003,0.01,0.03 --parts novel-colours" in card
     for s in summary:
@@ -257,6 +254,22 @@ def test_the_model_card_records_the_found_rate_for_vqa_on_every_method():
     assert all(len(s["auto_scores"]) == 3 and s["auto"] > s["zero_shot"] for s in colours), colours
     for r in record["rows"]:
         assert r["below_zero_shot"] == (r["vqa_acc"] is not None and r["vqa_acc"] < r["zero_shot_vqa_acc"]), r
+
+
+def test_a_partly_measured_proof_names_what_it_lacks():
+    """The card's "Not measured yet": a method with no runs on a part, and one with only some seeds
+    at every rate, are named (the seeds it has said); a method measured at every rate and seed is not."""
+    from core.offline import LR_PROOF_METHODS, _unmeasured
+
+    rates = ["auto", 0.001, 0.01]
+    done, partial = LR_PROOF_METHODS[0], LR_PROOF_METHODS[1]
+    rows = [{"part": "novel-colours", "shots": None, "method": m, "lr": r, "seed": s}
+            for m, seeds in ((done, (0, 1)), (partial, (1,))) for r in rates for s in seeds]
+    rows.append({"part": "novel-colours", "shots": None, "method": partial, "lr": "auto", "seed": 0})   # not every rate
+    lacking = _unmeasured({"parts": ["novel-colours"], "shots": [None], "seeds": [0, 1], "rates": rates, "rows": rows})
+    assert len(lacking) == 1 and lacking[0].startswith("novel-colours, all shots: ")
+    said = lacking[0].split(": ", 1)[1].split(", ")
+    assert said[0] == f"{partial} (seed 1 only)" and said[1:] == list(LR_PROOF_METHODS[2:])
 
 
 def test_the_proofs_rates_are_auto_and_fixed_rates_each_once():
