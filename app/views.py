@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from core import checkpoint
-from core.result import BELOW_ZERO_SHOT, RunResult
+from core.result import RunResult
 from core.tasks import headline_metric, metric_label
 
 COMPARE_COLUMNS = ["run", "method", "backbone", "trainable params", "% of backbone", "metric", "zero-shot",
@@ -83,7 +83,7 @@ def run_card(name: str, result: RunResult) -> str:
 def compare_row(name: str, result: RunResult, folder: Path) -> list:
     key = headline_metric(result.task)
     weights = folder / checkpoint.WEIGHTS
-    shown = f"{name} ⚠ {BELOW_ZERO_SHOT}" if result.below_zero_shot else name
+    shown = f"{name} ⚠ {'; '.join(result.flags)}" if result.flags else name
     return [shown, result.method, result.backbone, result.trainable_params, round(result.trainable_pct, 4),
             metric_label(key), round(result.zero_shot.get(key, float("nan")), 1), round(result.tuned[key], 1),
             round(result.seconds, 1), round(weights.stat().st_size / 1024, 1) if weights.is_file() else None]

@@ -231,12 +231,13 @@ def lr_proof(out: Path, parts: list[str], shots: list[Optional[int]], seeds: lis
                                        zero_shot_cache=zero_shot)
                         except TrainingDiverged as error:   # it ended with its message: no result to show
                             row.update({metric: None}, diverged=str(error), restarts=TrainSettings.restarts,
-                                       below_zero_shot=False)
+                                       below_zero_shot=False, collapsed=False)
                         else:
                             choice = run.train.lr_choice
                             row.update({metric: run.tuned[metric], f"zero_shot_{metric}": run.zero_shot[metric]},
                                        trained_lr=run.train.lr, restarts=len(run.train.restarts),
-                                       below_zero_shot=run.below_zero_shot, seconds=run.seconds,
+                                       below_zero_shot=run.below_zero_shot, collapsed=run.collapsed,
+                                       seconds=run.seconds,
                                        range_test_seconds=choice.seconds if choice else 0.0,
                                        why=choice.why if choice else None)
                         done.append(row)
@@ -296,6 +297,20 @@ def _by_rate(rows: list[dict]) -> dict[tuple, dict]:
     return groups
 
 
+def _flagged(run: dict) -> bool:
+    """Ended below zero-shot, or collapsed the embeddings of its test media (rows recorded before that
+    flag existed do not say)."""
+    return run["below_zero_shot"] or run.get("collapsed", False)
+
+
+def _collapse_checked(rows: list[dict]) -> str:
+    """How many of the runs were checked for a collapse (the check came after the first records)."""
+    checked = sum("collapsed" in r for r in rows if not r.get("diverged"))
+    scored = sum(not r.get("diverged") for r in rows)
+    return "every run was checked for a collapse" if checked == scored else \
+        f"{checked} of the {scored} scored runs were checked for a collapse, the others recorded before the check existed"
+
+
 def _scores(runs: list[dict]) -> list[float]:
     """The runs' headline scores (t2i R@1, VQA accuracy), leaving out those that diverged (they have none)."""
     return [r[_metric(r)] for r in runs if r[_metric(r)] is not None]
@@ -329,7 +344,7 @@ def lr_proof_summary(rows: list[dict]) -> list[dict]:
                         "too_high_lr": higher,
                         "too_high": sum(_scores(too_high)) / len(_scores(too_high)) if _scores(too_high) else None,
                         "too_high_restarted": sum(bool(r["restarts"]) for r in too_high),
-                        "too_high_flagged": sum(r["below_zero_shot"] for r in too_high),
+                        "too_high_flagged": sum(_flagged(r) for r in too_high),
                         "too_high_diverged": len(too_high) - len(_scores(too_high)), "seeds": len(too_high),
                         "range_test_seconds": sum(r["range_test_seconds"] for r in finished) / len(finished)
                         if finished else None,
@@ -350,7 +365,7 @@ def _std(values: list[float]) -> float:
 
 def lr_proof_table(rows: list[dict]) -> str:
     """method × (fixed rates, auto) per part and shots: the headline score's mean ± std over seeds; a ⚠ marks a
-    rate where a seed ended below zero-shot (flagged), a ↺ where the guard restarted one, ✗N the
+    rate where a seed ended below zero-shot or collapsed (flagged), a ↺ where the guard restarted one, ✗N the
     seeds that diverged after every restart (they end with a message, no result)."""
     measured = {r["lr"] for r in rows}
     rates = [*(rate for rate in FIXED_LRS if rate in measured), "auto"]
@@ -362,7 +377,7 @@ def lr_proof_table(rows: list[dict]) -> str:
         cells = []
         for rate in rates:
             runs = by_rate.get(rate, [])
-            marks = ("⚠" if any(r["below_zero_shot"] for r in runs) else "") + ("↺" if any(r["restarts"] for r in runs) else "")
+            marks = ("⚠" if any(_flagged(r) for r in runs) else "") + ("↺" if any(r["restarts"] for r in runs) else "")
             scores = _scores(runs)
             diverged = len(runs) - len(scores)
             shown = f"{_mean_std(scores)}{marks}" if scores else ""
@@ -469,8 +484,8 @@ def _lr_proof_section(folder: Path, task: str = "retrieval") -> str:
 Each method at every fixed rate of {', '.join(f'{r:g}' for r in rates if r != "auto")} and at `--lr auto` (a range test
 on the run's own training data, core/lr_range.py), {record['epochs']} epochs, batch 32, {seeds}:
 {PROOF_SCORES[task]}{", mean ± std over seeds" if len(record['seeds']) > 1 else " (one seed: no spread)"}. No validation set is used anywhere: the fixed-rate columns are what a grid search would see
-on the test split, which `auto` never does. ⚠ marks a rate where a seed ended below zero-shot (the
-run says so wherever it is shown), ↺ one where the divergence guard restarted a seed at 1/{RESTART_FACTOR:g} of
+on the test split, which `auto` never does. ⚠ marks a rate where a seed ended below zero-shot or
+collapsed the embeddings of its test media (the run says so wherever it is shown; {_collapse_checked(record['rows'])}), ↺ one where the divergence guard restarted a seed at 1/{RESTART_FACTOR:g} of
 the rate, ✗N the seeds that still diverged after {TrainSettings.restarts} restarts and ended with the guard's message
 (no result to show). On {record['threads']} CPU threads.{f" {record['provenance']}" if record.get('provenance') else ""}
 

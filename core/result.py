@@ -15,6 +15,13 @@ MAX_LIST = 1_000_000    # entries of any list (the step losses of a long run)
 MAX_SEED = 2**32 - 1
 MAX_FRAMES = 64
 BELOW_ZERO_SHOT = "ends below its own zero-shot score"   # said wherever such a run is shown
+COLLAPSED = "collapsed the embeddings of its test media onto one another"   # said wherever such a run is shown
+# A run collapsed when its test media sit closer than this share of the untuned model's spread
+# (core.tasks.encoding.media_spread). On the offline world, VQA with Aurora at 1e-2 on the whole
+# split (a rate 3× past its best) answered every question but colour's with one answer, at 0.16 and
+# 0.19; of 106 saved VQA runs at 16 shots the ones below 0.25 were at or near zero-shot but two LoRA
+# runs (0.20, 0.24), and no retrieval run fell below 0.65.
+COLLAPSED_SPREAD = 0.25
 
 
 def ends_below_zero_shot(task: str, zero_shot: dict[str, float], tuned: dict[str, float]) -> bool:
@@ -55,6 +62,23 @@ class Restart:
     reason: str
     restarted_at: Optional[float]
     from_epoch: int = 0
+
+
+@dataclass
+class MediaSpread:
+    """How far apart the test split's media sit in the embedding space, untuned and tuned: the mean
+    of 1 − cosine over their pairs (core.tasks.encoding.media_spread)."""
+
+    zero_shot: float
+    tuned: float
+
+    @property
+    def collapsed(self) -> bool:
+        return self.tuned < COLLAPSED_SPREAD * self.zero_shot
+
+    def check(self, where: str) -> None:
+        if not all(math.isfinite(v) and 0 <= v <= 2 for v in (self.zero_shot, self.tuned)):
+            raise ResultError(f"{where}: a media spread is a number from 0 to 2")
 
 
 @dataclass
@@ -138,6 +162,7 @@ class RunResult:
     train: Optional[TrainSummary] = None
     zero_shot: Optional[Metrics] = None
     tuned: Optional[Metrics] = None
+    media_spread: Optional[MediaSpread] = None   # None: saved before it was measured, or not finite
     seconds: float = 0.0
     out: str = ""
     versions: dict[str, str] = field(default_factory=dict)
@@ -153,11 +178,22 @@ class RunResult:
         return self.scored and ends_below_zero_shot(self.task, self.zero_shot or {}, self.tuned)
 
     @property
+    def collapsed(self) -> bool:
+        """Tuning drew the test media's embeddings together to under COLLAPSED_SPREAD of the untuned
+        model's spread: whatever it scores, it lost most of what told them apart."""
+        return self.scored and self.media_spread is not None and self.media_spread.collapsed
+
+    @property
+    def flags(self) -> list[str]:
+        """What must be said wherever the run's result is shown (BELOW_ZERO_SHOT, COLLAPSED)."""
+        return [flag for flag, raised in ((BELOW_ZERO_SHOT, self.below_zero_shot), (COLLAPSED, self.collapsed))
+                if raised]
+
+    @property
     def unsaid_warning(self) -> Optional[str]:
-        """The below-zero-shot flag where the note does not say it (a run.json written before it did),
-        for whatever shows the note."""
-        return f"This run {BELOW_ZERO_SHOT}." if self.below_zero_shot and BELOW_ZERO_SHOT not in (self.note or "") \
-            else None
+        """The flags the note does not say (a run.json written before it did), for whatever shows the note."""
+        unsaid = [flag for flag in self.flags if flag not in (self.note or "")]
+        return f"This run {' and '.join(unsaid)}." if unsaid else None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,6 +215,8 @@ class RunResult:
             raise ResultError(f"{where}: 'seed' must be between 0 and {MAX_SEED}")
         if not 1 <= result.frames <= MAX_FRAMES:
             raise ResultError(f"{where}: 'frames' must be between 1 and {MAX_FRAMES}")
+        if result.media_spread is not None:
+            result.media_spread.check(f"{where}: 'media_spread'")
         if result.train is not None and result.train.lr_choice is not None:
             result.train.lr_choice.check(f"{where}: 'train'['lr_choice']")
         return result

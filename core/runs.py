@@ -2,13 +2,15 @@
 and re-evaluating a saved run. The CLI and the app both go through here."""
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, MutableMapping, Optional
+from typing import Any, Callable, Iterator, MutableMapping, Optional
 
 import numpy as np
 import torch
@@ -20,9 +22,10 @@ from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process, rank_and_world
 from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, get_method, make_config
 from core.pet.recipes import Setting, check_recipe, recipe_for
-from core.result import (BELOW_ZERO_SHOT, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice, Restart, RunResult,
-                         TrainSummary, ends_below_zero_shot)
+from core.result import (BELOW_ZERO_SHOT, COLLAPSED, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice, MediaSpread,
+                         Restart, RunResult, TrainSummary, ends_below_zero_shot)
 from core.tasks import Task, TaskError, get_task, headline_metric, metric_label
+from core.tasks.encoding import media_spread
 from core.trainer import (PRECISIONS, Progress, TrainingDiverged, TrainSettings, autocast_for, pick_device,
                           restart_note, train)
 
@@ -76,15 +79,29 @@ def _test_set(task: Task, backbone: Backbone, dataset: Dataset):
     return task.prepare(backbone, test)
 
 
-def score(task: Task, handle: PetHandle, test_set) -> dict[str, float]:
-    """Test metrics; methods linear in the weights are merged first, so inference costs nothing extra."""
+@contextmanager
+def _merged(handle: PetHandle) -> Iterator[None]:
+    """Methods linear in the weights merged for the block, so inference costs nothing extra."""
     if not handle.mergeable:
-        return task.evaluate(handle.backbone, test_set)
+        yield
+        return
     handle.merge()
     try:
-        return task.evaluate(handle.backbone, test_set)
+        yield
     finally:
         handle.unmerge()
+
+
+def score(task: Task, handle: PetHandle, test_set) -> dict[str, float]:
+    """Test metrics, through the merged weights where the method merges."""
+    with _merged(handle):
+        return task.evaluate(handle.backbone, test_set)
+
+
+def _spread(backbone: Backbone, test_set) -> Optional[float]:
+    """The test media's media_spread; None where it is not finite (a broken model says so by its scores)."""
+    spread = media_spread(backbone, test_set.pixels)
+    return spread if math.isfinite(spread) else None
 
 
 def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, Any]] = None,
@@ -228,6 +245,11 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
         zero_shot = task_def.evaluate(backbone, test_set)
         cache[scored_as] = zero_shot
     zero_shot = dict(zero_shot)
+    untuned_spread = cache.get((*scored_as, "media spread"))
+    if untuned_spread is None:
+        untuned_spread = {"spread": _spread(backbone, test_set)}
+        if untuned_spread["spread"] is not None:
+            cache[(*scored_as, "media spread")] = untuned_spread
 
     seed_everything(seed)
     handle = attach(backbone, method, config)
@@ -257,6 +279,10 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
                     epoch_end if epoch_metrics else None, deadline)
         del per_epoch[len(log.epoch_losses):]   # a restart stopped early leaves no epoch it went back on
     tuned = score(task_def, handle, test_set)
+    with _merged(handle):
+        tuned_spread = _spread(backbone, test_set)
+    spread = MediaSpread(untuned_spread["spread"], tuned_spread) \
+        if None not in (untuned_spread["spread"], tuned_spread) else None
     notes = [backbone.fallback_note] if backbone.fallback_note else []
     if log is not None and log.restarts:
         notes.append(restart_note(log.restarts))
@@ -266,6 +292,10 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
             "it was not trained: the method's parameters as they start changed the scores"
         notes.append(f"{BELOW_ZERO_SHOT} ({metric_label(headline)} {tuned[headline]:.1f} against "
                      f"{zero_shot[headline]:.1f} untuned): this run made the model worse; {advice}")
+    if spread is not None and spread.collapsed:
+        notes.append(f"{COLLAPSED} (they sit {spread.tuned / spread.zero_shot:.2f}× as far apart as untuned, a mean "
+                     f"cosine of {1 - spread.tuned:.2f} against {1 - spread.zero_shot:.2f}): whatever it scores, it "
+                     f"lost most of what tells them apart; try a lower learning rate")
     if log is not None and log.out_of_time:
         notes.append(f"stopped at the GPU time limit after {log.steps} of {log.total_steps} steps; "
                      f"scored and saved as far as it got")
@@ -286,7 +316,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
                            out_of_time=bool(log and log.out_of_time), seconds=log.seconds if log else None,
                            steps_run=log.steps_run if log else 0,
                            restarts=[Restart(**r) for r in log.restarts] if log else []),
-        zero_shot=zero_shot, tuned=tuned, seconds=time.perf_counter() - started, out=str(out))
+        zero_shot=zero_shot, tuned=tuned, media_spread=spread, seconds=time.perf_counter() - started, out=str(out))
     if save:
         checkpoint.save(out, handle, result)
     return result

@@ -1,9 +1,11 @@
 """Media through the vision tower: an image as it is; a video as its frames, each through the
 same tower (and the same PET deltas), their embeddings mean-pooled (then normalised by the
 task), their tokens concatenated for heads that cross-attend to them. And how far apart a batch's
-similarities are, which the trainer watches for a collapse."""
+similarities are, which the trainer watches for a collapse, and how far apart a set of media
+sit, which a run's result compares before and after tuning."""
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -58,6 +60,32 @@ def embed_texts(backbone: Backbone, tokens: torch.Tensor, batch_size: int = 64) 
     with evaluating(backbone):
         return F.normalize(torch.cat([backbone.encode_text(t.to(backbone.device)).float().cpu()
                                       for t in tokens.split(batch_size)]), dim=-1)
+
+
+def media_spread(backbone: Backbone, pixels: torch.Tensor) -> float:
+    """How far apart media sit in the backbone's embedding space: the mean of 1 − cosine over their
+    pairs (0: all embedded alike; NaN for fewer than two, or embeddings that are not finite)."""
+    count = len(pixels)
+    if count < 2:
+        return float("nan")
+    if backbone.has("answer_generation"):   # no joint space (BLIP VQA): the vision tower's [CLS] instead
+        embeddings = torch.cat([_vision_cls(backbone, p) for p in pixels.split(64)]).double()
+    else:
+        embeddings = embed_media(backbone, pixels).double()
+    total = embeddings.sum(dim=0)
+    # the off-diagonal cosines' sum from the embeddings' sum: no count × count matrix for a large test split
+    off_diagonal = float(total @ total - (embeddings * embeddings).sum())
+    spread = 1.0 - off_diagonal / (count * (count - 1))
+    return min(2.0, max(0.0, spread)) if math.isfinite(spread) else math.nan   # rounding must not leave [0, 2]
+
+
+@torch.no_grad()
+def _vision_cls(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
+    """L2-normalised [CLS] vision tokens of images, or of videos' frames averaged, in eval mode, on CPU."""
+    with evaluating(backbone):
+        frames = pixels.to(backbone.device).flatten(0, pixels.ndim - 4)
+        cls = backbone.image_tokens(frames)[:, 0].float().cpu()
+    return F.normalize(cls.view(len(pixels), -1, cls.shape[-1]).mean(dim=1), dim=-1)
 
 
 def similarity_spread(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

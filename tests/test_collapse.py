@@ -1,0 +1,111 @@
+"""A run that collapses its test media's embeddings is flagged wherever its result is shown, whatever
+it scores (issue 19, item 4: a rate three times too high must not pass for a result)."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.views import compare_row, run_card
+from core import cli as cli_module
+from core.backbones import load_backbone
+from core.data import DEFAULT_LIMITS, read_dataset
+from core.export import model_card
+from core.report import write_report
+from core.result import COLLAPSED, COLLAPSED_SPREAD, MediaSpread, ResultError, RunResult
+from core.runs import _merged, _test_set, load_run, tune
+from core.sweep import MethodChoice, summarise
+from core.tasks import get_task
+from core.tasks.encoding import media_spread
+from core.world import write_part
+from tests.conftest import TINY, write_tiny_blip_vqa
+
+# Aurora, VQA, the offline world's novel colours, whole split, lr 1e-2 (3× its best there), seed 0,
+# trained on an H200 in bf16: 46.0% against 6.2% zero-shot, no restart, no flag before this check.
+# It answers every colour question right and every other kind with one answer.
+COLLAPSED_RUN = Path(__file__).parent / "data" / "collapsed-aurora-vqa"
+
+
+def test_the_spread_is_the_mean_of_one_minus_the_pairwise_cosines(tiny):
+    torch.manual_seed(0)
+    pixels = torch.randn(7, 3, 32, 32)
+    with torch.no_grad():
+        embeddings = torch.nn.functional.normalize(tiny.eval().encode_image(pixels).double(), dim=-1)
+    cosines = embeddings @ embeddings.T
+    pairs = ~torch.eye(7, dtype=torch.bool)
+    assert media_spread(tiny, pixels) == pytest.approx(float((1 - cosines[pairs]).mean()), abs=1e-6)
+    assert media_spread(tiny, pixels[:1].expand(5, -1, -1, -1)) == pytest.approx(0.0, abs=1e-6)   # all alike
+    assert media_spread(tiny, pixels[:1]) != media_spread(tiny, pixels[:1])   # NaN: one picture has no pair
+
+
+def test_an_answering_backbone_is_measured_on_its_vision_cls(tiny_blip_vqa_backbone):
+    torch.manual_seed(0)
+    pixels = torch.rand(6, 3, 32, 32)
+    spread = media_spread(tiny_blip_vqa_backbone, pixels)
+    assert 0.0 < spread <= 2.0
+    assert media_spread(tiny_blip_vqa_backbone, pixels[:1].expand(4, -1, -1, -1)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture
+def tiny_blip_vqa_backbone(tmp_path):
+    return load_backbone(f"blip-vqa:{write_tiny_blip_vqa(tmp_path / 'blip')}")
+
+
+def test_the_gpu_run_that_answered_one_thing_is_found_collapsed(tmp_path):
+    data = write_part(tmp_path / "data", "novel-colours", items=200)   # the data it was tuned on
+    backbone, handle, info = load_run("offline", COLLAPSED_RUN, device=torch.device("cpu"))
+    dataset = read_dataset(data, tmp_path / "work", DEFAULT_LIMITS)
+    assert dataset.fingerprint == info.dataset.fingerprint
+    test = _test_set(get_task("vqa", dataset, (), 8), backbone, dataset)
+    with _merged(handle):
+        tuned = media_spread(backbone, test.pixels)
+    handle.detach()
+    untuned = media_spread(load_backbone("offline"), test.pixels)
+    spread = MediaSpread(untuned, tuned)
+    # measured: 0.935 untuned, 0.149 tuned (mean cosine 0.06 → 0.85); a healthy VL-PET run at 16 shots keeps 0.43
+    assert untuned == pytest.approx(0.935, abs=0.01) and tuned == pytest.approx(0.149, abs=0.01)
+    assert spread.collapsed and tuned / untuned < COLLAPSED_SPREAD
+    assert info.tuned["vqa_acc"] > info.zero_shot["vqa_acc"] + 30   # no other flag would have caught it
+    info.media_spread = spread
+    assert info.flags == [COLLAPSED] and info.unsaid_warning == f"This run {COLLAPSED}."
+
+
+def test_a_collapse_is_said_in_the_note_the_json_and_the_human_output(shapes, tmp_path, monkeypatch, capsys):
+    # The tuned spread is made to fall to a tenth: the detector itself is proven on real weights above.
+    spreads = iter([0.8, 0.08])
+    monkeypatch.setattr("core.runs._spread", lambda backbone, test_set: next(spreads))
+    code = cli_module.main(["tune", "--model", TINY, "--data", str(shapes), "--method", "lora", "--epochs", "1",
+                            "--lr", "1e-3", "--out", str(tmp_path / "run"), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["collapsed"] is True and result["media_spread"] == {"zero_shot": 0.8, "tuned": 0.08}
+    assert COLLAPSED in result["note"] and "0.10× as far apart" in result["note"]
+    saved = RunResult.from_json(json.loads((tmp_path / "run" / "run.json").read_text()))
+    assert saved.collapsed and saved.flags == [COLLAPSED]
+    assert f"⚠ {COLLAPSED}" in cli_module._human("tune", result).splitlines()[2]   # the "tuned:" line
+    assert compare_row("1 · lora", saved, tmp_path / "run")[0] == f"1 · lora ⚠ {COLLAPSED}"
+    assert COLLAPSED in run_card("1 · lora", saved)
+    assert COLLAPSED in write_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    summary = summarise(MethodChoice("lora", {}), [saved])
+    assert summary.collapsed == 1 and summary.warning == f"1 of 1 runs {COLLAPSED}"
+    older = replace(saved, note=None)   # a note that does not say it still gets the warning
+    assert f"⚠ This run {COLLAPSED}" in run_card("1 · lora", older)
+    assert f"This run {COLLAPSED}" in model_card(older, "open_clip", "")
+
+
+def test_a_healthy_run_is_measured_and_not_flagged(shapes, tmp_path):
+    result = tune(TINY, shapes, "lora", epochs=2, lr=1e-3, out=tmp_path / "run")
+    assert result.media_spread is not None and not result.collapsed
+    assert result.media_spread.tuned / result.media_spread.zero_shot > 0.5
+    assert COLLAPSED not in (result.note or "")
+
+
+def test_a_run_json_with_a_wrong_spread_is_refused(tmp_path):
+    info = json.loads((COLLAPSED_RUN / "run.json").read_text())
+    for wrong in (5.0, -0.1, "0.3", None):
+        bad = {**info, "media_spread": {"zero_shot": 0.9, "tuned": wrong}}
+        with pytest.raises(ResultError, match="media_spread"):
+            RunResult.from_json(bad)
+    assert RunResult.from_json({**info, "media_spread": {"zero_shot": 0.9, "tuned": 0.1}}).collapsed
+    assert not RunResult.from_json(info).collapsed   # recorded before the check: not measured, not flagged
