@@ -20,7 +20,8 @@ COLLAPSED = "collapsed the embeddings of its test media onto one another"   # sa
 # (core.tasks.encoding.media_spread). On the offline world, VQA with Aurora at 1e-2 on the whole
 # split (a rate 3× past its best) answered every question but colour's with one answer, at 0.16 and
 # 0.19; of 106 saved VQA runs at 16 shots the ones below 0.25 were at or near zero-shot but two LoRA
-# runs (0.20, 0.24), and no retrieval run fell below 0.65.
+# runs near LoRA's best (0.20, 0.24: flagged too, the spread alone does not tell them from the
+# collapse), and no retrieval run fell below 0.65.
 COLLAPSED_SPREAD = 0.25
 
 

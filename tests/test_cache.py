@@ -43,8 +43,11 @@ def test_a_second_cli_run_on_the_same_data_reuses_the_zero_shot_scores(shapes, t
                  "--epochs", "1", "--cache", str(tmp_path / "cache"), "--json"]
     assert main([*arguments, "--out", str(tmp_path / "first")]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    (stored,) = (tmp_path / "cache" / "zero-shot").glob("*.json")
-    record = json.loads(stored.read_text())
+    records = {path: json.loads(path.read_text()) for path in (tmp_path / "cache" / "zero-shot").glob("*.json")}
+    (spread,) = [r for r in records.values() if r["key"][-1] == "media spread"]   # kept beside the scores
+    assert spread["value"] == {"spread": first["media_spread"]["zero_shot"]}
+    (stored,) = [path for path, r in records.items() if r is not spread]
+    record = records[stored]
     assert record["value"] == first["zero_shot"]
     record["value"]["t2i_r1"] = 99.5   # a marker: only a reused score can carry it
     stored.write_text(json.dumps(record))
@@ -60,7 +63,7 @@ def test_a_run_on_a_local_file_backbone_scores_zero_shot_itself(shapes, tmp_path
 
     result = tune(TINY, shapes, "bitfit", {}, shots=4, epochs=1, out=tmp_path / "run",
                   zero_shot_cache=ScoreCache(tmp_path / "zero-shot"))
-    assert result.zero_shot and len(ScoreCache(tmp_path / "zero-shot")) == 1
+    assert result.zero_shot and len(ScoreCache(tmp_path / "zero-shot")) == 2   # the scores, the media spread
     declining = ScoreCache(tmp_path / "declines")
     declining.__class__ = type("Declining", (ScoreCache,), {"__setitem__": lambda self, key, value: None})
     again = tune(TINY, shapes, "bitfit", {}, shots=4, epochs=1, out=tmp_path / "again", zero_shot_cache=declining)
