@@ -278,9 +278,8 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
         log = train(objective, handle.trainable_parameters(), settings, progress, cancel,
                     epoch_end if epoch_metrics else None, deadline)
         del per_epoch[len(log.epoch_losses):]   # a restart stopped early leaves no epoch it went back on
-    tuned = score(task_def, handle, test_set)
     with _merged(handle):
-        tuned_spread = _spread(backbone, test_set)
+        tuned, tuned_spread = task_def.evaluate(backbone, test_set), _spread(backbone, test_set)
     spread = MediaSpread(untuned_spread["spread"], tuned_spread) \
         if None not in (untuned_spread["spread"], tuned_spread) else None
     notes = [backbone.fallback_note] if backbone.fallback_note else []

@@ -162,6 +162,27 @@ def test_the_lr_proof_summary_compares_auto_with_the_best_fixed_rate_and_the_one
         in verdict and verdict.endswith("| — |")
 
 
+def test_a_collapsed_run_above_zero_shot_is_counted_flagged_in_the_proof(tmp_path):
+    from core.offline import _lr_proof_section, lr_proof_summary, lr_proof_table
+
+    def row(lr, seed, score, **flags):
+        return {"part": "novel-colours", "shots": 16, "method": "adapter", "lr": lr, "seed": seed, "t2i_r1": score,
+                "zero_shot_t2i_r1": 49.0, "trained_lr": 0.01 if lr == "auto" else lr, "restarts": 0,
+                "below_zero_shot": False, "seconds": 10.0, "range_test_seconds": 2.0 if lr == "auto" else 0.0, **flags}
+
+    # a run recorded before the check has no "collapsed": read as not checked, not as flagged
+    rows = [row(0.01, 0, 60.0), row(0.03, 0, 55.0, collapsed=True), row("auto", 0, 59.0, collapsed=False)]
+    (summary,) = lr_proof_summary(rows)
+    assert summary["too_high_lr"] == 0.03 and summary["too_high_flagged"] == 1
+    assert "| 55.0⚠ |" in lr_proof_table(rows) and "| 60.0 |" in lr_proof_table(rows)
+    record = {"parts": ["novel-colours"], "shots": [16], "seeds": [0], "epochs": 15, "threads": 2}
+    (tmp_path / "lr_proof.json").write_text(json.dumps({**record, "rows": rows}))
+    assert "2 of the 3 scored runs were checked for a collapse" in _lr_proof_section(tmp_path)
+    rows[0]["collapsed"] = False
+    (tmp_path / "lr_proof.json").write_text(json.dumps({**record, "rows": rows}))
+    assert "every run was checked for a collapse" in _lr_proof_section(tmp_path)
+
+
 def test_lr_proof_record_adds_new_runs_to_the_record_and_keeps_its_provenance(tmp_path, capsys, monkeypatch):
     """--record merges: a block measured later (another seed, at another commit) joins the card's
     record without losing the rows or the provenance sentence already there."""
