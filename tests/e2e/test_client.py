@@ -12,6 +12,7 @@ from gradio_client.exceptions import AppError
 from safetensors.torch import load_file
 
 from core.data.samples import SAMPLES_ROOT
+from core.result import RunResult
 from core.tasks.vqa import normalize_answer
 from core.world import write_part
 from tests.e2e.conftest import PHOTOS, WORLD
@@ -115,8 +116,9 @@ def test_load_tune_ask_inspect_download(client, world, tmp_path):
     table, chart = client.predict(api_name="/compare")
     row = table["data"][0]
     # 16 test pictures after 12 steps: a run can end a picture below zero-shot, and is then flagged
-    below = info["tuned"]["t2i_r1"] < info["zero_shot"]["t2i_r1"]
-    shown = f"{run} ⚠ ends below its own zero-shot score" if below else run
+    flags = RunResult.from_json(info).flags
+    assert ("ends below its own zero-shot score" in flags) == (info["tuned"]["t2i_r1"] < info["zero_shot"]["t2i_r1"])
+    shown = f"{run} ⚠ {'; '.join(flags)}" if flags else run
     assert row[:4] == [shown, "aurora", "offline", info["trainable_params"]]
     assert row[7] == round(info["tuned"]["t2i_r1"], 1)
     assert json.loads(chart["plot"])["data"][0]["x"] == [info["trainable_params"]]
@@ -382,6 +384,7 @@ def test_compare_methods_in_one_click(app_server, tmp_path):
         assert rows[method["label"]][column] == f"{statistics.fmean(t2i):.1f} ± {statistics.stdev(t2i):.1f}"
         below = sum(info["tuned"]["t2i_r1"] < info["zero_shot"]["t2i_r1"] for info in infos)
         assert method["below_zero_shot"] == below   # and the table says so beside the method
+        assert method["collapsed"] == sum(RunResult.from_json(info).collapsed for info in infos)
         assert (f" ⚠ {below} of 2 runs ends below its own zero-shot score" in rows[method["label"]][0]) == (below > 0)
     page = Path(report).read_text()
     assert "plotly-graph-div" in page and "src=\"http" not in page
