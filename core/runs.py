@@ -92,6 +92,18 @@ def _merged(handle: PetHandle) -> Iterator[None]:
         handle.unmerge()
 
 
+def _untuned_spread(cache: MutableMapping[tuple, dict], key: tuple, backbone: Backbone, test_set) -> Optional[float]:
+    """The untuned model's `_spread`, kept in the zero-shot cache beside its scores (a kept value out
+    of media_spread's range is measured again)."""
+    kept = (cache.get(key) or {}).get("spread")
+    if isinstance(kept, (int, float)) and 0 <= kept <= 2:
+        return float(kept)
+    spread = _spread(backbone, test_set)
+    if spread is not None:
+        cache[key] = {"spread": spread}
+    return spread
+
+
 def score(task: Task, handle: PetHandle, test_set) -> dict[str, float]:
     """Test metrics, through the merged weights where the method merges."""
     with _merged(handle):
@@ -245,11 +257,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
         zero_shot = task_def.evaluate(backbone, test_set)
         cache[scored_as] = zero_shot
     zero_shot = dict(zero_shot)
-    untuned_spread = cache.get((*scored_as, "media spread"))
-    if untuned_spread is None:
-        untuned_spread = {"spread": _spread(backbone, test_set)}
-        if untuned_spread["spread"] is not None:
-            cache[(*scored_as, "media spread")] = untuned_spread
+    untuned_spread = _untuned_spread(cache, (*scored_as, "media spread"), backbone, test_set)
 
     seed_everything(seed)
     handle = attach(backbone, method, config)
@@ -280,8 +288,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
         del per_epoch[len(log.epoch_losses):]   # a restart stopped early leaves no epoch it went back on
     with _merged(handle):
         tuned, tuned_spread = task_def.evaluate(backbone, test_set), _spread(backbone, test_set)
-    spread = MediaSpread(untuned_spread["spread"], tuned_spread) \
-        if None not in (untuned_spread["spread"], tuned_spread) else None
+    spread = MediaSpread(untuned_spread, tuned_spread) if None not in (untuned_spread, tuned_spread) else None
     notes = [backbone.fallback_note] if backbone.fallback_note else []
     if log is not None and log.restarts:
         notes.append(restart_note(log.restarts))

@@ -44,15 +44,19 @@ def test_a_second_cli_run_on_the_same_data_reuses_the_zero_shot_scores(shapes, t
     assert main([*arguments, "--out", str(tmp_path / "first")]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     records = {path: json.loads(path.read_text()) for path in (tmp_path / "cache" / "zero-shot").glob("*.json")}
-    (spread,) = [r for r in records.values() if r["key"][-1] == "media spread"]   # kept beside the scores
-    assert spread["value"] == {"spread": first["media_spread"]["zero_shot"]}
-    (stored,) = [path for path, r in records.items() if r is not spread]
+    (spread_file,) = [path for path, r in records.items() if r["key"][-1] == "media spread"]   # beside the scores
+    assert records[spread_file]["value"] == {"spread": first["media_spread"]["zero_shot"]}
+    (stored,) = [path for path in records if path != spread_file]
     record = records[stored]
     assert record["value"] == first["zero_shot"]
     record["value"]["t2i_r1"] = 99.5   # a marker: only a reused score can carry it
     stored.write_text(json.dumps(record))
+    spread_file.write_text(json.dumps({**records[spread_file], "value": {"spread": 5.0}}))   # out of range: measured again
     assert main([*arguments, "--out", str(tmp_path / "second")]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"]["t2i_r1"] == 99.5
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["zero_shot"]["t2i_r1"] == 99.5
+    assert second["media_spread"]["zero_shot"] == first["media_spread"]["zero_shot"]
+    assert json.loads(spread_file.read_text())["value"] == {"spread": first["media_spread"]["zero_shot"]}
     assert main([*arguments, "--out", str(tmp_path / "third"), "--no-cache"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"] == first["zero_shot"]
 
