@@ -300,8 +300,9 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
                      f"{zero_shot[headline]:.1f} untuned): this run made the model worse; {advice}")
     if spread is not None and spread.collapsed:
         notes.append(f"{COLLAPSED} (they sit {spread.tuned / spread.zero_shot:.2f}× as far apart as untuned, a mean "
-                     f"cosine of {1 - spread.tuned:.2f} against {1 - spread.zero_shot:.2f}): whatever it scores, most "
-                     f"of what told them apart is gone; try a lower learning rate")
+                     f"cosine of {1 - spread.tuned:.2f} against {1 - spread.zero_shot:.2f}): its score may hide a "
+                     f"partial collapse, though some sound runs end this close too; compare it with a run at a third "
+                     f"of the learning rate")
     if log is not None and log.out_of_time:
         notes.append(f"stopped at the GPU time limit after {log.steps} of {log.total_steps} steps; "
                      f"scored and saved as far as it got")
