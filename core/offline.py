@@ -308,7 +308,8 @@ def _collapse_checked(rows: list[dict]) -> str:
     checked = sum("collapsed" in r for r in rows if not r.get("diverged"))
     scored = sum(not r.get("diverged") for r in rows)
     return "every run was checked for a collapse" if checked == scored else \
-        f"{checked} of the {scored} scored runs were checked for a collapse, the others recorded before the check existed"
+        f"{checked} of the {scored} scored runs were checked for a collapse, the others recorded before the " \
+        f"check existed"
 
 
 def _scores(runs: list[dict]) -> list[float]:
@@ -377,7 +378,8 @@ def lr_proof_table(rows: list[dict]) -> str:
         cells = []
         for rate in rates:
             runs = by_rate.get(rate, [])
-            marks = ("⚠" if any(_flagged(r) for r in runs) else "") + ("↺" if any(r["restarts"] for r in runs) else "")
+            marks = ("⚠" if any(_flagged(r) for r in runs) else "") + \
+                ("↺" if any(r["restarts"] for r in runs) else "")
             scores = _scores(runs)
             diverged = len(runs) - len(scores)
             shown = f"{_mean_std(scores)}{marks}" if scores else ""
