@@ -98,6 +98,9 @@ def test_a_healthy_run_is_measured_and_not_flagged(shapes, tmp_path):
     result = tune(TINY, shapes, "lora", epochs=2, lr=1e-3, out=tmp_path / "run")
     assert result.media_spread is not None and not result.collapsed
     assert result.media_spread.tuned / result.media_spread.zero_shot > 0.5
+    # measured through the tuned weights, not the untuned model's value again
+    assert result.media_spread.tuned != result.media_spread.zero_shot
+    assert result.tuned != result.zero_shot
     assert COLLAPSED not in (result.note or "")
 
 
