@@ -21,7 +21,7 @@ from core import lr_range
 from core.result import RunResult
 from core.data import Dataset
 from core.report import write_report
-from core.runs import tune
+from core.runs import suggested_lr, tune
 from core.sweep import SweepProgress, SweepResult, sweep
 from core.trainer import Progress
 # A shared Space stays responsive: at most this many tunings (or comparisons) run at once, the rest wait.
@@ -107,7 +107,7 @@ def planned_seconds(dataset: Dataset, spec: str, task: str, method: str, shots: 
     steps = math.ceil(sum(pairs) / max(1, batch_size)) * epochs
     # the range test that finds the learning rate (core.lr_range): each of its steps is a training
     # step and a forward (its smaller batch saves little on a small model)
-    range_test = math.ceil(1.5 * lr_range.plan(sum(pairs), epochs, batch_size)[0])
+    range_test = math.ceil(1.5 * len(lr_range.plan(sum(pairs), epochs, batch_size, suggested_lr(spec, method))[0]))
     test_items = len(dataset.split("test"))
     return tuning_seconds(spec, method, steps + range_test, batch_size, test_items, runs,
                           scorings=2 + epochs * epoch_metrics), steps

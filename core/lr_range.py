@@ -24,8 +24,10 @@ Then the initial weights are put back, so the run trains from where it would hav
 
 Size: STEPS steps on a batch of BATCH items when that fits in SHARE of the items the run's
 training processes; a short run gets fewer steps and a smaller batch, down to MIN_STEPS of
-MIN_BATCH — the least that measures anything, which a few-shot run of a few epochs can exceed
-its share for (LrChoice.share says what it cost).
+MIN_BATCH — the least that measures anything. A run too short even for that (a few-shot run of a
+few epochs) drops the test's lowest rates first, those below ENTER of the suggested rate, where
+the loss barely moves, so the rates that decide keep their places; past that it exceeds its share
+(LrChoice.share says what it cost).
 """
 from __future__ import annotations
 
@@ -50,19 +52,30 @@ LOWEST, HIGHEST = 3e-6, 0.3
 BLOW_UP = 4.0         # the test stops once the loss passes this many times its start
 FALL = 0.1            # the loss must fall by this share of its start for the test to say anything
 TURN = 0.25           # it turns up once it gives back this share of what it had gained
+ENTER = 0.01          # a test over its share drops its rates below this share of the suggested one
 RULE = 5              # the rule's version: with the constants above, in the cache key (a changed rule reuses no choice)
-RULE_CONSTANTS = (SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, RULE)   # a new one too
+RULE_CONSTANTS = (SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, ENTER, RULE)   # a new one too
 
 
-def plan(items_per_epoch: int, epochs: int, batch_size: int) -> tuple[int, int]:
-    """(steps, batch size): the largest test within SHARE of the run's training, at least the least
-    that measures anything (the batch never above the data or the training's batch, except that it
-    is never below 2: a contrastive loss needs a negative)."""
+def rising_rates(steps: int) -> list[float]:
+    """`steps` learning rates rising geometrically from LOWEST to HIGHEST."""
+    return [LOWEST * (HIGHEST / LOWEST) ** (step / max(1, steps - 1)) for step in range(steps)]
+
+
+def plan(items_per_epoch: int, epochs: int, batch_size: int, suggested: float) -> tuple[list[float], int]:
+    """(the rates the test steps at, its batch size): the largest test within SHARE of the run's
+    training, at least the least that measures anything (the batch never above the data or the
+    training's batch, except that it is never below 2: a contrastive loss needs a negative), less its
+    lowest rates while it is over its share and they are below ENTER of the `suggested` rate."""
     budget = SHARE * items_per_epoch * epochs
     largest = max(2, min(BATCH, batch_size, items_per_epoch))
     batch = max(min(largest, MIN_BATCH), min(largest, int(budget // STEPS)))
     steps = int(max(MIN_STEPS, min(STEPS, budget // batch)))
-    return steps, batch
+    rates = rising_rates(steps)
+    over = steps - int(budget // batch)
+    while over > 0 and rates[0] < ENTER * suggested:
+        rates, over = rates[1:], over - 1
+    return rates, batch
 
 
 def fell_below(reference: float, loss: float) -> bool:
@@ -104,11 +117,11 @@ def pick(start: float, lrs: list[float], losses: list[float], not_finite_at: Opt
                     f"chose their geometric middle, {chosen:.2g}")
 
 
-def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int, batch_size: int,
+def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: list[float], batch_size: int,
                weight_decay: float, grad_clip: float, autocast_to: Optional[str], seed: int = 0,
                fallback: float = 1e-3, stop: Optional[Callable[[], bool]] = None) -> LrChoice:
-    """Run the test on `objective` (one batch of its `batches()`, as the trainer reads them) and put
-    the initial weights back; the choice falls back to `fallback` when the loss never fell, and the
+    """Run the test on `objective` (one batch of its `batches()`, as the trainer reads them), a step at
+    each of `rates` (rising) until the rule has its answer, and put the initial weights back; the choice falls back to `fallback` when the loss never fell, and the
     test ends early when `stop()` says so (a cancel, a deadline: `LrChoice.steps` then tells). Under
     torchrun each process steps on its slice of the batch through DDP and their losses are
     averaged, so every process chooses the same rate."""
@@ -138,11 +151,10 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], steps: int
                 chance = float(mean_across_processes(torch.tensor(chance, device=device)))
             worse = chance is not None and start > chance
             reference = chance if worse else start
-            for step in range(steps if math.isfinite(start) else 0):
+            for lr in rates if math.isfinite(start) else []:
                 stopped = stop is not None and any_process(stop(), device)
                 if stopped:
                     break
-                lr = LOWEST * (HIGHEST / LOWEST) ** (step / max(1, steps - 1))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer_step(loss, optimizer, scaler, params, grad_clip)
@@ -221,8 +233,8 @@ def choose_lr(objective: nn.Module, params: dict[str, nn.Parameter], settings, f
     # planned as the one process that N processes of batch B train as (batch N·B), then shared out
     # (rounded up to a share each): the test's global batch, so its contrastive negatives, does not
     # depend on how many there are
-    steps, batch_size = plan(items, settings.epochs, settings.batch_size * world)
-    choice = range_test(objective, params, steps, -(-batch_size // world), settings.weight_decay,
+    rates, batch_size = plan(items, settings.epochs, settings.batch_size * world, fallback)
+    choice = range_test(objective, params, rates, -(-batch_size // world), settings.weight_decay,
                         settings.grad_clip, settings.autocast, settings.seed, fallback, stop)
     choice.share = choice.steps * choice.batch_size / max(1, items * settings.epochs)
     if cache is not None and key is not None and choice.finished:

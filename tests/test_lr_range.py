@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from core.cli import main
-from core.lr_range import ChoiceCache, choose_lr, pick, plan, turn
+from core.lr_range import ChoiceCache, choose_lr, pick, plan, rising_rates, turn
 from core.result import LrChoice
 from core.runs import tune
 from core.trainer import TrainingDiverged, TrainSettings, train
@@ -107,10 +107,17 @@ def test_a_loss_that_goes_non_finite_after_falling_has_turned_up_there():
 
 
 def test_a_few_shot_run_gets_the_least_test_and_a_long_one_stays_within_its_share():
-    assert plan(items_per_epoch=32, epochs=15, batch_size=32) == (14, 8)   # 112 of 480 items: the floor
-    steps, batch = plan(items_per_epoch=300, epochs=15, batch_size=32)
-    assert (steps, batch) == (20, 16) and steps * batch <= 0.15 * 300 * 15
-    assert plan(items_per_epoch=3, epochs=1, batch_size=32) == (14, 3)   # never a batch larger than the data
+    rates, batch = plan(items_per_epoch=300, epochs=15, batch_size=32, suggested=1e-2)
+    assert (rates, batch) == (rising_rates(20), 16) and len(rates) * batch <= 0.15 * 300 * 15
+    # the floor, 14 steps of 8, is over a 16-shot run's share (72 of 480 items): it drops its rates
+    # below 1% of the suggested one, in their places on the 14-step grid, and keeps every one above
+    rates, batch = plan(items_per_epoch=32, epochs=15, batch_size=32, suggested=1e-2)
+    grid = rising_rates(14)
+    assert batch == 8 and rates == grid[4:] and grid[3] < 1e-4 <= grid[4] and rates[-1] == 0.3
+    assert plan(items_per_epoch=32, epochs=15, batch_size=32, suggested=1e-4) == (grid, 8)   # full fine-tuning's: none below
+    # never more dropped than the share asks: 96 of a 14 × 8 test fit, so two steps go
+    assert plan(items_per_epoch=32, epochs=20, batch_size=32, suggested=1e-2) == (grid[2:], 8)
+    assert plan(items_per_epoch=3, epochs=1, batch_size=32, suggested=1e-2) == (grid[4:], 3)   # never a batch larger than the data
 
 
 def test_a_run_with_auto_says_what_it_chose_and_a_cached_test_is_reused_for_the_same_run(shapes, tmp_path):
@@ -198,7 +205,7 @@ def test_a_model_worse_than_chance_is_judged_against_chance(chance_share, monkey
     objective.chance_loss = chance_share * start
     references = []
     monkeypatch.setattr(lr_range, "pick", lambda reference, *curve: references.append(reference) or (None, "x"))
-    lr_range.range_test(objective, {"w": objective.w}, steps=12, batch_size=16, weight_decay=0.0, grad_clip=1.0,
+    lr_range.range_test(objective, {"w": objective.w}, lr_range.rising_rates(12), batch_size=16, weight_decay=0.0, grad_clip=1.0,
                         autocast_to=None)
     assert references == [pytest.approx(min(start, chance_share * start), rel=1e-2)]
     monkeypatch.undo()
@@ -218,7 +225,7 @@ def test_a_model_worse_than_chance_stops_the_test_where_its_loss_first_falls_bel
     with torch.no_grad():
         start = float(objective(batch))
     objective.chance_loss = 0.5 * start   # the start is twice chance's loss
-    choice = lr_range.range_test(objective, {"w": objective.w}, steps=20, batch_size=16, weight_decay=0.0,
+    choice = lr_range.range_test(objective, {"w": objective.w}, lr_range.rising_rates(20), batch_size=16, weight_decay=0.0,
                                  grad_clip=1.0, autocast_to=None)
     assert choice.losses[-1] <= 0.9 * 0.5 * start < min(choice.losses[:-1])   # it stopped at the first such step
     assert choice.lr == choice.lrs[-1] and choice.steps < 20 and "worse than chance" in choice.why
