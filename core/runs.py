@@ -25,7 +25,7 @@ from core.pet.recipes import Setting, check_recipe, recipe_for
 from core.result import (BELOW_ZERO_SHOT, COLLAPSED, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice, MediaSpread,
                          Restart, RunResult, TrainSummary, ends_below_zero_shot)
 from core.tasks import Task, TaskError, get_task, headline_metric, metric_label
-from core.tasks.encoding import media_spread
+from core.tasks.encoding import media_embeddings, media_spread
 from core.trainer import (PRECISIONS, Progress, TrainingDiverged, TrainSettings, autocast_for, pick_device,
                           restart_note, train)
 
@@ -92,16 +92,11 @@ def _merged(handle: PetHandle) -> Iterator[None]:
         handle.unmerge()
 
 
-def _untuned_spread(cache: MutableMapping[tuple, dict], key: tuple, backbone: Backbone, test_set) -> Optional[float]:
-    """The untuned model's `_spread`, kept in the zero-shot cache beside its scores (a kept value out
-    of media_spread's range is measured again)."""
+def _kept_spread(cache: MutableMapping[tuple, dict], key: tuple) -> Optional[float]:
+    """The untuned model's `_spread`, kept in the zero-shot cache beside its scores; None where none
+    is, or the one kept is out of media_spread's range (it is measured again)."""
     kept = (cache.get(key) or {}).get("spread")
-    if isinstance(kept, (int, float)) and 0 <= kept <= 2:
-        return float(kept)
-    spread = _spread(backbone, test_set)
-    if spread is not None:
-        cache[key] = {"spread": spread}
-    return spread
+    return float(kept) if isinstance(kept, (int, float)) and not isinstance(kept, bool) and 0 <= kept <= 2 else None
 
 
 def score(task: Task, handle: PetHandle, test_set) -> dict[str, float]:
@@ -110,9 +105,10 @@ def score(task: Task, handle: PetHandle, test_set) -> dict[str, float]:
         return task.evaluate(handle.backbone, test_set)
 
 
-def _spread(backbone: Backbone, test_set) -> Optional[float]:
-    """The test media's media_spread; None where it is not finite (a broken model says so by its scores)."""
-    spread = media_spread(backbone, test_set.pixels)
+def _spread(media: torch.Tensor) -> Optional[float]:
+    """The media_spread of the test media's `media_embeddings`; None where it is not finite (a broken
+    model says so by its scores)."""
+    spread = media_spread(media)
     return spread if math.isfinite(spread) else None
 
 
@@ -252,12 +248,16 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     # The weights text names the seed of a random init, so seeds of an untrained backbone stay apart.
     scored_as = (backbone.spec, backbone.weights, dataset.fingerprint, task, frames, tuple(extra_answers))
     cache = zero_shot_cache if zero_shot_cache is not None else {}
-    zero_shot = cache.get(scored_as)
-    if zero_shot is None:   # a cache may decline to keep it (core.cache: local files)
-        zero_shot = task_def.evaluate(backbone, test_set)
-        cache[scored_as] = zero_shot
+    spread_key = (*scored_as, "media spread")
+    zero_shot, untuned_spread = cache.get(scored_as), _kept_spread(cache, spread_key)
+    if zero_shot is None or untuned_spread is None:   # a cache may decline to keep them (core.cache: local files)
+        media = media_embeddings(backbone, test_set.pixels)   # embedded once, for the scores and the spread
+        if zero_shot is None:
+            zero_shot = task_def.evaluate(backbone, test_set, media)
+            cache[scored_as] = zero_shot
+        if untuned_spread is None and (untuned_spread := _spread(media)) is not None:
+            cache[spread_key] = {"spread": untuned_spread}
     zero_shot = dict(zero_shot)
-    untuned_spread = _untuned_spread(cache, (*scored_as, "media spread"), backbone, test_set)
 
     seed_everything(seed)
     handle = attach(backbone, method, config)
@@ -287,7 +287,8 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
                     epoch_end if epoch_metrics else None, deadline)
         del per_epoch[len(log.epoch_losses):]   # a restart stopped early leaves no epoch it went back on
     with _merged(handle):
-        tuned, tuned_spread = task_def.evaluate(backbone, test_set), _spread(backbone, test_set)
+        media = media_embeddings(backbone, test_set.pixels)
+        tuned, tuned_spread = task_def.evaluate(backbone, test_set, media), _spread(media)
     spread = MediaSpread(untuned_spread, tuned_spread) if None not in (untuned_spread, tuned_spread) else None
     notes = [backbone.fallback_note] if backbone.fallback_note else []
     if log is not None and log.restarts:

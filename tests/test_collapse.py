@@ -1,6 +1,7 @@
 """A run that collapses its test media's embeddings is flagged wherever its result is shown, whatever
 it scores (issue 19, item 4: a rate three times too high must not pass for a result)."""
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from app.views import compare_row, run_card
 from core import cli as cli_module
 from core.backbones import load_backbone
+from core.backbones.openclip import OpenClipBackbone
 from core.data import DEFAULT_LIMITS, read_dataset
 from core.export import model_card
 from core.report import write_report
@@ -17,7 +19,7 @@ from core.result import COLLAPSED, COLLAPSED_SPREAD, MediaSpread, ResultError, R
 from core.runs import _merged, _test_set, load_run, tune
 from core.sweep import MethodChoice, summarise
 from core.tasks import get_task
-from core.tasks.encoding import media_spread
+from core.tasks.encoding import media_embeddings, media_spread
 from core.world import write_part
 from tests.conftest import TINY, write_tiny_blip_vqa
 
@@ -34,17 +36,19 @@ def test_the_spread_is_the_mean_of_one_minus_the_pairwise_cosines(tiny):
         embeddings = torch.nn.functional.normalize(tiny.eval().encode_image(pixels).double(), dim=-1)
     cosines = embeddings @ embeddings.T
     pairs = ~torch.eye(7, dtype=torch.bool)
-    assert media_spread(tiny, pixels) == pytest.approx(float((1 - cosines[pairs]).mean()), abs=1e-6)
-    assert media_spread(tiny, pixels[:1].expand(5, -1, -1, -1)) == pytest.approx(0.0, abs=1e-6)   # all alike
-    assert media_spread(tiny, pixels[:1]) != media_spread(tiny, pixels[:1])   # NaN: one picture has no pair
+    assert media_spread(media_embeddings(tiny, pixels)) == pytest.approx(float((1 - cosines[pairs]).mean()), abs=1e-6)
+    alike = media_embeddings(tiny, pixels[:1].expand(5, -1, -1, -1))
+    assert media_spread(alike) == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(media_spread(alike[:1]))   # one picture has no pair
 
 
 def test_an_answering_backbone_is_measured_on_its_vision_cls(tiny_blip_vqa_backbone):
     torch.manual_seed(0)
     pixels = torch.rand(6, 3, 32, 32)
-    spread = media_spread(tiny_blip_vqa_backbone, pixels)
+    spread = media_spread(media_embeddings(tiny_blip_vqa_backbone, pixels))
     assert 0.0 < spread <= 2.0
-    assert media_spread(tiny_blip_vqa_backbone, pixels[:1].expand(4, -1, -1, -1)) == pytest.approx(0.0, abs=1e-6)
+    alike = media_embeddings(tiny_blip_vqa_backbone, pixels[:1].expand(4, -1, -1, -1))
+    assert media_spread(alike) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.fixture
@@ -59,9 +63,9 @@ def test_the_gpu_run_that_answered_one_thing_is_found_collapsed(tmp_path):
     assert dataset.fingerprint == info.dataset.fingerprint
     test = _test_set(get_task("vqa", dataset, (), 8), backbone, dataset)
     with _merged(handle):
-        tuned = media_spread(backbone, test.pixels)
+        tuned = media_spread(media_embeddings(backbone, test.pixels))
     handle.detach()
-    untuned = media_spread(load_backbone("offline"), test.pixels)
+    untuned = media_spread(media_embeddings(load_backbone("offline"), test.pixels))
     spread = MediaSpread(untuned, tuned)
     # measured: 0.935 untuned, 0.149 tuned (mean cosine 0.06 → 0.85); a healthy VL-PET run at 16 shots keeps 0.43
     assert untuned == pytest.approx(0.935, abs=0.01) and tuned == pytest.approx(0.149, abs=0.01)
@@ -74,7 +78,7 @@ def test_the_gpu_run_that_answered_one_thing_is_found_collapsed(tmp_path):
 def test_a_collapse_is_said_in_the_note_the_json_and_the_human_output(shapes, tmp_path, monkeypatch, capsys):
     # The tuned spread is made to fall to a tenth: the detector itself is proven on real weights above.
     spreads = iter([0.8, 0.08])
-    monkeypatch.setattr("core.runs._spread", lambda backbone, test_set: next(spreads))
+    monkeypatch.setattr("core.runs._spread", lambda media: next(spreads))
     code = cli_module.main(["tune", "--model", TINY, "--data", str(shapes), "--method", "lora", "--epochs", "1",
                             "--lr", "1e-3", "--out", str(tmp_path / "run"), "--json"])
     assert code == 0
@@ -92,6 +96,19 @@ def test_a_collapse_is_said_in_the_note_the_json_and_the_human_output(shapes, tm
     older = replace(saved, note=None)   # a note that does not say it still gets the warning
     assert f"⚠ This run {COLLAPSED}" in run_card("1 · lora", older)
     assert f"This run {COLLAPSED}" in model_card(older, "open_clip", "")
+
+
+@pytest.mark.parametrize("task", ["retrieval", "vqa"])
+def test_a_run_embeds_each_test_picture_once_for_its_scores_and_its_spread(task, tmp_path, monkeypatch):
+    """Untrained (no epochs), the only pictures through the vision tower are the test split's, at the
+    zero-shot scoring and at the tuned one: once each, however many questions a picture has."""
+    data = write_part(tmp_path / "data", "novel-colours", items=16)   # 4 test pictures, 6 questions each
+    seen = []
+    encode = OpenClipBackbone.encode_image
+    monkeypatch.setattr(OpenClipBackbone, "encode_image", lambda self, pixels: seen.append(len(pixels)) or
+                        encode(self, pixels))
+    result = tune(TINY, data, "lora", epochs=0, task=task, out=tmp_path / "run")
+    assert seen == [4, 4] and result.media_spread.tuned == result.media_spread.zero_shot
 
 
 def test_a_healthy_run_is_measured_and_not_flagged(shapes, tmp_path):

@@ -57,7 +57,7 @@ def test_the_objective_keeps_its_batch_similarity_spread_for_the_guard(shapes):
     from core.backbones import load_backbone
     from core.data import read_dataset
     from core.tasks import retrieval
-    from core.tasks.encoding import similarity_spread
+    from core.tasks.encoding import embed_media, embed_texts, similarity_spread
     from tests.conftest import TINY
 
     backbone = load_backbone(TINY, seed=0)
@@ -67,7 +67,7 @@ def test_the_objective_keeps_its_batch_similarity_spread_for_the_guard(shapes):
     ids = torch.arange(len(data))
     with torch.no_grad():
         objective(ids)
-    images, texts = retrieval.embed(backbone, data)   # the same embeddings, made apart from the objective
+    images, texts = embed_media(backbone, data.pixels), embed_texts(backbone, data.tokens)   # made apart from the objective
     expected = (backbone.logit_scale.detach().exp() * images[data.caption_image] @ texts.T).std(dim=1).mean()
     assert float(objective.last_spread) == pytest.approx(float(expected), rel=1e-4) and float(expected) > 1e-3
     # chance's loss: what the batch would cost with every pair scored alike

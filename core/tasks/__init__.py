@@ -26,7 +26,7 @@ class Task:
     metric_keys: tuple[str, ...]
     prepare: Callable[[Any, list[Item]], Any]          # (backbone, items) -> prepared set
     objective: Callable[[Any, Any, Any], Any]          # (backbone, set, PET handle) -> module
-    evaluate: Callable[[Any, Any], dict[str, float]]   # (backbone, set) -> metrics
+    evaluate: Callable[..., dict[str, float]]          # (backbone, set, media embeddings or None) -> metrics
     usable: Callable[[Item], bool]                     # items the task can use
 
 

@@ -62,16 +62,22 @@ def embed_texts(backbone: Backbone, tokens: torch.Tensor, batch_size: int = 64) 
                                       for t in tokens.split(batch_size)]), dim=-1)
 
 
-def media_spread(backbone: Backbone, pixels: torch.Tensor) -> float:
-    """How far apart media sit in the backbone's embedding space: the mean of 1 − cosine over their
+def media_embeddings(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
+    """L2-normalised (B, D) embeddings of images or videos, in eval mode, on CPU, in the space a
+    run's media spread is measured in: the joint one (`embed_media`, which scoring reuses), or the
+    vision tower's [CLS] where there is none (BLIP VQA)."""
+    if backbone.has("answer_generation"):
+        return torch.cat([_vision_cls(backbone, p) for p in pixels.split(64)])
+    return embed_media(backbone, pixels)
+
+
+def media_spread(embeddings: torch.Tensor) -> float:
+    """How far apart media sit, from their `media_embeddings`: the mean of 1 − cosine over their
     pairs (0: all embedded alike; NaN for fewer than two, or embeddings that are not finite)."""
-    count = len(pixels)
+    count = len(embeddings)
     if count < 2:
         return float("nan")
-    if backbone.has("answer_generation"):   # no joint space (BLIP VQA): the vision tower's [CLS] instead
-        embeddings = torch.cat([_vision_cls(backbone, p) for p in pixels.split(64)]).double()
-    else:
-        embeddings = embed_media(backbone, pixels).double()
+    embeddings = embeddings.double()
     total = embeddings.sum(dim=0)
     # the off-diagonal cosines' sum from the embeddings' sum: no count × count matrix for a large test split
     off_diagonal = float(total @ total - (embeddings * embeddings).sum())

@@ -158,11 +158,6 @@ class RetrievalObjective(nn.Module):
         return list(order.split(batch_size))
 
 
-def embed(backbone: Backbone, data: RetrievalSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised image and caption embeddings, on CPU."""
-    return embed_media(backbone, data.pixels), embed_texts(backbone, data.tokens)
-
-
 def recall_metrics(similarity: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
     """Recall@1/5/10 (percent) both ways and median rank, from an (images × captions) matrix.
 
@@ -212,8 +207,11 @@ def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch
     return i2t, t2i
 
 
-def evaluate(backbone: Backbone, data: RetrievalSet, rerank_k: int = RERANK_TOP) -> dict[str, float]:
-    images, texts = embed(backbone, data)
+def evaluate(backbone: Backbone, data: RetrievalSet, media: Optional[torch.Tensor] = None,
+             rerank_k: int = RERANK_TOP) -> dict[str, float]:
+    """The metrics of `data`; `media`, its media's `embed_media` where they were computed already."""
+    images = media if media is not None else embed_media(backbone, data.pixels)
+    texts = embed_texts(backbone, data.tokens)
     similarity = images @ texts.T
     if not backbone.has("matching"):
         return recall_metrics(similarity, data.caption_image)

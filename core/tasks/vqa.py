@@ -24,7 +24,7 @@ from torch import nn
 from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
-from core.tasks.encoding import encode_media, evaluating, media_tokens, similarity_spread
+from core.tasks.encoding import embed_media, encode_media, evaluating, media_tokens, similarity_spread
 from core.tasks.frozen import FrozenCache
 
 METRICS = {"vqa_acc": "VQA accuracy"}   # key -> how people read it
@@ -174,15 +174,20 @@ class VqaObjective(nn.Module):
 
 
 @torch.no_grad()
-def predict(backbone: Backbone, data: VqaSet, batch_size: int = 16) -> list[str]:
+def predict(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = None, batch_size: int = 16) -> list[str]:
+    """Each question's answer; `media`, the media's `embed_media` where they were computed already
+    (a dual encoder embeds each picture once, however many questions it has; an answer decoder
+    leaves it)."""
     predictions = []
+    if not backbone.has("answer_generation") and media is None:
+        media = embed_media(backbone, data.pixels)
     with evaluating(backbone):
         for ids in torch.arange(len(data)).split(batch_size):
-            if backbone.has("answer_generation"):
+            if backbone.has("answer_generation"):   # the decoder cross-attends to every vision token
                 tokens = media_tokens(backbone, data.pixels[data.question_image[ids]])
                 predictions += backbone.generate_answers(tokens, data.question_tokens[ids])
                 continue
-            image_emb = encode_media(backbone, data.pixels[data.question_image[ids]])
+            image_emb = media[data.question_image[ids]].to(backbone.device)
             scores = answer_scores(backbone, image_emb, [data.questions[i] for i in ids], data.candidates).float()
             # A non-finite score (a broken model) picks nothing, so it is never counted as right.
             scores = torch.where(torch.isfinite(scores), scores, float("-inf"))
@@ -192,7 +197,9 @@ def predict(backbone: Backbone, data: VqaSet, batch_size: int = 16) -> list[str]
     return predictions
 
 
-def evaluate(backbone: Backbone, data: VqaSet) -> dict[str, float]:
-    predictions = predict(backbone, data)
+def evaluate(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """VQA accuracy on `data`; `media` as `predict` takes it (a BLIP answer decoder reads the vision
+    tokens instead, and leaves it)."""
+    predictions = predict(backbone, data, media)
     accuracy = sum(vqa_accuracy(p, a) for p, a in zip(predictions, data.answers)) / len(predictions)
     return {"vqa_acc": 100.0 * accuracy}
