@@ -54,7 +54,8 @@ FALL = 0.1            # the loss must fall by this share of its start for the te
 TURN = 0.25           # it turns up once it gives back this share of what it had gained
 ENTER = 0.01          # a test over its share drops its rates below this share of the suggested one
 RULE = 5              # the rule's version: with the constants above, in the cache key (a changed rule reuses no choice)
-RULE_CONSTANTS = (SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, ENTER, RULE)   # a new one too
+# a new constant joins them too
+RULE_CONSTANTS = (SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, ENTER, RULE)
 
 
 def rising_rates(steps: int) -> list[float]:
@@ -121,10 +122,11 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: lis
                weight_decay: float, grad_clip: float, autocast_to: Optional[str], seed: int = 0,
                fallback: float = 1e-3, stop: Optional[Callable[[], bool]] = None) -> LrChoice:
     """Run the test on `objective` (one batch of its `batches()`, as the trainer reads them), a step at
-    each of `rates` (rising) until the rule has its answer, and put the initial weights back; the choice falls back to `fallback` when the loss never fell, and the
-    test ends early when `stop()` says so (a cancel, a deadline: `LrChoice.steps` then tells). Under
-    torchrun each process steps on its slice of the batch through DDP and their losses are
-    averaged, so every process chooses the same rate."""
+    each of `rates` (rising) until the rule has its answer, and put the initial weights back; the
+    choice falls back to `fallback` when the loss never fell, and the test ends early when `stop()`
+    says so (a cancel, a deadline: `LrChoice.steps` then tells). Under torchrun each process steps
+    on its slice of the batch through DDP and their losses are averaged, so every process chooses
+    the same rate."""
     from core.trainer import TrainSettings, any_process, autocast, make_optimizer, optimizer_step, process_batches
 
     started = time.perf_counter()

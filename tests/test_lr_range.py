@@ -114,10 +114,11 @@ def test_a_few_shot_run_gets_the_least_test_and_a_long_one_stays_within_its_shar
     rates, batch = plan(items_per_epoch=32, epochs=15, batch_size=32, suggested=1e-2)
     grid = rising_rates(14)
     assert batch == 8 and rates == grid[4:] and grid[3] < 1e-4 <= grid[4] and rates[-1] == 0.3
-    assert plan(items_per_epoch=32, epochs=15, batch_size=32, suggested=1e-4) == (grid, 8)   # full fine-tuning's: none below
+    assert plan(items_per_epoch=32, epochs=15, batch_size=32, suggested=1e-4) == (grid, 8)   # none below full's 1e-6
     # never more dropped than the share asks: 96 of a 14 × 8 test fit, so two steps go
     assert plan(items_per_epoch=32, epochs=20, batch_size=32, suggested=1e-2) == (grid[2:], 8)
-    assert plan(items_per_epoch=3, epochs=1, batch_size=32, suggested=1e-2) == (grid[4:], 3)   # never a batch larger than the data
+    # never a batch larger than the data
+    assert plan(items_per_epoch=3, epochs=1, batch_size=32, suggested=1e-2) == (grid[4:], 3)
 
 
 def test_a_run_with_auto_says_what_it_chose_and_a_cached_test_is_reused_for_the_same_run(shapes, tmp_path):
