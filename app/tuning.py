@@ -105,8 +105,9 @@ def planned_seconds(dataset: Dataset, spec: str, task: str, method: str, shots: 
     # the items with the most pairs: an estimate that errs long
     pairs = sorted((len(item.qa if task == "vqa" else item.captions) for item in train), reverse=True)[:shots or None]
     steps = math.ceil(sum(pairs) / max(1, batch_size)) * epochs
-    # the range test that finds the learning rate (core.lr_range): each of its steps is a training
-    # step and a forward (its smaller batch saves little on a small model)
+    # the range test that finds the learning rate (core.lr_range): each of its steps counted as a
+    # training step and half (its smaller batch costs about half a step of 32 on the offline model:
+    # the estimate errs long)
     range_test = math.ceil(1.5 * len(lr_range.plan(sum(pairs), epochs, batch_size, suggested_lr(spec, method))[0]))
     test_items = len(dataset.split("test"))
     return tuning_seconds(spec, method, steps + range_test, batch_size, test_items, runs,

@@ -25,9 +25,9 @@ Then the initial weights are put back, so the run trains from where it would hav
 Size: STEPS steps on a batch of BATCH items when that fits in SHARE of the items the run's
 training processes; a short run gets fewer steps and a smaller batch, down to MIN_STEPS of
 MIN_BATCH — the least that measures anything. A run too short even for that (a few-shot run of a
-few epochs) drops the test's lowest rates first, those below ENTER of the suggested rate, where
-the loss barely moves, so the rates that decide keep their places; past that it exceeds its share
-(LrChoice.share says what it cost).
+few epochs) drops as many of the test's lowest rates as it is over its share, but only those below
+ENTER of the suggested rate, where the loss barely moves, so the rates that decide keep their
+places; past that it exceeds its share (LrChoice.share says what it cost).
 """
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def choose_lr(objective: nn.Module, params: dict[str, nn.Parameter], settings, f
               stop: Optional[Callable[[], bool]] = None) -> LrChoice:
     """The learning rate for training `params` on `objective` with `settings` (core.trainer's
     TrainSettings; its lr is not read): the cached choice for `key`, else a range test sized by
-    `plan` (then kept in `cache` when it finished). Under torchrun the cache is not used: every
+    `plan` around the suggested `fallback` (then kept in `cache` when it finished). Under torchrun the cache is not used: every
     process must run the same test, and a file one process reads another may not."""
     world = rank_and_world()[1]
     if world > 1:

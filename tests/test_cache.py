@@ -61,6 +61,22 @@ def test_a_second_cli_run_on_the_same_data_reuses_the_zero_shot_scores(shapes, t
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"] == first["zero_shot"]
 
 
+def test_a_kept_spread_is_reused_when_the_scores_beside_it_are_gone(shapes, tmp_path, capsys):
+    arguments = ["tune", "--model", TINY, "--data", str(shapes), "--method", "bitfit", "--shots", "4",
+                 "--epochs", "1", "--cache", str(tmp_path / "cache"), "--json"]
+    assert main([*arguments, "--out", str(tmp_path / "first")]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = {path: json.loads(path.read_text()) for path in (tmp_path / "cache" / "zero-shot").glob("*.json")}
+    (spread_file,) = [path for path, r in records.items() if r["key"][-1] == "media spread"]
+    (scores_file,) = [path for path in records if path != spread_file]
+    scores_file.unlink()
+    spread_file.write_text(json.dumps({**records[spread_file], "value": {"spread": 1.234}}))   # a marker in range
+    assert main([*arguments, "--out", str(tmp_path / "second")]) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["zero_shot"] == first["zero_shot"] and second["media_spread"]["zero_shot"] == 1.234
+    assert second["media_spread"]["tuned"] == first["media_spread"]["tuned"]
+
+
 def test_a_run_on_a_local_file_backbone_scores_zero_shot_itself(shapes, tmp_path):
     """The cache declines a local file's scores; the run still has them (it scored them itself)."""
     from core.runs import tune

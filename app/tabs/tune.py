@@ -18,9 +18,9 @@ from app.tuning import (CANCEL_FILE, TUNING_CONCURRENCY, claim_folders, planned_
 from core import figures
 from core.backbones import describe_spec
 from core.data.media import DEFAULT_FRAMES
-from core.pet import METHODS
+from core.pet import METHODS, get_method
 from core.pet.recipes import RECIPES
-from core.runs import USER_ERRORS, RunError, check_settings
+from core.runs import USER_ERRORS, check_settings
 from core.cache import ScoreCache
 from core.lr_range import ChoiceCache
 from core.tasks import TASKS
@@ -163,7 +163,8 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
     arguments["lr"] = number(lr, "learning rate") or "auto"
     try:   # refused before any folder or device time is taken
         check_settings(**{k: arguments[k] for k in ("shots", "epochs", "lr", "batch_size", "frames", "extra_answers")})
-    except RunError as error:
+        get_method(method)   # an API client's unknown method
+    except USER_ERRORS as error:
         raise views.user_error(error) from error
     live, out, data = claim_folders(session, "runs", str(method))
     session.live_status = "loading the model and scoring it zero-shot…"
@@ -174,10 +175,10 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
         if steps:
             progress((steps[-1]["step"], steps[-1]["total_steps"]), unit="steps", desc=_step_text(steps[-1]))
 
-    seconds, _ = planned_seconds(session.dataset, spec, task, method, arguments["shots"], arguments["epochs"],
-                                 arguments["batch_size"])
     arguments.update(data=data, out=out)
     try:
+        seconds, _ = planned_seconds(session.dataset, spec, task, method, arguments["shots"], arguments["epochs"],
+                                     arguments["batch_size"])
         result = run_polling(on_device, show_step, tune_on_device, str(live), len(session.dataset.split("test")),
                              arguments, seconds=seconds)
     except Exception as error:
@@ -211,11 +212,14 @@ def tuning_estimate(model: str, task: str, method: str, shots: float, epochs: fl
     if session.dataset is None:
         return NO_ESTIMATE
     try:
+        get_method(method)   # an API client's unknown method
         seconds, steps = planned_seconds(session.dataset, spec_of(model), task, method,
                                          whole(shots, "shots") or None, whole(epochs, "epochs"),
                                          whole(batch_size, "batch size") or 1)
     except gr.Error as error:
         return f"*{error.message}*"
+    except USER_ERRORS as error:   # an unknown method, from an API client
+        return f"*{error}*"
     if not ZERO_GPU:
         return f"About {steps} training steps: roughly {seconds:.0f} s here."
     cut = (f" That is short of the ~{seconds:.0f} s it would take: training stops in time to score and save what "

@@ -209,7 +209,8 @@ def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch
 
 def evaluate(backbone: Backbone, data: RetrievalSet, media: Optional[torch.Tensor] = None,
              rerank_k: int = RERANK_TOP) -> dict[str, float]:
-    """The metrics of `data`; `media`, its media's `embed_media` where they were computed already."""
+    """The metrics of `data`; `media`, its media's `media_embeddings` (a joint space's: `embed_media`)
+    where they were computed already."""
     images = media if media is not None else embed_media(backbone, data.pixels)
     texts = embed_texts(backbone, data.tokens)
     similarity = images @ texts.T

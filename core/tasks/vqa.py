@@ -175,9 +175,9 @@ class VqaObjective(nn.Module):
 
 @torch.no_grad()
 def predict(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = None, batch_size: int = 16) -> list[str]:
-    """Each question's answer; `media`, the media's `embed_media` where they were computed already
-    (a dual encoder embeds each picture once, however many questions it has; an answer decoder
-    leaves it)."""
+    """Each question's answer; `media`, the media's `media_embeddings` where they were computed
+    already (a dual encoder embeds each picture once, however many questions it has; an answer
+    decoder reads the vision tokens instead, and leaves it)."""
     predictions = []
     if not backbone.has("answer_generation") and media is None:
         media = embed_media(backbone, data.pixels)
@@ -198,8 +198,7 @@ def predict(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = No
 
 
 def evaluate(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = None) -> dict[str, float]:
-    """VQA accuracy on `data`; `media` as `predict` takes it (a BLIP answer decoder reads the vision
-    tokens instead, and leaves it)."""
+    """VQA accuracy on `data`; `media` as `predict` takes it."""
     predictions = predict(backbone, data, media)
     accuracy = sum(vqa_accuracy(p, a) for p, a in zip(predictions, data.answers)) / len(predictions)
     return {"vqa_acc": 100.0 * accuracy}

@@ -12,7 +12,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from tests.e2e.conftest import PHOTOS, WORLD, resident_mib
-from tests.e2e.test_client import TUNE_DEFAULTS, choice_value
+from tests.e2e.test_client import TUNE_DEFAULTS, choice_value, tune
 
 
 def _folders(sessions: Path) -> set[Path]:
@@ -205,3 +205,15 @@ def test_many_short_sessions_do_not_grow_the_server(app_server, app_pid):
             assert _released(sessions, before)   # every session so far is gone, its folder too
             resident[done] = resident_mib(app_pid)
     assert resident[50] <= 1.06 * resident[10], resident
+
+
+def test_an_unknown_method_is_refused_and_the_session_can_still_tune(client):
+    """An API client may send any method (a dropdown passes None through): the estimate says so, the
+    tuning is refused before it claims a folder, and the session is not left marked as tuning."""
+    client.predict(WORLD, api_name="/load_sample")
+    assert "unknown method" in client.predict("offline", "retrieval", None, 16, 2, 8, api_name="/estimate_for_epochs")
+    for model in ("offline", "openclip:ViT-B-32"):   # a model with no offline rate looks the method's up
+        with pytest.raises(AppError, match="unknown method"):
+            tune(client, model=model, method=None)
+    card, _, _, ask_run, _, status = tune(client, method="bitfit", epochs=1)
+    assert status.startswith("done in") and choice_value(ask_run) == "1 · bitfit · offline"
