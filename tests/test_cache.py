@@ -1,5 +1,6 @@
 """Zero-shot scores computed once: across CLI runs (a cache folder) and runs of one app session."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -38,41 +39,43 @@ def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path):
     assert KEY not in cache and (tmp_path / "taken").read_text().startswith("a file")
 
 
-def test_a_second_cli_run_on_the_same_data_reuses_the_zero_shot_scores(shapes, tmp_path, capsys):
-    arguments = ["tune", "--model", TINY, "--data", str(shapes), "--method", "bitfit", "--shots", "4",
-                 "--epochs", "1", "--cache", str(tmp_path / "cache"), "--json"]
-    assert main([*arguments, "--out", str(tmp_path / "first")]) == 0
-    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def _cached_run(shapes, tmp_path, capsys, out: str, *extra: str) -> dict:
+    """A CLI tune on `shapes` with the cache at tmp_path/cache: its --json output."""
+    assert main(["tune", "--model", TINY, "--data", str(shapes), "--method", "bitfit", "--shots", "4", "--epochs", "1",
+                 "--cache", str(tmp_path / "cache"), "--json", "--out", str(tmp_path / out), *extra]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _kept(tmp_path) -> tuple[dict, Path, Path]:
+    """(the zero-shot cache's records by file, the media spread's file, the scores' file)."""
     records = {path: json.loads(path.read_text()) for path in (tmp_path / "cache" / "zero-shot").glob("*.json")}
     (spread_file,) = [path for path, r in records.items() if r["key"][-1] == "media spread"]   # beside the scores
+    (scores_file,) = [path for path in records if path != spread_file]
+    return records, spread_file, scores_file
+
+
+def test_a_second_cli_run_on_the_same_data_reuses_the_zero_shot_scores(shapes, tmp_path, capsys):
+    first = _cached_run(shapes, tmp_path, capsys, "first")
+    records, spread_file, stored = _kept(tmp_path)
     assert records[spread_file]["value"] == {"spread": first["media_spread"]["zero_shot"]}
-    (stored,) = [path for path in records if path != spread_file]
     record = records[stored]
     assert record["value"] == first["zero_shot"]
     record["value"]["t2i_r1"] = 99.5   # a marker: only a reused score can carry it
     stored.write_text(json.dumps(record))
     spread_file.write_text(json.dumps({**records[spread_file], "value": {"spread": 5.0}}))   # out of range: measured again
-    assert main([*arguments, "--out", str(tmp_path / "second")]) == 0
-    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    second = _cached_run(shapes, tmp_path, capsys, "second")
     assert second["zero_shot"]["t2i_r1"] == 99.5
     assert second["media_spread"]["zero_shot"] == first["media_spread"]["zero_shot"]
     assert json.loads(spread_file.read_text())["value"] == {"spread": first["media_spread"]["zero_shot"]}
-    assert main([*arguments, "--out", str(tmp_path / "third"), "--no-cache"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_shot"] == first["zero_shot"]
+    assert _cached_run(shapes, tmp_path, capsys, "third", "--no-cache")["zero_shot"] == first["zero_shot"]
 
 
 def test_a_kept_spread_is_reused_when_the_scores_beside_it_are_gone(shapes, tmp_path, capsys):
-    arguments = ["tune", "--model", TINY, "--data", str(shapes), "--method", "bitfit", "--shots", "4",
-                 "--epochs", "1", "--cache", str(tmp_path / "cache"), "--json"]
-    assert main([*arguments, "--out", str(tmp_path / "first")]) == 0
-    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    records = {path: json.loads(path.read_text()) for path in (tmp_path / "cache" / "zero-shot").glob("*.json")}
-    (spread_file,) = [path for path, r in records.items() if r["key"][-1] == "media spread"]
-    (scores_file,) = [path for path in records if path != spread_file]
+    first = _cached_run(shapes, tmp_path, capsys, "first")
+    records, spread_file, scores_file = _kept(tmp_path)
     scores_file.unlink()
     spread_file.write_text(json.dumps({**records[spread_file], "value": {"spread": 1.234}}))   # a marker in range
-    assert main([*arguments, "--out", str(tmp_path / "second")]) == 0
-    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    second = _cached_run(shapes, tmp_path, capsys, "second")
     assert second["zero_shot"] == first["zero_shot"] and second["media_spread"]["zero_shot"] == 1.234
     assert second["media_spread"]["tuned"] == first["media_spread"]["tuned"]
 
