@@ -24,7 +24,7 @@ from core.media_index import MediaIndexError
 from core.pet import METHODS
 from core.pet.recipes import RECIPES, Setting, recipe_for
 from core.query import QueryError
-from core.result import BELOW_ZERO_SHOT, COLLAPSED
+from core.result import FLAGS
 from core.runs import USER_ERRORS, RunError
 from core.tasks import TASKS
 from core.trainer import PRECISIONS, Progress
@@ -267,7 +267,7 @@ def run_tune(args) -> dict[str, Any]:
     summary = {k: getattr(result, k) for k in ("task", "method", "backbone", "trainable_params", "trainable_pct",
                                                "zero_shot", "tuned", "seconds", "out", "backbone_weights", "note")}
     choice = result.train.lr_choice
-    return {**summary, "below_zero_shot": result.below_zero_shot, "collapsed": result.collapsed,
+    return {**summary, **{field: getattr(result, field) for _, field in FLAGS},
             "media_spread": asdict(result.media_spread) if result.media_spread else None, "lr": result.train.lr,
             "lr_choice": {k: v for k, v in asdict(choice).items() if k not in ("lrs", "losses")} if choice else None,
             "restarts": [asdict(r) for r in result.train.restarts],
@@ -391,15 +391,11 @@ def run_demo(args) -> dict[str, Any]:
         result = tune("offline", data, method, options, shots=16, epochs=15, out=out / method)   # --lr auto
         rows[method] = {"trainable_params": result.trainable_params, "t2i_r1": result.tuned["t2i_r1"],
                         "i2t_r1": result.tuned["i2t_r1"], "seconds": result.seconds, "lr": result.train.lr,
-                        "below_zero_shot": result.below_zero_shot, "collapsed": result.collapsed,
-                        "note": result.note}
+                        **{field: getattr(result, field) for _, field in FLAGS}, "note": result.note}
         _note(f"{method:>13}: {result.trainable_params:>7,} params  t2i R@1 {result.tuned['t2i_r1']:5.1f}  "
               f"i2t R@1 {result.tuned['i2t_r1']:5.1f}  lr {result.train.lr:.2g}  ({result.seconds:.1f}s)"
               + (f"\n{'':>15}note: {result.note}" if result.note else ""))
     return {"model": "offline", "data": str(data), "shots": 16, "methods": rows}
-
-
-_FLAGS = ((BELOW_ZERO_SHOT, "below_zero_shot"), (COLLAPSED, "collapsed"))   # the flags of tune's --json
 
 
 def _human(command: str, result: dict[str, Any]) -> str:
@@ -407,7 +403,7 @@ def _human(command: str, result: dict[str, Any]) -> str:
         return (f"{result['method']}: {result['trainable_params']:,} trainable ({result['trainable_pct']:.3f}%)\n"
                 f"zero-shot: {_format_metrics(result['zero_shot'])}\n"
                 f"tuned:     {_format_metrics(result['tuned'])}"
-                f"{''.join(f'  ⚠ {flag}' for flag, key in _FLAGS if result[key])}\n"
+                f"{''.join(f'  ⚠ {flag}' for flag, key in FLAGS if result[key])}\n"
                 f"saved to {result['out']} in {result['seconds']:.1f}s")
     if command == "eval":
         return _format_metrics(result["metrics"])

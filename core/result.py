@@ -16,6 +16,7 @@ MAX_SEED = 2**32 - 1
 MAX_FRAMES = 64
 BELOW_ZERO_SHOT = "ends below its own zero-shot score"   # said wherever such a run is shown
 COLLAPSED = "collapsed the embeddings of its test media onto one another"   # said wherever such a run is shown
+FLAGS = ((BELOW_ZERO_SHOT, "below_zero_shot"), (COLLAPSED, "collapsed"))   # each with its field (and --json key)
 # A run collapsed when its test media sit closer than this share of the untuned model's spread
 # (core.tasks.encoding.media_spread). On the offline world, VQA with Aurora at 1e-2 on the whole
 # split (a rate 3× past its best) answered every question but colour's with one answer, at 0.16 and
@@ -190,8 +191,7 @@ class RunResult:
     @property
     def flags(self) -> list[str]:
         """What must be said wherever the run's result is shown (BELOW_ZERO_SHOT, COLLAPSED)."""
-        return [flag for flag, raised in ((BELOW_ZERO_SHOT, self.below_zero_shot), (COLLAPSED, self.collapsed))
-                if raised]
+        return [flag for flag, field in FLAGS if getattr(self, field)]
 
     @property
     def unsaid_warning(self) -> Optional[str]:
