@@ -26,7 +26,7 @@ Size: STEPS steps on a batch of BATCH items when that fits in SHARE of the items
 training processes; a short run gets fewer steps and a smaller batch, down to MIN_STEPS of
 MIN_BATCH — the least that measures anything. A run too short even for that (a few-shot run of a
 few epochs) drops as many of the test's lowest rates as it is over its share, but only those below
-ENTER of the suggested rate, where the loss barely moves, so the rates that decide keep their
+ENTER of the suggested rate, where the loss moves little, so the rates that decide keep their
 places; past that it exceeds its share (LrChoice.share says what it cost).
 """
 from __future__ import annotations

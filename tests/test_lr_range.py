@@ -206,8 +206,8 @@ def test_a_model_worse_than_chance_is_judged_against_chance(chance_share, monkey
     objective.chance_loss = chance_share * start
     references = []
     monkeypatch.setattr(lr_range, "pick", lambda reference, *curve: references.append(reference) or (None, "x"))
-    lr_range.range_test(objective, {"w": objective.w}, lr_range.rising_rates(12), batch_size=16, weight_decay=0.0, grad_clip=1.0,
-                        autocast_to=None)
+    lr_range.range_test(objective, {"w": objective.w}, lr_range.rising_rates(12), batch_size=16, weight_decay=0.0,
+                        grad_clip=1.0, autocast_to=None)
     assert references == [pytest.approx(min(start, chance_share * start), rel=1e-2)]
     monkeypatch.undo()
     assert lr_range.pick(3.0, [1, 2, 3, 4], [9.0, 6.0, 3.2, 3.1], worse_than_chance=True)[0] is None   # flattened
@@ -226,7 +226,7 @@ def test_a_model_worse_than_chance_stops_the_test_where_its_loss_first_falls_bel
     with torch.no_grad():
         start = float(objective(batch))
     objective.chance_loss = 0.5 * start   # the start is twice chance's loss
-    choice = lr_range.range_test(objective, {"w": objective.w}, lr_range.rising_rates(20), batch_size=16, weight_decay=0.0,
-                                 grad_clip=1.0, autocast_to=None)
+    choice = lr_range.range_test(objective, {"w": objective.w}, lr_range.rising_rates(20), batch_size=16,
+                                 weight_decay=0.0, grad_clip=1.0, autocast_to=None)
     assert choice.losses[-1] <= 0.9 * 0.5 * start < min(choice.losses[:-1])   # it stopped at the first such step
     assert choice.lr == choice.lrs[-1] and choice.steps < 20 and "worse than chance" in choice.why
