@@ -192,13 +192,15 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: lis
 
 
 def cache_key(backbone, method: str, revision: int, config: dict, dataset_fingerprint: str, task: str,
-              frames: int, extra_answers: tuple[str, ...], shots: Optional[int], seed: int, epochs: int,
-              batch_size: int, autocast_to: Optional[str]) -> tuple:
-    """What a range test depends on: the backbone's weights, the method (its revision) and options,
-    the data (which shots the seed draws), the task, the training's shape (its budget), the
-    precision that runs and the rule."""
+              frames: int, extra_answers: tuple[str, ...], shots: Optional[int], seed: int,
+              autocast_to: Optional[str]) -> tuple:
+    """What a range test depends on before it is planned: the backbone's weights, the method (its
+    revision) and options, the data (which shots the seed draws), the task, the precision that runs
+    and the rule; `choose_lr` adds the plan (its rates, batch and suggested rate), so runs whose
+    training differs only in ways the plan does not see (more epochs of a run already over its
+    share) share one test."""
     return (backbone.spec, backbone.weights, method, revision, json.dumps(config, sort_keys=True),
-            dataset_fingerprint, task, frames, list(extra_answers), shots, seed, epochs, batch_size,
+            dataset_fingerprint, task, frames, list(extra_answers), shots, seed,
             autocast_to or "fp32", list(RULE_CONSTANTS))   # the spec first, as core.cache reads it
 
 
@@ -220,25 +222,30 @@ def choose_lr(objective: nn.Module, params: dict[str, nn.Parameter], settings, f
               cache: Optional[MutableMapping] = None, key: Optional[tuple] = None,
               stop: Optional[Callable[[], bool]] = None) -> LrChoice:
     """The learning rate for training `params` on `objective` with `settings` (core.trainer's
-    TrainSettings; its lr is not read): the cached choice for `key`, else a range test sized by
-    `plan` around the suggested `fallback` (then kept in `cache` when it finished). Under torchrun the cache is not used: every
-    process must run the same test, and a file one process reads another may not."""
+    TrainSettings; its lr is not read): the choice cached for `key` (`cache_key`) and the plan, else
+    a range test sized by `plan` around the suggested `fallback` (then kept in `cache` when it
+    finished); a reused choice's share is of this run's training. Under torchrun the cache is not
+    used: every process must run the same test, and a file one process reads another may not."""
     world = rank_and_world()[1]
     if world > 1:
         cache = None
-    if cache is not None and key is not None:
-        try:
-            return replace(cache[key], reused=True)
-        except KeyError:
-            pass
     items = sum(len(b) for b in objective.batches(settings.batch_size * world, torch.Generator().manual_seed(0)))
     # planned as the one process that N processes of batch B train as (batch N·B), then shared out
     # (rounded up to a share each): the test's global batch, so its contrastive negatives, does not
     # depend on how many there are
     rates, batch_size = plan(items, settings.epochs, settings.batch_size * world, fallback)
+    training = items * settings.epochs
+    if key is not None:
+        key = (*key, [len(rates), rates[0], batch_size, fallback])
+    if cache is not None and key is not None:
+        try:
+            kept = cache[key]
+            return replace(kept, reused=True, share=kept.steps * kept.batch_size / max(1, training))
+        except KeyError:
+            pass
     choice = range_test(objective, params, rates, -(-batch_size // world), settings.weight_decay,
                         settings.grad_clip, settings.autocast, settings.seed, fallback, stop)
-    choice.share = choice.steps * choice.batch_size / max(1, items * settings.epochs)
+    choice.share = choice.steps * choice.batch_size / max(1, training)
     if cache is not None and key is not None and choice.finished:
         cache[key] = choice
     return choice

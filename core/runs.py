@@ -271,8 +271,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
                                   len(train_items))
         if lr == AUTO:
             key = lr_range.cache_key(backbone, method, get_method(method).revision, config_to_dict(config),
-                                     dataset.fingerprint, task, frames, tuple(extra_answers), shots, seed, epochs,
-                                     batch_size, amp)
+                                     dataset.fingerprint, task, frames, tuple(extra_answers), shots, seed, amp)
 
             def stop() -> bool:   # a cancel or the deadline ends the range test too
                 return (cancel is not None and cancel()) or (deadline is not None and time.monotonic() >= deadline)

@@ -132,9 +132,16 @@ def test_a_run_with_auto_says_what_it_chose_and_a_cached_test_is_reused_for_the_
     again = tune(TINY, shapes, "lora", shots=8, epochs=2, batch_size=4, out=tmp_path / "again", lr_cache=cache)
     assert again.train.lr_choice.reused and again.train.lr == first.train.lr
     assert again.train.step_losses == first.train.step_losses   # the test left nothing behind: same training
+    # one more epoch of a run already over its share plans the same test: it is reused, its share of
+    # the longer training said; a smaller batch plans another
+    longer = tune(TINY, shapes, "lora", shots=8, epochs=3, batch_size=4, out=tmp_path / "longer", lr_cache=cache)
+    assert longer.train.lr_choice.reused and longer.train.lr_choice.lr == choice.lr and len(cache) == 1
+    assert longer.train.lr_choice.share == pytest.approx(choice.share * 2 / 3)
+    smaller = tune(TINY, shapes, "lora", shots=8, epochs=2, batch_size=2, out=tmp_path / "smaller", lr_cache=cache)
+    assert not smaller.train.lr_choice.reused and smaller.train.lr_choice.batch_size == 2 and len(cache) == 2
     other_seed = tune(TINY, shapes, "lora", shots=8, epochs=2, batch_size=4, seed=1, out=tmp_path / "seed1",
                       lr_cache=cache)
-    assert not other_seed.train.lr_choice.reused and len(cache) == 2   # other shots drawn: tested again
+    assert not other_seed.train.lr_choice.reused and len(cache) == 3   # other shots drawn: tested again
     given = tune(TINY, shapes, "lora", shots=8, epochs=2, batch_size=4, lr=3e-3, out=tmp_path / "given")
     assert given.train.lr == 3e-3 and given.train.lr_choice is None
 
