@@ -31,6 +31,7 @@ from torch import nn
 from core import world
 from core.backbones import load_backbone
 from core.pet import attach
+from core.result import FLAGS
 from core.runs import suggested_lr
 from core.tasks import headline_metric, retrieval
 from core.trainer import RESTART_FACTOR, TrainSettings, train
@@ -300,7 +301,7 @@ def _by_rate(rows: list[dict]) -> dict[tuple, dict]:
 def _flagged(run: dict) -> bool:
     """Ended below zero-shot, or collapsed the embeddings of its test media (rows recorded before that
     flag existed do not say)."""
-    return run["below_zero_shot"] or run.get("collapsed", False)
+    return any(run.get(field, False) for _, field in FLAGS)
 
 
 def _collapse_checked(rows: list[dict]) -> str:

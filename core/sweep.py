@@ -16,7 +16,7 @@ from core import checkpoint
 from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process
 from core.pet import get_method, make_config
-from core.result import BELOW_ZERO_SHOT, COLLAPSED, RunResult
+from core.result import FLAGS, RunResult
 from core.backbones import load_backbone
 from core.pet.recipes import check_recipe
 from core.runs import RunError, check_settings, tune
@@ -117,8 +117,8 @@ class MethodSummary:
     def warning(self) -> Optional[str]:
         """What the table must say beside the method's numbers, if anything."""
         ran = len(self.runs) + len(self.diverged)
-        said = [f"{self.below_zero_shot} of {ran} runs {BELOW_ZERO_SHOT}" if self.below_zero_shot else "",
-                f"{self.collapsed} of {ran} runs {COLLAPSED}" if self.collapsed else "",
+        said = [*(f"{getattr(self, field)} of {ran} runs {flag}" if getattr(self, field) else ""
+                  for flag, field in FLAGS),
                 f"{self.restarted} of {ran} runs diverged and restarted" if self.restarted else "",
                 f"{len(self.diverged)} of {ran} runs diverged after every restart and have no result "
                 f"(the means are of the others): {self.diverged[0]}" if self.diverged else ""]
@@ -162,7 +162,7 @@ def summarise(choice: MethodChoice, results: list[RunResult], diverged: Optional
         seconds=statistics.fmean(r.seconds for r in results),
         # Only the first of several processes writes the runs: the others may not see them yet.
         file_bytes=(folder / checkpoint.WEIGHTS).stat().st_size if (folder / checkpoint.WEIGHTS).is_file() else 0,
-        below_zero_shot=sum(r.below_zero_shot for r in results), collapsed=sum(r.collapsed for r in results),
+        **{field: sum(getattr(r, field) for r in results) for _, field in FLAGS},   # how many runs raised each flag
         # a divergence found as a stop ended the run (restarted_at None): it did not restart
         restarted=sum(any(r.restarted_at is not None for r in run.train.restarts) for run in results),
         diverged=list(diverged or []))
