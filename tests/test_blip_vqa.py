@@ -1,5 +1,6 @@
 """BLIP question answering: the answer decoder generates answers, PET methods attach to all three towers."""
 import pytest
+import torch
 
 from core.backbones import load_backbone
 from core.data.shapes import write_shapes_vqa_dataset
@@ -79,3 +80,41 @@ def test_retrieval_is_refused_on_an_answering_backbone(blip_vqa, tmp_path, shape
     assert backbone.tasks == ("vqa",) and backbone.has("answer_generation") and not backbone.has("matching")
     with pytest.raises(RunError, match="serves vqa, not retrieval"):
         tune(blip_vqa, shapes, "lora", epochs=1, out=tmp_path / "run")
+
+
+def test_scoring_passes_each_picture_through_the_vision_tower_once_for_its_answers(blip_vqa, shapes_vqa, tmp_path,
+                                                                                   monkeypatch):
+    """Generated answers read each test picture's vision tokens, computed once however many questions
+    it has (two here), and each question is answered from its own picture's tokens."""
+    from core.backbones.blip import BlipAnsweringBackbone
+    from core.tasks import vqa
+
+    backbone = load_backbone(blip_vqa)
+    dataset = read_dataset(shapes_vqa, tmp_path)
+    items = dataset.split("test")
+    test = vqa.prepare(backbone, dataset, items, vqa.candidate_answers(items))
+    assert len(test) == 2 * len(test.pixels) and len(test.pixels) > 3
+    seen = []
+    image_tokens = BlipAnsweringBackbone.image_tokens
+    monkeypatch.setattr(BlipAnsweringBackbone, "image_tokens",
+                        lambda self, pixels: seen.append(len(pixels)) or image_tokens(self, pixels))
+    # which picture's tokens, and which question, reached the decoder (the pictures' tokens differ)
+    alone = torch.cat([image_tokens(backbone, test.pixels[i:i + 1]) for i in range(len(test.pixels))])
+
+    def whose(tokens):
+        distance = (alone - tokens).flatten(1).abs().max(dim=1).values
+        assert distance.min() < 1e-4 and distance.sort().values[1] > 1e-2
+        return int(distance.argmin())
+
+    monkeypatch.setattr(BlipAnsweringBackbone, "generate_answers", lambda self, tokens, questions: [
+        (whose(t), q.tolist()) for t, q in zip(tokens, questions)])
+    answered = vqa.predict(backbone, test, batch_size=3)
+    assert answered == [(int(test.question_image[i]), test.question_tokens[i].tolist()) for i in range(len(test))]
+    assert sum(seen) == len(test.pixels) and max(seen) == 3
+    # a run's scoring: the spread's pass and the answers' pass, untuned and tuned
+    monkeypatch.undo()
+    monkeypatch.setattr(BlipAnsweringBackbone, "image_tokens",
+                        lambda self, pixels: seen.append(len(pixels)) or image_tokens(self, pixels))
+    seen.clear()
+    tune(blip_vqa, shapes_vqa, "lora", epochs=0, lr=1e-3, task="vqa", out=tmp_path / "run")
+    assert sum(seen) == 4 * len(test.pixels)

@@ -178,15 +178,13 @@ def predict(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = No
     """Each question's answer; `media`, the media's `media_embeddings` where they were computed
     already (a dual encoder embeds each picture once, however many questions it has; an answer
     decoder reads the vision tokens instead, and leaves it)."""
+    if backbone.has("answer_generation"):
+        return _generated_answers(backbone, data, batch_size)
     predictions = []
-    if not backbone.has("answer_generation") and media is None:
+    if media is None:
         media = embed_media(backbone, data.pixels)
     with evaluating(backbone):
         for ids in torch.arange(len(data)).split(batch_size):
-            if backbone.has("answer_generation"):   # the decoder cross-attends to every vision token
-                tokens = media_tokens(backbone, data.pixels[data.question_image[ids]])
-                predictions += backbone.generate_answers(tokens, data.question_tokens[ids])
-                continue
             image_emb = media[data.question_image[ids]].to(backbone.device)
             scores = answer_scores(backbone, image_emb, [data.questions[i] for i in ids], data.candidates).float()
             # A non-finite score (a broken model) picks nothing, so it is never counted as right.
@@ -195,6 +193,22 @@ def predict(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = No
             predictions += [data.candidates[i] if torch.isfinite(v) else ""
                             for v, i in zip(best.values, best.indices)]
     return predictions
+
+
+def _generated_answers(backbone: Backbone, data: VqaSet, batch_size: int) -> list[str]:
+    """Each question's answer from the decoder, which cross-attends to every vision token: each
+    picture goes through the vision tower once, however many questions it has (its tokens are kept
+    for `batch_size` pictures at a time)."""
+    answers = [""] * len(data)
+    with evaluating(backbone):
+        for pictures in torch.arange(len(data.pixels)).split(batch_size):
+            tokens = media_tokens(backbone, data.pixels[pictures])
+            asked = torch.isin(data.question_image, pictures).nonzero().flatten()   # in the questions' order
+            for ids in asked.split(batch_size):
+                owners = (data.question_image[ids] - pictures[0]).to(tokens.device)
+                for i, answer in zip(ids.tolist(), backbone.generate_answers(tokens[owners], data.question_tokens[ids])):
+                    answers[i] = answer
+    return answers
 
 
 def evaluate(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = None) -> dict[str, float]:
