@@ -216,8 +216,7 @@ def search_by_media(backbone: Backbone, gallery: Gallery, embeddings: GalleryEmb
     if backbone.has("matching"):
         image_tokens = media_tokens(backbone, pixels)   # one pass through the vision tower for every candidate
         rescore = lambda top: match_scores(  # noqa: E731
-            backbone, image_tokens.expand(len(top), -1, -1),
-            backbone.tokenize([gallery.captions[i] for i in top.tolist()]))
+            backbone, image_tokens, backbone.tokenize([gallery.captions[i] for i in top.tolist()]))
     return Search(_nearest(embeddings.index("captions"), query, k, rescore))
 
 

@@ -201,3 +201,33 @@ def test_blips_chance_loss_counts_its_matching_head(tiny_blip):
         assert tiny_blip.match_logits(tiny_blip.fused_cls(pixels, captions[:1])).shape == (1, 2)   # two ways
         objective(torch.tensor([0, 3]))   # one picture: no negatives to match
         assert objective.chance_loss == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("method", ["aurora", "lora", "vlpet"])
+def test_one_pictures_texts_are_matched_with_its_cross_attention_keys_and_values_projected_once(tiny_blip, method):
+    """One picture's tokens with several texts: every layer projects the picture to cross-attention
+    keys and values once (through the method's deltas), and the fused [CLS] is the paired one's."""
+    torch.manual_seed(0)
+    picture_pixels = torch.randn(1, 3, 32, 32)
+    tokens = tiny_blip.tokenize(["a red circle", "one blue square on a plain background", "a star"])
+    tiny_blip.eval()
+    with torch.no_grad():
+        untuned = tiny_blip.fused_cls(tiny_blip.image_tokens(picture_pixels).expand(3, -1, -1), tokens)
+    handle = attach(tiny_blip, method)
+    _randomise(handle)
+    tiny_blip.eval()
+    cross = tiny_blip.model.text_encoder.encoder.layer[-1].crossattention.self
+    rows = []
+    hooks = [projection.register_forward_hook(lambda m, i, o: rows.append(len(i[0]))) for projection in
+             (cross.key, cross.value)]
+    try:
+        with torch.no_grad():
+            picture = tiny_blip.image_tokens(picture_pixels)
+            shared = tiny_blip.fused_cls(picture, tokens)
+            paired = tiny_blip.fused_cls(picture.expand(3, -1, -1).contiguous(), tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        handle.detach()
+    assert rows == [1, 1, 3, 3]
+    assert torch.allclose(shared, paired, atol=1e-6) and not torch.allclose(paired, untuned, atol=1e-3)

@@ -128,7 +128,8 @@ class Backbone(nn.Module):
         raise self._lacks("matching")
 
     def fused_cls(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The multimodal [CLS] of paired image tokens and texts ("matching")."""
+        """The multimodal [CLS] of paired image tokens and texts, or of one picture's tokens (1, N, d)
+        with every text ("matching")."""
         raise self._lacks("matching")
 
     def match_logits(self, fused_cls: torch.Tensor) -> torch.Tensor:

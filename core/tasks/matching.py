@@ -14,7 +14,8 @@ BELOW = -100.0     # the score of the candidates it does not re-score: below eve
 
 
 def match_scores(backbone: Backbone, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Match logits (float, on CPU) of paired rows of vision tokens and tokenized texts."""
+    """Match logits (float, on CPU) of paired rows of vision tokens and tokenized texts, or of one
+    picture's vision tokens (1, N, d) with every text."""
     fused = backbone.fused_cls(image_tokens, tokens.to(backbone.device))
     return backbone.match_logits(fused)[:, 1].float().cpu()
 

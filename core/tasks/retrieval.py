@@ -187,7 +187,8 @@ def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch
     """(i2t, t2i) score matrices where each query's top-k ITC candidates are re-scored by
     ITM logit + ITC similarity and the rest stay below them (BLIP's evaluation). The vision tokens
     of `batch_size` test media at a time are on the device (5,000 images' tokens would not fit);
-    a pair in the top k of both its image and its text is matched once, for both."""
+    a pair in the top k of both its image and its text is matched once, for both, and each
+    picture's texts are matched together (its cross-attention keys and values computed once)."""
     by_image = similarity.topk(min(k, similarity.shape[1]), dim=1).indices   # each image's top texts
     by_text = similarity.topk(min(k, similarity.shape[0]), dim=0).indices    # each text's top images
     wanted = torch.zeros_like(similarity, dtype=torch.bool)
@@ -197,11 +198,9 @@ def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch
     with evaluating(backbone):
         for start in range(0, len(data.pixels), batch_size):
             tokens = media_tokens(backbone, data.pixels[start:start + batch_size])
-            images, texts = wanted[start:start + batch_size].nonzero(as_tuple=True)
-            for pairs in torch.arange(len(images)).split(batch_size):
-                image, text = images[pairs], texts[pairs]
-                rescored[start + image, text] += match_scores(backbone, tokens[image.to(tokens.device)],
-                                                              data.tokens[text])
+            for image, picture in enumerate(tokens.split(1), start):
+                for text in wanted[image].nonzero().flatten().split(batch_size):
+                    rescored[image, text] += match_scores(backbone, picture, data.tokens[text])
     i2t = torch.full_like(similarity, BELOW).scatter_(1, by_image, rescored.gather(1, by_image))
     t2i = torch.full_like(similarity, BELOW).scatter_(0, by_text, rescored.gather(0, by_text))
     return i2t, t2i
