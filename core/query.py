@@ -247,9 +247,7 @@ def answer(backbone: Backbone, path: str | Path, question: str, candidates: list
         questions = backbone.tokenize([question])
         generated = backbone.generate_answers(tokens, questions)[0]
         if candidates:
-            n = len(candidates)
-            logits = backbone.answer_log_likelihoods(tokens.expand(n, *tokens.shape[1:]), questions.expand(n, -1),
-                                                     backbone.tokenize(candidates)).cpu()
+            logits = backbone.answer_log_likelihoods(tokens, questions, backbone.tokenize(candidates)).cpu()
     else:
         logits = answer_scores(backbone, encode_media(backbone, pixels), [question], candidates)[0].float().cpu()
     probabilities = logits.softmax(dim=0) if len(logits) else logits

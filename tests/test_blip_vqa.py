@@ -118,3 +118,24 @@ def test_scoring_passes_each_picture_through_the_vision_tower_once_for_its_answe
     seen.clear()
     tune(blip_vqa, shapes_vqa, "lora", epochs=0, lr=1e-3, task="vqa", out=tmp_path / "run")
     assert sum(seen) == 4 * len(test.pixels)
+
+
+def test_one_question_is_encoded_once_for_every_candidate_answer(blip_vqa):
+    """The Ask tab ranks candidate answers to one question about one picture: the question encoder
+    runs once (one row), and the likelihoods are those of the question given with each answer."""
+    backbone = load_backbone(blip_vqa)
+    backbone.eval()
+    torch.manual_seed(0)
+    answers = backbone.tokenize(["red", "blue square", "a green star", "circle"])
+    rows = []
+    hook = backbone.model.text_encoder.register_forward_hook(lambda m, i, kw, o: rows.append(len(kw["input_ids"])),
+                                                             with_kwargs=True)
+    try:
+        picture = backbone.image_tokens(torch.randn(1, 3, 32, 32))
+        question = backbone.tokenize(["what colour is the shape?"])
+        shared = backbone.answer_log_likelihoods(picture, question, answers)
+        paired = backbone.answer_log_likelihoods(picture.expand(4, -1, -1), question.expand(4, -1), answers)
+    finally:
+        hook.remove()
+    assert rows == [1, 4]
+    assert torch.allclose(shared, paired, atol=1e-5) and len(set(paired.tolist())) == 4

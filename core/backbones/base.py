@@ -146,7 +146,8 @@ class Backbone(nn.Module):
 
     def answer_log_likelihoods(self, image_tokens: torch.Tensor, questions: torch.Tensor,
                                answers: torch.Tensor) -> torch.Tensor:
-        """(B,) log-probability of each answer ("answer_generation")."""
+        """(B,) log-probability of each answer, its image tokens and question paired row by row or
+        one of each for every answer ("answer_generation")."""
         raise self._lacks("answer_generation")
 
     def generate_answers(self, image_tokens: torch.Tensor, questions: torch.Tensor) -> list[str]:

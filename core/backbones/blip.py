@@ -324,9 +324,12 @@ class BlipAnsweringBackbone(_BlipBase):
 
     def _answer_logits(self, image_tokens: torch.Tensor, questions: torch.Tensor, answers: torch.Tensor,
                        **kwargs):
-        """The answer decoder run with teacher forcing (answers start at the decoder's bos)."""
+        """The answer decoder run with teacher forcing (answers start at the decoder's bos); one
+        picture's one question, given once for several answers, is encoded once for all of them."""
         states, mask = self.encode_question(image_tokens, questions)
         ids, answer_mask = self._trim(answers)
+        if len(states) == 1 < len(ids):
+            states, mask = states.expand(len(ids), -1, -1), mask.expand(len(ids), -1)
         ids = ids.clone()
         ids[:, 0] = self.model.decoder_start_token_id
         self._masks["decoder"] = answer_mask
@@ -346,7 +349,8 @@ class BlipAnsweringBackbone(_BlipBase):
     @torch.no_grad()
     def answer_log_likelihoods(self, image_tokens: torch.Tensor, questions: torch.Tensor,
                                answers: torch.Tensor) -> torch.Tensor:
-        """(B,) summed log-probability of each answer's tokens: BLIP's ranking of candidate answers."""
+        """(B,) summed log-probability of each answer's tokens: BLIP's ranking of candidate answers
+        (image tokens and questions paired with the answers row by row, or one of each for all)."""
         output, ids, answer_mask = self._answer_logits(image_tokens, questions, answers)
         log_probs = output.logits[:, :-1].float().log_softmax(dim=-1)
         picked = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
