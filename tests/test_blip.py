@@ -171,16 +171,24 @@ def test_evaluation_streams_vision_tokens_and_reranks_as_each_query_alone_would(
             tiny_blip, every[i].expand(len(top), -1, -1), data.tokens[top])) for i in range(7)])
         expected_t2i = torch.stack([rerank(similarity[:, j], 3, lambda top: match_scores(
             tiny_blip, every[top], data.tokens[j].expand(len(top), -1))) for j in range(9)], dim=1)
-    chunks, pairs = [], []
+    chunks, pairs, projected = [], [], []
     encode, score = retrieval.media_tokens, retrieval.match_scores
     monkeypatch.setattr(retrieval, "media_tokens", lambda b, p: chunks.append(len(p)) or encode(b, p))
     monkeypatch.setattr(retrieval, "match_scores", lambda b, t, x: pairs.append(len(x)) or score(b, t, x))
-    i2t, t2i = retrieval.rerank_by_matching(tiny_blip, data, similarity, k=3, batch_size=2)
+    key = tiny_blip.model.text_encoder.encoder.layer[0].crossattention.self.key
+    hook = key.register_forward_hook(lambda m, i, o: projected.append(len(i[0])))
+    try:
+        i2t, t2i = retrieval.rerank_by_matching(tiny_blip, data, similarity, k=3, batch_size=2)
+    finally:
+        hook.remove()
     assert chunks == [2, 2, 2, 1]
     wanted = torch.zeros(7, 9, dtype=torch.bool)
     wanted.scatter_(1, similarity.topk(3, dim=1).indices, True)
     wanted.scatter_(0, similarity.topk(3, dim=0).indices, True)
     assert sum(pairs) == int(wanted.sum()) < 7 * 3 + 9 * 3   # a pair in both top-3s matched once
+    # each picture's texts matched together (2 at a time): its tokens projected to keys once per call
+    assert pairs == [len(t) for i in range(7) for t in wanted[i].nonzero().flatten().split(2)]
+    assert projected == [1] * len(pairs)
     assert torch.allclose(i2t, expected_i2t, atol=1e-5) and torch.allclose(t2i, expected_t2i, atol=1e-5)
 
 
@@ -205,8 +213,9 @@ def test_blips_chance_loss_counts_its_matching_head(tiny_blip):
 
 @pytest.mark.parametrize("method", ["aurora", "lora", "vlpet"])
 def test_one_pictures_texts_are_matched_with_its_cross_attention_keys_and_values_projected_once(tiny_blip, method):
-    """One picture's tokens with several texts: every layer projects the picture to cross-attention
-    keys and values once (through the method's deltas), and the fused [CLS] is the paired one's."""
+    """One picture's tokens (1, N, d) with several texts, as re-ranking and the Search tab give them:
+    every layer projects the picture to cross-attention keys and values once (through the method's
+    deltas: Aurora adapts them), and the fused [CLS] is the paired one's."""
     torch.manual_seed(0)
     picture_pixels = torch.randn(1, 3, 32, 32)
     tokens = tiny_blip.tokenize(["a red circle", "one blue square on a plain background", "a star"])

@@ -107,7 +107,7 @@ def test_scoring_passes_each_picture_through_the_vision_tower_once_for_its_answe
         return int(distance.argmin())
 
     monkeypatch.setattr(BlipAnsweringBackbone, "generate_answers", lambda self, tokens, questions: [
-        (whose(t), q.tolist()) for t, q in zip(tokens, questions)])
+        (whose(t), q.tolist()) for t, q in zip(tokens.expand(len(questions), -1, -1), questions)])
     answered = vqa.predict(backbone, test, batch_size=3)
     assert answered == [(int(test.question_image[i]), test.question_tokens[i].tolist()) for i in range(len(test))]
     assert sum(seen) == len(test.pixels) and max(seen) == 3
@@ -120,22 +120,61 @@ def test_scoring_passes_each_picture_through_the_vision_tower_once_for_its_answe
     assert sum(seen) == 4 * len(test.pixels)
 
 
-def test_one_question_is_encoded_once_for_every_candidate_answer(blip_vqa):
-    """The Ask tab ranks candidate answers to one question about one picture: the question encoder
-    runs once (one row), and the likelihoods are those of the question given with each answer."""
+def test_the_ask_tab_encodes_one_question_once_for_every_candidate_answer(blip_vqa, tmp_path):
+    """Ranking candidate answers to one question about one picture runs the question encoder on one
+    row, and gives the likelihoods of the question paired with each answer."""
+    from PIL import Image
+
     backbone = load_backbone(blip_vqa)
     backbone.eval()
-    torch.manual_seed(0)
-    answers = backbone.tokenize(["red", "blue square", "a green star", "circle"])
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    candidates = ["red", "blue square", "green star", "circle"]   # as the tab normalises them
     rows = []
     hook = backbone.model.text_encoder.register_forward_hook(lambda m, i, kw, o: rows.append(len(kw["input_ids"])),
                                                              with_kwargs=True)
     try:
-        picture = backbone.image_tokens(torch.randn(1, 3, 32, 32))
-        question = backbone.tokenize(["what colour is the shape?"])
-        shared = backbone.answer_log_likelihoods(picture, question, answers)
-        paired = backbone.answer_log_likelihoods(picture.expand(4, -1, -1), question.expand(4, -1), answers)
+        ranked = answer(backbone, tmp_path / "red.png", "what colour is the shape?", candidates, k=4)
     finally:
         hook.remove()
-    assert rows == [1, 4]
-    assert torch.allclose(shared, paired, atol=1e-5) and len(set(paired.tolist())) == 4
+    assert rows == [1, 1]   # the generated answer's question, then the ranking's
+    with torch.no_grad():
+        picture = backbone.image_tokens(backbone.image_transform(Image.open(tmp_path / "red.png")).unsqueeze(0))
+        question = backbone.tokenize(["what colour is the shape?"])
+        paired = backbone.answer_log_likelihoods(picture.expand(4, -1, -1), question.expand(4, -1),
+                                                 backbone.tokenize(candidates)).softmax(dim=0)
+    assert [a for a, _ in ranked.ranked] == [candidates[i] for i in paired.argsort(descending=True)]
+    assert [p for _, p in ranked.ranked] == pytest.approx(paired.sort(descending=True).values.tolist(), abs=1e-5)
+
+
+def test_one_pictures_questions_are_encoded_with_its_cross_attention_projected_once(blip_vqa, shapes_vqa,
+                                                                                    tmp_path):
+    """Scoring answers a picture's questions together: the question encoder projects its tokens to
+    cross-attention keys and values once per call (with Aurora's deltas on them), and encodes each
+    question as it does paired with its own copy of the picture."""
+    from core.tasks import vqa
+    from tests.test_pet import _randomise
+
+    backbone = load_backbone(blip_vqa)
+    handle = attach(backbone, "aurora")
+    _randomise(handle)
+    assert backbone.towers["text"].blocks[0].projections["cross_k"].deltas
+    dataset = read_dataset(shapes_vqa, tmp_path)
+    items = dataset.split("test")
+    test = vqa.prepare(backbone, dataset, items, vqa.candidate_answers(items))
+    cross = backbone.model.text_encoder.encoder.layer[0].crossattention.self
+    rows = []
+    hook = cross.key.register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
+    try:
+        vqa.predict(backbone, test)
+        assert rows == [1] * len(test.pixels)   # two questions a picture, one projection
+        backbone.eval()
+        with torch.no_grad():
+            picture = backbone.image_tokens(test.pixels[:1])
+            questions = test.question_tokens[test.question_image == 0]
+            shared, shared_mask = backbone.encode_question(picture, questions)
+            paired, paired_mask = backbone.encode_question(picture.expand(len(questions), -1, -1).contiguous(),
+                                                           questions)
+    finally:
+        hook.remove()
+        handle.detach()
+    assert torch.equal(shared_mask, paired_mask) and torch.allclose(shared, paired, atol=1e-5)

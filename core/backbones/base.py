@@ -137,7 +137,8 @@ class Backbone(nn.Module):
         raise self._lacks("matching")
 
     def encode_question(self, image_tokens: torch.Tensor, questions: torch.Tensor):
-        """(question states, their mask): the questions read against the image ("answer_generation")."""
+        """(question states, their mask): the questions read against their pictures' tokens, paired
+        row by row or one picture's (1, N, d) for every question ("answer_generation")."""
         raise self._lacks("answer_generation")
 
     def answer_loss(self, image_tokens: torch.Tensor, questions: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,8 @@ class Backbone(nn.Module):
         raise self._lacks("answer_generation")
 
     def generate_answers(self, image_tokens: torch.Tensor, questions: torch.Tensor) -> list[str]:
-        """The decoder's own answer to each question ("answer_generation")."""
+        """The decoder's own answer to each question, its image tokens paired row by row or one
+        picture's for every question ("answer_generation")."""
         raise self._lacks("answer_generation")
 
     def describe(self) -> str:

@@ -15,7 +15,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from core.backbones.base import Backbone, BackboneError
 from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout, pools_tokens
@@ -252,31 +251,11 @@ class BlipBackbone(_BlipBase):
 
     def fused_cls(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The multimodal [CLS]: the text encoder cross-attending to the image tokens, paired row by
-        row, or one picture's (1, N, d) for every text; then its cross-attention keys and values are
-        computed once for all of them, as generation reuses them (most of a pair's cost: 2 × N
-        projections of the picture's tokens per layer against a caption's few dozen tokens)."""
+        row, or one picture's (1, N, d) for every text: its attention then broadcasts them, so each
+        layer projects the picture to keys and values once, not once per text."""
         ids, mask = self._trim(tokens)
-        shared = len(image_tokens) == 1 and len(ids) > 1
-        if shared:
-            image_tokens = image_tokens.expand(len(ids), -1, -1)
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
-        return self._run_text(ids, mask, encoder_hidden_states=image_tokens, encoder_attention_mask=image_mask,
-                              past_key_values=self._cross_keys_and_values(image_tokens[:1], len(ids)) if shared
-                              else None)
-
-    def _cross_keys_and_values(self, picture_tokens: torch.Tensor, texts: int) -> EncoderDecoderCache:
-        """Every text-encoder layer's cross-attention keys and values of one picture's tokens, through
-        its projections (and their PET deltas), expanded (not copied) to `texts` rows; the encoder
-        reads them from transformers' cache instead of projecting the picture once per text."""
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        for layer in self.model.text_encoder.encoder.layer:
-            cross = layer.crossattention.self
-            shape = (1, picture_tokens.shape[1], -1, cross.attention_head_size)
-            keys, values = (projection(picture_tokens).view(shape).transpose(1, 2).expand(texts, -1, -1, -1)
-                            for projection in (cross.key, cross.value))
-            cache.cross_attention_cache.update(keys, values, cross.layer_idx)
-            cache.is_updated[cross.layer_idx] = True
-        return cache
+        return self._run_text(ids, mask, encoder_hidden_states=image_tokens, encoder_attention_mask=image_mask)
 
     def match_logits(self, fused_cls: torch.Tensor) -> torch.Tensor:
         """ITM logits (no match, match) from fused [CLS] vectors."""
@@ -312,6 +291,8 @@ class BlipAnsweringBackbone(_BlipBase):
         return []
 
     def encode_question(self, image_tokens: torch.Tensor, questions: torch.Tensor):
+        """(question states, their mask): the questions read against their pictures' tokens, paired
+        row by row, or one picture's (1, N, d) for every question (broadcast, as in `fused_cls`)."""
         ids, mask = self._trim(questions)
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
         self._masks["text"] = mask
@@ -325,11 +306,9 @@ class BlipAnsweringBackbone(_BlipBase):
     def _answer_logits(self, image_tokens: torch.Tensor, questions: torch.Tensor, answers: torch.Tensor,
                        **kwargs):
         """The answer decoder run with teacher forcing (answers start at the decoder's bos); one
-        picture's one question, given once for several answers, is encoded once for all of them."""
+        picture's one question given for several answers is encoded once, its states broadcast."""
         states, mask = self.encode_question(image_tokens, questions)
         ids, answer_mask = self._trim(answers)
-        if len(states) == 1 < len(ids):
-            states, mask = states.expand(len(ids), -1, -1), mask.expand(len(ids), -1)
         ids = ids.clone()
         ids[:, 0] = self.model.decoder_start_token_id
         self._masks["decoder"] = answer_mask

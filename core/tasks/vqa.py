@@ -198,16 +198,17 @@ def predict(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = No
 def _generated_answers(backbone: Backbone, data: VqaSet, batch_size: int) -> list[str]:
     """Each question's answer from the decoder, which cross-attends to every vision token: each
     picture goes through the vision tower once, however many questions it has (its tokens are kept
-    for `batch_size` pictures at a time)."""
+    for `batch_size` pictures at a time), and its questions are answered together: the question
+    encoder projects its tokens to cross-attention keys and values once for all of them."""
     answers = [""] * len(data)
     with evaluating(backbone):
         for pictures in torch.arange(len(data.pixels)).split(batch_size):
             tokens = media_tokens(backbone, data.pixels[pictures])
-            asked = torch.isin(data.question_image, pictures).nonzero().flatten()   # in the questions' order
-            for ids in asked.split(batch_size):
-                owners = (data.question_image[ids] - pictures[0]).to(tokens.device)
-                for i, answer in zip(ids.tolist(), backbone.generate_answers(tokens[owners], data.question_tokens[ids])):
-                    answers[i] = answer
+            for picture, picture_tokens in zip(pictures.tolist(), tokens.split(1)):
+                asked = (data.question_image == picture).nonzero().flatten()
+                for ids in asked.split(batch_size) if len(asked) else ():
+                    for i, answer in zip(ids.tolist(), backbone.generate_answers(picture_tokens, data.question_tokens[ids])):
+                        answers[i] = answer
     return answers
 
 
