@@ -207,7 +207,8 @@ def _generated_answers(backbone: Backbone, data: VqaSet, batch_size: int) -> lis
             for picture, picture_tokens in zip(pictures.tolist(), tokens.split(1)):
                 asked = (data.question_image == picture).nonzero().flatten()
                 for ids in asked.split(batch_size) if len(asked) else ():
-                    for i, answer in zip(ids.tolist(), backbone.generate_answers(picture_tokens, data.question_tokens[ids])):
+                    generated = backbone.generate_answers(picture_tokens, data.question_tokens[ids])
+                    for i, answer in zip(ids.tolist(), generated):
                         answers[i] = answer
     return answers
 
