@@ -496,7 +496,9 @@ the rate, ✗N the seeds that still diverged after {TrainSettings.restarts} rest
 
 `auto` against the best fixed rate, and the next fixed rate above the best (three times too high,
 or more): {within} of {len(summary)} method × part rows end within 3 points of their best fixed rate, and
-{above} of {len(summary)} above zero-shot.
+{above} of {len(summary)} above zero-shot. The last column is the mean over the `auto` seeds of
+the range test's seconds and the whole run's, each as measured when that row was (the provenance
+above says on which machine and how many runs shared it): compare a row's two numbers, not rows.
 
 {lr_proof_verdicts(summary)}
 
