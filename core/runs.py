@@ -25,7 +25,7 @@ from core.pet.recipes import Setting, check_recipe, recipe_for
 from core.result import (BELOW_ZERO_SHOT, COLLAPSED, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice, MediaSpread,
                          Restart, RunResult, TrainSummary, ends_below_zero_shot)
 from core.tasks import Task, TaskError, get_task, headline_metric, metric_label
-from core.tasks.encoding import media_embeddings, media_spread
+from core.tasks.encoding import encode_test_media, media_spread
 from core.trainer import (PRECISIONS, Progress, TrainingDiverged, TrainSettings, autocast_for, pick_device,
                           restart_note, train)
 
@@ -105,10 +105,10 @@ def score(task: Task, handle: PetHandle, test_set) -> dict[str, float]:
         return task.evaluate(handle.backbone, test_set)
 
 
-def _spread(media: torch.Tensor) -> Optional[float]:
-    """The media_spread of the test media's `media_embeddings`; None where it is not finite (a broken
-    model says so by its scores)."""
-    spread = media_spread(media)
+def _spread(embeddings: torch.Tensor) -> Optional[float]:
+    """The media_spread of the test media's `EncodedMedia.embeddings`; None where it is not finite
+    (a broken model says so by its scores)."""
+    spread = media_spread(embeddings)
     return spread if math.isfinite(spread) else None
 
 
@@ -251,11 +251,11 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     spread_key = (*scored_as, "media spread")
     zero_shot, untuned_spread = cache.get(scored_as), _kept_spread(cache, spread_key)
     if zero_shot is None or untuned_spread is None:   # a cache may decline to keep them (core.cache: local files)
-        media = media_embeddings(backbone, test_set.pixels)   # embedded once, for the scores and the spread
+        media = encode_test_media(backbone, test_set.pixels)   # encoded once, for the scores and the spread
         if zero_shot is None:
             zero_shot = task_def.evaluate(backbone, test_set, media)
             cache[scored_as] = zero_shot
-        if untuned_spread is None and (untuned_spread := _spread(media)) is not None:
+        if untuned_spread is None and (untuned_spread := _spread(media.embeddings)) is not None:
             cache[spread_key] = {"spread": untuned_spread}
     zero_shot = dict(zero_shot)
 
@@ -286,8 +286,8 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
                     epoch_end if epoch_metrics else None, deadline)
         del per_epoch[len(log.epoch_losses):]   # a restart stopped early leaves no epoch it went back on
     with _merged(handle):
-        media = media_embeddings(backbone, test_set.pixels)
-        tuned, tuned_spread = task_def.evaluate(backbone, test_set, media), _spread(media)
+        media = encode_test_media(backbone, test_set.pixels)
+        tuned, tuned_spread = task_def.evaluate(backbone, test_set, media), _spread(media.embeddings)
     spread = MediaSpread(untuned_spread, tuned_spread) if None not in (untuned_spread, tuned_spread) else None
     notes = [backbone.fallback_note] if backbone.fallback_note else []
     if log is not None and log.restarts:

@@ -240,3 +240,34 @@ def test_one_pictures_texts_are_matched_with_its_cross_attention_keys_and_values
         handle.detach()
     assert rows == [1, 1, 3, 3]
     assert torch.allclose(shared, paired, atol=1e-6) and not torch.allclose(paired, untuned, atol=1e-3)
+
+
+def test_a_scoring_passes_each_test_picture_through_the_vision_tower_once(tiny_blip_folder, shapes, tmp_path,
+                                                                          monkeypatch):
+    """BLIP's embeddings are read off the vision tokens its re-ranking matches with: one pass per
+    picture per scoring, the embeddings those of the [CLS] through the projection (frames averaged),
+    and the scores the same whether the tokens were kept or read again a chunk at a time."""
+    from core.backbones.blip import BlipBackbone
+    from core.tasks import encoding, retrieval
+    from core.tasks.encoding import embed_media, encode_test_media, media_tokens
+
+    spec = f"blip:{tiny_blip_folder}"
+    seen = []
+    image_tokens = BlipBackbone.image_tokens
+    monkeypatch.setattr(BlipBackbone, "image_tokens", lambda self, pixels: seen.append(len(pixels)) or
+                        image_tokens(self, pixels))
+    result = tune(spec, shapes, "lora", epochs=0, lr=1e-3, out=tmp_path / "run")
+    assert sum(seen) == 2 * 24 and result.tuned == result.zero_shot   # 24 test pictures, untuned and tuned
+    backbone = load_backbone(spec)
+    torch.manual_seed(0)
+    for pixels in (torch.randn(5, 3, 32, 32), torch.randn(3, 2, 3, 32, 32)):   # pictures, then clips of 2 frames
+        media = encode_test_media(backbone, pixels, batch_size=2)
+        assert torch.allclose(media.embeddings, embed_media(backbone, pixels), atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(media.tokens, media_tokens(backbone.eval(), pixels), atol=1e-5)
+    captions = backbone.tokenize([f"a {c} shape" for c in ("red", "blue", "green", "grey", "pink")])
+    data = RetrievalSet(torch.randn(5, 3, 32, 32), captions, torch.arange(5))
+    kept = retrieval.evaluate(backbone, data, encode_test_media(backbone, data.pixels))
+    monkeypatch.setattr(encoding, "KEPT_TOKENS_MB", 0)
+    again = encode_test_media(backbone, data.pixels)
+    assert again.tokens is None and retrieval.evaluate(backbone, data, again) == kept

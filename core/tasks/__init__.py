@@ -26,7 +26,7 @@ class Task:
     metric_keys: tuple[str, ...]
     prepare: Callable[[Any, list[Item]], Any]          # (backbone, items) -> prepared set
     objective: Callable[[Any, Any, Any], Any]          # (backbone, set, PET handle) -> module
-    evaluate: Callable[..., dict[str, float]]          # (backbone, set, media embeddings or None) -> metrics
+    evaluate: Callable[..., dict[str, float]]          # (backbone, set, EncodedMedia or None) -> metrics
     usable: Callable[[Item], bool]                     # items the task can use
 
 

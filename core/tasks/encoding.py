@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +63,45 @@ def embed_texts(backbone: Backbone, tokens: torch.Tensor, batch_size: int = 64) 
                                       for t in tokens.split(batch_size)]), dim=-1)
 
 
+KEPT_TOKENS_MB = 512   # the most of its test media's vision tokens a scoring keeps (BLIP-base: 1.8 MB a picture in fp32)
+
+
+@dataclass
+class EncodedMedia:
+    """Test media through the vision tower once, for one scoring: their `embeddings` (the space a
+    run's media spread is measured in: the joint one, or the vision tower's [CLS] where there is
+    none), and `tokens`, every medium's `media_tokens` for a backbone that reads them (matching,
+    answering) where they fit in KEPT_TOKENS_MB (None: a scoring reads them again, a chunk at a time)."""
+    embeddings: torch.Tensor
+    tokens: Optional[torch.Tensor] = None
+
+
+@torch.no_grad()
+def encode_test_media(backbone: Backbone, pixels: torch.Tensor, batch_size: int = 64) -> EncodedMedia:
+    """`EncodedMedia` of images or videos, in eval mode: L2-normalised embeddings on CPU, the tokens
+    on the backbone's device. A backbone that reads vision tokens embeds from them (the [CLS] of each
+    image or frame, through the vision projection where there is a joint space, frames averaged),
+    so its media pass the vision tower once for the embeddings, the scores and the spread."""
+    if not (backbone.has("matching") or backbone.has("answer_generation")):
+        return EncodedMedia(embed_media(backbone, pixels, batch_size))
+    frames = pixels.shape[1] if pixels.ndim == 5 else 1
+    embeddings, kept, keep = [], [], True
+    with evaluating(backbone):
+        for chunk in pixels.split(batch_size):
+            tokens = media_tokens(backbone, chunk)
+            cls = tokens.view(len(chunk), frames, -1, tokens.shape[-1])[:, :, 0]   # each image's or frame's
+            if backbone.has("matching"):
+                cls = backbone.embed_image_tokens(cls.flatten(0, 1).unsqueeze(1)).view(len(chunk), frames, -1)
+            embeddings.append(cls.float().mean(dim=1).cpu())
+            keep = keep and len(pixels) * tokens[0].nbytes <= KEPT_TOKENS_MB * 2 ** 20
+            kept = kept + [tokens] if keep else []
+    return EncodedMedia(F.normalize(torch.cat(embeddings), dim=-1), torch.cat(kept) if keep else None)
+
+
 def media_embeddings(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
     """L2-normalised (B, D) embeddings of images or videos, in eval mode, on CPU, in the space a
-    run's media spread is measured in: the joint one (`embed_media`, which scoring reuses), or the
-    vision tower's [CLS] where there is none (BLIP VQA)."""
-    if backbone.has("answer_generation"):
-        return torch.cat([_vision_cls(backbone, p) for p in pixels.split(64)])
-    return embed_media(backbone, pixels)
+    run's media spread is measured in (`EncodedMedia.embeddings`)."""
+    return encode_test_media(backbone, pixels).embeddings
 
 
 def media_spread(embeddings: torch.Tensor) -> float:
@@ -83,15 +116,6 @@ def media_spread(embeddings: torch.Tensor) -> float:
     off_diagonal = float(total @ total - (embeddings * embeddings).sum())
     spread = 1.0 - off_diagonal / (count * (count - 1))
     return min(2.0, max(0.0, spread)) if math.isfinite(spread) else math.nan   # rounding must not leave [0, 2]
-
-
-@torch.no_grad()
-def _vision_cls(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
-    """L2-normalised [CLS] vision tokens of images, or of videos' frames averaged, in eval mode, on CPU."""
-    with evaluating(backbone):
-        frames = pixels.to(backbone.device).flatten(0, pixels.ndim - 4)
-        cls = backbone.image_tokens(frames)[:, 0].float().cpu()
-    return F.normalize(cls.view(len(pixels), -1, cls.shape[-1]).mean(dim=1), dim=-1)
 
 
 def similarity_spread(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
 from core.distributed import gather, gather_with_grad
-from core.tasks.encoding import embed_media, embed_texts, encode_media, evaluating, media_tokens, similarity_spread
+from core.tasks.encoding import (EncodedMedia, embed_texts, encode_media, encode_test_media, evaluating,
+                                 media_tokens, similarity_spread)
 from core.tasks.frozen import FrozenCache
 from core.tasks.matching import BELOW, RERANK_TOP, match_scores
 
@@ -183,12 +184,14 @@ def recall_metrics(similarity: torch.Tensor, caption_image: torch.Tensor) -> dic
 
 @torch.no_grad()
 def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch.Tensor,
-                       k: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                       k: int, batch_size: int = 64, tokens: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(i2t, t2i) score matrices where each query's top-k ITC candidates are re-scored by
     ITM logit + ITC similarity and the rest stay below them (BLIP's evaluation). The vision tokens
-    of `batch_size` test media at a time are on the device (5,000 images' tokens would not fit);
-    a pair in the top k of both its image and its text is matched once, for both, and each
-    picture's texts are matched together (its cross-attention keys and values computed once)."""
+    are the test media's `tokens` where a scoring kept them, else those of `batch_size` test media
+    at a time, computed here (5,000 images' tokens would not fit); a pair in the top k of both its
+    image and its text is matched once, for both, and each picture's texts are matched together
+    (its cross-attention keys and values computed once)."""
     by_image = similarity.topk(min(k, similarity.shape[1]), dim=1).indices   # each image's top texts
     by_text = similarity.topk(min(k, similarity.shape[0]), dim=0).indices    # each text's top images
     wanted = torch.zeros_like(similarity, dtype=torch.bool)
@@ -197,8 +200,9 @@ def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch
     rescored = similarity.clone()
     with evaluating(backbone):
         for start in range(0, len(data.pixels), batch_size):
-            tokens = media_tokens(backbone, data.pixels[start:start + batch_size])
-            for image, picture in enumerate(tokens.split(1), start):
+            chunk = tokens[start:start + batch_size] if tokens is not None else \
+                media_tokens(backbone, data.pixels[start:start + batch_size])
+            for image, picture in enumerate(chunk.split(1), start):
                 for text in wanted[image].nonzero().flatten().split(batch_size):
                     rescored[image, text] += match_scores(backbone, picture, data.tokens[text])
     i2t = torch.full_like(similarity, BELOW).scatter_(1, by_image, rescored.gather(1, by_image))
@@ -206,15 +210,14 @@ def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch
     return i2t, t2i
 
 
-def evaluate(backbone: Backbone, data: RetrievalSet, media: Optional[torch.Tensor] = None,
+def evaluate(backbone: Backbone, data: RetrievalSet, media: Optional[EncodedMedia] = None,
              rerank_k: int = RERANK_TOP) -> dict[str, float]:
-    """The metrics of `data`; `media`, its media's `media_embeddings` (a joint space's: `embed_media`)
-    where they were computed already."""
-    images = media if media is not None else embed_media(backbone, data.pixels)
+    """The metrics of `data`; `media`, its media's `encode_test_media` where they were encoded already."""
+    media = media if media is not None else encode_test_media(backbone, data.pixels)
     texts = embed_texts(backbone, data.tokens)
-    similarity = images @ texts.T
+    similarity = media.embeddings @ texts.T
     if not backbone.has("matching"):
         return recall_metrics(similarity, data.caption_image)
-    i2t, t2i = rerank_by_matching(backbone, data, similarity, rerank_k)
+    i2t, t2i = rerank_by_matching(backbone, data, similarity, rerank_k, tokens=media.tokens)
     by_image, by_text = recall_metrics(i2t, data.caption_image), recall_metrics(t2i, data.caption_image)
     return {k: (by_image if k.startswith("i2t") else by_text)[k] for k in METRIC_KEYS}

@@ -24,7 +24,8 @@ from torch import nn
 from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
-from core.tasks.encoding import embed_media, encode_media, evaluating, media_tokens, similarity_spread
+from core.tasks.encoding import (EncodedMedia, embed_media, encode_media, evaluating, media_tokens,
+                                 similarity_spread)
 from core.tasks.frozen import FrozenCache
 
 METRICS = {"vqa_acc": "VQA accuracy"}   # key -> how people read it
@@ -174,18 +175,17 @@ class VqaObjective(nn.Module):
 
 
 @torch.no_grad()
-def predict(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = None, batch_size: int = 16) -> list[str]:
-    """Each question's answer; `media`, the media's `media_embeddings` where they were computed
+def predict(backbone: Backbone, data: VqaSet, media: Optional[EncodedMedia] = None, batch_size: int = 16) -> list[str]:
+    """Each question's answer; `media`, the media's `encode_test_media` where they were encoded
     already (a dual encoder embeds each picture once, however many questions it has; an answer
-    decoder reads the vision tokens instead, and leaves it)."""
+    decoder reads the vision tokens, kept there or computed here)."""
     if backbone.has("answer_generation"):
-        return _generated_answers(backbone, data, batch_size)
+        return _generated_answers(backbone, data, batch_size, media.tokens if media is not None else None)
     predictions = []
-    if media is None:
-        media = embed_media(backbone, data.pixels)
+    embeddings = media.embeddings if media is not None else embed_media(backbone, data.pixels)
     with evaluating(backbone):
         for ids in torch.arange(len(data)).split(batch_size):
-            image_emb = media[data.question_image[ids]].to(backbone.device)
+            image_emb = embeddings[data.question_image[ids]].to(backbone.device)
             scores = answer_scores(backbone, image_emb, [data.questions[i] for i in ids], data.candidates).float()
             # A non-finite score (a broken model) picks nothing, so it is never counted as right.
             scores = torch.where(torch.isfinite(scores), scores, float("-inf"))
@@ -195,16 +195,19 @@ def predict(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = No
     return predictions
 
 
-def _generated_answers(backbone: Backbone, data: VqaSet, batch_size: int) -> list[str]:
-    """Each question's answer from the decoder, which cross-attends to every vision token: each
-    picture goes through the vision tower once, however many questions it has (its tokens are kept
-    for `batch_size` pictures at a time), and its questions are answered together: the question
-    encoder projects its tokens to cross-attention keys and values once for all of them."""
+def _generated_answers(backbone: Backbone, data: VqaSet, batch_size: int,
+                       tokens: Optional[torch.Tensor] = None) -> list[str]:
+    """Each question's answer from the decoder, which cross-attends to every vision token: the
+    pictures' `tokens` where a scoring kept them, else each picture through the vision tower once
+    here, however many questions it has (its tokens kept for `batch_size` pictures at a time); a
+    picture's questions are answered together: the question encoder projects its tokens to
+    cross-attention keys and values once for all of them."""
     answers = [""] * len(data)
     with evaluating(backbone):
         for pictures in torch.arange(len(data.pixels)).split(batch_size):
-            tokens = media_tokens(backbone, data.pixels[pictures])
-            for picture, picture_tokens in zip(pictures.tolist(), tokens.split(1)):
+            chunk = tokens[pictures.to(tokens.device)] if tokens is not None else \
+                media_tokens(backbone, data.pixels[pictures])
+            for picture, picture_tokens in zip(pictures.tolist(), chunk.split(1)):
                 asked = (data.question_image == picture).nonzero().flatten()
                 for ids in asked.split(batch_size) if len(asked) else ():
                     generated = backbone.generate_answers(picture_tokens, data.question_tokens[ids])
@@ -213,7 +216,7 @@ def _generated_answers(backbone: Backbone, data: VqaSet, batch_size: int) -> lis
     return answers
 
 
-def evaluate(backbone: Backbone, data: VqaSet, media: Optional[torch.Tensor] = None) -> dict[str, float]:
+def evaluate(backbone: Backbone, data: VqaSet, media: Optional[EncodedMedia] = None) -> dict[str, float]:
     """VQA accuracy on `data`; `media` as `predict` takes it."""
     predictions = predict(backbone, data, media)
     accuracy = sum(vqa_accuracy(p, a) for p, a in zip(predictions, data.answers)) / len(predictions)
