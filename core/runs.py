@@ -257,6 +257,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
             cache[scored_as] = zero_shot
         if untuned_spread is None and (untuned_spread := _spread(media.embeddings)) is not None:
             cache[spread_key] = {"spread": untuned_spread}
+        del media   # its vision tokens would stay on the device through training
     zero_shot = dict(zero_shot)
 
     seed_everything(seed)

@@ -85,9 +85,13 @@ def test_retrieval_is_refused_on_an_answering_backbone(blip_vqa, tmp_path, shape
 def test_scoring_passes_each_picture_through_the_vision_tower_once_for_its_answers(blip_vqa, shapes_vqa, tmp_path,
                                                                                    monkeypatch):
     """Generated answers read each test picture's vision tokens, computed once however many questions
-    it has (two here), and each question is answered from its own picture's tokens."""
+    it has (two here) or kept by the scoring, and each question is answered from its own picture's
+    tokens; the scoring's embeddings (the spread's) are the pictures' [CLS], frames averaged."""
+    import torch.nn.functional as F
+
     from core.backbones.blip import BlipAnsweringBackbone
     from core.tasks import vqa
+    from core.tasks.encoding import encode_test_media
 
     backbone = load_backbone(blip_vqa)
     dataset = read_dataset(shapes_vqa, tmp_path)
@@ -111,6 +115,14 @@ def test_scoring_passes_each_picture_through_the_vision_tower_once_for_its_answe
     answered = vqa.predict(backbone, test, batch_size=3)
     assert answered == [(int(test.question_image[i]), test.question_tokens[i].tolist()) for i in range(len(test))]
     assert sum(seen) == len(test.pixels) and max(seen) == 3
+    # the tokens a scoring kept: no pass of its own, the same routing; the spread's embeddings the [CLS]
+    media = encode_test_media(backbone, test.pixels, batch_size=5)
+    seen.clear()
+    assert vqa.predict(backbone, test, media, batch_size=3) == answered and seen == []
+    assert torch.allclose(media.embeddings, F.normalize(alone[:, 0], dim=-1), atol=1e-5)
+    clips = torch.stack([test.pixels[:3], test.pixels[3:6]], dim=1)   # 3 clips of 2 frames
+    assert torch.allclose(encode_test_media(backbone, clips).embeddings, F.normalize(
+        (alone[:3, 0] + alone[3:6, 0]) / 2, dim=-1), atol=1e-5)
     # a run's scorings, untuned and tuned: one pass each, the spread read off the answers' tokens
     monkeypatch.undo()
     monkeypatch.setattr(BlipAnsweringBackbone, "image_tokens",

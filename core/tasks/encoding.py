@@ -63,7 +63,7 @@ def embed_texts(backbone: Backbone, tokens: torch.Tensor, batch_size: int = 64) 
                                       for t in tokens.split(batch_size)]), dim=-1)
 
 
-KEPT_TOKENS_MB = 512   # the most of its test media's vision tokens a scoring keeps (BLIP-base: 1.8 MB a picture in fp32)
+KEPT_TOKENS_MB = 256   # the most of its test media's vision tokens a scoring keeps (BLIP-base: 1.8 MB a picture in fp32)
 
 
 @dataclass
@@ -85,17 +85,18 @@ def encode_test_media(backbone: Backbone, pixels: torch.Tensor, batch_size: int 
     if not (backbone.has("matching") or backbone.has("answer_generation")):
         return EncodedMedia(embed_media(backbone, pixels, batch_size))
     frames = pixels.shape[1] if pixels.ndim == 5 else 1
-    embeddings, kept, keep = [], [], True
+    embeddings, kept = [], None
     with evaluating(backbone):
-        for chunk in pixels.split(batch_size):
-            tokens = media_tokens(backbone, chunk)
-            cls = tokens.view(len(chunk), frames, -1, tokens.shape[-1])[:, :, 0]   # each image's or frame's
-            if backbone.has("matching"):
-                cls = backbone.embed_image_tokens(cls.flatten(0, 1).unsqueeze(1)).view(len(chunk), frames, -1)
-            embeddings.append(cls.float().mean(dim=1).cpu())
-            keep = keep and len(pixels) * tokens[0].nbytes <= KEPT_TOKENS_MB * 2 ** 20
-            kept = kept + [tokens] if keep else []
-    return EncodedMedia(F.normalize(torch.cat(embeddings), dim=-1), torch.cat(kept) if keep else None)
+        for start in range(0, len(pixels), batch_size):
+            tokens = media_tokens(backbone, pixels[start:start + batch_size])
+            per_image = tokens.view(len(tokens) * frames, -1, tokens.shape[-1])   # a clip's frames one after another
+            embedded = backbone.embed_image_tokens(per_image) if backbone.has("matching") else per_image[:, 0]
+            embeddings.append(embedded.float().view(len(tokens), frames, -1).mean(dim=1).cpu())
+            if start == 0 and len(pixels) * tokens[0].nbytes <= KEPT_TOKENS_MB * 2 ** 20:
+                kept = tokens.new_empty((len(pixels), *tokens.shape[1:]))
+            if kept is not None:
+                kept[start:start + len(tokens)] = tokens
+    return EncodedMedia(F.normalize(torch.cat(embeddings), dim=-1), kept)
 
 
 def media_embeddings(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:

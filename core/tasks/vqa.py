@@ -205,7 +205,7 @@ def _generated_answers(backbone: Backbone, data: VqaSet, batch_size: int,
     answers = [""] * len(data)
     with evaluating(backbone):
         for pictures in torch.arange(len(data.pixels)).split(batch_size):
-            chunk = tokens[pictures.to(tokens.device)] if tokens is not None else \
+            chunk = tokens[pictures[0]:pictures[-1] + 1] if tokens is not None else \
                 media_tokens(backbone, data.pixels[pictures])
             for picture, picture_tokens in zip(pictures.tolist(), chunk.split(1)):
                 asked = (data.question_image == picture).nonzero().flatten()
