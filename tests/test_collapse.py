@@ -19,7 +19,7 @@ from core.result import COLLAPSED, COLLAPSED_SPREAD, MediaSpread, ResultError, R
 from core.runs import _merged, _test_set, load_run, tune
 from core.sweep import MethodChoice, summarise
 from core.tasks import get_task
-from core.tasks.encoding import media_embeddings, media_spread
+from core.tasks.encoding import encode_test_media, media_spread
 from core.world import write_part
 from tests.conftest import TINY, write_tiny_blip_vqa
 
@@ -36,8 +36,9 @@ def test_the_spread_is_the_mean_of_one_minus_the_pairwise_cosines(tiny):
         embeddings = torch.nn.functional.normalize(tiny.eval().encode_image(pixels).double(), dim=-1)
     cosines = embeddings @ embeddings.T
     pairs = ~torch.eye(7, dtype=torch.bool)
-    assert media_spread(media_embeddings(tiny, pixels)) == pytest.approx(float((1 - cosines[pairs]).mean()), abs=1e-6)
-    alike = media_embeddings(tiny, pixels[:1].expand(5, -1, -1, -1))
+    assert media_spread(encode_test_media(tiny, pixels).embeddings) == pytest.approx(float((1 - cosines[pairs]).mean()),
+                                                                                     abs=1e-6)
+    alike = encode_test_media(tiny, pixels[:1].expand(5, -1, -1, -1)).embeddings
     assert media_spread(alike) == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(media_spread(alike[:1]))   # one picture has no pair
 
@@ -45,9 +46,9 @@ def test_the_spread_is_the_mean_of_one_minus_the_pairwise_cosines(tiny):
 def test_an_answering_backbone_is_measured_on_its_vision_cls(tiny_blip_vqa_backbone):
     torch.manual_seed(0)
     pixels = torch.rand(6, 3, 32, 32)
-    spread = media_spread(media_embeddings(tiny_blip_vqa_backbone, pixels))
+    spread = media_spread(encode_test_media(tiny_blip_vqa_backbone, pixels).embeddings)
     assert 0.0 < spread <= 2.0
-    alike = media_embeddings(tiny_blip_vqa_backbone, pixels[:1].expand(4, -1, -1, -1))
+    alike = encode_test_media(tiny_blip_vqa_backbone, pixels[:1].expand(4, -1, -1, -1)).embeddings
     assert media_spread(alike) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -63,9 +64,9 @@ def test_the_gpu_run_that_answered_one_thing_is_found_collapsed(tmp_path):
     assert dataset.fingerprint == info.dataset.fingerprint
     test = _test_set(get_task("vqa", dataset, (), 8), backbone, dataset)
     with _merged(handle):
-        tuned = media_spread(media_embeddings(backbone, test.pixels))
+        tuned = media_spread(encode_test_media(backbone, test.pixels).embeddings)
     handle.detach()
-    untuned = media_spread(media_embeddings(load_backbone("offline"), test.pixels))
+    untuned = media_spread(encode_test_media(load_backbone("offline"), test.pixels).embeddings)
     spread = MediaSpread(untuned, tuned)
     # measured: 0.935 untuned, 0.149 tuned (mean cosine 0.06 → 0.85); a healthy VL-PET run at 16 shots keeps 0.43
     assert untuned == pytest.approx(0.935, abs=0.01) and tuned == pytest.approx(0.149, abs=0.01)

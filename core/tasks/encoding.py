@@ -63,7 +63,7 @@ def embed_texts(backbone: Backbone, tokens: torch.Tensor, batch_size: int = 64) 
                                       for t in tokens.split(batch_size)]), dim=-1)
 
 
-KEPT_TOKENS_MB = 256   # the most of its test media's vision tokens a scoring keeps (BLIP-base: 1.8 MB a picture in fp32)
+KEPT_TOKENS_MB = 256   # the most of its test media's vision tokens a scoring keeps (BLIP-base: 1.8 MB a picture, fp32)
 
 
 @dataclass
@@ -99,15 +99,10 @@ def encode_test_media(backbone: Backbone, pixels: torch.Tensor, batch_size: int 
     return EncodedMedia(F.normalize(torch.cat(embeddings), dim=-1), kept)
 
 
-def media_embeddings(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
-    """L2-normalised (B, D) embeddings of images or videos, in eval mode, on CPU, in the space a
-    run's media spread is measured in (`EncodedMedia.embeddings`)."""
-    return encode_test_media(backbone, pixels).embeddings
-
-
 def media_spread(embeddings: torch.Tensor) -> float:
-    """How far apart media sit, from their `media_embeddings`: the mean of 1 − cosine over their
-    pairs (0: all embedded alike; NaN for fewer than two, or embeddings that are not finite)."""
+    """How far apart media sit, from their L2-normalised embeddings (`EncodedMedia.embeddings`): the
+    mean of 1 − cosine over their pairs (0: all embedded alike; NaN for fewer than two, or embeddings
+    that are not finite)."""
     count = len(embeddings)
     if count < 2:
         return float("nan")
