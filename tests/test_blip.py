@@ -157,7 +157,7 @@ def test_a_folder_without_config_is_not_blip(tmp_path):
 def test_evaluation_streams_vision_tokens_and_reranks_as_each_query_alone_would(tiny_blip, monkeypatch):
     """BLIP's evaluation holds one chunk of test images' vision tokens at a time and matches each
     candidate pair once, yet ranks exactly as re-scoring each query's top k on its own does."""
-    from core.tasks import retrieval
+    from core.tasks import encoding, retrieval
     from core.tasks.matching import match_scores, rerank
 
     torch.manual_seed(3)
@@ -172,8 +172,8 @@ def test_evaluation_streams_vision_tokens_and_reranks_as_each_query_alone_would(
         expected_t2i = torch.stack([rerank(similarity[:, j], 3, lambda top: match_scores(
             tiny_blip, every[top], data.tokens[j].expand(len(top), -1))) for j in range(9)], dim=1)
     chunks, pairs, projected = [], [], []
-    encode, score = retrieval.media_tokens, retrieval.match_scores
-    monkeypatch.setattr(retrieval, "media_tokens", lambda b, p: chunks.append(len(p)) or encode(b, p))
+    encode, score = encoding.media_tokens, retrieval.match_scores
+    monkeypatch.setattr(encoding, "media_tokens", lambda b, p: chunks.append(len(p)) or encode(b, p))
     monkeypatch.setattr(retrieval, "match_scores", lambda b, t, x: pairs.append(len(x)) or score(b, t, x))
     key = tiny_blip.model.text_encoder.encoder.layer[0].crossattention.self.key
     hook = key.register_forward_hook(lambda m, i, o: projected.append(len(i[0])))

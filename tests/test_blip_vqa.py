@@ -87,6 +87,8 @@ def test_scoring_passes_each_picture_through_the_vision_tower_once_for_its_answe
     """Generated answers read each test picture's vision tokens, computed once however many questions
     it has (two here) or kept by the scoring, and each question is answered from its own picture's
     tokens; the scoring's embeddings (the spread's) are the pictures' [CLS], frames averaged."""
+    import dataclasses
+
     import torch.nn.functional as F
 
     from core.backbones.blip import BlipAnsweringBackbone
@@ -110,11 +112,20 @@ def test_scoring_passes_each_picture_through_the_vision_tower_once_for_its_answe
         assert distance.min() < 1e-4 and distance.sort().values[1] > 1e-2
         return int(distance.argmin())
 
-    monkeypatch.setattr(BlipAnsweringBackbone, "generate_answers", lambda self, tokens, questions: [
-        (whose(t), q.tolist()) for t, q in zip(tokens.expand(len(questions), -1, -1), questions)])
+    def generate(self, tokens, questions):   # as the decoder, which cannot be given no question
+        assert len(questions) > 0
+        return [(whose(t), q.tolist()) for t, q in zip(tokens.expand(len(questions), -1, -1), questions)]
+
+    monkeypatch.setattr(BlipAnsweringBackbone, "generate_answers", generate)
     answered = vqa.predict(backbone, test, batch_size=3)
     assert answered == [(int(test.question_image[i]), test.question_tokens[i].tolist()) for i in range(len(test))]
     assert sum(seen) == len(test.pixels) and max(seen) == 3
+    # a picture nobody asks about is passed over
+    rest = (test.question_image != 1).nonzero().flatten()
+    fewer = dataclasses.replace(test, question_image=test.question_image[rest],
+                                question_tokens=test.question_tokens[rest],
+                                questions=[test.questions[i] for i in rest.tolist()])
+    assert vqa.predict(backbone, fewer, batch_size=3) == [answered[i] for i in rest.tolist()]
     # the tokens a scoring kept: no pass of its own, the same routing; the spread's embeddings the [CLS]
     media = encode_test_media(backbone, test.pixels, batch_size=5)
     seen.clear()

@@ -47,6 +47,15 @@ def media_tokens(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
     return tokens.view(pixels.shape[0], -1, tokens.shape[-1])
 
 
+def media_token_chunks(backbone: Backbone, pixels: torch.Tensor, batch_size: int,
+                       kept: Optional[torch.Tensor] = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(the first medium's index, the `media_tokens` of `batch_size` media from it), a chunk at a
+    time: slices of the tokens a scoring `kept` (`EncodedMedia.tokens`), else computed here."""
+    for start in range(0, len(pixels), batch_size):
+        yield start, (kept[start:start + batch_size] if kept is not None else
+                      media_tokens(backbone, pixels[start:start + batch_size]))
+
+
 @torch.no_grad()
 def embed_media(backbone: Backbone, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """L2-normalised embeddings of images or videos, in eval mode, on CPU."""

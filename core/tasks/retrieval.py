@@ -19,7 +19,7 @@ from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
 from core.distributed import gather, gather_with_grad
 from core.tasks.encoding import (EncodedMedia, embed_texts, encode_media, encode_test_media, evaluating,
-                                 media_tokens, similarity_spread)
+                                 media_token_chunks, media_tokens, similarity_spread)
 from core.tasks.frozen import FrozenCache
 from core.tasks.matching import BELOW, RERANK_TOP, match_scores
 
@@ -199,9 +199,7 @@ def rerank_by_matching(backbone: Backbone, data: RetrievalSet, similarity: torch
     wanted.scatter_(0, by_text, True)
     rescored = similarity.clone()
     with evaluating(backbone):
-        for start in range(0, len(data.pixels), batch_size):
-            chunk = tokens[start:start + batch_size] if tokens is not None else \
-                media_tokens(backbone, data.pixels[start:start + batch_size])
+        for start, chunk in media_token_chunks(backbone, data.pixels, batch_size, tokens):
             for image, picture in enumerate(chunk.split(1), start):
                 for text in wanted[image].nonzero().flatten().split(batch_size):
                     rescored[image, text] += match_scores(backbone, picture, data.tokens[text])

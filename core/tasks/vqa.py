@@ -24,8 +24,8 @@ from torch import nn
 from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
-from core.tasks.encoding import (EncodedMedia, embed_media, encode_media, evaluating, media_tokens,
-                                 similarity_spread)
+from core.tasks.encoding import (EncodedMedia, embed_media, encode_media, evaluating, media_token_chunks,
+                                 media_tokens, similarity_spread)
 from core.tasks.frozen import FrozenCache
 
 METRICS = {"vqa_acc": "VQA accuracy"}   # key -> how people read it
@@ -203,13 +203,13 @@ def _generated_answers(backbone: Backbone, data: VqaSet, batch_size: int,
     picture's questions are answered together: the question encoder projects its tokens to
     cross-attention keys and values once for all of them."""
     answers = [""] * len(data)
+    # each picture's questions, in their order (a picture may have none)
+    asked = torch.argsort(data.question_image, stable=True).split(
+        torch.bincount(data.question_image, minlength=len(data.pixels)).tolist())
     with evaluating(backbone):
-        for pictures in torch.arange(len(data.pixels)).split(batch_size):
-            chunk = tokens[pictures[0]:pictures[-1] + 1] if tokens is not None else \
-                media_tokens(backbone, data.pixels[pictures])
-            for picture, picture_tokens in zip(pictures.tolist(), chunk.split(1)):
-                asked = (data.question_image == picture).nonzero().flatten()
-                for ids in asked.split(batch_size) if len(asked) else ():
+        for start, chunk in media_token_chunks(backbone, data.pixels, batch_size, tokens):
+            for picture, picture_tokens in enumerate(chunk.split(1), start):
+                for ids in asked[picture].split(batch_size) if len(asked[picture]) else ():
                     generated = backbone.generate_answers(picture_tokens, data.question_tokens[ids])
                     for i, answer in zip(ids.tolist(), generated):
                         answers[i] = answer
