@@ -40,7 +40,7 @@ class SelfAttention(nn.Module):
             for t in self.in_proj(x).chunk(3, dim=-1)
         )
         if q.requires_grad and q.device.type == "cpu" and q.dtype in LOW_PRECISION:
-            # A CPU's bf16 and fp16 attention backward is 1.1-3.6x slower than fp32's (a ViT-B/32 Aurora
+            # A CPU's bf16 and fp16 attention backward is 1.1-3.8x slower than fp32's (a ViT-B/32 Aurora
             # step, 1.38 s -> 1.24 s in bf16 autocast with this); its forward alone is not, so only
             # training leaves autocast here (out_proj casts the output back down).
             with torch.autocast("cpu", enabled=False):
