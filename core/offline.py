@@ -435,8 +435,8 @@ def _precision_section(folder: Path) -> str:
     python -m core.offline precision --parts {','.join(record['parts'])} --shots {record['shots']} --seeds {','.join(map(str, record['seeds']))} --epochs {record['epochs']}
 
 The same runs as above in fp32 and with bf16 autocast (PET parameters and optimiser state fp32,
-training's attention fp32 on a CPU, scores in fp32), mean over seeds {', '.join(map(str, record['seeds']))}; measured on {record['machine']}. The largest
-difference in any Recall@1 is {worst:.1f} points.
+training's attention fp32 on a CPU, scores in fp32), mean over seeds {', '.join(map(str, record['seeds']))};
+measured on {record['machine']}. The largest difference in any Recall@1 is {worst:.1f} points.
 
 {precision_table(record['rows'])}
 

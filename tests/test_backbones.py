@@ -156,8 +156,9 @@ def test_optional_parts_are_declared_and_refused_clearly_where_missing(tiny):
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
 def test_training_under_low_precision_autocast_runs_attention_in_fp32_on_a_cpu(low, monkeypatch):
-    """A CPU's bf16/fp16 attention backward is slower than fp32's (`python -m core bench`): a
-    training pass leaves autocast for attention alone; a forward without gradients stays in it."""
+    """A CPU's bf16/fp16 attention backward is slower than fp32's (README "Benchmark"): a pass whose
+    attention needs gradients — from its input or from trainable projections — leaves autocast for
+    attention alone; a frozen block in training and a forward without gradients stay in it."""
     import torch.nn.functional as F
 
     from core.backbones.block import SelfAttention
@@ -165,15 +166,27 @@ def test_training_under_low_precision_autocast_runs_attention_in_fp32_on_a_cpu(l
     torch.manual_seed(0)
     attention = SelfAttention(torch.nn.MultiheadAttention(64, 4, batch_first=True))
     real, seen = F.scaled_dot_product_attention, []
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or real(q, k, v, **kw))
-    x = torch.randn(3, 7, 64, requires_grad=True)
-    with torch.autocast("cpu", dtype=low):
-        out = attention(x, causal=True)
-    out.float().sum().backward()
-    with torch.no_grad(), torch.autocast("cpu", dtype=low):
-        attention(x, causal=True)
-    assert seen == [torch.float32, low] and out.dtype == low
-    # the same gradients as a pass whose attention alone is fp32 by hand (only the projections are in `low`)
+
+    def spied(q, k, v, **options):
+        seen.append(q.dtype)
+        return real(q, k, v, **options)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spied)
+    x = torch.randn(3, 7, 64)
+
+    def attend(inputs):
+        with torch.autocast("cpu", dtype=low):
+            return attention(inputs, causal=True)
+
+    trained = attend(x.requires_grad_())          # the input needs gradients
+    attend(x.detach())                            # only the projections do
+    attention.requires_grad_(False)
+    attend(x.detach())                            # a frozen block in a training pass
+    with torch.no_grad():
+        attend(x)                                 # a query
+    assert seen == [torch.float32, torch.float32, low, low] and trained.dtype == low
+    # the gradients are those of a pass whose attention alone is fp32, by hand
+    trained.float().sum().backward()
     grad, x.grad = x.grad, None
     with torch.autocast("cpu", dtype=low):
         q, k, v = (t.view(3, 7, 4, 16).transpose(1, 2) for t in attention.in_proj(x).chunk(3, dim=-1))

@@ -35,19 +35,23 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         batch, tokens, width = x.shape
-        q, k, v = (
-            t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
-            for t in self.in_proj(x).chunk(3, dim=-1)
-        )
-        if q.requires_grad and q.device.type == "cpu" and q.dtype in LOW_PRECISION:
-            # A CPU's bf16 and fp16 attention backward is 1.1-3.8x slower than fp32's (a ViT-B/32 Aurora
-            # step, 1.38 s -> 1.24 s in bf16 autocast with this); its forward alone is not, so only
-            # training leaves autocast here (out_proj casts the output back down).
+        packed = self.in_proj(x)
+        if packed.requires_grad and packed.device.type == "cpu" and packed.dtype in LOW_PRECISION:
+            # A CPU's low-precision attention backward is slower than fp32's, its forward is not
+            # (README "Benchmark"): training leaves autocast for attention alone; out_proj casts back down.
             with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+                out = self._attend(packed.float(), causal)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            out = self._attend(packed, causal)
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+    def _attend(self, packed: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Attention over in_proj's (B, N, 3·width) output, per head: (B, heads, N, width / heads)."""
+        batch, tokens, packed_width = packed.shape
+        width = packed_width // 3
+        q, k, v = (t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
+                   for t in packed.chunk(3, dim=-1))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 class PreNormBlock(nn.Module):
