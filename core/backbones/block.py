@@ -34,7 +34,6 @@ class SelfAttention(nn.Module):
         self.out_proj = mha.out_proj
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        batch, tokens, width = x.shape
         packed = self.in_proj(x)
         if packed.requires_grad and packed.device.type == "cpu" and packed.dtype in LOW_PRECISION:
             # A CPU's low-precision attention backward is slower than fp32's, its forward is not
@@ -43,15 +42,16 @@ class SelfAttention(nn.Module):
                 out = self._attend(packed.float(), causal)
         else:
             out = self._attend(packed, causal)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
+        return self.out_proj(out)
 
     def _attend(self, packed: torch.Tensor, causal: bool) -> torch.Tensor:
-        """Attention over in_proj's (B, N, 3·width) output, per head: (B, heads, N, width / heads)."""
+        """Attention over in_proj's (B, N, 3·width) output, head by head, back to (B, N, width)."""
         batch, tokens, packed_width = packed.shape
         width = packed_width // 3
         q, k, v = (t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
                    for t in packed.chunk(3, dim=-1))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return out.transpose(1, 2).reshape(batch, tokens, width)
 
 
 class PreNormBlock(nn.Module):
