@@ -10,10 +10,13 @@ BLOW_UP times its start.
 The rule: the loss must first fall (by FALL of its start, or of chance's loss when the model starts
 worse than chance — `objective.chance_loss`, where the objective knows it); it "turns up" at the
 first step whose loss gives back TURN of what it had gained below that, or is not finite. The chosen learning rate is the
-geometric middle of the one at the lowest loss before the turn and the one where it turned up
-(the lowest loss when it never turned up). Trained with warm-up and cosine decay, a run's best
+geometric middle of the first one on the valley's floor — the first whose loss came within FLOOR
+of the lowest before the turn, as a share of the whole fall — and the one where it turned up (that
+first one alone when it never turned up). Trained with warm-up and cosine decay, a run's best
 peak rate sits above the one step that did best here: on the offline world's curves the best
-fixed rate lay between the two, and the lowest point alone chose a rate below it. A model that
+fixed rate lay between the two, and the lowest point alone chose a rate below it. On a flat floor
+which step is lowest is chance (a loss of 0.447 at 0.051 against 0.478 at 0.021), and reading the
+lowest there chose rates up to a method's cliff (LoRA at 0.079, its cliff at 0.1). A model that
 starts worse than chance is judged otherwise: its chosen rate is the first at which the loss fell
 FALL below chance's, where the test stops. Its lower rates only flatten its overconfident logits,
 and past that one a step on one small batch measures how fast the batch is memorised: on the
@@ -52,10 +55,11 @@ LOWEST, HIGHEST = 3e-6, 0.3
 BLOW_UP = 4.0         # the test stops once the loss passes this many times its start
 FALL = 0.1            # the loss must fall by this share of its start for the test to say anything
 TURN = 0.25           # it turns up once it gives back this share of what it had gained
+FLOOR = 0.1           # a loss within this share of the whole fall of the lowest is on the valley's floor
 ENTER = 0.01          # a test over its share drops its rates below this share of the suggested one
-RULE = 5              # the rule's version: with the constants above, in the cache key (a changed rule reuses no choice)
+RULE = 6              # the rule's version: with the constants above, in the cache key (a changed rule reuses no choice)
 # a new constant joins them too
-RULE_CONSTANTS = (SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, ENTER, RULE)
+RULE_CONSTANTS = (SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, FLOOR, ENTER, RULE)
 
 
 def rising_rates(steps: int) -> list[float]:
@@ -109,13 +113,15 @@ def pick(start: float, lrs: list[float], losses: list[float], not_finite_at: Opt
         first = next(step for step, loss in enumerate(losses) if fell_below(start, loss))
         return lrs[first], (f"range test: the model started worse than chance; the loss first fell {FALL:.0%} "
                             f"below chance's {start:.3g} at lr {lrs[first]:.2g}, the rate chosen")
+    floor = next(step for step in range(at + 1) if losses[step] <= losses[at] + FLOOR * (start - losses[at]))
+    reached = f"range test: the loss reached its floor (within {FLOOR:.0%} of its lowest, {losses[at]:.3g}) at lr " \
+              f"{lrs[floor]:.2g}"
     if turned is None and not_finite_at is None:
-        return lrs[at], f"range test: the loss was lowest at lr {lrs[at]:.2g} (it had not turned up by the end)"
+        return lrs[floor], f"{reached} (it had not turned up by the end)"
     # a loss gone non-finite has turned up as far as it can
     edge, how = (lrs[turned], "turned up") if turned is not None else (not_finite_at, "was not finite")
-    chosen = math.sqrt(lrs[at] * edge)
-    return chosen, (f"range test: the loss was lowest at lr {lrs[at]:.2g} and {how} at {edge:.2g}; "
-                    f"chose their geometric middle, {chosen:.2g}")
+    chosen = math.sqrt(lrs[floor] * edge)
+    return chosen, f"{reached} and {how} at {edge:.2g}; chose their geometric middle, {chosen:.2g}"
 
 
 def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: list[float], batch_size: int,

@@ -59,7 +59,7 @@ def test_the_range_test_picks_within_a_factor_of_3_of_the_best_fixed_rate(scale)
     rng = torch.get_rng_state()
     choice = choose_lr(objective, {"w": objective.w}, SETTINGS, fallback=1e-3)
     assert best / 3 <= choice.lr <= best * 3, (choice.lr, best, choice.why)
-    assert choice.why.startswith("range test: the loss was lowest at lr") and not choice.reused
+    assert choice.why.startswith("range test: the loss reached its floor") and not choice.reused
     assert torch.equal(objective.w, before) and torch.equal(torch.get_rng_state(), rng)   # put back as it was
     # the curve is the rates tried, rising geometrically, and the loss after a step at each
     assert len(choice.lrs) == len(choice.losses) == choice.steps and choice.lrs == sorted(choice.lrs)
@@ -77,10 +77,21 @@ def test_the_rule_needs_a_fall_and_stops_at_the_turn():
     lr, why = pick(1.0, lrs, [0.97, 0.94, 1.0, 1.2, 5.0])   # fell 6%: less than the rule reads as learning
     assert lr is None and why.startswith("the loss did not fall 10% below 1 (")
     lr, why = pick(1.0, lrs, [0.9, 0.5, 0.8, 0.2, 5.0])   # turns up at 1e-2 (gives back 0.6 of 0.5 gained)
-    assert lr == pytest.approx(10 ** -2.5) and "lowest at lr 0.001 and turned up at 0.01" in why   # their middle
+    assert lr == pytest.approx(10 ** -2.5) and "its lowest, 0.5) at lr 0.001 and turned up at 0.01" in why   # their middle
     assert pick(1.0, lrs, [0.9, 0.7, 0.5, 0.3, 0.1])[0] == 1.0   # still falling at the end
     lr, why = pick(1.0, lrs[:3], [0.9, 0.5, 0.4], not_finite_at=1e-1)   # fell, then not finite at 0.1: the turn
-    assert lr == pytest.approx(10 ** -1.5) and "lowest at lr 0.01 and was not finite at 0.1" in why
+    assert lr == pytest.approx(10 ** -1.5) and "its lowest, 0.4) at lr 0.01 and was not finite at 0.1" in why
+
+
+def test_a_flat_floor_is_read_from_where_the_loss_reached_it():
+    lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    # lowest at 0.1 (0.47), but within 10% of the 0.53 fallen (0.523) already at 1e-3: the floor starts there
+    lr, why = pick(1.0, lrs, [0.9, 0.5, 0.48, 0.47, 5.0])
+    assert lr == pytest.approx(10 ** -1.5), why   # the middle of 1e-3 and the turn at 1.0, not of 0.1 and 1.0
+    assert "reached its floor (within 10% of its lowest, 0.47) at lr 0.001 and turned up at 1" in why
+    lr, why = pick(1.0, lrs, [0.9, 0.6, 0.5, 0.47, 5.0])   # 0.5 is within 0.053 of 0.47; 0.6 is not
+    assert lr == pytest.approx(10 ** -1), why
+    assert pick(1.0, lrs[:4], [0.9, 0.5, 0.48, 0.47])[0] == 1e-3   # never turned up: the floor's first rate
     assert pick(1.0, lrs[:2], [1.0, 0.99], not_finite_at=1e-2)[0] is None   # never fell: nothing to judge
 
 
@@ -100,10 +111,14 @@ class Fragile(Regression):
 def test_a_loss_that_goes_non_finite_after_falling_has_turned_up_there():
     objective = Fragile(0.3)
     choice = choose_lr(objective, {"w": objective.w}, SETTINGS, fallback=1e-3)
-    lowest = choice.lrs[choice.losses.index(min(choice.losses))]
+    lowest = min(choice.losses)
+    batch = objective.batches(choice.batch_size, torch.Generator().manual_seed(SETTINGS.seed))[0]
+    with torch.no_grad():
+        start = float(objective(batch))   # from the initial weights, put back
+    floor = next(lr for lr, loss in zip(choice.lrs, choice.losses) if loss <= lowest + 0.1 * (start - lowest))
     edge = choice.lrs[-1] * (choice.lrs[-1] / choice.lrs[-2])   # the rate of the step that went non-finite
     assert "was not finite at" in choice.why, choice.why
-    assert choice.lr == pytest.approx((lowest * edge) ** 0.5, rel=1e-6)
+    assert choice.lr == pytest.approx((floor * edge) ** 0.5, rel=1e-6)
 
 
 def test_a_few_shot_run_gets_the_least_test_and_a_long_one_stays_within_its_share():
