@@ -14,7 +14,8 @@ geometric middle of the first one on the valley's floor — the first whose loss
 of the lowest before the turn, as a share of the whole fall — and the one where it turned up (that
 first one alone when it never turned up). Trained with warm-up and cosine decay, a run's best
 peak rate sits above the one step that did best here: on the offline world's curves the best
-fixed rate lay between the two, and the lowest point alone chose a rate below it. On a flat floor
+fixed rate lay between the lowest point and the turn, and the lowest point alone chose a rate below
+it. On a flat floor
 which step is lowest is chance (a loss of 0.447 at 0.051 against 0.478 at 0.021), and reading the
 lowest there chose rates up to a method's cliff (LoRA at 0.079, its cliff at 0.1). A model that
 starts worse than chance is judged otherwise: its chosen rate is the first at which the loss fell
@@ -114,8 +115,8 @@ def pick(start: float, lrs: list[float], losses: list[float], not_finite_at: Opt
         return lrs[first], (f"range test: the model started worse than chance; the loss first fell {FALL:.0%} "
                             f"below chance's {start:.3g} at lr {lrs[first]:.2g}, the rate chosen")
     floor = next(step for step in range(at + 1) if losses[step] <= losses[at] + FLOOR * (start - losses[at]))
-    reached = f"range test: the loss reached its floor (within {FLOOR:.0%} of its lowest, {losses[at]:.3g}) at lr " \
-              f"{lrs[floor]:.2g}"
+    reached = (f"range test: the loss reached its floor (within {FLOOR:.0%} of its fall above its lowest, "
+               f"{losses[at]:.3g}) at lr {lrs[floor]:.2g}")
     if turned is None and not_finite_at is None:
         return lrs[floor], f"{reached} (it had not turned up by the end)"
     # a loss gone non-finite has turned up as far as it can

@@ -77,10 +77,11 @@ def test_the_rule_needs_a_fall_and_stops_at_the_turn():
     lr, why = pick(1.0, lrs, [0.97, 0.94, 1.0, 1.2, 5.0])   # fell 6%: less than the rule reads as learning
     assert lr is None and why.startswith("the loss did not fall 10% below 1 (")
     lr, why = pick(1.0, lrs, [0.9, 0.5, 0.8, 0.2, 5.0])   # turns up at 1e-2 (gives back 0.6 of 0.5 gained)
-    assert lr == pytest.approx(10 ** -2.5) and "its lowest, 0.5) at lr 0.001 and turned up at 0.01" in why   # their middle
+    assert lr == pytest.approx(10 ** -2.5)   # the middle of the floor's first rate and the turn
+    assert "above its lowest, 0.5) at lr 0.001 and turned up at 0.01" in why
     assert pick(1.0, lrs, [0.9, 0.7, 0.5, 0.3, 0.1])[0] == 1.0   # still falling at the end
     lr, why = pick(1.0, lrs[:3], [0.9, 0.5, 0.4], not_finite_at=1e-1)   # fell, then not finite at 0.1: the turn
-    assert lr == pytest.approx(10 ** -1.5) and "its lowest, 0.4) at lr 0.01 and was not finite at 0.1" in why
+    assert lr == pytest.approx(10 ** -1.5) and "above its lowest, 0.4) at lr 0.01 and was not finite at 0.1" in why
 
 
 def test_a_flat_floor_is_read_from_where_the_loss_reached_it():
@@ -88,10 +89,12 @@ def test_a_flat_floor_is_read_from_where_the_loss_reached_it():
     # lowest at 0.1 (0.47), but within 10% of the 0.53 fallen (0.523) already at 1e-3: the floor starts there
     lr, why = pick(1.0, lrs, [0.9, 0.5, 0.48, 0.47, 5.0])
     assert lr == pytest.approx(10 ** -1.5), why   # the middle of 1e-3 and the turn at 1.0, not of 0.1 and 1.0
-    assert "reached its floor (within 10% of its lowest, 0.47) at lr 0.001 and turned up at 1" in why
+    assert "reached its floor (within 10% of its fall above its lowest, 0.47) at lr 0.001 and turned up at 1" in why
     lr, why = pick(1.0, lrs, [0.9, 0.6, 0.5, 0.47, 5.0])   # 0.5 is within 0.053 of 0.47; 0.6 is not
     assert lr == pytest.approx(10 ** -1), why
     assert pick(1.0, lrs[:4], [0.9, 0.5, 0.48, 0.47])[0] == 1e-3   # never turned up: the floor's first rate
+    lr, why = pick(1.0, lrs[:3], [0.9, 0.5, 0.48], not_finite_at=1e-1)   # on the floor from 1e-3, then not finite
+    assert lr == pytest.approx(1e-2) and "at lr 0.001 and was not finite at 0.1" in why, why
     assert pick(1.0, lrs[:2], [1.0, 0.99], not_finite_at=1e-2)[0] is None   # never fell: nothing to judge
 
 
