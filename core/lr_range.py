@@ -15,11 +15,10 @@ of the lowest before the turn, as a share of the whole fall — and the one wher
 first one alone when it never turned up). Trained with warm-up and cosine decay, a run's best
 peak rate sits above the one step that did best here: on the offline world's curves the best
 fixed rate lay between the lowest point and the turn, and the lowest point alone chose a rate below
-it. On a flat floor
-which step is lowest is chance (a loss of 0.447 at 0.051 against 0.478 at 0.021), and reading the
-lowest there chose rates up to a method's cliff (LoRA at 0.079, its cliff at 0.1). A model that
-starts worse than chance is judged otherwise: its chosen rate is the first at which the loss fell
-FALL below chance's, where the test stops. Its lower rates only flatten its overconfident logits,
+it. On a flat floor which step is lowest is chance (a loss of 0.447 at 0.051 against 0.478 at
+0.021), and reading the lowest there chose rates up to a method's cliff (LoRA at 0.079, its cliff
+at 0.1). A model that starts worse than chance is judged otherwise: its chosen rate is the first
+at which the loss fell FALL below chance's, where the test stops. Its lower rates only flatten its overconfident logits,
 and past that one a step on one small batch measures how fast the batch is memorised: on the
 offline world's VQA the lowest point lay 3–30× above the best fixed rate (rule 4 chose 0.066–0.3
 where 0.01–0.03 was best). A loss that never falls (a batch the model already separates, or one

@@ -82,6 +82,7 @@ def test_the_rule_needs_a_fall_and_stops_at_the_turn():
     assert pick(1.0, lrs, [0.9, 0.7, 0.5, 0.3, 0.1])[0] == 1.0   # still falling at the end
     lr, why = pick(1.0, lrs[:3], [0.9, 0.5, 0.4], not_finite_at=1e-1)   # fell, then not finite at 0.1: the turn
     assert lr == pytest.approx(10 ** -1.5) and "above its lowest, 0.4) at lr 0.01 and was not finite at 0.1" in why
+    assert pick(1.0, lrs[:2], [1.0, 0.99], not_finite_at=1e-2)[0] is None   # never fell: nothing to judge
 
 
 def test_a_flat_floor_is_read_from_where_the_loss_reached_it():
@@ -95,7 +96,6 @@ def test_a_flat_floor_is_read_from_where_the_loss_reached_it():
     assert pick(1.0, lrs[:4], [0.9, 0.5, 0.48, 0.47])[0] == 1e-3   # never turned up: the floor's first rate
     lr, why = pick(1.0, lrs[:3], [0.9, 0.5, 0.48], not_finite_at=1e-1)   # on the floor from 1e-3, then not finite
     assert lr == pytest.approx(1e-2) and "at lr 0.001 and was not finite at 0.1" in why, why
-    assert pick(1.0, lrs[:2], [1.0, 0.99], not_finite_at=1e-2)[0] is None   # never fell: nothing to judge
 
 
 class Fragile(Regression):
