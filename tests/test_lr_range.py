@@ -37,6 +37,13 @@ class Regression(nn.Module):
 SETTINGS = TrainSettings(epochs=5, batch_size=32, weight_decay=0.0, restarts=0)
 
 
+def _start(objective: Regression, choice) -> float:
+    """The loss the range test started from: its batch's, at the initial weights (put back after it)."""
+    batch = objective.batches(choice.batch_size, torch.Generator().manual_seed(SETTINGS.seed))[0]
+    with torch.no_grad():
+        return float(objective(batch))
+
+
 def _best_fixed_lr(scale: float) -> float:
     """The known good rate: the best final loss over a grid of fixed rates, three per decade."""
     losses = {}
@@ -65,10 +72,7 @@ def test_the_range_test_picks_within_a_factor_of_3_of_the_best_fixed_rate(scale)
     assert len(choice.lrs) == len(choice.losses) == choice.steps and choice.lrs == sorted(choice.lrs)
     assert 0 < choice.share <= 0.2
     if "turned up at" in choice.why:   # the test ended at the step the rule needed, not later
-        batch = objective.batches(choice.batch_size, torch.Generator().manual_seed(SETTINGS.seed))[0]
-        with torch.no_grad():
-            start = float(objective(batch))   # from the initial weights, put back
-        assert turn(start, choice.losses)[1] == choice.steps - 1
+        assert turn(_start(objective, choice), choice.losses)[1] == choice.steps - 1
 
 
 def test_the_rule_needs_a_fall_and_stops_at_the_turn():
@@ -114,10 +118,7 @@ class Fragile(Regression):
 def test_a_loss_that_goes_non_finite_after_falling_has_turned_up_there():
     objective = Fragile(0.3)
     choice = choose_lr(objective, {"w": objective.w}, SETTINGS, fallback=1e-3)
-    lowest = min(choice.losses)
-    batch = objective.batches(choice.batch_size, torch.Generator().manual_seed(SETTINGS.seed))[0]
-    with torch.no_grad():
-        start = float(objective(batch))   # from the initial weights, put back
+    lowest, start = min(choice.losses), _start(objective, choice)
     floor = next(lr for lr, loss in zip(choice.lrs, choice.losses) if loss <= lowest + 0.1 * (start - lowest))
     edge = choice.lrs[-1] * (choice.lrs[-1] / choice.lrs[-2])   # the rate of the step that went non-finite
     assert "was not finite at" in choice.why, choice.why
