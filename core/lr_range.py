@@ -21,8 +21,13 @@ at 0.1). A model that starts worse than chance is judged otherwise: its chosen r
 at which the loss fell FALL below chance's, where the test stops. Its lower rates only flatten its overconfident logits,
 and past that one a step on one small batch measures how fast the batch is memorised: on the
 offline world's VQA the lowest point lay 3–30× above the best fixed rate (rule 4 chose 0.066–0.3
-where 0.01–0.03 was best). A loss that never falls (a batch the model already separates, or one
-never below chance) keeps the suggested rate, and says so.
+where 0.01–0.03 was best). One whose loss never fell below chance's, though it came down towards it,
+learns at a rate one step on one batch cannot show (LoRA's and Aurora's VQA: a factor that starts
+at zero moves the loss late): it takes the guard's restart factor (core.trainer.RESTART_FACTOR)
+times the suggested rate, so that a run that collapses there restarts at the suggested rate (on the
+offline world's 16-shot VQA, where the test kept the suggested 0.01, 0.03 was best for LoRA, Aurora
+and ProLIP). Any other loss that never falls (a batch the model already separates) keeps the
+suggested rate, and says so.
 Then the initial weights are put back, so the run trains from where it would have started.
 
 Size: STEPS steps on a batch of BATCH items when that fits in SHARE of the items the run's
@@ -47,6 +52,8 @@ from torch import nn
 from core.cache import JsonCache
 from core.distributed import mean_across_processes, rank_and_world
 from core.result import LrChoice, read_record
+from core.trainer import (RESTART_FACTOR, TrainSettings, any_process, autocast, make_optimizer, optimizer_step,
+                          process_batches)
 
 SHARE = 0.15          # of the run's training items (epochs × items) the test should use
 STEPS, BATCH = 20, 16
@@ -57,9 +64,10 @@ FALL = 0.1            # the loss must fall by this share of its start for the te
 TURN = 0.25           # it turns up once it gives back this share of what it had gained
 FLOOR = 0.1           # a loss within this share of the whole fall of the lowest is on the valley's floor
 ENTER = 0.01          # a test over its share drops its rates below this share of the suggested one
-RULE = 6              # the rule's version: with the constants above, in the cache key (a changed rule reuses no choice)
+RULE = 7              # the rule's version: with the constants above, in the cache key (a changed rule reuses no choice)
 # a new constant joins them too
-RULE_CONSTANTS = (SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, FLOOR, ENTER, RULE)
+RULE_CONSTANTS = (SHARE, STEPS, BATCH, MIN_STEPS, MIN_BATCH, LOWEST, HIGHEST, BLOW_UP, FALL, TURN, FLOOR, ENTER,
+                  RESTART_FACTOR, RULE)
 
 
 def rising_rates(steps: int) -> list[float]:
@@ -124,6 +132,19 @@ def pick(start: float, lrs: list[float], losses: list[float], not_finite_at: Opt
     return chosen, f"{reached} and {how} at {edge:.2g}; chose their geometric middle, {chosen:.2g}"
 
 
+def above_suggested(suggested: float, start: float, lrs: list[float], losses: list[float]) -> tuple[Optional[float], str]:
+    """For a model that started worse than chance and never fell FALL below chance's loss: RESTART_FACTOR
+    times the `suggested` rate, and why, when the test reached that rate with the loss below its
+    `start` (the logits flattened, the loss come down towards chance's); else (None, "")."""
+    bolder = RESTART_FACTOR * suggested
+    at = next((step for step, lr in enumerate(lrs) if lr >= bolder), None)
+    if at is None or not losses[at] < start:
+        return None, ""
+    return bolder, (f"; the model started worse than chance and its loss only came down towards chance's, which one "
+                    f"step on one batch cannot tell from learning: chose {RESTART_FACTOR:g}× the suggested "
+                    f"{suggested:.2g}, {bolder:.2g} (a run that collapses there restarts at {suggested:.2g})")
+
+
 def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: list[float], batch_size: int,
                weight_decay: float, grad_clip: float, autocast_to: Optional[str], seed: int = 0,
                fallback: float = 1e-3, stop: Optional[Callable[[], bool]] = None) -> LrChoice:
@@ -133,8 +154,6 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: lis
     says so (a cancel, a deadline: `LrChoice.steps` then tells). Under torchrun each process steps
     on its slice of the batch through DDP and their losses are averaged, so every process chooses
     the same rate."""
-    from core.trainer import TrainSettings, any_process, autocast, make_optimizer, optimizer_step, process_batches
-
     started = time.perf_counter()
     initial = {n: p.detach().clone() for n, p in params.items()}
     optimizer = make_optimizer(params, TrainSettings(lr=LOWEST, weight_decay=weight_decay))
@@ -191,6 +210,9 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: lis
             "the loss blew up at once"
     else:
         chosen, why = pick(reference, lrs, losses, not_finite_at, worse)
+        if chosen is None and worse:
+            chosen, bolder = above_suggested(fallback, start, lrs, losses)
+            why += bolder
     if chosen is None:
         chosen, why = fallback, f"{why}; kept the suggested {fallback:.2g}"
     return LrChoice(lr=float(chosen), why=why, lrs=lrs, losses=losses, steps=len(lrs), batch_size=len(batch) * world,

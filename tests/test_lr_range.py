@@ -256,3 +256,40 @@ def test_a_model_worse_than_chance_stops_the_test_where_its_loss_first_falls_bel
                                  weight_decay=0.0, grad_clip=1.0, autocast_to=None)
     assert choice.losses[-1] <= 0.9 * 0.5 * start < min(choice.losses[:-1])   # it stopped at the first such step
     assert choice.lr == choice.lrs[-1] and choice.steps < 20 and "worse than chance" in choice.why
+
+
+class Flattening(Regression):
+    """A model that starts worse than chance (chance's loss half its start) and whose loss comes down
+    towards chance's but never 10% below it (held at 0.95 of it)."""
+
+    def __init__(self):
+        super().__init__(0.3)
+        with torch.no_grad():
+            self.chance_loss = 0.5 * float(super().forward(self.batches(16, torch.Generator().manual_seed(0))[0]))
+
+    def forward(self, batch):
+        return super().forward(batch).clamp(min=0.95 * self.chance_loss)
+
+
+def test_a_model_worse_than_chance_that_never_fell_below_it_trains_one_restart_above_the_suggested_rate():
+    import core.lr_range as lr_range
+    from core.trainer import RESTART_FACTOR
+
+    objective = Flattening()
+    choice = lr_range.range_test(objective, {"w": objective.w}, lr_range.rising_rates(20), batch_size=16,
+                                 weight_decay=0.0, grad_clip=1.0, autocast_to=None, fallback=1e-3)
+    assert choice.lr == pytest.approx(RESTART_FACTOR * 1e-3) and choice.lrs[-1] == pytest.approx(0.3)
+    assert choice.why.startswith("the loss did not fall 10% below ") and choice.why.endswith(
+        "chose 3× the suggested 0.001, 0.003 (a run that collapses there restarts at 0.001)")
+    lrs = [1e-3, 1e-2, 3e-2, 0.1]
+    assert lr_range.above_suggested(1e-2, 9.0, lrs, [8.0, 6.0, 4.0, 3.1])[0] == pytest.approx(3e-2)
+    # the loss at that rate no lower than its start (it rose), or the test never got there: the suggested rate
+    assert lr_range.above_suggested(1e-2, 9.0, lrs, [8.0, 8.5, 9.5, 40.0]) == (None, "")
+    assert lr_range.above_suggested(1e-2, 9.0, lrs[:2], [8.0, 8.5]) == (None, "")
+    # a model no worse than chance whose loss never fell keeps the suggested rate (a batch it already separates)
+    objective = Flattening()
+    objective.chance_loss = None
+    objective.forward = lambda batch: Regression.forward(objective, batch).clamp(min=1e3)
+    choice = lr_range.range_test(objective, {"w": objective.w}, lr_range.rising_rates(20), batch_size=16,
+                                 weight_decay=0.0, grad_clip=1.0, autocast_to=None, fallback=1e-3)
+    assert choice.lr == 1e-3 and choice.why.endswith("; kept the suggested 0.001")
