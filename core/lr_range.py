@@ -134,11 +134,12 @@ def pick(start: float, lrs: list[float], losses: list[float], not_finite_at: Opt
 
 def above_suggested(suggested: float, start: float, lrs: list[float], losses: list[float]) -> tuple[Optional[float], str]:
     """For a model that started worse than chance and never fell FALL below chance's loss: RESTART_FACTOR
-    times the `suggested` rate, and why, when the test reached that rate with the loss below its
-    `start` (the logits flattened, the loss come down towards chance's); else (None, "")."""
+    times the `suggested` rate, and why, when the test reached that rate and its loss did not blow up
+    there (past BLOW_UP times the `start`); else (None, ""). One batch's loss is noisy at these rates
+    (9.97 at 0.049 between 3.5 and 3.0 from a start of 9.77): only a blow-up says the rate is too high."""
     bolder = RESTART_FACTOR * suggested
     at = next((step for step, lr in enumerate(lrs) if lr >= bolder), None)
-    if at is None or not losses[at] < start:
+    if at is None or losses[at] > BLOW_UP * start:
         return None, ""
     return bolder, (f"; the model started worse than chance and its loss only came down towards chance's, which one "
                     f"step on one batch cannot tell from learning: chose {RESTART_FACTOR:g}× the suggested "

@@ -283,8 +283,11 @@ def test_a_model_worse_than_chance_that_never_fell_below_it_trains_one_restart_a
         "chose 3× the suggested 0.001, 0.003 (a run that collapses there restarts at 0.001)")
     lrs = [1e-3, 1e-2, 3e-2, 0.1]
     assert lr_range.above_suggested(1e-2, 9.0, lrs, [8.0, 6.0, 4.0, 3.1])[0] == pytest.approx(3e-2)
-    # the loss at that rate no lower than its start (it rose), or the test never got there: the suggested rate
-    assert lr_range.above_suggested(1e-2, 9.0, lrs, [8.0, 8.5, 9.5, 40.0]) == (None, "")
+    # one batch's loss is noisy there: above its start at that rate is no reason to refuse it (a step
+    # of Aurora's test on the whole split of novel colours) ...
+    assert lr_range.above_suggested(1e-2, 9.77, lrs, [9.5, 4.7, 9.97, 3.0])[0] == pytest.approx(3e-2)
+    # ... but a blow-up there is, and so is a test that never got there: the suggested rate
+    assert lr_range.above_suggested(1e-2, 9.0, lrs, [8.0, 8.5, 40.0]) == (None, "")
     assert lr_range.above_suggested(1e-2, 9.0, lrs[:2], [8.0, 8.5]) == (None, "")
     # a model no worse than chance whose loss never fell keeps the suggested rate (a batch it already separates)
     objective = Flattening()
