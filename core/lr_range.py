@@ -21,13 +21,14 @@ at 0.1). A model that starts worse than chance is judged otherwise: its chosen r
 at which the loss fell FALL below chance's, where the test stops. Its lower rates only flatten its overconfident logits,
 and past that one a step on one small batch measures how fast the batch is memorised: on the
 offline world's VQA the lowest point lay 3–30× above the best fixed rate (rule 4 chose 0.066–0.3
-where 0.01–0.03 was best). One whose loss never fell below chance's, though it came down towards it,
-learns at a rate one step on one batch cannot show (LoRA's and Aurora's VQA: a factor that starts
-at zero moves the loss late): it takes the guard's restart factor (core.trainer.RESTART_FACTOR)
-times the suggested rate, so that a run that collapses there restarts at the suggested rate (on the
-offline world's 16-shot VQA, where the test kept the suggested 0.01, 0.03 was best for LoRA, Aurora
-and ProLIP). Any other loss that never falls (a batch the model already separates) keeps the
-suggested rate, and says so.
+where 0.01–0.03 was best). One whose loss never fell FALL below chance's shows only its logits
+flattening, and learns at a rate one step on one batch cannot show (LoRA's and Aurora's VQA: a
+factor that starts at zero moves the loss late): it takes the guard's restart factor
+(core.trainer.RESTART_FACTOR) times the suggested rate, so that a run that collapses there restarts
+at the suggested rate (VQA on the offline world's novel colours at 16 shots, where the test kept the
+suggested 0.01: 0.03 was best for LoRA, Aurora and ProLIP), unless the test's loss blew up there.
+Any other loss that never falls (a batch the model already separates) keeps the suggested rate, and
+says so.
 Then the initial weights are put back, so the run trains from where it would have started.
 
 Size: STEPS steps on a batch of BATCH items when that fits in SHARE of the items the run's
@@ -141,9 +142,9 @@ def above_suggested(suggested: float, start: float, lrs: list[float], losses: li
     at = next((step for step, lr in enumerate(lrs) if lr >= bolder), None)
     if at is None or losses[at] > BLOW_UP * start:
         return None, ""
-    return bolder, (f"; the model started worse than chance and its loss only came down towards chance's, which one "
-                    f"step on one batch cannot tell from learning: chose {RESTART_FACTOR:g}× the suggested "
-                    f"{suggested:.2g}, {bolder:.2g} (a run that collapses there restarts at {suggested:.2g})")
+    return bolder, (f"; the model started worse than chance, and one step on one batch of such a model shows its logits "
+                    f"flattening, not the rate it learns at: chose {RESTART_FACTOR:g}× the suggested {suggested:.2g}, "
+                    f"{bolder:.2g} (a run that collapses there restarts at {suggested:.2g})")
 
 
 def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: list[float], batch_size: int,
