@@ -26,7 +26,8 @@ flattening, and learns at a rate one step on one batch cannot show (LoRA's and A
 factor that starts at zero moves the loss late): it takes the guard's restart factor
 (core.trainer.RESTART_FACTOR) times the suggested rate, so that a run that collapses there restarts
 at the suggested rate (VQA on the offline world's novel colours at 16 shots, where the test kept the
-suggested 0.01: 0.03 was best for LoRA, Aurora and ProLIP), unless the test's loss blew up there.
+suggested 0.01: 0.03 was best for LoRA, Aurora and ProLIP), unless the test's loss blew up at the
+first rate it tried at or above that, or the test stopped below it.
 Any other loss that never falls (a batch the model already separates) keeps the suggested rate, and
 says so.
 Then the initial weights are put back, so the run trains from where it would have started.
@@ -134,14 +135,18 @@ def pick(start: float, lrs: list[float], losses: list[float], not_finite_at: Opt
 
 
 def above_suggested(suggested: float, start: float, lrs: list[float], losses: list[float]) -> tuple[Optional[float], str]:
-    """For a model that started worse than chance and never fell FALL below chance's loss: RESTART_FACTOR
-    times the `suggested` rate, and why, when the test reached that rate and its loss did not blow up
-    there (past BLOW_UP times the `start`); else (None, ""). One batch's loss is noisy at these rates
-    (9.97 at 0.049 between 3.5 and 3.0 from a start of 9.77): only a blow-up says the rate is too high."""
+    """For a model that started worse than chance and never fell FALL below chance's loss: (RESTART_FACTOR
+    times the `suggested` rate, why) when the test reached that rate and its loss did not blow up (past
+    BLOW_UP times the `start`) at the first rate it tried at or above it; else (None, why not). One
+    batch's loss is noisy at these rates (9.97 at 0.049 between 3.5 and 3.0 from a start of 9.77):
+    only a blow-up says the rate is too high."""
     bolder = RESTART_FACTOR * suggested
     at = next((step for step, lr in enumerate(lrs) if lr >= bolder), None)
-    if at is None or losses[at] > BLOW_UP * start:
-        return None, ""
+    if at is None:
+        return None, f"; the model started worse than chance, and the test stopped below {bolder:.2g}"
+    if losses[at] > BLOW_UP * start:
+        return None, (f"; the model started worse than chance, and its loss blew up at {lrs[at]:.2g}, the first rate "
+                      f"tried at or above {bolder:.2g}")
     return bolder, (f"; the model started worse than chance, and one step on one batch of such a model shows its logits "
                     f"flattening, not the rate it learns at: chose {RESTART_FACTOR:g}× the suggested {suggested:.2g}, "
                     f"{bolder:.2g} (a run that collapses there restarts at {suggested:.2g})")
@@ -152,7 +157,8 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: lis
                fallback: float = 1e-3, stop: Optional[Callable[[], bool]] = None) -> LrChoice:
     """Run the test on `objective` (one batch of its `batches()`, as the trainer reads them), a step at
     each of `rates` (rising) until the rule has its answer, and put the initial weights back; the
-    choice falls back to `fallback` when the loss never fell, and the test ends early when `stop()`
+    choice falls back to `fallback` when the loss never fell (RESTART_FACTOR times it for a model that
+    started worse than chance: `above_suggested`), and the test ends early when `stop()`
     says so (a cancel, a deadline: `LrChoice.steps` then tells). Under torchrun each process steps
     on its slice of the batch through DDP and their losses are averaged, so every process chooses
     the same rate."""
@@ -213,8 +219,8 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: lis
     else:
         chosen, why = pick(reference, lrs, losses, not_finite_at, worse)
         if chosen is None and worse:
-            chosen, bolder = above_suggested(fallback, start, lrs, losses)
-            why += bolder
+            chosen, said = above_suggested(fallback, start, lrs, losses)
+            why += said
     if chosen is None:
         chosen, why = fallback, f"{why}; kept the suggested {fallback:.2g}"
     return LrChoice(lr=float(chosen), why=why, lrs=lrs, losses=losses, steps=len(lrs), batch_size=len(batch) * world,

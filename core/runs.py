@@ -51,8 +51,9 @@ AUTO = "auto"   # the learning rate found by a range test on the training data (
 
 def suggested_lr(model: str, method: str) -> float:
     """A fixed learning rate for `method` on `model`: what `--lr auto` keeps when its range test
-    says nothing (the loss never fell, or a cancel or the deadline stopped it), and three times of
-    which it takes for a model that starts worse than chance and never fell below it (core.lr_range)."""
+    says nothing (the loss never fell, or a cancel or the deadline stopped it); a model that starts
+    worse than chance and whose loss never fell 10% below chance's takes three times it instead, unless
+    that rate blew up in the test (core.lr_range.above_suggested)."""
     if model == OFFLINE:
         return OFFLINE_LRS.get(method, OFFLINE_LR)
     return default_lr(method)

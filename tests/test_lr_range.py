@@ -287,8 +287,10 @@ def test_a_model_worse_than_chance_that_never_fell_below_it_trains_one_restart_a
     # of Aurora's test on the whole split of novel colours) ...
     assert lr_range.above_suggested(1e-2, 9.77, lrs, [9.5, 4.7, 9.97, 3.0])[0] == pytest.approx(3e-2)
     # ... but a blow-up there is, and so is a test that never got there: the suggested rate
-    assert lr_range.above_suggested(1e-2, 9.0, lrs, [8.0, 8.5, 40.0]) == (None, "")
-    assert lr_range.above_suggested(1e-2, 9.0, lrs[:2], [8.0, 8.5]) == (None, "")
+    assert lr_range.above_suggested(1e-2, 9.0, lrs, [8.0, 8.5, 40.0]) == (
+        None, "; the model started worse than chance, and its loss blew up at 0.03, the first rate tried at or above 0.03")
+    assert lr_range.above_suggested(1e-2, 9.0, lrs[:2], [8.0, 8.5]) == (
+        None, "; the model started worse than chance, and the test stopped below 0.03")
     # a model no worse than chance whose loss never fell keeps the suggested rate (a batch it already separates)
     objective = Flattening()
     objective.chance_loss = None
