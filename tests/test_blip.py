@@ -211,6 +211,19 @@ def test_blips_chance_loss_counts_its_matching_head(tiny_blip):
         assert objective.chance_loss == pytest.approx(math.log(2))
 
 
+def test_blips_objective_keeps_its_distinct_pictures_spread_in_the_joint_space(tiny_blip):
+    from core.tasks.encoding import encode_test_media, media_spread
+
+    torch.manual_seed(0)
+    captions = tiny_blip.tokenize(["a red circle", "a blue square", "a green star", "a red star"])
+    data = RetrievalSet(torch.randn(3, 3, 32, 32), captions, torch.tensor([0, 1, 2, 0]))
+    objective = RetrievalObjective(tiny_blip, data).eval()
+    with torch.no_grad():
+        objective(torch.tensor([0, 3, 1, 2]))   # picture 0 twice, counted once
+    expected = media_spread(encode_test_media(tiny_blip, data.pixels).embeddings)
+    assert float(objective.last_media_spread) == pytest.approx(expected, rel=1e-4) and expected > 1e-3
+
+
 @pytest.mark.parametrize("method", ["aurora", "lora", "vlpet"])
 def test_one_pictures_texts_are_matched_with_its_cross_attention_keys_and_values_projected_once(tiny_blip, method):
     """One picture's tokens (1, N, d) with several texts, as re-ranking and the Search tab give them:

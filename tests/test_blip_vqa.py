@@ -82,6 +82,24 @@ def test_retrieval_is_refused_on_an_answering_backbone(blip_vqa, tmp_path, shape
         tune(blip_vqa, shapes, "lora", epochs=1, out=tmp_path / "run")
 
 
+def test_the_answering_objective_keeps_its_distinct_pictures_spread_on_their_vision_cls(blip_vqa, shapes_vqa, tmp_path):
+    from core.tasks import vqa
+    from core.tasks.encoding import encode_test_media, media_spread
+
+    backbone = load_backbone(blip_vqa)
+    dataset = read_dataset(shapes_vqa, tmp_path)
+    items = dataset.split("test")
+    data = vqa.prepare(backbone, dataset, items, vqa.candidate_answers(items))
+    objective = vqa.VqaObjective(backbone, data).eval()
+    questions = torch.arange(6)
+    with torch.no_grad():
+        objective(questions)
+    pictures = data.question_image[questions].unique()
+    assert len(pictures) < len(questions)   # two questions a picture: each picture counted once
+    expected = media_spread(encode_test_media(backbone, data.pixels[pictures]).embeddings)
+    assert float(objective.last_media_spread) == pytest.approx(expected, rel=1e-4) and expected > 1e-3
+
+
 def test_scoring_passes_each_picture_through_the_vision_tower_once_for_its_answers(blip_vqa, shapes_vqa, tmp_path,
                                                                                    monkeypatch):
     """Generated answers read each test picture's vision tokens, computed once however many questions

@@ -19,7 +19,7 @@ from core.result import COLLAPSED, COLLAPSED_SPREAD, MediaSpread, ResultError, R
 from core.runs import _merged, _test_set, load_run, tune
 from core.sweep import MethodChoice, summarise
 from core.tasks import get_task
-from core.tasks.encoding import encode_test_media, media_spread
+from core.tasks.encoding import batch_media_spread, encode_test_media, first_pairs, media_spread
 from core.world import write_part
 from tests.conftest import TINY, write_tiny_blip_vqa
 
@@ -41,6 +41,12 @@ def test_the_spread_is_the_mean_of_one_minus_the_pairwise_cosines(tiny):
     alike = encode_test_media(tiny, pixels[:1].expand(5, -1, -1, -1)).embeddings
     assert media_spread(alike) == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(media_spread(alike[:1]))   # one picture has no pair
+    # a training batch's, from its embeddings as they come (not normalised), on their device
+    raw = tiny.encode_image(pixels).detach()
+    assert float(batch_media_spread(3 * raw)) == pytest.approx(float((1 - cosines[pairs]).mean()), abs=1e-5)
+    assert math.isnan(float(batch_media_spread(raw[:1])))
+    # each distinct picture's first place in a batch, from torch.unique's inverse
+    assert first_pairs(torch.tensor([2, 0, 2, 1, 0])).tolist() == [1, 3, 0]
 
 
 def test_an_answering_backbone_is_measured_on_its_vision_cls(tiny_blip_vqa_backbone):

@@ -35,6 +35,9 @@ def test_the_pull_adds_its_strength_over_n_times_the_squared_distance(tiny):
         heads[0].add_(0.1)
     expected = 0.5 + 2.0 / 8 * 0.01 * heads[0].numel()
     assert float(pulled(None).detach()) == pytest.approx(expected, rel=1e-4)
+    # the guard reads the objective's own numbers through the pull
+    base.last_spread, base.last_media_spread, base.chance_loss = torch.tensor(2.0), torch.tensor(0.25), 1.5
+    assert (float(pulled.last_spread), float(pulled.last_media_spread), pulled.chance_loss) == (2.0, 0.25, 1.5)
     unpulled = attach(load_backbone(TINY, seed=0), "linear_probe", {})
     assert unpulled.pull == 0 and unpulled.pulled(base, items=8) is base
 

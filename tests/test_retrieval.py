@@ -57,7 +57,7 @@ def test_the_objective_keeps_its_batch_similarity_spread_for_the_guard(shapes):
     from core.backbones import load_backbone
     from core.data import read_dataset
     from core.tasks import retrieval
-    from core.tasks.encoding import embed_media, embed_texts, similarity_spread
+    from core.tasks.encoding import embed_media, embed_texts, media_spread, similarity_spread
     from tests.conftest import TINY
 
     backbone = load_backbone(TINY, seed=0)
@@ -77,3 +77,10 @@ def test_the_objective_keeps_its_batch_similarity_spread_for_the_guard(shapes):
     # embeddings collapsed onto one another have no spread at all
     same = F.normalize(torch.ones(4, 8), dim=-1)
     assert float(similarity_spread(cosine_matrix(same, same), torch.tensor(math.log(100)))) == pytest.approx(0, abs=1e-4)
+    # the objective keeps its batch's distinct pictures' spread, each picture once however many captions it has
+    repeated = torch.cat([ids, ids[:3]])
+    with torch.no_grad():
+        objective(repeated)
+    pictures = data.caption_image[repeated].unique()
+    assert float(objective.last_media_spread) == pytest.approx(media_spread(images[pictures]), rel=1e-4)
+    assert media_spread(images[pictures]) > 1e-3

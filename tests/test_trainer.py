@@ -169,6 +169,48 @@ def test_a_short_run_is_judged_over_a_third_of_its_steps():
     assert log.steps == 16 and log.epoch_losses[-1] < 36
 
 
+class MediaCollapsing(Quadratic):
+    """|w - 3|², falling as it should, its logits apart (spread 2) while over `collapsed_calls` a
+    batch's distinct media come together: their spread falls from 0.8 to `collapsed_to` (a partial
+    collapse: VQA with Aurora at 1e-2 on the offline world's whole split kept its logits apart and its
+    pictures at 0.01-0.03 of 0.87)."""
+
+    def __init__(self, collapsed_calls, collapsed_to):
+        super().__init__()
+        self.collapsed_calls, self.collapsed_to = collapsed_calls, collapsed_to
+
+    def forward(self, batch):
+        loss = super().forward(batch)
+        self.last_spread = torch.tensor(2.0)
+        self.last_media_spread = torch.tensor(self.collapsed_to if self.calls in self.collapsed_calls else 0.8)
+        return loss
+
+
+def test_media_that_come_together_while_the_logits_stay_apart_restart_the_run():
+    # calls 1-4 measure the untrained weights (media spread 0.8); steps 18 on (calls 22 on) collapse
+    objective = MediaCollapsing(collapsed_calls=range(22, 30), collapsed_to=0.008)
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0))
+    (restart,) = log.restarts
+    assert restart["reason"] == ("the media embeddings collapsed (the median spread of a batch's media fell to "
+                                 "0.008, 0.010× the untrained weights')")
+    assert restart["step"] == 23 and restart["from_epoch"] == 4 and log.lr == pytest.approx(0.1)
+    assert log.steps == 48 and log.epoch_losses[-1] < 0.01 * 36
+
+
+def test_weights_whose_next_batch_has_its_media_collapsed_are_never_the_best():
+    # the media collapse from step 17 on (call 21), the first batch after epoch 4: its weights fail their check
+    objective = MediaCollapsing(collapsed_calls=range(21, 29), collapsed_to=0.008)
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0))
+    assert [r["from_epoch"] for r in log.restarts] == [3] and "media embeddings collapsed" in log.restarts[0]["reason"]
+
+
+def test_media_that_come_closer_as_a_run_learns_are_no_collapse():
+    # runs that learned went to 0.15× their untrained media spread on the whole split, 0.033× at 16 shots
+    objective = MediaCollapsing(collapsed_calls=range(10, 40), collapsed_to=0.8 * 0.03)
+    log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0))
+    assert log.restarts == [] and log.steps == 48
+
+
 def test_the_guards_window_is_a_third_of_a_short_run_between_5_and_10_steps():
     assert [guard_window(steps) for steps in (1, 10, 15, 18, 27, 30, 45, 400)] == [5, 5, 5, 6, 9, 10, 10, 10]
 

@@ -58,7 +58,7 @@ def test_the_vqa_objective_keeps_its_answer_similarity_spread_for_the_guard(tmp_
 
     from core.backbones import load_backbone
     from core.tasks import vqa
-    from core.tasks.encoding import encode_media
+    from core.tasks.encoding import encode_media, media_spread
     from tests.conftest import TINY
 
     backbone = load_backbone(TINY, seed=0)
@@ -72,6 +72,12 @@ def test_the_vqa_objective_keeps_its_answer_similarity_spread_for_the_guard(tmp_
         logits = vqa.answer_scores(backbone, images, data.questions, candidates)
     assert float(objective.last_spread) == pytest.approx(float(logits.std(dim=1).mean()), rel=1e-4)
     assert float(objective.last_spread) > 1e-3
+    # and its distinct pictures' spread (each picture once, however many questions it has)
+    pictures = data.question_image.unique()
+    assert len(pictures) < len(data)
+    with torch.no_grad():
+        expected = media_spread(torch.nn.functional.normalize(encode_media(backbone, data.pixels[pictures]), dim=-1))
+    assert float(objective.last_media_spread) == pytest.approx(expected, rel=1e-4) and expected > 1e-3
     # chance's loss: what the batch would cost with every answer scored alike
     alike = torch.nn.functional.cross_entropy(torch.zeros(len(data), len(candidates)), data.targets)
     assert objective.chance_loss == pytest.approx(float(alike)) and float(alike) > 0

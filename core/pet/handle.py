@@ -185,6 +185,10 @@ class PulledObjective(nn.Module):
         return getattr(self.objective, "last_spread", None)
 
     @property
+    def last_media_spread(self) -> Optional[torch.Tensor]:
+        return getattr(self.objective, "last_media_spread", None)
+
+    @property
     def chance_loss(self) -> Optional[float]:   # the pull adds nothing at the start, where it is read
         return getattr(self.objective, "chance_loss", None)
 

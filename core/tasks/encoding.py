@@ -98,9 +98,7 @@ def encode_test_media(backbone: Backbone, pixels: torch.Tensor, batch_size: int 
     with evaluating(backbone):
         for start in range(0, len(pixels), batch_size):
             tokens = media_tokens(backbone, pixels[start:start + batch_size])
-            per_image = tokens.view(len(tokens) * frames, -1, tokens.shape[-1])   # a clip's frames one after another
-            embedded = backbone.embed_image_tokens(per_image) if backbone.has("matching") else per_image[:, 0]
-            embeddings.append(embedded.float().view(len(tokens), frames, -1).mean(dim=1).cpu())
+            embeddings.append(embed_from_tokens(backbone, tokens, frames).float().cpu())
             if start == 0 and len(pixels) * tokens[0].nbytes <= KEPT_TOKENS_MB * 2 ** 20:
                 kept = tokens.new_empty((len(pixels), *tokens.shape[1:]))
             if kept is not None:
@@ -108,19 +106,47 @@ def encode_test_media(backbone: Backbone, pixels: torch.Tensor, batch_size: int 
     return EncodedMedia(F.normalize(torch.cat(embeddings), dim=-1), kept)
 
 
+def embed_from_tokens(backbone: Backbone, tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, D) media embeddings from `media_tokens` of media of `frames` frames each: the [CLS] of each
+    image or frame, through the vision projection where there is a joint space, frames averaged."""
+    per_image = tokens.view(len(tokens) * frames, -1, tokens.shape[-1])   # a clip's frames one after another
+    embedded = backbone.embed_image_tokens(per_image) if backbone.has("matching") else per_image[:, 0]
+    return embedded.view(len(tokens), frames, -1).mean(dim=1)
+
+
 def media_spread(embeddings: torch.Tensor) -> float:
     """How far apart media sit, from their L2-normalised embeddings (`EncodedMedia.embeddings`): the
     mean of 1 − cosine over their pairs (0: all embedded alike; NaN for fewer than two, or embeddings
     that are not finite)."""
-    count = len(embeddings)
-    if count < 2:
+    if len(embeddings) < 2:
         return float("nan")
-    embeddings = embeddings.double()
-    total = embeddings.sum(dim=0)
-    # the off-diagonal cosines' sum from the embeddings' sum: no count × count matrix for a large test split
-    off_diagonal = float(total @ total - (embeddings * embeddings).sum())
-    spread = 1.0 - off_diagonal / (count * (count - 1))
-    return min(2.0, max(0.0, spread)) if math.isfinite(spread) else math.nan   # rounding must not leave [0, 2]
+    spread = float(_pair_spread(embeddings.double()))
+    return spread if math.isfinite(spread) else math.nan
+
+
+def batch_media_spread(embeddings: torch.Tensor) -> torch.Tensor:
+    """The `media_spread` of a training batch's distinct media from their embeddings (not yet
+    normalised), as a detached fp32 tensor on their device (no wait on it; NaN for fewer than two),
+    for the trainer's guard."""
+    if len(embeddings) < 2:
+        return torch.full((), math.nan, device=embeddings.device)
+    return _pair_spread(F.normalize(embeddings.detach().float(), dim=-1))
+
+
+def first_pairs(inverse: torch.Tensor) -> torch.Tensor:
+    """Where each distinct medium of a batch first appears, from `torch.unique`'s `inverse`."""
+    positions = torch.arange(len(inverse), device=inverse.device)
+    first = torch.full((int(inverse.max()) + 1,), len(inverse), device=inverse.device)
+    return first.scatter_reduce(0, inverse, positions, reduce="amin")
+
+
+def _pair_spread(unit: torch.Tensor) -> torch.Tensor:
+    """The mean of 1 − cosine over the pairs of L2-normalised rows, in [0, 2] (NaN stays NaN)."""
+    count = len(unit)
+    total = unit.sum(dim=0)
+    # the off-diagonal cosines' sum from the rows' sum: no count × count matrix for a large test split
+    off_diagonal = total @ total - (unit * unit).sum()
+    return (1.0 - off_diagonal / (count * (count - 1))).clamp(0.0, 2.0)   # rounding must not leave [0, 2]
 
 
 def similarity_spread(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

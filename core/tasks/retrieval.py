@@ -18,8 +18,8 @@ from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
 from core.distributed import gather, gather_with_grad
-from core.tasks.encoding import (EncodedMedia, embed_texts, encode_media, encode_test_media, evaluating,
-                                 media_token_chunks, media_tokens, similarity_spread)
+from core.tasks.encoding import (EncodedMedia, batch_media_spread, embed_texts, encode_media, encode_test_media,
+                                 evaluating, first_pairs, media_token_chunks, media_tokens, similarity_spread)
 from core.tasks.frozen import FrozenCache
 from core.tasks.matching import BELOW, RERANK_TOP, match_scores
 
@@ -84,7 +84,8 @@ class RetrievalObjective(nn.Module):
     linear probe projects, the input of a tower's lowest adapted block. `cache_frozen=False` turns
     that off (the results are the same, computed every time). Caption ids stay on the host (the
     trainer makes them there), so indexing the data never waits on the device. `last_spread` is the
-    last batch's spread of logits (core.tasks.encoding.similarity_spread), for the trainer's guard.
+    last batch's spread of logits (core.tasks.encoding.similarity_spread) and `last_media_spread` its
+    distinct media's (core.tasks.encoding.batch_media_spread), for the trainer's guard.
     """
 
     def __init__(self, backbone: Backbone, data: RetrievalSet, handle: Optional[PetHandle] = None,
@@ -93,6 +94,7 @@ class RetrievalObjective(nn.Module):
         self.backbone, self.data, self.handle = backbone, data, handle
         self.frozen = FrozenCache(backbone, enabled=cache_frozen)
         self.last_spread: Optional[torch.Tensor] = None
+        self.last_media_spread: Optional[torch.Tensor] = None
         self.chance_loss: Optional[float] = None   # the last batch's loss had it scored every pair alike
 
     def _contextualise(self, embeddings: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,9 @@ class RetrievalObjective(nn.Module):
         image_ids = self.data.caption_image[caption_ids]
         unique, inverse = torch.unique(image_ids, return_inverse=True)
         device = self.backbone.device
-        image_emb = self._media_rows("media", unique, encode_media)[inverse.to(device)]
+        media_emb = self._media_rows("media", unique, encode_media)
+        self.last_media_spread = batch_media_spread(media_emb)
+        image_emb = media_emb[inverse.to(device)]
         text_emb = self.frozen.rows("captions", caption_ids,
                                     lambda ids: self.backbone.encode_text(self.data.tokens[ids].to(device)),
                                     len(self.data))
@@ -133,6 +137,7 @@ class RetrievalObjective(nn.Module):
         text_cls = self.frozen.rows("text_cls", caption_ids,
                                     lambda ids: backbone.text_cls(self.data.tokens[ids].to(device)), len(self.data))
         image_emb, text_emb = backbone.embed_image_tokens(image_tokens), backbone.embed_text_cls(text_cls)
+        self.last_media_spread = batch_media_spread(image_emb[first_pairs(inverse).to(device)])
         cosine = cosine_matrix(image_emb, text_emb)
         self.last_spread = similarity_spread(cosine, backbone.logit_scale)
         loss = contrastive_loss(cosine, image_ids, backbone.logit_scale)

@@ -24,8 +24,8 @@ from torch import nn
 from core.backbones import Backbone
 from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
-from core.tasks.encoding import (EncodedMedia, embed_media, encode_media, evaluating, media_token_chunks,
-                                 media_tokens, similarity_spread)
+from core.tasks.encoding import (EncodedMedia, batch_media_spread, embed_from_tokens, embed_media, encode_media,
+                                 evaluating, media_token_chunks, media_tokens, similarity_spread)
 from core.tasks.frozen import FrozenCache
 
 METRICS = {"vqa_acc": "VQA accuracy"}   # key -> how people read it
@@ -125,7 +125,9 @@ class VqaObjective(nn.Module):
     a frozen vision tower's embeddings (BLIP VQA: its vision tokens), a frozen text tower's
     embedding of each question-answer text, the features a linear probe projects, the input of a
     tower's lowest adapted block. `cache_frozen=False` turns that off (same results). `last_spread`
-    is the last batch's spread of answer logits (None where answers are generated).
+    is the last batch's spread of answer logits (None where answers are generated) and
+    `last_media_spread` its distinct media's (core.tasks.encoding.batch_media_spread), for the
+    trainer's guard.
     """
 
     def __init__(self, backbone: Backbone, data: VqaSet, cache_frozen: bool = True):
@@ -133,6 +135,7 @@ class VqaObjective(nn.Module):
         self.backbone, self.data = backbone, data
         self.frozen = FrozenCache(backbone, enabled=cache_frozen)
         self.last_spread: Optional[torch.Tensor] = None
+        self.last_media_spread: Optional[torch.Tensor] = None
         self.chance_loss: Optional[float] = None   # the last batch's loss had it scored every answer alike
 
     def forward(self, question_ids: torch.Tensor) -> torch.Tensor:
@@ -141,8 +144,12 @@ class VqaObjective(nn.Module):
         device = self.backbone.device
         encode = media_tokens if self.backbone.has("answer_generation") else encode_media
         media = self.frozen.rows("media_tokens" if encode is media_tokens else "media", unique,
-                                 lambda ids: encode(self.backbone, self.data.pixels[ids]),
-                                 len(self.data.pixels))[inverse.to(device)]
+                                 lambda ids: encode(self.backbone, self.data.pixels[ids]), len(self.data.pixels))
+        frames = self.data.pixels.shape[1] if self.data.pixels.ndim == 5 else 1
+        with torch.no_grad():
+            self.last_media_spread = batch_media_spread(
+                embed_from_tokens(self.backbone, media, frames) if encode is media_tokens else media)
+        media = media[inverse.to(device)]
         if self.backbone.has("answer_generation"):
             return self.backbone.answer_loss(media, self.data.question_tokens[question_ids],
                                              self.data.answer_tokens[question_ids])
