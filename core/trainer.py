@@ -260,7 +260,7 @@ class _Guard:
 
     def sound(self, loss: float, spread: float, chance: float, media_spread: float) -> bool:
         """Whether a batch's numbers show the weights it ran on worth going back to: a loss no worse
-        than the untrained weights', not collapsed, and below chance's for a model that started worse
+        than the untrained weights', neither its logits nor its media collapsed, and below chance's for a model that started worse
         than chance (weights at chance's loss have learned only to flatten its logits, and a restart
         from them collapses again: VQA with Aurora at 3e-2 on the offline world, twice, from epoch 3)."""
         only_flattened = self.loss > self.chance and loss >= (1 - AT_CHANCE) * chance   # False where chance is NaN

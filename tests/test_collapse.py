@@ -19,7 +19,7 @@ from core.result import COLLAPSED, COLLAPSED_SPREAD, MediaSpread, ResultError, R
 from core.runs import _merged, _test_set, load_run, tune
 from core.sweep import MethodChoice, summarise
 from core.tasks import get_task
-from core.tasks.encoding import batch_media_spread, encode_test_media, first_pairs, media_spread
+from core.tasks.encoding import batch_media_spread, encode_test_media, first_rows, media_spread
 from core.world import write_part
 from tests.conftest import TINY, write_tiny_blip_vqa
 
@@ -45,8 +45,23 @@ def test_the_spread_is_the_mean_of_one_minus_the_pairwise_cosines(tiny):
     raw = tiny.encode_image(pixels).detach()
     assert float(batch_media_spread(3 * raw)) == pytest.approx(float((1 - cosines[pairs]).mean()), abs=1e-5)
     assert math.isnan(float(batch_media_spread(raw[:1])))
-    # each distinct picture's first place in a batch, from torch.unique's inverse
-    assert first_pairs(torch.tensor([2, 0, 2, 1, 0])).tolist() == [1, 3, 0]
+    # each distinct picture's first row in a batch, from torch.unique's inverse
+    assert first_rows(torch.tensor([2, 0, 2, 1, 0])).tolist() == [1, 3, 0]
+    assert math.isnan(media_spread(torch.tensor([[1e155, 0.0], [-1e155, 0.0]], dtype=torch.float64)))   # inf - inf
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_batchs_media_spread_is_measured_in_fp32_under_the_trainings_autocast(dtype):
+    # pictures nearly alike (a spread of ~0.0025), and many pictures apart: bf16 read the first as
+    # 0.004; fp16 overflowed on the second and read it as 0, a collapse
+    generator = torch.Generator().manual_seed(0)
+    close = torch.ones(16, 64) + 0.05 * torch.randn(16, 64, generator=generator)
+    apart = torch.randn(512, 64, generator=generator) + 0.8
+    for embeddings in (close, apart):
+        expected = media_spread(torch.nn.functional.normalize(embeddings.double(), dim=-1))
+        with torch.autocast("cpu", dtype=dtype):
+            assert float(batch_media_spread(embeddings)) == pytest.approx(expected, rel=1e-3)
+    assert media_spread(torch.nn.functional.normalize(close.double(), dim=-1)) < 0.005
 
 
 def test_an_answering_backbone_is_measured_on_its_vision_cls(tiny_blip_vqa_backbone):

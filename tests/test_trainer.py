@@ -173,7 +173,7 @@ class MediaCollapsing(Quadratic):
     """|w - 3|², falling as it should, its logits apart (spread 2) while over `collapsed_calls` a
     batch's distinct media come together: their spread falls from 0.8 to `collapsed_to` (a partial
     collapse: VQA with Aurora at 1e-2 on the offline world's whole split kept its logits apart and its
-    pictures at 0.01-0.03 of 0.87)."""
+    pictures at 0.01-0.03, from 0.87 untrained)."""
 
     def __init__(self, collapsed_calls, collapsed_to):
         super().__init__()

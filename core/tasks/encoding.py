@@ -98,7 +98,7 @@ def encode_test_media(backbone: Backbone, pixels: torch.Tensor, batch_size: int 
     with evaluating(backbone):
         for start in range(0, len(pixels), batch_size):
             tokens = media_tokens(backbone, pixels[start:start + batch_size])
-            embeddings.append(embed_from_tokens(backbone, tokens, frames).float().cpu())
+            embeddings.append(embed_from_tokens(backbone, tokens, frames).cpu())
             if start == 0 and len(pixels) * tokens[0].nbytes <= KEPT_TOKENS_MB * 2 ** 20:
                 kept = tokens.new_empty((len(pixels), *tokens.shape[1:]))
             if kept is not None:
@@ -107,11 +107,11 @@ def encode_test_media(backbone: Backbone, pixels: torch.Tensor, batch_size: int 
 
 
 def embed_from_tokens(backbone: Backbone, tokens: torch.Tensor, frames: int) -> torch.Tensor:
-    """(B, D) media embeddings from `media_tokens` of media of `frames` frames each: the [CLS] of each
-    image or frame, through the vision projection where there is a joint space, frames averaged."""
+    """(B, D) fp32 media embeddings from `media_tokens` of media of `frames` frames each: the [CLS] of
+    each image or frame, through the vision projection where there is a joint space, frames averaged."""
     per_image = tokens.view(len(tokens) * frames, -1, tokens.shape[-1])   # a clip's frames one after another
     embedded = backbone.embed_image_tokens(per_image) if backbone.has("matching") else per_image[:, 0]
-    return embedded.view(len(tokens), frames, -1).mean(dim=1)
+    return embedded.float().view(len(tokens), frames, -1).mean(dim=1)
 
 
 def media_spread(embeddings: torch.Tensor) -> float:
@@ -120,8 +120,7 @@ def media_spread(embeddings: torch.Tensor) -> float:
     that are not finite)."""
     if len(embeddings) < 2:
         return float("nan")
-    spread = float(_pair_spread(embeddings.double()))
-    return spread if math.isfinite(spread) else math.nan
+    return float(_pair_spread(embeddings.double()))
 
 
 def batch_media_spread(embeddings: torch.Tensor) -> torch.Tensor:
@@ -133,20 +132,24 @@ def batch_media_spread(embeddings: torch.Tensor) -> torch.Tensor:
     return _pair_spread(F.normalize(embeddings.detach().float(), dim=-1))
 
 
-def first_pairs(inverse: torch.Tensor) -> torch.Tensor:
-    """Where each distinct medium of a batch first appears, from `torch.unique`'s `inverse`."""
+def first_rows(inverse: torch.Tensor) -> torch.Tensor:
+    """The row where each distinct medium of a batch first appears, from `torch.unique`'s `inverse`."""
     positions = torch.arange(len(inverse), device=inverse.device)
     first = torch.full((int(inverse.max()) + 1,), len(inverse), device=inverse.device)
     return first.scatter_reduce(0, inverse, positions, reduce="amin")
 
 
 def _pair_spread(unit: torch.Tensor) -> torch.Tensor:
-    """The mean of 1 − cosine over the pairs of L2-normalised rows, in [0, 2] (NaN stays NaN)."""
+    """The mean of 1 − cosine over the pairs of L2-normalised rows, in [0, 2]; NaN where it is not finite."""
     count = len(unit)
     total = unit.sum(dim=0)
-    # the off-diagonal cosines' sum from the rows' sum: no count × count matrix for a large test split
-    off_diagonal = total @ total - (unit * unit).sum()
-    return (1.0 - off_diagonal / (count * (count - 1))).clamp(0.0, 2.0)   # rounding must not leave [0, 2]
+    # the off-diagonal cosines' sum from the rows' sum: no count × count matrix for a large test split;
+    # in the rows' precision whatever the training's autocast (a bf16 product reads a spread of 0.0025
+    # as 0.004, and an fp16 one overflows past ~256 distinct media)
+    with torch.autocast(unit.device.type, enabled=False):
+        off_diagonal = total @ total - (unit * unit).sum()
+    spread = 1.0 - off_diagonal / (count * (count - 1))
+    return spread.where(spread.isfinite(), math.nan).clamp(0.0, 2.0)   # rounding must not leave [0, 2]
 
 
 def similarity_spread(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
 from core.distributed import gather, gather_with_grad
 from core.tasks.encoding import (EncodedMedia, batch_media_spread, embed_texts, encode_media, encode_test_media,
-                                 evaluating, first_pairs, media_token_chunks, media_tokens, similarity_spread)
+                                 evaluating, first_rows, media_token_chunks, media_tokens, similarity_spread)
 from core.tasks.frozen import FrozenCache
 from core.tasks.matching import BELOW, RERANK_TOP, match_scores
 
@@ -137,7 +137,7 @@ class RetrievalObjective(nn.Module):
         text_cls = self.frozen.rows("text_cls", caption_ids,
                                     lambda ids: backbone.text_cls(self.data.tokens[ids].to(device)), len(self.data))
         image_emb, text_emb = backbone.embed_image_tokens(image_tokens), backbone.embed_text_cls(text_cls)
-        self.last_media_spread = batch_media_spread(image_emb[first_pairs(inverse).to(device)])
+        self.last_media_spread = batch_media_spread(image_emb.detach()[first_rows(inverse).to(device)])
         cosine = cosine_matrix(image_emb, text_emb)
         self.last_spread = similarity_spread(cosine, backbone.logit_scale)
         loss = contrastive_loss(cosine, image_ids, backbone.logit_scale)
