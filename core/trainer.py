@@ -431,7 +431,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
             if len(recent["media spread"]) == window and guard.media_collapsed(
                     level := statistics.median(recent["media spread"])):
                 return _Diverging(at_step, f"the media embeddings collapsed (the median spread of a batch's media "
-                                           f"fell to {level:.2g}, {level / guard.media_spread:.3f}× the untrained "
+                                           f"fell to {level:.2g}, {level / guard.media_spread:.2g}× the untrained "
                                            f"weights')")
         return None
 

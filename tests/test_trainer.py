@@ -192,7 +192,7 @@ def test_media_that_come_together_while_the_logits_stay_apart_restart_the_run():
     log = train(objective, {"w": objective.w}, TrainSettings(epochs=12, lr=0.3, grad_clip=0))
     (restart,) = log.restarts
     assert restart["reason"] == ("the media embeddings collapsed (the median spread of a batch's media fell to "
-                                 "0.008, 0.010× the untrained weights')")
+                                 "0.008, 0.01× the untrained weights')")
     assert restart["step"] == 23 and restart["from_epoch"] == 4 and log.lr == pytest.approx(0.1)
     assert log.steps == 48 and log.epoch_losses[-1] < 0.01 * 36
 
