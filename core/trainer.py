@@ -59,9 +59,10 @@ AT_CHANCE = 0.05      # of chance's loss (the objective's `chance_loss`)
 # A partial collapse leaves the logits apart and brings the pictures together: VQA with Aurora at 1e-2
 # on the offline world's whole split (bf16) kept a batch's logit spread at 1.4–5.8 (the colour answers
 # stay apart) while the mean 1 − cosine of its distinct pictures (core.tasks.encoding.batch_media_spread)
-# fell from 0.87 to 0.01–0.03 for 150 steps, and it ended at 55% against 78–82% for the runs that did
-# not. Runs that learned never went below 0.15× their untrained spread on the whole split; at 16
-# shots, runs that scored at their method's level went to 0.033×.
+# fell from 0.87 to 0.01–0.03 for 150 steps (about 0.011× at its lowest), and it ended at 55% against
+# 78–82% for the runs that did not. Runs seen to learn came no closer than 0.047× (whole split) and
+# 0.033× (16 shots, the adapter at 3e-2, above its best rate); full fine-tuning at a too-high rate,
+# 0.0001–0.01×. Shallower dips are left to the end-of-run flag (core.result.COLLAPSED_SPREAD).
 MEDIA_COLLAPSED = 0.02   # of the untrained weights' spread of a batch's distinct media
 
 
