@@ -216,13 +216,12 @@ def _schedule(optimizer, total_steps: int, warmup: float) -> torch.optim.lr_sche
 
 class _Guard:
     """What the divergence guard measures against and goes back to: the untrained weights' mean loss,
-    logit spread, media spread and chance's loss over an epoch (measured first, without gradients), and the best
-    weights so far — those at the end of the epoch with the lowest mean training loss, once the first
-    batch after it has shown them `sound` (an epoch's mean can be low while a high rate leaves its
-    last weights broken); the untrained weights
-    until an epoch qualifies, and again after `forget_best`. An epoch's mean loss chooses, not one
-    batch's: a collapsed model can score one small batch well. The candidate and the best are a copy
-    each, beside the untrained one."""
+    logit spread, media spread and chance's loss over an epoch (measured first, without gradients),
+    and the best weights so far — those at the end of the epoch with the lowest mean training loss,
+    once the first batch after it has shown them `sound` (an epoch's mean can be low while a high
+    rate leaves its last weights broken); the untrained weights until an epoch qualifies, and again
+    after `forget_best`. An epoch's mean loss chooses, not one batch's: a collapsed model can score
+    one small batch well. The candidate and the best are a copy each, beside the untrained one."""
 
     def __init__(self, params: dict[str, nn.Parameter]):
         self.params = params
@@ -261,9 +260,10 @@ class _Guard:
 
     def sound(self, loss: float, spread: float, chance: float, media_spread: float) -> bool:
         """Whether a batch's numbers show the weights it ran on worth going back to: a loss no worse
-        than the untrained weights', neither its logits nor its media collapsed, and below chance's for a model that started worse
-        than chance (weights at chance's loss have learned only to flatten its logits, and a restart
-        from them collapses again: VQA with Aurora at 3e-2 on the offline world, twice, from epoch 3)."""
+        than the untrained weights', neither its logits nor its media collapsed, and below chance's
+        for a model that started worse than chance (weights at chance's loss have learned only to
+        flatten its logits, and a restart from them collapses again: VQA with Aurora at 3e-2 on the
+        offline world, twice, from epoch 3)."""
         only_flattened = self.loss > self.chance and loss >= (1 - AT_CHANCE) * chance   # False where chance is NaN
         return loss <= self.loss and not only_flattened and not self.collapsed(spread, loss, chance) \
             and not self.media_collapsed(media_spread)
