@@ -74,7 +74,7 @@ def run_card(name: str, result: RunResult) -> str:
     if result.recipe is not None and result.recipe.name != "studio":
         lines.insert(2, f"Recipe **{plain(result.recipe.name)}**: {plain(result.recipe.source)}")
     if result.note:
-        lines.insert(1, f"> **Note:** {plain(result.note)}")
+        lines.insert(1, f"> **{result.note_label}** {plain(result.note)}")
     if result.unsaid_warning:
         lines.insert(1, f"> **⚠ {result.unsaid_warning}**")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ tests (core.lr_range). The CLI keeps them under the user's cache directory, the 
 session's folder (a ZeroGPU call runs in another process, so an in-memory dict would not come back).
 
 One JSON file per key, named by the key's hash and holding the key itself, written atomically.
-A file that does not read back as that key with a valid value counts as absent. Backbones read
+A file that does not read back as that key with a valid value counts as absent, and so does one
+that is not a plain file of JSON (core.result.load_json: a pipe, a device, too large, too deep). Backbones read
 from a local file or folder are never cached: the file may change under the same name.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.backbones import BackboneError, parse_spec
+from core.result import load_json
 
 CACHE_ENV = "PETSTUDIO_CACHE"
 
@@ -65,11 +67,11 @@ class JsonCache(MutableMapping):
         if not _cacheable(key):
             raise KeyError(key)
         try:
-            data = json.loads(self._path(key).read_text(encoding="utf-8"))
+            data = load_json(self._path(key))
             if not isinstance(data, dict) or data.get("key") != _plain(key):
                 raise ValueError("another key")
             return self.decode(data.get("value"))
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, RecursionError):
             raise KeyError(key) from None
 
     def __setitem__(self, key: tuple, value: Any) -> None:
@@ -98,9 +100,9 @@ class JsonCache(MutableMapping):
     def __iter__(self) -> Iterator[tuple]:
         for path in sorted(self.folder.glob("*.json")):
             try:
-                key = json.loads(path.read_text(encoding="utf-8"))["key"]
+                key = load_json(path)["key"]
                 yield tuple(tuple(part) if isinstance(part, list) else part for part in key)
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 continue
 
     def __len__(self) -> int:

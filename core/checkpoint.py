@@ -11,13 +11,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from core.pet import PetError, PetHandle, make_config
-from core.result import ResultError, RunResult
+from core.result import ResultError, RunResult, load_json
 from core.trainer import PRECISIONS
-from core.tasks import TASKS, headline_metric
+from core.tasks import TASKS, TaskError, check_metrics, headline_metric
 
 WEIGHTS = "pet.safetensors"
 RUN_INFO = "run.json"
-MAX_INFO_BYTES = 16 * 2**20
 _PACKAGES = ("torch", "open_clip_torch", "transformers", "safetensors", "peft")
 
 
@@ -60,6 +59,8 @@ def read(path: str | Path) -> tuple[RunResult, Path]:
     """run.json, checked against its schema, and the weights file, from a run folder or its
     .safetensors file."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run folder or checkpoint file")
     weights = path / WEIGHTS if path.is_dir() else path
     if weights.suffix != ".safetensors":
         raise CheckpointError(f"{weights.name}: only .safetensors checkpoints are loaded")
@@ -68,17 +69,13 @@ def read(path: str | Path) -> tuple[RunResult, Path]:
     info_file = weights.parent / RUN_INFO
     if not info_file.is_file():
         raise CheckpointError(f"{info_file}: missing; a checkpoint is a folder with {WEIGHTS} and {RUN_INFO}")
-    if info_file.stat().st_size > MAX_INFO_BYTES:
-        raise CheckpointError(f"{info_file}: larger than {MAX_INFO_BYTES} bytes")
     try:
-        info = json.loads(info_file.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise CheckpointError(f"{info_file}: not valid JSON ({str(error)[:200]})") from error
+        info = load_json(info_file)
+    except ValueError as error:
+        raise CheckpointError(f"{info_file}: {error}") from error
+    except OSError as error:
+        raise CheckpointError(f"{info_file}: cannot be read ({error.strerror})") from error
     return check_result(info, str(info_file)), weights
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number")
 
 
 def check_result(data: Any, where: str = RUN_INFO) -> RunResult:
@@ -98,6 +95,10 @@ def check_result(data: Any, where: str = RUN_INFO) -> RunResult:
                               *((f"train.epoch_metrics[{i}]", m) for i, m in enumerate(result.train.epoch_metrics))):
             if key not in metrics:
                 raise CheckpointError(f"{where}: '{name}' has no '{key}', the {result.task} task's headline metric")
+            try:
+                check_metrics(result.task, metrics)
+            except TaskError as error:
+                raise CheckpointError(f"{where}: '{name}': {error}") from error
         if result.backbone_params < 1:
             raise CheckpointError(f"{where}: 'backbone_params' must be at least 1")
     try:

@@ -100,8 +100,21 @@ def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k[len("option_"):]: v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
 
 
+class _Refused(Exception):
+    """A command line the parser refuses, with argparse's message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), whose refusals come back to `main`, so that with
+    --json they keep the contract: {"error": ...} as the last line, exit 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        raise _Refused(f"{self.prog}: error: {message}")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core", description="PET Studio's tuning engine")
+    parser = _Parser(prog="python -m core", description="PET Studio's tuning engine")
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="the methods and their options, or a method's budget on a backbone")
@@ -406,7 +419,8 @@ def _human(command: str, result: dict[str, Any]) -> str:
                 f"{''.join(f'  ⚠ {flag}' for flag, key in FLAGS if result[key])}\n"
                 f"saved to {result['out']} in {result['seconds']:.1f}s")
     if command == "eval":
-        return _format_metrics(result["metrics"])
+        return _format_metrics(result["metrics"]) + "".join(f"  ⚠ when tuned, the run {flag}"
+                                                            for flag, key in FLAGS if result[key])
     if command == "sweep":
         from core.sweep import MethodSummary
         from core.tasks import headline_metric
@@ -428,7 +442,14 @@ def _human(command: str, result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parser().parse_args(argv)
+    except _Refused as refusal:
+        if "--json" in argv:
+            print(json.dumps({"error": str(refusal)}))
+        print(refusal, file=sys.stderr)
+        return 2
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every random init; we say it once
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # read by transformers at import
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

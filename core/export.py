@@ -84,7 +84,7 @@ def model_card(info: RunResult, library: str, usage: str) -> str:
     dataset = info.dataset
     # what the run's own card says beside its numbers (a restart, a result below zero-shot) goes with it
     said = [f"**⚠ {info.unsaid_warning}**" if info.unsaid_warning else "",
-            f"**Note:** {' '.join(info.note.split())}" if info.note else ""]   # one line, whatever run.json held
+            f"**{info.note_label}** {' '.join(info.note.split())}" if info.note else ""]   # one line, whatever run.json held
     warning = "".join(f"\n{line}\n" for line in said if line)
     return f"""---
 library_name: {library}

@@ -82,7 +82,7 @@ def _run_section(folder: Path, result: RunResult, title: str, local_paths: bool)
             f"{result.seconds:.0f} s on {html.escape(result.train.device)}"
             f"{' (cancelled early)' if result.train.cancelled else ''}.</p>")
     note = "".join(f"<p><b>{label}</b> {html.escape(text)}</p>" for label, text in
-                   (("⚠", result.unsaid_warning), ("Note:", result.note)) if text)
+                   (("⚠", result.unsaid_warning), (result.note_label, result.note)) if text)
     return "".join([
         f"<h2>{html.escape(title)}</h2>", card, note,
         _table(["metric (test split)", "zero-shot", "tuned", "change"], rows),

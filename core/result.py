@@ -4,7 +4,10 @@ types declared here (a run.json is treated as hostile: see README, "Limits and s
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import stat
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -14,9 +17,13 @@ MAX_TEXT = 10_000       # characters of any text
 MAX_LIST = 1_000_000    # entries of any list (the step losses of a long run)
 MAX_SEED = 2**32 - 1
 MAX_FRAMES = 64
+MAX_JSON_BYTES = 16 * 2**20   # a run.json, a sweep.json, a cache entry
+LR_RANGE = (1e-8, 10.0)       # the learning rates a run may be given (a restart's are lower still)
 BELOW_ZERO_SHOT = "ends below its own zero-shot score"   # said wherever such a run is shown
 COLLAPSED = "collapsed the embeddings of its test media onto one another"   # said wherever such a run is shown
 FLAGS = ((BELOW_ZERO_SHOT, "below_zero_shot"), (COLLAPSED, "collapsed"))   # each with its field (and --json key)
+FLAGS_OF_RUNS = {BELOW_ZERO_SHOT: "end below their own zero-shot score",   # each said of several runs
+                 COLLAPSED: "collapsed the embeddings of their test media onto one another"}
 # A run collapsed when its test media sit closer than this share of the untuned model's spread
 # (core.tasks.encoding.media_spread). On the offline world, VQA with Aurora at 1e-2 on the whole
 # split (a rate 3× past its best) answered every question but colour's with one answer, at 0.16 and
@@ -102,9 +109,13 @@ class LrChoice:
     finished: bool = True      # False: a cancel or a deadline stopped it (never cached)
 
     def check(self, where: str) -> None:
-        """Raise ResultError unless the rates are positive and the curve's two lists match."""
-        if not (self.lr > 0 and all(lr > 0 for lr in self.lrs) and len(self.lrs) == len(self.losses)):
-            raise ResultError(f"{where}: a learning-rate choice needs positive rates and as many losses as rates")
+        """Raise ResultError unless the rates are ones a run may be given, the curve's two lists
+        match and `steps` counts them."""
+        low, high = LR_RANGE
+        if not (low <= self.lr <= high and all(0 < lr <= high for lr in self.lrs) and
+                len(self.lrs) == len(self.losses) == self.steps):
+            raise ResultError(f"{where}: a learning-rate choice needs a rate from {low:g} to {high:g}, a curve of "
+                              f"positive rates up to {high:g}, and as many losses as rates as it has steps")
 
 
 @dataclass
@@ -128,6 +139,24 @@ class TrainSummary:
     restarts: list[Restart] = field(default_factory=list)   # divergences caught; `lr` is the one that finished
     weight_decay: float = 0.05
     lr_choice: Optional[LrChoice] = None   # how --lr auto chose `lr` (None: a rate given, or a studio run that trained nothing)
+
+    def check(self, where: str) -> None:
+        """Raise ResultError unless its rates are ones a run trains at: each restart's below the
+        one it restarted from, from an epoch the run had; the chosen rate the one it started at."""
+        high = LR_RANGE[1]
+        if not 0 < self.lr <= high:
+            raise ResultError(f"{where}['lr'] must be above 0 and at most {high:g}")
+        for number, restart in enumerate(self.restarts):
+            if not (0 < restart.lr <= high and (restart.restarted_at is None or restart.restarted_at < restart.lr)
+                    and restart.from_epoch <= self.epochs):
+                raise ResultError(f"{where}['restarts'][{number}]: a restart goes from a rate above 0 and at most "
+                                  f"{high:g} to a lower one, from an epoch the run had")
+        if self.lr_choice is not None:
+            self.lr_choice.check(f"{where}['lr_choice']")
+            started_at = self.restarts[0].lr if self.restarts else self.lr
+            if not math.isclose(self.lr_choice.lr, started_at, rel_tol=1e-6):
+                raise ResultError(f"{where}['lr_choice']['lr'] {self.lr_choice.lr:g} is not the rate the run "
+                                  f"started at, {started_at:g}")
 
 
 @dataclass
@@ -199,8 +228,14 @@ class RunResult:
         unsaid = [flag for flag in self.flags if flag not in (self.note or "")]
         return f"This run {' and '.join(unsaid)}." if unsaid else None
 
+    @property
+    def note_label(self) -> str:
+        """What precedes the note wherever it is shown: a ⚠ when the run is flagged."""
+        return "⚠ Note:" if self.flags else "Note:"
+
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """run.json's content: the fields, and each flag (read back from the scores, not from here)."""
+        return {**dataclasses.asdict(self), **{field: getattr(self, field) for _, field in FLAGS}}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "run.json") -> "RunResult":
@@ -221,9 +256,31 @@ class RunResult:
             raise ResultError(f"{where}: 'frames' must be between 1 and {MAX_FRAMES}")
         if result.media_spread is not None:
             result.media_spread.check(f"{where}: 'media_spread'")
-        if result.train is not None and result.train.lr_choice is not None:
-            result.train.lr_choice.check(f"{where}: 'train'['lr_choice']")
+        if result.train is not None:
+            result.train.check(f"{where}: 'train'")
         return result
+
+
+def load_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file's content, read as hostile: a regular file (a pipe would block, a device never
+    end) of at most `limit` bytes of UTF-8, strict JSON (no NaN or Infinity), not nested past the
+    parser's depth. Else a ValueError whose message says which ("not valid JSON (...)"), or an
+    OSError when it cannot be opened."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as error:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"not valid JSON ({str(error)[:200]})") from None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
 
 
 def read_record(kind: type, data: Any, where: str):
@@ -260,6 +317,10 @@ def _value(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list) or len(value) > MAX_LIST:
             raise ResultError(f"{where} must be a list (of at most {MAX_LIST} entries)")
         return [_value(item, arguments[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is tuple:                              # a fixed number of entries, e.g. (mean, std)
+        if not isinstance(value, list) or len(value) != len(arguments):
+            raise ResultError(f"{where} must be a list of {len(arguments)} entries")
+        return tuple(_value(item, kind, f"{where}[{i}]") for i, (item, kind) in enumerate(zip(value, arguments)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ResultError(f"{where} must be a JSON object")
@@ -272,7 +333,7 @@ def _value(value: Any, hint: Any, where: str) -> Any:
         raise ResultError(f"{where} must be {_NAMES[hint]}, not {repr(value)[:60]}")
     if hint is float and not math.isfinite(value):
         raise ResultError(f"{where} must be a finite number, not {value}")
-    if hint is int and value < 0:
+    if hint in (int, float) and value < 0:   # counts, rates, losses, times, scores: none is negative
         raise ResultError(f"{where} must not be negative")
     if hint is str and len(value) > MAX_TEXT:
         raise ResultError(f"{where} is longer than {MAX_TEXT} characters")

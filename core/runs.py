@@ -22,9 +22,9 @@ from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process, rank_and_world
 from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, get_method, make_config
 from core.pet.recipes import Setting, check_recipe, recipe_for
-from core.result import (BELOW_ZERO_SHOT, COLLAPSED, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice, MediaSpread,
-                         Restart, RunResult, TrainSummary, ends_below_zero_shot)
-from core.tasks import Task, TaskError, get_task, headline_metric, metric_label
+from core.result import (BELOW_ZERO_SHOT, COLLAPSED, FLAGS, LR_RANGE, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice,
+                         MediaSpread, Restart, RunResult, TrainSummary, ends_below_zero_shot)
+from core.tasks import Task, TaskError, check_metrics, get_task, headline_metric, metric_label
 from core.tasks.encoding import encode_test_media, media_spread
 from core.trainer import (PRECISIONS, Progress, TrainingDiverged, TrainSettings, autocast_for, pick_device,
                           restart_note, train)
@@ -92,6 +92,19 @@ def _merged(handle: PetHandle) -> Iterator[None]:
         yield
     finally:
         handle.unmerge()
+
+
+def _kept_scores(cache: MutableMapping[tuple, dict], key: tuple, task: Task) -> Optional[dict[str, float]]:
+    """The zero-shot scores kept for `key`; None where none are, or the ones kept are not the task's
+    metrics with values a score takes (they are scored again)."""
+    kept = cache.get(key)
+    try:
+        if not isinstance(kept, dict) or set(kept) != set(task.metric_keys):
+            return None
+        check_metrics(task.name, kept)
+    except (TaskError, TypeError):
+        return None
+    return kept
 
 
 def _kept_spread(cache: MutableMapping[tuple, dict], key: tuple) -> Optional[float]:
@@ -175,7 +188,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
 
 
 # The training settings a run accepts: (type, lowest, highest); None for shots means all, AUTO for lr a range test.
-SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (float, 1e-8, 10.0),
+SETTINGS = {"shots": (int, 1, 1_000_000), "epochs": (int, 0, 10_000), "lr": (float, *LR_RANGE),
             "batch_size": (int, 1, 4096), "seed": (int, 0, MAX_SEED), "frames": (int, 1, MAX_FRAMES)}
 
 
@@ -251,7 +264,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     scored_as = (backbone.spec, backbone.weights, dataset.fingerprint, task, frames, tuple(extra_answers))
     cache = zero_shot_cache if zero_shot_cache is not None else {}
     spread_key = (*scored_as, "media spread")
-    zero_shot, untuned_spread = cache.get(scored_as), _kept_spread(cache, spread_key)
+    zero_shot, untuned_spread = _kept_scores(cache, scored_as, task_def), _kept_spread(cache, spread_key)
     if zero_shot is None or untuned_spread is None:   # a cache may decline to keep them (core.cache: local files)
         media = encode_test_media(backbone, test_set.pixels)   # encoded once, for the scores and the spread
         if zero_shot is None:
@@ -302,7 +315,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
         notes.append(f"{BELOW_ZERO_SHOT} ({metric_label(headline)} {tuned[headline]:.1f} against "
                      f"{zero_shot[headline]:.1f} untuned): this run made the model worse; {advice}")
     if spread is not None and spread.collapsed:
-        notes.append(f"{COLLAPSED} (they sit {spread.tuned / spread.zero_shot:.2f}× as far apart as untuned, a mean "
+        notes.append(f"{COLLAPSED} (they sit {spread.tuned / spread.zero_shot:.2g}× as far apart as untuned, a mean "
                      f"cosine of {1 - spread.tuned:.2f} against {1 - spread.zero_shot:.2f}): its score may hide a "
                      f"partial collapse, though some sound runs end this close too; compare it with a run at a third "
                      f"of the learning rate")
@@ -386,7 +399,8 @@ def attach_run(backbone: Backbone, pet: str | Path, restorable: bool = False) ->
 
 
 def evaluate(model: str, pet: str | Path, data: str | Path) -> dict[str, Any]:
-    """Score a saved run on the test split of `data` (a .zip is unpacked inside the run folder, then removed)."""
+    """Score a saved run on the test split of `data` (a .zip is unpacked inside the run folder, then
+    removed), with the run's flags as it was tuned (run.json's scores: its numbers are shown again)."""
     backbone, handle, info = load_run(model, pet)
     run_folder = Path(pet) if Path(pet).is_dir() else Path(pet).parent
     with tempfile.TemporaryDirectory(dir=run_folder, prefix="eval-") as workdir:
@@ -395,4 +409,4 @@ def evaluate(model: str, pet: str | Path, data: str | Path) -> dict[str, Any]:
         metrics = score(task, handle, _test_set(task, backbone, dataset))
     same = info.dataset is not None and dataset.fingerprint == info.dataset.fingerprint
     return {"method": info.method, "task": task.name, "backbone": model, "metrics": metrics,
-            "same_data_as_tuning": same}
+            "same_data_as_tuning": same, **{field: getattr(info, field) for _, field in FLAGS}}

@@ -7,19 +7,22 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable, MutableMapping, Optional
 
 from core import checkpoint
+from core.data import DEFAULT_LIMITS, read_dataset
 from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process
 from core.pet import get_method, make_config
-from core.result import FLAGS, RunResult
+from core.result import FLAGS, FLAGS_OF_RUNS, MAX_SEED, RunResult, load_json, read_record
 from core.backbones import load_backbone
 from core.pet.recipes import check_recipe
 from core.runs import RunError, check_settings, tune
+from core.tasks import TASKS, check_metrics
 from core.trainer import Progress, TrainingDiverged
 
 SWEEP_INFO = "sweep.json"
@@ -117,8 +120,8 @@ class MethodSummary:
     def warning(self) -> Optional[str]:
         """What the table must say beside the method's numbers, if anything."""
         ran = len(self.runs) + len(self.diverged)
-        said = [*(f"{getattr(self, field)} of {ran} runs {flag}" if getattr(self, field) else ""
-                  for flag, field in FLAGS),
+        said = [*(f"{count} of {ran} runs {flag if count == 1 else FLAGS_OF_RUNS[flag]}"
+                  if (count := getattr(self, field)) else "" for flag, field in FLAGS),
                 f"{self.restarted} of {ran} runs diverged and restarted" if self.restarted else "",
                 f"{len(self.diverged)} of {ran} runs diverged after every restart and have no result "
                 f"(the means are of the others): {self.diverged[0]}" if self.diverged else ""]
@@ -257,6 +260,9 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     lost = [f"{choices[number].label}: every run diverged after its restarts ({messages[0]})"
             for number, messages in diverged.items() if number not in finished]
     note = "; ".join(filter(None, [note, *lost])) or None
+    if not fingerprint and is_main_process():   # no run ended with a result: the data is still named
+        with tempfile.TemporaryDirectory(dir=out, prefix="data-") as workdir:
+            fingerprint = read_dataset(data, workdir, DEFAULT_LIMITS).fingerprint
     summary = SweepResult(
         model=model, fingerprint=fingerprint, task=task, shots=shots, epochs=epochs, seeds=list(seeds),
         methods=[summarise(choices[number], results, diverged.get(number)) for number, results in finished.items()],
@@ -271,13 +277,41 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
 
 
 def read_sweep(folder: str | Path) -> SweepResult:
-    """A sweep folder's sweep.json (for the report)."""
-    path = Path(folder) / SWEEP_INFO
+    """A sweep folder's sweep.json, read as hostile (core.result): every field of its type, its
+    task known, its numbers ones a sweep writes, each method's options its own. Each of a method's
+    runs is the folder of that name inside `folder` (sweep.json names them as the sweep was started,
+    perhaps from another working folder), and `out` is `folder`: nothing outside it is read."""
+    folder = Path(folder)
+    path = folder / SWEEP_INFO
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data["methods"] = [MethodSummary(**{**m, "metrics": {k: tuple(v) for k, v in m["metrics"].items()}})
-                           for m in data["methods"]]
-        return SweepResult(**data)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise RunError(f"{path}: not a sweep written by PET Studio ({str(error)[:200]})") from error
+        result = read_record(SweepResult, load_json(path), SWEEP_INFO)
+        _check_sweep(result)
+    except (OSError, ValueError, RecursionError) as error:   # ResultError, RunError, TaskError, PetError
+        raise RunError(f"{path}: not a sweep written by PET Studio ({str(error)[:300]})") from error
+    for summary in result.methods:
+        summary.runs = [str(folder / PurePath(run).name) for run in summary.runs]
+        missing = next((run for run in summary.runs if Path(run).is_symlink() or not Path(run).is_dir()), None)
+        if missing:   # a link would lead outside
+            raise RunError(f"{path}: its run folder {Path(missing).name} is not in {folder}")
+    result.out = str(folder)
+    return result
 
+
+def _check_sweep(result: SweepResult) -> None:
+    check_recipe(result.recipe)
+    if result.task not in TASKS:
+        raise RunError(f"'task' must be one of {', '.join(TASKS)}")
+    keys = set(TASKS[result.task].metrics)
+    if not result.seeds or not all(seed <= MAX_SEED for seed in result.seeds):
+        raise RunError(f"'seeds' must be one or more whole numbers up to {MAX_SEED}")
+    for number, summary in enumerate(result.methods):
+        where = f"'methods'[{number}]"
+        make_config(summary.method, summary.options)   # a known method, options of their types and ranges
+        if not summary.runs or not all(PurePath(run).name not in ("", ".", "..") for run in summary.runs):
+            raise RunError(f"{where}['runs'] must name one or more run folders")
+        if set(summary.metrics) != keys or set(summary.zero_shot) != keys:
+            raise RunError(f"{where}: its metrics must be the {result.task} task's, {', '.join(sorted(keys))}")
+        check_metrics(result.task, {k: mean for k, (mean, _) in summary.metrics.items()})
+        check_metrics(result.task, summary.zero_shot)
+        if max(summary.below_zero_shot, summary.collapsed, summary.restarted) > len(summary.runs):
+            raise RunError(f"{where}: more runs flagged or restarted than it has runs")

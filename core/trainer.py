@@ -418,7 +418,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
             if len(recent["loss"]) == window and (level := statistics.median(recent["loss"])) > max(
                     DIVERGED_RISE * guard.loss, guard.loss + DIVERGED_MARGIN):
                 rise = f"{level / guard.loss:.1f}× the untrained weights' loss" if guard.loss >= 1 else \
-                    f"{level:.3g}, {level - guard.loss:.2g} nats above the untrained weights' {guard.loss:.3g}"
+                    f"{level:.3g}, {level - guard.loss:.3g} nats above the untrained weights' {guard.loss:.3g}"
                 return _Diverging(at_step, f"the loss's median over {window} steps rose to {rise}")
             if len(recent["spread"]) == window:
                 spread_level, loss_level, chance_level = (statistics.median(recent[key]) for key in
@@ -427,7 +427,7 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                     at_chance = "" if spread_level < NEAR_CONSTANT else \
                         f", the loss's median {loss_level:.3g} at chance's {chance_level:.3g}: every candidate scored alike"
                     return _Diverging(at_step, f"the embeddings collapsed (the median spread of a batch's logits fell to "
-                                               f"{spread_level:.2g}, {spread_level / guard.spread:.2f}× the untrained "
+                                               f"{spread_level:.2g}, {spread_level / guard.spread:.2g}× the untrained "
                                                f"weights'{at_chance})")
             if len(recent["media spread"]) == window and guard.media_collapsed(
                     level := statistics.median(recent["media spread"])):

@@ -29,6 +29,41 @@ def test_scores_round_trip_and_anything_else_counts_as_absent(tmp_path):
     assert local not in cache
 
 
+def test_a_cache_file_that_is_not_plain_json_counts_as_absent_and_blocks_nothing(tmp_path):
+    """A pipe would block the run, a device never end, a deep or huge file exhaust it: each is absent."""
+    import os
+
+    cache = ScoreCache(tmp_path / "zero-shot")
+    cache[KEY] = {"t2i_r1": 12.5}
+    (stored,) = (tmp_path / "zero-shot").glob("*.json")
+    stored.unlink()
+    os.mkfifo(stored)   # a reader that opened it plainly would wait here for a writer
+    assert KEY not in cache
+    stored.unlink()
+    stored.symlink_to("/dev/zero")
+    assert KEY not in cache
+    stored.unlink()
+    stored.write_text("[" * 200_000 + "]" * 200_000)
+    assert KEY not in cache
+    stored.write_text(json.dumps({"key": list(KEY), "value": {"t2i_r1": 12.5}, "padding": "x" * 17 * 2**20}))
+    assert KEY not in cache
+    stored.write_text(json.dumps({"key": list(KEY), "value": {"t2i_r1": 12.5}}))
+    assert cache[KEY] == {"t2i_r1": 12.5} and list(cache) == [KEY]
+
+
+def test_kept_zero_shot_scores_are_used_only_if_they_are_the_tasks_and_in_range():
+    from types import SimpleNamespace
+
+    from core.runs import _kept_scores
+    from core.tasks import vqa
+
+    task = SimpleNamespace(name="vqa", metric_keys=vqa.METRIC_KEYS)
+    assert _kept_scores({KEY: {"vqa_acc": 50.0}}, KEY, task) == {"vqa_acc": 50.0}
+    for poisoned in ({"vqa_acc": 1e6}, {"vqa_acc": -5.0}, {"vqa_acc": 50.0, "bogus": 1.0}, {"t2i_r1": 50.0}, {},
+                     {"vqa_acc": "high"}, [50.0], None):
+        assert _kept_scores({KEY: poisoned}, KEY, task) is None, poisoned
+
+
 def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path):
     """A cache saves time, nothing more: a full disk or a cache folder that cannot be made does not
     end the run that computed the value."""

@@ -106,15 +106,26 @@ def test_a_collapse_is_said_in_the_note_the_json_and_the_human_output(shapes, tm
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["collapsed"] is True and result["media_spread"] == {"zero_shot": 0.8, "tuned": 0.08}
-    assert COLLAPSED in result["note"] and "0.10× as far apart" in result["note"]
-    saved = RunResult.from_json(json.loads((tmp_path / "run" / "run.json").read_text()))
+    assert COLLAPSED in result["note"] and "0.1× as far apart" in result["note"]
+    stored = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert stored["collapsed"] is True and stored["below_zero_shot"] is False   # for scripts reading run.json
+    saved = RunResult.from_json(stored)
     assert saved.collapsed and saved.flags == [COLLAPSED]
     assert f"⚠ {COLLAPSED}" in cli_module._human("tune", result).splitlines()[2]   # the "tuned:" line
     assert compare_row("1 · lora", saved, tmp_path / "run")[0] == f"1 · lora ⚠ {COLLAPSED}"
-    assert COLLAPSED in run_card("1 · lora", saved)
-    assert COLLAPSED in write_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    assert f"> **⚠ Note:** {COLLAPSED}" in run_card("1 · lora", saved)   # the note says it, under a ⚠
+    assert f"<b>⚠ Note:</b> {COLLAPSED}" in write_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    assert f"**⚠ Note:** {COLLAPSED}" in model_card(saved, "open_clip", "")
     summary = summarise(MethodChoice("lora", {}), [saved])
     assert summary.collapsed == 1 and summary.warning == f"1 of 1 runs {COLLAPSED}"
+    assert summarise(MethodChoice("lora", {}), [saved, saved]).warning == \
+        "2 of 2 runs collapsed the embeddings of their test media onto one another"
+    # scored again, the run's numbers are shown with what its tuning found
+    assert cli_module.main(["eval", "--model", TINY, "--pet", str(tmp_path / "run"), "--data", str(shapes),
+                            "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["collapsed"] is True and scored["below_zero_shot"] is False and scored["same_data_as_tuning"]
+    assert cli_module._human("eval", scored).endswith(f"  ⚠ when tuned, the run {COLLAPSED}")
     older = replace(saved, note=None)   # a note that does not say it still gets the warning
     assert f"⚠ This run {COLLAPSED}" in run_card("1 · lora", older)
     assert f"This run {COLLAPSED}" in model_card(older, "open_clip", "")

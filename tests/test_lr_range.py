@@ -173,7 +173,10 @@ def test_a_cached_choice_that_does_not_read_back_counts_as_absent(tmp_path):
     (stored,) = tmp_path.glob("*.json")
     record = json.loads(stored.read_text())
     for broken in ({**record["value"], "lr": "fast"}, {**record["value"], "lr": -1.0},
-                   {**record["value"], "losses": [1.0]}, {**record["value"], "lr": float("nan")}):
+                   {**record["value"], "losses": [1.0]}, {**record["value"], "lr": float("nan")},
+                   {**record["value"], "lr": 1e-300}, {**record["value"], "lr": 1e9},   # no run trains at these
+                   {**record["value"], "steps": 10**15}, {**record["value"], "seconds": -100.0},
+                   {**record["value"], "share": -1.0}, {**record["value"], "finished": False}):
         stored.write_text(json.dumps({"key": record["key"], "value": broken}))
         assert key not in cache
 
@@ -188,9 +191,15 @@ def test_the_cli_finds_the_rate_by_default_and_uses_a_given_one_as_given(shapes,
     assert main([*arguments, "--out", str(tmp_path / "given"), "--lr", "0.02"]) == 0
     given = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert given["lr"] == 0.02 and given["lr_choice"] is None
-    with pytest.raises(SystemExit):
-        main([*arguments, "--out", str(tmp_path / "bad"), "--lr", "fast"])
-    assert "a number or auto, not 'fast'" in capsys.readouterr().err
+    said = {}
+    for bad in ("fast", "AUTO", "-1e-3"):   # refused by the parser, still one {"error"} line under --json
+        assert main([*arguments, "--out", str(tmp_path / "bad"), "--lr", bad]) == 2
+        out, err = capsys.readouterr()
+        said[bad] = json.loads(out.strip().splitlines()[-1])["error"]
+        assert said[bad].startswith("python -m core tune: error: argument --lr") and said[bad] in err
+    assert said["fast"].endswith("a number or auto, not 'fast'") and said["AUTO"].endswith("not 'AUTO'")
+    assert said["-1e-3"].endswith("expected one argument")   # argparse reads it as an option: write --lr=-1e-3
+    assert not (tmp_path / "bad").exists()
 
 
 def test_the_training_figure_shows_the_range_test_beside_the_loss(shapes, tmp_path):

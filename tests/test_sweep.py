@@ -1,6 +1,7 @@
 """Sweeps (core/sweep.py) and reports (core/report.py): methods × seeds in one job, zero-shot
 scored once, means and stds over seeds, cancel keeping what finished, one self-contained HTML."""
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -117,6 +118,92 @@ def test_a_run_that_diverges_past_its_restarts_ends_itself_not_the_sweep(shapes,
         del method["diverged"]   # a sweep.json from before runs could diverge alone
     (tmp_path / "s" / "sweep.json").write_text(json.dumps(info))
     assert read_sweep(tmp_path / "s").methods[0].diverged == []
+
+
+def test_a_sweep_in_which_every_run_diverged_still_names_its_data(shapes, tmp_path, monkeypatch):
+    import core.sweep
+    from core.data import read_dataset
+    from core.trainer import TrainingDiverged
+
+    def tune(*arguments, **settings):
+        raise TrainingDiverged("the loss was not finite at step 3 with lr 0.01")
+
+    monkeypatch.setattr(core.sweep, "tune", tune)
+    result = sweep(TINY, shapes, parse_methods("bitfit"), [0], tmp_path / "s", shots=4, epochs=1, lr=0.01)
+    assert result.methods == [] and result.fingerprint == read_dataset(shapes, tmp_path / "w").fingerprint
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["sweep.json"]   # its scratch folder is gone
+
+
+def _tampered(swept, tmp_path, change) -> Path:
+    """A copy of the swept folder (its runs too) whose sweep.json has had `change` applied."""
+    copy = tmp_path / "copy"
+    shutil.copytree(swept[0].out, copy)
+    info = json.loads((copy / "sweep.json").read_text())
+    text = change(info)
+    (copy / "sweep.json").write_text(text if isinstance(text, str) else json.dumps(info))
+    return copy
+
+
+def test_a_sweep_reads_its_runs_inside_its_own_folder_wherever_it_was_started(swept, tmp_path, capsys):
+    """sweep.json names runs as the sweep was started (relative to that working folder, perhaps);
+    a reader takes each by its name inside the sweep folder, and nothing outside it."""
+    elsewhere = "/somewhere/else/"
+    copy = _tampered(swept, tmp_path, lambda info: [m.update(runs=[elsewhere + Path(r).name for r in m["runs"]])
+                                                    for m in info["methods"]])
+    result = read_sweep(copy)
+    assert result.out == str(copy) and all(Path(r).parent == copy for m in result.methods for r in m.runs)
+    assert main(["report", str(copy), "--out", str(tmp_path / "r.html"), "--json"]) == 0
+    outside = _tampered(swept, tmp_path / "b", lambda info: info["methods"][0].update(runs=[str(swept[0].out)]))
+    assert main(["report", str(outside), "--out", str(tmp_path / "o.html"), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"] == \
+        f"{outside / 'sweep.json'}: its run folder sweep is not in {outside}"
+    linked = _tampered(swept, tmp_path / "c", lambda info: None)
+    run = Path(read_sweep(linked).methods[1].runs[0])
+    shutil.rmtree(run)
+    run.symlink_to(Path(swept[0].methods[1].runs[0]))   # a run of that name that leads outside the folder
+    with pytest.raises(RunError, match=f"its run folder {run.name} is not in {linked}"):
+        read_sweep(linked)
+
+
+NAN_MEAN = lambda info: json.dumps(info).replace('"metrics": {"i2t_r1": [', '"metrics": {"i2t_r1": [NaN, ', 1)
+HOSTILE_SWEEPS = [   # (id, change to sweep.json, what the refusal says)
+    ("not an object", lambda info: "[1, 2]", "sweep.json must be a JSON object"),
+    ("nested 100000 deep", lambda info: "[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    ("NaN literal", NAN_MEAN, "not valid JSON (NaN is not a number)"),
+    ("methods a text", lambda info: info.update(methods="x"), "sweep.json['methods'] must be a list"),
+    ("no runs", lambda info: info["methods"][0].update(runs=[]), "'methods'[0]['runs'] must name one or more run"),
+    ("a run named ..", lambda info: info["methods"][0].update(runs=[".."]), "must name one or more run folders"),
+    ("params a text", lambda info: info["methods"][0].update(trainable_params="many"),
+     "sweep.json['methods'][0]['trainable_params'] must be a whole number, not 'many'"),
+    ("a mean alone", lambda info: info["methods"][0]["metrics"].update(t2i_r1=[5.0]),
+     "sweep.json['methods'][0]['metrics']['t2i_r1'] must be a list of 2 entries"),
+    ("a mean above 100", lambda info: info["methods"][0]["metrics"].update(t2i_r1=[1e6, 0.0]),
+     "'t2i_r1' is a percentage: it must be from 0 to 100, not 1e+06"),
+    ("a negative std", lambda info: info["methods"][0]["metrics"].update(t2i_r1=[5.0, -1.0]),
+     "sweep.json['methods'][0]['metrics']['t2i_r1'][1] must not be negative"),
+    ("zero-shot missing", lambda info: info["methods"][0].update(zero_shot={}),
+     "'methods'[0]: its metrics must be the retrieval task's"),
+    ("seeds a number", lambda info: info.update(seeds=5), "sweep.json['seeds'] must be a list"),
+    ("flagged a text", lambda info: info["methods"][0].update(below_zero_shot="yes"),
+     "sweep.json['methods'][0]['below_zero_shot'] must be a whole number, not 'yes'"),
+    ("more flagged than runs", lambda info: info["methods"][0].update(collapsed=5),
+     "'methods'[0]: more runs flagged or restarted than it has runs"),
+    ("unknown method", lambda info: info["methods"][0].update(method="ia3"), "unknown method 'ia3'"),
+    ("option out of range", lambda info: info["methods"][0].update(options={"rank": 10**9}),
+     "lora option rank must be between 1 and 256"),
+    ("unknown task", lambda info: info.update(task="captioning"), "'task' must be one of retrieval, vqa"),
+    ("unknown recipe", lambda info: info.update(recipe="mine"), "unknown recipe 'mine'"),
+]
+
+
+@pytest.mark.parametrize("name, change, expected", HOSTILE_SWEEPS, ids=[c[0] for c in HOSTILE_SWEEPS])
+def test_a_broken_sweep_json_is_refused_naming_the_file(swept, tmp_path, capsys, name, change, expected):
+    copy = _tampered(swept, tmp_path, change)
+    assert main(["report", str(copy), "--out", str(tmp_path / "r.html"), "--json"]) == 2
+    out, err = capsys.readouterr()
+    message = json.loads(out.strip().splitlines()[-1])["error"]
+    assert message.startswith(f"{copy / 'sweep.json'}: not a sweep written by PET Studio (") and expected in message
+    assert "Traceback" not in err and not (tmp_path / "r.html").exists()
 
 
 def test_methods_are_read_with_their_options():

@@ -72,9 +72,11 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
             # shared backbone: inside a device call, so that no ZeroGPU worker is forked from a half-attached model
             MODELS.load([run_model(run)])
             on_device(_attach_on, run_model(run), seconds=query_seconds(info.backbone, 0))
-        except USER_ERRORS as error:
+        except USER_ERRORS as error:   # said of the files as the user named them, not of the server's copies
             STORE.remove(folder)
-            raise views.user_error(error) from error
+            said = str(error).replace(str(folder / checkpoint.RUN_INFO), infos[0].name)
+            raise views.user_error(ValueError(said.replace(str(folder / checkpoint.WEIGHTS), weights[0].name))) \
+                from error
         except gr.Error:   # the same, said inside the device call
             STORE.remove(folder)
             raise

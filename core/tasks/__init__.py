@@ -72,6 +72,20 @@ def headline_metric(task_name: str) -> str:
     return _kind(task_name).headline
 
 
+def check_metrics(task_name: str, metrics: dict[str, float]) -> None:
+    """Refuse (TaskError) a key that is not one of the task's metrics, or a value no score takes:
+    a median rank below 1, any other metric (a percentage) outside 0 to 100."""
+    kind = _kind(task_name)
+    for key, value in metrics.items():
+        if key not in kind.metrics:
+            raise TaskError(f"'{key[:40]}' is not a metric of the {task_name} task")
+        if key in kind.lower_is_better:
+            if not value >= 1:
+                raise TaskError(f"'{key}' is a rank: it must be at least 1, not {value:g}")
+        elif not 0 <= value <= 100:
+            raise TaskError(f"'{key}' is a percentage: it must be from 0 to 100, not {value:g}")
+
+
 def metric_label(key: str) -> str:
     """How people read a metric key ("t2i_r1" -> "text→image R@1"); an unknown key as it is."""
     return next((kind.metrics[key] for kind in TASKS.values() if key in kind.metrics), key)

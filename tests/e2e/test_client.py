@@ -385,7 +385,8 @@ def test_compare_methods_in_one_click(app_server, tmp_path):
         below = sum(info["tuned"]["t2i_r1"] < info["zero_shot"]["t2i_r1"] for info in infos)
         assert method["below_zero_shot"] == below   # and the table says so beside the method
         assert method["collapsed"] == sum(RunResult.from_json(info).collapsed for info in infos)
-        assert (f" ⚠ {below} of 2 runs ends below its own zero-shot score" in rows[method["label"]][0]) == (below > 0)
+        said = {1: "ends below its own zero-shot score", 2: "end below their own zero-shot score"}.get(below)
+        assert (f" ⚠ {below} of 2 runs {said}" in rows[method["label"]][0]) == (below > 0)
     page = Path(report).read_text()
     assert "plotly-graph-div" in page and "src=\"http" not in page
     assert len(json.loads(plot["plot"])["data"][0]["x"]) == 2

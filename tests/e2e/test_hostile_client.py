@@ -110,8 +110,9 @@ def test_an_uploaded_run_may_not_name_a_server_path(app_server, tuned_run, tmp_p
 ])
 def test_an_uploaded_run_json_is_checked_against_its_schema(client, tuned_run, tmp_path, change, expected):
     info = json.loads((tuned_run / "run.json").read_text())
-    with pytest.raises(AppError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(AppError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")) as refused:
         _upload_run(client, tmp_path, change(info), (tuned_run / "pet.safetensors").read_bytes())
+    assert str(refused.value).startswith("run.json: ")   # the file as the user named it, not the server's copy
 
 
 def test_uploaded_nan_weights_are_refused_by_name(client, tuned_run, tmp_path):
