@@ -411,12 +411,23 @@ def run_demo(args) -> dict[str, Any]:
     return {"model": "offline", "data": str(data), "shots": 16, "methods": rows}
 
 
+def _learning_rate_line(result: dict[str, Any]) -> str:
+    """How the run's learning rate came to be: found (and why, or reused), or given; restarts are in the note."""
+    choice, finished = result["lr_choice"], f"{result['lr']:.2g}"
+    if choice is None:
+        return f"learning rate {finished}, as given"
+    restarted = f"; it finished at {finished}" if result["restarts"] else ""
+    reused = " (reused: measured by an earlier run on this data)" if choice["reused"] else ""
+    return f"learning rate {choice['lr']:.2g}{restarted}; {choice['why']}{reused}"
+
+
 def _human(command: str, result: dict[str, Any]) -> str:
     if command == "tune":
         return (f"{result['method']}: {result['trainable_params']:,} trainable ({result['trainable_pct']:.3f}%)\n"
                 f"zero-shot: {_format_metrics(result['zero_shot'])}\n"
                 f"tuned:     {_format_metrics(result['tuned'])}"
                 f"{''.join(f'  ⚠ {flag}' for flag, key in FLAGS if result[key])}\n"
+                f"{_learning_rate_line(result)}\n"
                 f"saved to {result['out']} in {result['seconds']:.1f}s")
     if command == "eval":
         return _format_metrics(result["metrics"]) + "".join(f"  ⚠ when tuned, the run {flag}"

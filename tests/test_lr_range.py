@@ -188,6 +188,13 @@ def test_the_cli_finds_the_rate_by_default_and_uses_a_given_one_as_given(shapes,
     found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert found["lr_choice"]["lr"] == found["lr"] and found["lr_choice"]["why"]
     assert "lrs" not in found["lr_choice"] and len(list((tmp_path / "cache" / "lr-range").glob("*.json"))) == 1
+    without_json = [a for a in arguments if a != "--json"]
+    assert main([*without_json, "--out", str(tmp_path / "again")]) == 0   # a person reading the output is told too
+    said = capsys.readouterr().out.splitlines()[3]
+    assert said == (f"learning rate {found['lr']:.2g}; {found['lr_choice']['why']} (reused: measured by an earlier "
+                    f"run on this data)")
+    assert main([*without_json, "--out", str(tmp_path / "typed"), "--lr", "0.02"]) == 0
+    assert capsys.readouterr().out.splitlines()[3] == "learning rate 0.02, as given"
     assert main([*arguments, "--out", str(tmp_path / "given"), "--lr", "0.02"]) == 0
     given = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert given["lr"] == 0.02 and given["lr_choice"] is None
