@@ -71,7 +71,7 @@ class JsonCache(MutableMapping):
             if not isinstance(data, dict) or data.get("key") != _plain(key):
                 raise ValueError("another key")
             return self.decode(data.get("value"))
-        except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        except (OSError, ValueError, TypeError, KeyError):
             raise KeyError(key) from None
 
     def __setitem__(self, key: tuple, value: Any) -> None:
@@ -102,7 +102,7 @@ class JsonCache(MutableMapping):
             try:
                 key = load_json(path)["key"]
                 yield tuple(tuple(part) if isinstance(part, list) else part for part in key)
-            except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
 
     def __len__(self) -> int:

@@ -280,7 +280,7 @@ def run_tune(args) -> dict[str, Any]:
     summary = {k: getattr(result, k) for k in ("task", "method", "backbone", "trainable_params", "trainable_pct",
                                                "zero_shot", "tuned", "seconds", "out", "backbone_weights", "note")}
     choice = result.train.lr_choice
-    return {**summary, **{field: getattr(result, field) for _, field in FLAGS},
+    return {**summary, **result.flag_values,
             "media_spread": asdict(result.media_spread) if result.media_spread else None, "lr": result.train.lr,
             "lr_choice": {k: v for k, v in asdict(choice).items() if k not in ("lrs", "losses")} if choice else None,
             "restarts": [asdict(r) for r in result.train.restarts],
@@ -404,7 +404,7 @@ def run_demo(args) -> dict[str, Any]:
         result = tune("offline", data, method, options, shots=16, epochs=15, out=out / method)   # --lr auto
         rows[method] = {"trainable_params": result.trainable_params, "t2i_r1": result.tuned["t2i_r1"],
                         "i2t_r1": result.tuned["i2t_r1"], "seconds": result.seconds, "lr": result.train.lr,
-                        **{field: getattr(result, field) for _, field in FLAGS}, "note": result.note}
+                        **result.flag_values, "note": result.note}
         _note(f"{method:>13}: {result.trainable_params:>7,} params  t2i R@1 {result.tuned['t2i_r1']:5.1f}  "
               f"i2t R@1 {result.tuned['i2t_r1']:5.1f}  lr {result.train.lr:.2g}  ({result.seconds:.1f}s)"
               + (f"\n{'':>15}note: {result.note}" if result.note else ""))

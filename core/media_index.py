@@ -33,6 +33,7 @@ from core.data.errors import describe
 from core.data.media import DEFAULT_FRAMES, IMAGE_TYPES, VIDEO_TYPES, load_media
 from core.data.reader import media_problem
 from core.pet import PetHandle
+from core.result import load_json
 from core.tasks.encoding import embed_media, evaluating
 from core.vector_index import EXACT_UP_TO, IndexInfo, VectorIndex, VectorIndexError
 
@@ -81,7 +82,7 @@ class IndexRecord:
     def read(cls, folder: Path) -> "IndexRecord":
         path = folder / RECORD
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = load_json(path)
             info = raw.pop("index", None)
             record = cls(**raw, index=IndexInfo(**info) if info else None)
         except FileNotFoundError as error:

@@ -141,11 +141,12 @@ class TrainSummary:
     lr_choice: Optional[LrChoice] = None   # how --lr auto chose `lr` (None: a rate given, or a studio run that trained nothing)
 
     def check(self, where: str) -> None:
-        """Raise ResultError unless its rates are ones a run trains at: each restart's below the
-        one it restarted from, from an epoch the run had; the chosen rate the one it started at."""
+        """Raise ResultError unless its rates are ones a run trains at (0 for a method with nothing to
+        train: zero-shot's): each restart's below the one it restarted from, from an epoch the run
+        had; the chosen rate the one it started at."""
         high = LR_RANGE[1]
-        if not 0 < self.lr <= high:
-            raise ResultError(f"{where}['lr'] must be above 0 and at most {high:g}")
+        if not self.lr <= high:
+            raise ResultError(f"{where}['lr'] must be at most {high:g}")
         for number, restart in enumerate(self.restarts):
             if not (0 < restart.lr <= high and (restart.restarted_at is None or restart.restarted_at < restart.lr)
                     and restart.from_epoch <= self.epochs):
@@ -229,13 +230,18 @@ class RunResult:
         return f"This run {' and '.join(unsaid)}." if unsaid else None
 
     @property
+    def flag_values(self) -> dict[str, bool]:
+        """Each flag's field (and --json key) with whether the run raised it."""
+        return {field: getattr(self, field) for _, field in FLAGS}
+
+    @property
     def note_label(self) -> str:
-        """What precedes the note wherever it is shown: a ⚠ when the run is flagged."""
-        return "⚠ Note:" if self.flags else "Note:"
+        """What precedes the note wherever it is shown: a ⚠ when the note says a flag."""
+        return "⚠ Note:" if any(flag in (self.note or "") for flag in self.flags) else "Note:"
 
     def to_json(self) -> dict[str, Any]:
         """run.json's content: the fields, and each flag (read back from the scores, not from here)."""
-        return {**dataclasses.asdict(self), **{field: getattr(self, field) for _, field in FLAGS}}
+        return {**dataclasses.asdict(self), **self.flag_values}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "run.json") -> "RunResult":
@@ -267,9 +273,15 @@ def load_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> Any:
     parser's depth. Else a ValueError whose message says which ("not valid JSON (...)"), or an
     OSError when it cannot be opened."""
     descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
+    except OSError:
+        os.close(descriptor)
+        raise
+    if not regular:   # a folder opens too
+        os.close(descriptor)
+        raise ValueError("not a regular file")
     with os.fdopen(descriptor, "rb") as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise ValueError("not a regular file")
         data = file.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"larger than {limit} bytes")

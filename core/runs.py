@@ -22,7 +22,7 @@ from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process, rank_and_world
 from core.pet import PetError, PetHandle, attach, config_to_dict, default_lr, get_method, make_config
 from core.pet.recipes import Setting, check_recipe, recipe_for
-from core.result import (BELOW_ZERO_SHOT, COLLAPSED, FLAGS, LR_RANGE, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice,
+from core.result import (BELOW_ZERO_SHOT, COLLAPSED, LR_RANGE, MAX_FRAMES, MAX_SEED, DatasetSummary, LrChoice,
                          MediaSpread, Restart, RunResult, TrainSummary, ends_below_zero_shot)
 from core.tasks import Task, TaskError, check_metrics, get_task, headline_metric, metric_label
 from core.tasks.encoding import encode_test_media, media_spread
@@ -409,4 +409,4 @@ def evaluate(model: str, pet: str | Path, data: str | Path) -> dict[str, Any]:
         metrics = score(task, handle, _test_set(task, backbone, dataset))
     same = info.dataset is not None and dataset.fingerprint == info.dataset.fingerprint
     return {"method": info.method, "task": task.name, "backbone": model, "metrics": metrics,
-            "same_data_as_tuning": same, **{field: getattr(info, field) for _, field in FLAGS}}
+            "same_data_as_tuning": same, **info.flag_values}

@@ -260,7 +260,7 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     lost = [f"{choices[number].label}: every run diverged after its restarts ({messages[0]})"
             for number, messages in diverged.items() if number not in finished]
     note = "; ".join(filter(None, [note, *lost])) or None
-    if not fingerprint and is_main_process():   # no run ended with a result: the data is still named
+    if not finished and diverged and is_main_process():   # no run ended with a result: the data is still named
         with tempfile.TemporaryDirectory(dir=out, prefix="data-") as workdir:
             fingerprint = read_dataset(data, workdir, DEFAULT_LIMITS).fingerprint
     summary = SweepResult(
@@ -286,18 +286,22 @@ def read_sweep(folder: str | Path) -> SweepResult:
     try:
         result = read_record(SweepResult, load_json(path), SWEEP_INFO)
         _check_sweep(result)
-    except (OSError, ValueError, RecursionError) as error:   # ResultError, RunError, TaskError, PetError
+    except (OSError, ValueError) as error:   # ResultError, RunError, TaskError, PetError
         raise RunError(f"{path}: not a sweep written by PET Studio ({str(error)[:300]})") from error
+    inside = folder.resolve()
     for summary in result.methods:
         summary.runs = [str(folder / PurePath(run).name) for run in summary.runs]
-        missing = next((run for run in summary.runs if Path(run).is_symlink() or not Path(run).is_dir()), None)
-        if missing:   # a link would lead outside
-            raise RunError(f"{path}: its run folder {Path(missing).name} is not in {folder}")
+        for run in map(Path, summary.runs):
+            own = inside / run.name   # a link, to the run or to its files, would lead outside
+            if not run.is_dir() or run.resolve() != own or any(
+                    (run / name).resolve() != own / name for name in (checkpoint.RUN_INFO, checkpoint.WEIGHTS)):
+                raise RunError(f"{path}: its run folder {run.name} is not in {folder}")
     result.out = str(folder)
     return result
 
 
 def _check_sweep(result: SweepResult) -> None:
+    """Raise a ValueError naming the key unless the sweep's names and numbers are ones a sweep writes."""
     check_recipe(result.recipe)
     if result.task not in TASKS:
         raise RunError(f"'task' must be one of {', '.join(TASKS)}")

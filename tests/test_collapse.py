@@ -126,6 +126,9 @@ def test_a_collapse_is_said_in_the_note_the_json_and_the_human_output(shapes, tm
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["collapsed"] is True and scored["below_zero_shot"] is False and scored["same_data_as_tuning"]
     assert cli_module._human("eval", scored).endswith(f"  ⚠ when tuned, the run {COLLAPSED}")
+    restarted = replace(saved, note="lr 0.03 diverged at step 5; restarted at 0.01")   # a note about another thing
+    assert "> **Note:** lr 0.03 diverged" in run_card("1 · lora", restarted)
+    assert f"> **⚠ This run {COLLAPSED}.**" in run_card("1 · lora", restarted)
     older = replace(saved, note=None)   # a note that does not say it still gets the warning
     assert f"⚠ This run {COLLAPSED}" in run_card("1 · lora", older)
     assert f"This run {COLLAPSED}" in model_card(older, "open_clip", "")

@@ -118,7 +118,7 @@ CASES = [
     ("lr negative", lambda i: _with(i, train={**i["train"], "lr": -1.0}), None,
      "run.json: 'train'['lr'] must not be negative"),
     ("lr huge", lambda i: _with(i, train={**i["train"], "lr": 1e9, "lr_choice": None}), None,
-     "run.json: 'train'['lr'] must be above 0 and at most 10"),
+     "run.json: 'train'['lr'] must be at most 10"),
     ("restart upwards", lambda i: _with(i, train={**i["train"], "lr_choice": None, "restarts": [
         {"lr": 0.01, "step": 3, "reason": "x", "restarted_at": 0.1, "from_epoch": 0}]}), None,
      "run.json: 'train'['restarts'][0]: a restart goes from a rate above 0 and at most 10 to a lower one"),
@@ -280,6 +280,25 @@ def test_bad_settings_are_refused_before_anything_is_written(shapes, tmp_path, c
     out, err = capsys.readouterr()
     assert code == 2 and expected in json.loads(out.strip())["error"] and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_with_nothing_to_train_reads_back(shapes, tmp_path):
+    """Zero-shot trains nothing, at a rate of 0: the checks that refuse a rate of 0 elsewhere let it be."""
+    result = tune(TINY, shapes, "zero_shot", epochs=1, out=tmp_path / "run")
+    assert result.train.lr == 0.0 and checkpoint.read(tmp_path / "run")[0].train.lr == 0.0
+
+
+def test_json_that_is_not_a_plain_file_is_refused_and_leaks_nothing(tmp_path):
+    import os
+
+    from core.result import load_json
+
+    (tmp_path / "folder.json").mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(ValueError, match="not a regular file"):
+            load_json(tmp_path / "folder.json")
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_a_run_saved_before_the_schema_version_still_loads(good_run, tmp_path):

@@ -2,6 +2,7 @@
 `search`, `bench-index`): the same ranking as exact cosine similarity, resumable, skips what the
 dataset reader would, refuses another model, approximate above a size with its recall measured."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,10 @@ def test_the_index_writes_only_its_own_files_in_its_own_folder(offline, folder, 
 
     (inside / "index.json").write_text("[1, 2]")
     with pytest.raises(MediaIndexError, match=r"index\.json: not an index record PET Studio wrote"):
+        MediaIndex(inside)
+    (inside / "index.json").unlink()
+    os.mkfifo(inside / "index.json")   # read plainly, it would wait for a writer
+    with pytest.raises(MediaIndexError, match=r"index\.json: not an index record PET Studio wrote \(ValueError: not a regular file\)"):
         MediaIndex(inside)
 
 

@@ -163,6 +163,12 @@ def test_a_sweep_reads_its_runs_inside_its_own_folder_wherever_it_was_started(sw
     run.symlink_to(Path(swept[0].methods[1].runs[0]))   # a run of that name that leads outside the folder
     with pytest.raises(RunError, match=f"its run folder {run.name} is not in {linked}"):
         read_sweep(linked)
+    run.unlink()
+    shutil.copytree(Path(swept[0].methods[1].runs[0]), run)
+    (run / "run.json").unlink()
+    (run / "run.json").symlink_to(Path(swept[0].methods[1].runs[0]) / "run.json")   # its file, a link out
+    with pytest.raises(RunError, match=f"its run folder {run.name} is not in {linked}"):
+        read_sweep(linked)
 
 
 NAN_MEAN = lambda info: json.dumps(info).replace('"metrics": {"i2t_r1": [', '"metrics": {"i2t_r1": [NaN, ', 1)

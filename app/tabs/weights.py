@@ -49,6 +49,12 @@ def _attach_on(call: Call, key: ModelKey) -> None:
         pass
 
 
+def _as_uploaded(message: str, folder: Path, weights: str, info: str) -> str:
+    """A refusal said of the files as the user named them, not of the server's copies in `folder`."""
+    message = message.replace(str(folder / checkpoint.RUN_INFO), info).replace(str(folder / checkpoint.WEIGHTS), weights)
+    return weights + message[len(checkpoint.WEIGHTS):] if message.startswith(f"{checkpoint.WEIGHTS}:") else message
+
+
 def load_weights(files: Optional[list[str]], request: gr.Request):
     """Tuned weights back into this session: a pet.safetensors (safetensors only) with its run.json."""
     session = session_of(request)
@@ -72,14 +78,10 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
             # shared backbone: inside a device call, so that no ZeroGPU worker is forked from a half-attached model
             MODELS.load([run_model(run)])
             on_device(_attach_on, run_model(run), seconds=query_seconds(info.backbone, 0))
-        except USER_ERRORS as error:   # said of the files as the user named them, not of the server's copies
+        except (*USER_ERRORS, gr.Error) as error:   # gr.Error: the same, said inside the device call
             STORE.remove(folder)
-            said = str(error).replace(str(folder / checkpoint.RUN_INFO), infos[0].name)
-            raise views.user_error(ValueError(said.replace(str(folder / checkpoint.WEIGHTS), weights[0].name))) \
-                from error
-        except gr.Error:   # the same, said inside the device call
-            STORE.remove(folder)
-            raise
+            said = error.message if isinstance(error, gr.Error) else str(error)
+            raise views.user_error(ValueError(_as_uploaded(said, folder, weights[0].name, infos[0].name))) from error
         session.runs[run.name] = run
     card = views.run_card(run.name, info) if info.scored else f"Loaded **{views.plain(run.name)}**."
     return card, *run_choices(session, run.name)

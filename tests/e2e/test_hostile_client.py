@@ -74,11 +74,11 @@ def tuned_run(app_server, tmp_path_factory):
     return folder
 
 
-def _upload_run(client, folder: Path, info: dict, weights: bytes = None):
-    (folder / "run.json").write_text(json.dumps(info))
+def _upload_run(client, folder: Path, info: dict, weights: bytes = None, names=("pet.safetensors", "run.json")):
+    (folder / names[1]).write_text(json.dumps(info))
     if weights is not None:
-        (folder / "pet.safetensors").write_bytes(weights)
-    return client.predict([handle_file(str(folder / "pet.safetensors")), handle_file(str(folder / "run.json"))],
+        (folder / names[0]).write_bytes(weights)
+    return client.predict([handle_file(str(folder / names[0])), handle_file(str(folder / names[1]))],
                           api_name="/load_weights")
 
 
@@ -125,6 +125,14 @@ def test_uploaded_nan_weights_are_refused_by_name(client, tuned_run, tmp_path):
     info = json.loads((tuned_run / "run.json").read_text())
     with pytest.raises(AppError, match=f"pet.safetensors: lora weight {name} holds NaN or infinite values"):
         _upload_run(client, tmp_path, info, save(state))
+    # refused inside the device call, said of the files as the user named them
+    with pytest.raises(AppError) as refused:
+        _upload_run(client, tmp_path, info, save(state), names=("lora16.safetensors", "lora16.json"))
+    assert str(refused.value).startswith(f"lora16.safetensors: lora weight {name} holds NaN")
+    with pytest.raises(AppError) as refused:
+        _upload_run(client, tmp_path, {**info, "method_revision": 99}, (tuned_run / "pet.safetensors").read_bytes(),
+                    names=("lora16.safetensors", "lora16.json"))
+    assert str(refused.value).startswith("lora16.json: tuned by another version of lora (revision 99")
     card, run, _ = _upload_run(client, tmp_path, info, (tuned_run / "pet.safetensors").read_bytes())
     assert choice_value(run).endswith("(uploaded)")    # the healthy one loads
 
