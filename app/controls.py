@@ -44,6 +44,8 @@ def number(value: Any, name: str) -> Optional[float]:
     """A number an API client sent (None or empty: not given), or a clear error."""
     if value is None or value == "":
         return None
+    if isinstance(value, bool):   # float(True) is 1.0: a client's mistake, not a number it meant
+        raise gr.Error(f"{name} must be a number, not {value}")
     try:
         value = float(value)
     except (TypeError, ValueError) as error:

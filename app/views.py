@@ -71,6 +71,8 @@ def run_card(name: str, result: RunResult) -> str:
     if train.lr_choice is not None:
         cached = " (measured by an earlier run on this data, reused)" if train.lr_choice.reused else ""
         lines.insert(2, f"Learning rate found: {plain(train.lr_choice.why)}{cached}")
+    elif train.step_losses:   # a rate typed in (a restart's lower one is the note's)
+        lines.insert(2, f"Learning rate given: {train.restarts[0].lr if train.restarts else train.lr:g}, used as given")
     if result.recipe is not None and result.recipe.name != "studio":
         lines.insert(2, f"Recipe **{plain(result.recipe.name)}**: {plain(result.recipe.source)}")
     if result.note:

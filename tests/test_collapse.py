@@ -114,6 +114,7 @@ def test_a_collapse_is_said_in_the_note_the_json_and_the_human_output(shapes, tm
     assert f"⚠ {COLLAPSED}" in cli_module._human("tune", result).splitlines()[2]   # the "tuned:" line
     assert compare_row("1 · lora", saved, tmp_path / "run")[0] == f"1 · lora ⚠ {COLLAPSED}"
     assert f"> **⚠ Note:** {COLLAPSED}" in run_card("1 · lora", saved)   # the note says it, under a ⚠
+    assert "Learning rate given: 0.001, used as given" in run_card("1 · lora", saved)   # --lr 1e-3
     assert f"<b>⚠ Note:</b> {COLLAPSED}" in write_report(tmp_path / "run", tmp_path / "r.html").read_text()
     assert f"**⚠ Note:** {COLLAPSED}" in model_card(saved, "open_clip", "")
     summary = summarise(MethodChoice("lora", {}), [saved])

@@ -3,6 +3,7 @@ and "Compare methods" — several methods × seeds in one job with the Tune tab'
 settings, shown as mean ± std per method, with a self-contained HTML report to keep."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import gradio as gr
@@ -146,7 +147,7 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
         for folder in summary.runs:
             info, _ = checkpoint.read(folder)
             name = f"{len(session.runs) + 1} · {info.method} · {info.backbone} · seed {info.seed}"
-            session.runs[name] = Run(name, folder, info, local_paths=LOCAL_PATHS)
+            session.runs[name] = Run(name, Path(folder), info, local_paths=LOCAL_PATHS)
     if result.note:
         gr.Warning(result.note)
     headline = headline_metric(result.task)

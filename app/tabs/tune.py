@@ -18,7 +18,7 @@ from app.tuning import (CANCEL_FILE, TUNING_CONCURRENCY, claim_folders, planned_
 from core import figures
 from core.backbones import describe_spec
 from core.data.media import DEFAULT_FRAMES
-from core.pet import METHODS, get_method
+from core.pet import METHODS, get_method, make_config
 from core.pet.recipes import RECIPES
 from core.runs import USER_ERRORS, check_settings
 from core.cache import ScoreCache
@@ -161,9 +161,12 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
                      extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))
     # the browser sends an emptied field as 0 (it is the field's minimum): both mean "found on your data"
     arguments["lr"] = number(lr, "learning rate") or "auto"
+    if not isinstance(arguments["options"], dict):   # an API client's
+        raise gr.Error("options must be a JSON object of option: value")
     try:   # refused before any folder or device time is taken
         check_settings(**{k: arguments[k] for k in ("shots", "epochs", "lr", "batch_size", "frames", "extra_answers")})
         get_method(method)   # an API client's unknown method
+        make_config(method, arguments["options"])   # its unknown option, a value out of range
     except USER_ERRORS as error:
         raise views.user_error(error) from error
     live, out, data = claim_folders(session, "runs", str(method))

@@ -10,7 +10,7 @@ from core.pet.registry import Method, register
 
 @dataclass
 class Config:
-    pull: float = option(0.0, PULL_HELP, low=0.0, high=1000.0)
+    pull: float = option(0.0, PULL_HELP, low=0.0, high=1000.0, main=True)
 
 
 def attach(backbone, config: Config) -> PetHandle:

@@ -390,6 +390,11 @@ def test_compare_methods_in_one_click(app_server, tmp_path):
     page = Path(report).read_text()
     assert "plotly-graph-div" in page and "src=\"http" not in page
     assert len(json.loads(plot["plot"])["data"][0]["x"]) == 2
+    # the comparison's runs are the session's like any other: in the run table, downloadable
+    listed, _ = client.predict(api_name="/compare")
+    assert sorted(row[0].split(" ⚠ ")[0] for row in listed["data"]) == sorted(runs)
+    assert sorted(Path(f).name for f in client.predict(runs[0], api_name="/download_weights")) == \
+        ["pet.safetensors", "run.json"]
     client.close()
 
 

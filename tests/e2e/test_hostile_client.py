@@ -216,7 +216,7 @@ def test_many_short_sessions_do_not_grow_the_server(app_server, app_pid):
     assert resident[50] <= 1.06 * resident[10], resident
 
 
-def test_an_unknown_method_is_refused_and_the_session_can_still_tune(client):
+def test_an_unknown_method_is_refused_and_the_session_can_still_tune(client, app_server):
     """An API client may send any method (a dropdown passes None through): the estimate says so, the
     tuning is refused before it claims a folder, and the session is not left marked as tuning."""
     client.predict(WORLD, api_name="/load_sample")
@@ -224,5 +224,15 @@ def test_an_unknown_method_is_refused_and_the_session_can_still_tune(client):
     for model in ("offline", "openclip:ViT-B-32"):   # a model with no offline rate looks the method's up
         with pytest.raises(AppError, match="unknown method"):
             tune(client, model=model, method=None)
+    claimed = set(app_server[1].glob("*/*/*"))
+    for options, said in (({"pull": "x"}, "prolip option pull must be a finite number, not 'x'"),
+                          ({"pull": -1}, "prolip option pull must be between 0 and 1000"),
+                          ({"bogus": 2}, "method prolip has no option bogus"),
+                          ([1], "options must be a JSON object of option: value")):
+        with pytest.raises(AppError, match=said.replace("(", r"\(")):
+            tune(client, method="prolip", options=options)
+    with pytest.raises(AppError, match="learning rate must be a number, not True"):
+        tune(client, method="bitfit", lr=True)
+    assert set(app_server[1].glob("*/*/*")) == claimed   # refused before a run or live folder (or the device) is taken
     card, _, _, ask_run, _, status = tune(client, method="bitfit", epochs=1)
     assert status.startswith("done in") and choice_value(ask_run) == "1 · bitfit · offline"
