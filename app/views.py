@@ -59,12 +59,12 @@ def run_card(name: str, result: RunResult) -> str:
         rows.append(f"| {metric_label(key)} | {_metric(before, key) if before is not None else '—'} "
                     f"| **{_metric(tuned, key)}** | {change} |")
     train = result.train
-    groups = ", ".join(f"{g} {n:,}" for g, n in result.groups.items()) or "none"
+    groups = ", ".join(f"{plain(g)} {n:,}" for g, n in result.groups.items()) or "none"
     status = " (cancelled early)" if train.cancelled else ""
     lines = [f"### {plain(name)}{status}",
              f"**{plain(result.method)}** on {plain(result.backbone)} · task {plain(result.task)} · "
              f"{result.dataset.train_used} training items, {train.epochs} epochs, "
-             f"lr {train.lr:g} · {result.seconds:.0f} s on {train.device}",
+             f"lr {train.lr:g} · {result.seconds:.0f} s on {plain(train.device)}",
              "", "| metric (test split) | zero-shot | tuned | change |", "|---|---|---|---|", *rows, "",
              f"**Budget:** {result.trainable_params:,} trainable of {result.backbone_params:,} "
              f"({result.trainable_pct:.4g}%) — {groups}"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from core.backbones import BackboneError, parse_spec
-from core.result import load_json
+from core.result import load_json, read_record
 
 CACHE_ENV = "PETSTUDIO_CACHE"
 
@@ -110,13 +110,11 @@ class JsonCache(MutableMapping):
 
 
 class ScoreCache(JsonCache):
-    """Zero-shot scores: key -> metrics {name: finite number}."""
+    """Zero-shot scores: key -> metrics {name: finite number, not negative} (and the untuned media's
+    spread, {"spread": number}, beside them)."""
 
     def encode(self, metrics: dict[str, float]) -> dict | None:
         return dict(metrics) if all(math.isfinite(v) for v in metrics.values()) else None
 
     def decode(self, stored: Any) -> dict[str, float]:
-        if not isinstance(stored, dict) or not all(isinstance(k, str) and type(v) in (int, float) and math.isfinite(v)
-                                                   for k, v in stored.items()):
-            raise ValueError("not scores")
-        return stored
+        return read_record(dict[str, float], stored, "kept scores")

@@ -99,6 +99,8 @@ def check_result(data: Any, where: str = RUN_INFO) -> RunResult:
                 check_metrics(result.task, metrics)
             except TaskError as error:
                 raise CheckpointError(f"{where}: '{name}': {error}") from error
+        if set(result.zero_shot) != set(result.tuned):   # a card shows each tuned metric beside its zero-shot one
+            raise CheckpointError(f"{where}: 'zero_shot' and 'tuned' must hold the same metrics")
         if result.backbone_params < 1:
             raise CheckpointError(f"{where}: 'backbone_params' must be at least 1")
     try:

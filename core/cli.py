@@ -25,7 +25,7 @@ from core.pet import METHODS
 from core.pet.recipes import RECIPES, Setting, recipe_for
 from core.query import QueryError
 from core.result import FLAGS
-from core.runs import USER_ERRORS, RunError
+from core.runs import AUTO, USER_ERRORS, RunError
 from core.tasks import TASKS
 from core.trainer import PRECISIONS, Progress
 from core.vector_index import EXACT_UP_TO
@@ -106,7 +106,11 @@ class _Refused(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """argparse's parser (its subcommands' too), whose refusals come back to `main`, so that with
-    --json they keep the contract: {"error": ...} as the last line, exit 2."""
+    --json they keep the contract: {"error": ...} as the last line, exit 2. No flag may be
+    abbreviated: `--js` read as --json would print JSON where a refusal could not tell it was asked for."""
+
+    def __init__(self, *arguments, **settings):
+        super().__init__(*arguments, **{"allow_abbrev": False, **settings})
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
@@ -282,6 +286,7 @@ def run_tune(args) -> dict[str, Any]:
     choice = result.train.lr_choice
     return {**summary, **result.flag_values,
             "media_spread": asdict(result.media_spread) if result.media_spread else None, "lr": result.train.lr,
+            "lr_given": args.lr != AUTO,
             "lr_choice": {k: v for k, v in asdict(choice).items() if k not in ("lrs", "losses")} if choice else None,
             "restarts": [asdict(r) for r in result.train.restarts],
             "epoch_metrics": result.train.epoch_metrics}
@@ -415,7 +420,8 @@ def _learning_rate_line(result: dict[str, Any]) -> str:
     """How the run's learning rate came to be: found (and why, or reused), or given; restarts are in the note."""
     choice, finished = result["lr_choice"], f"{result['lr']:.2g}"
     if choice is None:
-        return f"learning rate {finished}, as given"
+        return f"learning rate {finished}, as given" if result["lr_given"] else \
+            f"learning rate {finished}: nothing was trained, so no range test ran"
     restarted = f"; it finished at {finished}" if result["restarts"] else ""
     reused = " (reused: measured by an earlier run on this data)" if choice["reused"] else ""
     return f"learning rate {choice['lr']:.2g}{restarted}; {choice['why']}{reused}"
@@ -457,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
     except _Refused as refusal:
-        if "--json" in argv:
+        if any(argument == "--json" or argument.startswith("--json=") for argument in argv):
             print(json.dumps({"error": str(refusal)}))
         print(refusal, file=sys.stderr)
         return 2

@@ -99,7 +99,7 @@ tags:
 Made with PET Studio: the run's PET parameters were folded into the backbone's weights, so this
 model runs with {library} alone, at the backbone's own cost.
 
-- **Base model**: `{info.backbone}` — {info.backbone_weights}
+- **Base model**: `{info.backbone}` — {' '.join(info.backbone_weights.split())}
 - **Method**: {info.method} ({options}); trained {info.trainable_params:,} of {info.backbone_params:,} parameters
   ({info.trainable_pct:.4g}%), groups {json.dumps(info.groups)}
 - **Data**: dataset fingerprint `{dataset.fingerprint if dataset else 'unknown'}`, {dataset.train_used if dataset else '?'}

@@ -110,6 +110,8 @@ def _sweep_sections(sweep: SweepResult, local_paths: bool) -> list[str]:
     for summary in sweep.methods:
         folder = Path(summary.runs[0])
         result, _ = checkpoint.read(folder)
+        if not result.scored or result.task != sweep.task:
+            raise RunError(f"{folder}: not a scored {sweep.task} run, as the sweep it is in says")
         sections.append(_run_section(folder, result, f"{summary.label}, seed {result.seed}", local_paths))
     return sections
 

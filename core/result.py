@@ -17,7 +17,8 @@ MAX_TEXT = 10_000       # characters of any text
 MAX_LIST = 1_000_000    # entries of any list (the step losses of a long run)
 MAX_SEED = 2**32 - 1
 MAX_FRAMES = 64
-MAX_JSON_BYTES = 16 * 2**20   # a run.json, a sweep.json, a cache entry
+MAX_JSON_BYTES = 64 * 2**20   # a run.json (MAX_LIST step losses, about 25 bytes each as written), a sweep.json, a cache entry
+MAX_INT = 2**53               # any whole number: the largest a float (and a plot) holds exactly
 LR_RANGE = (1e-8, 10.0)       # the learning rates a run may be given (a restart's are lower still)
 BELOW_ZERO_SHOT = "ends below its own zero-shot score"   # said wherever such a run is shown
 COLLAPSED = "collapsed the embeddings of its test media onto one another"   # said wherever such a run is shown
@@ -148,10 +149,13 @@ class TrainSummary:
         if not self.lr <= high:
             raise ResultError(f"{where}['lr'] must be at most {high:g}")
         for number, restart in enumerate(self.restarts):
-            if not (0 < restart.lr <= high and (restart.restarted_at is None or restart.restarted_at < restart.lr)
-                    and restart.from_epoch <= self.epochs):
+            # each restart at the rate the one before restarted at; the run finishes at the last one's
+            follows = self.restarts[number + 1].lr if number + 1 < len(self.restarts) else self.lr
+            if not (0 < restart.lr <= high and restart.from_epoch <= self.epochs and math.isclose(
+                    follows, restart.lr if restart.restarted_at is None else restart.restarted_at, rel_tol=1e-6)
+                    and (restart.restarted_at is None or restart.restarted_at < restart.lr)):
                 raise ResultError(f"{where}['restarts'][{number}]: a restart goes from a rate above 0 and at most "
-                                  f"{high:g} to a lower one, from an epoch the run had")
+                                  f"{high:g} to a lower one, the rate the run goes on at, from an epoch the run had")
         if self.lr_choice is not None:
             self.lr_choice.check(f"{where}['lr_choice']")
             started_at = self.restarts[0].lr if self.restarts else self.lr
@@ -340,13 +344,15 @@ def _value(value: Any, hint: Any, where: str) -> Any:
             return value
         return {key: _value(item, arguments[1], f"{where}['{key[:40]}']") for key, item in value.items()}
     if hint is float and type(value) is int:
-        value = float(value)
+        value = float(value) if abs(value) <= MAX_INT else math.inf   # a larger one is no count or score we write
     if type(value) is not hint:
         raise ResultError(f"{where} must be {_NAMES[hint]}, not {repr(value)[:60]}")
     if hint is float and not math.isfinite(value):
         raise ResultError(f"{where} must be a finite number, not {value}")
     if hint in (int, float) and value < 0:   # counts, rates, losses, times, scores: none is negative
         raise ResultError(f"{where} must not be negative")
+    if hint is int and value > MAX_INT:
+        raise ResultError(f"{where} must be at most {MAX_INT}")
     if hint is str and len(value) > MAX_TEXT:
         raise ResultError(f"{where} is longer than {MAX_TEXT} characters")
     return value

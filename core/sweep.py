@@ -206,6 +206,10 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     out = Path(out)
     if not seeds or len(set(seeds)) != len(seeds):
         raise RunError("give one or more different seeds")
+    named = [_folder_name(choice, 0) for choice in choices]
+    if len(set(named)) != len(named):   # their runs would share folders
+        raise RunError(f"{next(c.label for c, n in zip(choices, named) if named.count(n) > 1)} is named twice: "
+                       f"name each method (with its options) once")
     for seed in seeds:   # every run's settings, before the sweep's folder is made
         check_settings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, frames=frames)
     try:   # under torchrun / accelerate only the first process writes (core.runs.tune does the same)
@@ -292,12 +296,19 @@ def read_sweep(folder: str | Path) -> SweepResult:
     for summary in result.methods:
         summary.runs = [str(folder / PurePath(run).name) for run in summary.runs]
         for run in map(Path, summary.runs):
-            own = inside / run.name   # a link, to the run or to its files, would lead outside
-            if not run.is_dir() or run.resolve() != own or any(
-                    (run / name).resolve() != own / name for name in (checkpoint.RUN_INFO, checkpoint.WEIGHTS)):
-                raise RunError(f"{path}: its run folder {run.name} is not in {folder}")
+            if not _own_run(run, inside / run.name):
+                raise RunError(f"{path}: its run folder {run.name} is missing from {folder}, or leads outside it")
     result.out = str(folder)
     return result
+
+
+def _own_run(run: Path, own: Path) -> bool:
+    """Whether `run` is a folder that is `own` itself, its run.json and weights too: a link would lead outside."""
+    try:
+        return run.is_dir() and run.resolve() == own and all(
+            (run / name).resolve() == own / name for name in (checkpoint.RUN_INFO, checkpoint.WEIGHTS))
+    except (OSError, RuntimeError):   # a link loop (RuntimeError before Python 3.13)
+        return False
 
 
 def _check_sweep(result: SweepResult) -> None:

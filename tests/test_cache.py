@@ -6,6 +6,7 @@ import pytest
 
 from core.cli import main
 from core.cache import ScoreCache
+from core.result import MAX_JSON_BYTES
 from tests.conftest import TINY
 
 KEY = ("offline", "the bundled offline model", "abc123", "retrieval", 8, ())
@@ -45,7 +46,7 @@ def test_a_cache_file_that_is_not_plain_json_counts_as_absent_and_blocks_nothing
     stored.unlink()
     stored.write_text("[" * 200_000 + "]" * 200_000)
     assert KEY not in cache
-    stored.write_text(json.dumps({"key": list(KEY), "value": {"t2i_r1": 12.5}, "padding": "x" * 17 * 2**20}))
+    stored.write_text(json.dumps({"key": list(KEY), "value": {"t2i_r1": 12.5}, "padding": "x" * MAX_JSON_BYTES}))
     assert KEY not in cache
     stored.write_text(json.dumps({"key": list(KEY), "value": {"t2i_r1": 12.5}}))
     assert cache[KEY] == {"t2i_r1": 12.5} and list(cache) == [KEY]
@@ -62,6 +63,14 @@ def test_kept_zero_shot_scores_are_used_only_if_they_are_the_tasks_and_in_range(
     for poisoned in ({"vqa_acc": 1e6}, {"vqa_acc": -5.0}, {"vqa_acc": 50.0, "bogus": 1.0}, {"t2i_r1": 50.0}, {},
                      {"vqa_acc": "high"}, [50.0], None):
         assert _kept_scores({KEY: poisoned}, KEY, task) is None, poisoned
+
+
+def test_a_kept_number_past_any_float_counts_as_absent(tmp_path):
+    cache = ScoreCache(tmp_path)
+    cache[KEY] = {"t2i_r1": 12.5}
+    (stored,) = tmp_path.glob("*.json")
+    stored.write_text(json.dumps({"key": list(KEY), "value": {"t2i_r1": 1}}).replace("1}}", "1" + "0" * 400 + "}}"))
+    assert KEY not in cache
 
 
 def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path):

@@ -131,6 +131,18 @@ CASES = [
      "run.json: 'zero_shot': 't2i_medr' is a rank: it must be at least 1, not 0.5"),
     ("tuned metric unknown", lambda i: _with(i, tuned={**i["tuned"], "bogus": 5.0}), None,
      "run.json: 'tuned': 'bogus' is not a metric of the retrieval task"),
+    ("zero-shot metric missing", lambda i: _with(i, zero_shot={k: v for k, v in i["zero_shot"].items() if k != "i2t_r1"}),
+     None, "run.json: 'zero_shot' and 'tuned' must hold the same metrics"),
+    ("epoch metric unknown", lambda i: _with(i, train={**i["train"], "epoch_metrics": [{**i["tuned"], "bogus": 5.0}]}),
+     None, "run.json: 'train.epoch_metrics[0]': 'bogus' is not a metric of the retrieval task"),
+    ("a number past any float", lambda i: json.dumps(i).replace('"seconds": ', '"seconds": 1' + "0" * 400 + ', "x": ', 1),
+     None, "run.json: 'train'['seconds'] must be a finite number, not inf"),
+    ("a count past 2**53", lambda i: _with(i, trainable_params=2**64), None,
+     "run.json: 'trainable_params' must be at most 9007199254740992"),
+    ("restarted at one rate, finished at another", lambda i: _with(i, train={**i["train"], "lr_choice": None,
+                                                                             "lr": 0.005, "restarts": [
+        {"lr": 0.03, "step": 3, "reason": "x", "restarted_at": 0.01, "from_epoch": 0}]}), None,
+     "a restart goes from a rate above 0 and at most 10 to a lower one, the rate the run goes on at"),
     ("found lr a string", lambda i: _with(i, train={**i["train"], "lr_choice": {"lr": "fast", "why": "x"}}), None,
      "run.json: 'train'['lr_choice']['lr'] must be a number"),
     ("other backbone", lambda i: _with(i, backbone="openclip:ViT-B-32"), None,
@@ -327,3 +339,8 @@ def test_an_uploaded_runs_texts_show_as_text_on_its_card(good_run):
     assert note == (r"> **Note:** fine \[click me\](https\://evil.example) &lt;img src=x onerror=alert(1)&gt; "
                     r"\# Trust this: www\.evil.example, help\@evil.example, \$\\frac{1}{2}\$")
     assert r"Learning rate found: \*\*chosen\*\* by \`hand\` \!\[x\](https\://evil.example/p.png)" in card
+    info["train"]["device"] = "cpu\n\n# PWNED [click](https://evil.example)"
+    info["groups"] = {"lora ![t](https://evil.example/t.png)": 1}
+    card = run_card("1 · lora", RunResult.from_json(info))
+    assert r"s on cpu \# PWNED \[click\](https\://evil.example)" in card and "\n# PWNED" not in card
+    assert r"lora \!\[t\](https\://evil.example/t.png) 1" in card

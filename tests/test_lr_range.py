@@ -195,6 +195,8 @@ def test_the_cli_finds_the_rate_by_default_and_uses_a_given_one_as_given(shapes,
                     f"run on this data)")
     assert main([*without_json, "--out", str(tmp_path / "typed"), "--lr", "0.02"]) == 0
     assert capsys.readouterr().out.splitlines()[3] == "learning rate 0.02, as given"
+    assert main([*without_json, "--out", str(tmp_path / "none"), "--epochs", "0"]) == 0
+    assert capsys.readouterr().out.splitlines()[3].endswith(": nothing was trained, so no range test ran")
     assert main([*arguments, "--out", str(tmp_path / "given"), "--lr", "0.02"]) == 0
     given = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert given["lr"] == 0.02 and given["lr_choice"] is None
@@ -206,6 +208,9 @@ def test_the_cli_finds_the_rate_by_default_and_uses_a_given_one_as_given(shapes,
         assert said[bad].startswith("python -m core tune: error: argument --lr") and said[bad] in err
     assert said["fast"].endswith("a number or auto, not 'fast'") and said["AUTO"].endswith("not 'AUTO'")
     assert said["-1e-3"].endswith("expected one argument")   # argparse reads it as an option: write --lr=-1e-3
+    assert main(["info", "--method", "nosuch", "--json=1"]) == 2   # --json said otherwise: still its contract
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"].startswith("python -m core info")
+    assert main(["info", "--js"]) == 2 and capsys.readouterr().out == ""   # no flag is abbreviated, --json neither
     assert not (tmp_path / "bad").exists()
 
 

@@ -110,7 +110,7 @@ def test_a_run_that_ends_below_zero_shot_says_so_everywhere_it_is_shown(novel_co
     assert summarise(MethodChoice("adapter", {}), [restarted]).restarted == 1
     assert "ends below its own zero-shot score" in model_card(result, "open_clip", "")   # the exported model's card
     printed = _human("tune", {**result.to_json(), "below_zero_shot": result.below_zero_shot, "collapsed": False,
-                              "lr": 0.03, "lr_choice": None, "restarts": []})
+                              "lr": 0.03, "lr_given": True, "lr_choice": None, "restarts": []})
     assert "⚠ ends below its own zero-shot score" in printed.splitlines()[2]   # the CLI's "tuned:" line
     older = replace(result, note=None)   # a run.json from before the note said so
     assert "⚠ This run ends below its own zero-shot score" in run_card("1 · adapter", older)

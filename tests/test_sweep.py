@@ -156,19 +156,39 @@ def test_a_sweep_reads_its_runs_inside_its_own_folder_wherever_it_was_started(sw
     outside = _tampered(swept, tmp_path / "b", lambda info: info["methods"][0].update(runs=[str(swept[0].out)]))
     assert main(["report", str(outside), "--out", str(tmp_path / "o.html"), "--json"]) == 2
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"] == \
-        f"{outside / 'sweep.json'}: its run folder sweep is not in {outside}"
+        f"{outside / 'sweep.json'}: its run folder sweep is missing from {outside}, or leads outside it"
     linked = _tampered(swept, tmp_path / "c", lambda info: None)
     run = Path(read_sweep(linked).methods[1].runs[0])
     shutil.rmtree(run)
     run.symlink_to(Path(swept[0].methods[1].runs[0]))   # a run of that name that leads outside the folder
-    with pytest.raises(RunError, match=f"its run folder {run.name} is not in {linked}"):
+    with pytest.raises(RunError, match=f"its run folder {run.name} is missing from {linked}, or leads outside it"):
         read_sweep(linked)
     run.unlink()
     shutil.copytree(Path(swept[0].methods[1].runs[0]), run)
     (run / "run.json").unlink()
     (run / "run.json").symlink_to(Path(swept[0].methods[1].runs[0]) / "run.json")   # its file, a link out
-    with pytest.raises(RunError, match=f"its run folder {run.name} is not in {linked}"):
+    with pytest.raises(RunError, match=f"its run folder {run.name} is missing from {linked}, or leads outside it"):
         read_sweep(linked)
+    (run / "run.json").unlink()
+    (run / "run.json").symlink_to("run.json")   # a loop
+    with pytest.raises(RunError, match=f"its run folder {run.name} is missing from {linked}, or leads outside it"):
+        read_sweep(linked)
+
+
+def test_a_sweep_whose_run_is_not_one_of_its_own_is_refused_by_the_report(swept, tmp_path, capsys):
+    copy = _tampered(swept, tmp_path, lambda info: None)
+    run = Path(read_sweep(copy).methods[0].runs[0])
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "tuned"}))   # never scored
+    assert main(["report", str(copy), "--out", str(tmp_path / "r.html"), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"] == \
+        f"{run}: not a scored retrieval run, as the sweep it is in says"
+
+
+def test_a_method_named_twice_is_refused_before_the_sweep_starts(shapes, tmp_path):
+    with pytest.raises(RunError, match="lora is named twice"):
+        sweep(TINY, shapes, parse_methods("lora,lora"), [0], tmp_path / "s", shots=4, epochs=1, lr=0.01)
+    assert not (tmp_path / "s").exists()
 
 
 NAN_MEAN = lambda info: json.dumps(info).replace('"metrics": {"i2t_r1": [', '"metrics": {"i2t_r1": [NaN, ', 1)
@@ -199,6 +219,10 @@ HOSTILE_SWEEPS = [   # (id, change to sweep.json, what the refusal says)
      "lora option rank must be between 1 and 256"),
     ("unknown task", lambda info: info.update(task="captioning"), "'task' must be one of retrieval, vqa"),
     ("unknown recipe", lambda info: info.update(recipe="mine"), "unknown recipe 'mine'"),
+    ("a count past 2**53", lambda info: info["methods"][0].update(trainable_params=2**64),
+     "sweep.json['methods'][0]['trainable_params'] must be at most 9007199254740992"),
+    ("a number past any float", lambda info: json.dumps(info).replace('"seconds": ', '"seconds": 1' + "0" * 400 + ", \"x\": ", 1),
+     "must be a finite number, not inf"),
 ]
 
 
