@@ -2,29 +2,17 @@
 files a run offers for download, and core's user errors as the page shows them."""
 from __future__ import annotations
 
-import html
-import re
 from pathlib import Path
 
 import gradio as gr
 
 from core import checkpoint
+from core.markdown import plain
 from core.result import RunResult
 from core.tasks import headline_metric, metric_label
 
 COMPARE_COLUMNS = ["run", "method", "backbone", "trainable params", "% of backbone", "metric", "zero-shot",
                    "tuned", "seconds", "file KiB"]
-
-
-# Markdown's own punctuation, and what would turn into a link or formula of its own (a URL, www., an
-# e-mail address, $…$): escaped, it shows as itself. (html.escape has already made < > & text.)
-_MARKUP = re.compile(r"([\\`*_\[\]~|#!$@]|:(?=//)|(?<=www)\.)", re.IGNORECASE)
-
-
-def plain(text: object) -> str:
-    """Text that came with a run or an upload shown as itself in Markdown: one line, no links,
-    images, HTML or emphasis of its own."""
-    return _MARKUP.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
 
 
 def dataset_stats(label: str, dataset) -> str:
@@ -53,11 +41,9 @@ def _metric(value: float, key: str) -> str:
 def run_card(name: str, result: RunResult) -> str:
     """Before/after metrics and the budget of a scored run."""
     rows = []
-    for key, tuned in result.tuned.items():
-        before = result.zero_shot.get(key)
-        change = "" if before is None else f"{tuned - before:+.1f}"
-        rows.append(f"| {metric_label(key)} | {_metric(before, key) if before is not None else '—'} "
-                    f"| **{_metric(tuned, key)}** | {change} |")
+    for key, tuned in result.tuned.items():   # zero-shot has the same metrics (core.checkpoint)
+        before = result.zero_shot[key]
+        rows.append(f"| {metric_label(key)} | {_metric(before, key)} | **{_metric(tuned, key)}** | {tuned - before:+.1f} |")
     train = result.train
     groups = ", ".join(f"{plain(g)} {n:,}" for g, n in result.groups.items()) or "none"
     status = " (cancelled early)" if train.cancelled else ""
@@ -71,8 +57,8 @@ def run_card(name: str, result: RunResult) -> str:
     if train.lr_choice is not None:
         cached = " (measured by an earlier run on this data, reused)" if train.lr_choice.reused else ""
         lines.insert(2, f"Learning rate found: {plain(train.lr_choice.why)}{cached}")
-    elif train.step_losses:   # a rate typed in (a restart's lower one is the note's)
-        lines.insert(2, f"Learning rate given: {train.restarts[0].lr if train.restarts else train.lr:g}, used as given")
+    elif train.lr_given:   # a restart's lower rate is the note's
+        lines.insert(2, f"Learning rate given: {train.started_at:g}, used as given")
     if result.recipe is not None and result.recipe.name != "studio":
         lines.insert(2, f"Recipe **{plain(result.recipe.name)}**: {plain(result.recipe.source)}")
     if result.note:
@@ -87,7 +73,7 @@ def compare_row(name: str, result: RunResult, folder: Path) -> list:
     weights = folder / checkpoint.WEIGHTS
     shown = f"{name} ⚠ {'; '.join(result.flags)}" if result.flags else name
     return [shown, result.method, result.backbone, result.trainable_params, round(result.trainable_pct, 4),
-            metric_label(key), round(result.zero_shot.get(key, float("nan")), 1), round(result.tuned[key], 1),
+            metric_label(key), round(result.zero_shot[key], 1), round(result.tuned[key], 1),
             round(result.seconds, 1), round(weights.stat().st_size / 1024, 1) if weights.is_file() else None]
 
 

@@ -25,7 +25,7 @@ from core.pet import METHODS
 from core.pet.recipes import RECIPES, Setting, recipe_for
 from core.query import QueryError
 from core.result import FLAGS
-from core.runs import AUTO, USER_ERRORS, RunError
+from core.runs import USER_ERRORS, RunError
 from core.tasks import TASKS
 from core.trainer import PRECISIONS, Progress
 from core.vector_index import EXACT_UP_TO
@@ -286,7 +286,7 @@ def run_tune(args) -> dict[str, Any]:
     choice = result.train.lr_choice
     return {**summary, **result.flag_values,
             "media_spread": asdict(result.media_spread) if result.media_spread else None, "lr": result.train.lr,
-            "lr_given": args.lr != AUTO,
+            "lr_given": result.train.lr_given,
             "lr_choice": {k: v for k, v in asdict(choice).items() if k not in ("lrs", "losses")} if choice else None,
             "restarts": [asdict(r) for r in result.train.restarts],
             "epoch_metrics": result.train.epoch_metrics}

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from core.backbones.openclip import CONFIGS
 from core.checkpoint import package_versions
+from core.markdown import plain
 from core.result import RunResult
 from core.runs import RunError, load_run
 from core.tasks import metric_label
@@ -78,13 +79,13 @@ def _open_clip_usage(name: str, own_config: bool) -> str:
 
 def model_card(info: RunResult, library: str, usage: str) -> str:
     """The exported model's README.md: Hub metadata, then base model, method, budget, data, metrics."""
-    rows = "\n".join(f"| {metric_label(k)} | {info.zero_shot.get(k, float('nan')):.1f} | {v:.1f} |"
-                     for k, v in (info.tuned or {}).items())
-    options = ", ".join(f"{k}={v}" for k, v in info.config.items()) or "defaults"
+    rows = "\n".join(f"| {metric_label(k)} | {info.zero_shot[k]:.1f} | {v:.1f} |" for k, v in (info.tuned or {}).items())
+    # every text run.json held shows as itself, on one line (core.markdown)
+    options = plain(", ".join(f"{k}={v}" for k, v in info.config.items()) or "defaults")
     dataset = info.dataset
     # what the run's own card says beside its numbers (a restart, a result below zero-shot) goes with it
     said = [f"**⚠ {info.unsaid_warning}**" if info.unsaid_warning else "",
-            f"**{info.note_label}** {' '.join(info.note.split())}" if info.note else ""]   # one line, whatever run.json held
+            f"**{info.note_label}** {plain(info.note)}" if info.note else ""]
     warning = "".join(f"\n{line}\n" for line in said if line)
     return f"""---
 library_name: {library}
@@ -99,10 +100,10 @@ tags:
 Made with PET Studio: the run's PET parameters were folded into the backbone's weights, so this
 model runs with {library} alone, at the backbone's own cost.
 
-- **Base model**: `{info.backbone}` — {' '.join(info.backbone_weights.split())}
+- **Base model**: {plain(info.backbone)} — {plain(info.backbone_weights)}
 - **Method**: {info.method} ({options}); trained {info.trainable_params:,} of {info.backbone_params:,} parameters
-  ({info.trainable_pct:.4g}%), groups {json.dumps(info.groups)}
-- **Data**: dataset fingerprint `{dataset.fingerprint if dataset else 'unknown'}`, {dataset.train_used if dataset else '?'}
+  ({info.trainable_pct:.4g}%), groups {plain(json.dumps(info.groups))}
+- **Data**: dataset fingerprint {plain(dataset.fingerprint) if dataset else 'unknown'}, {dataset.train_used if dataset else '?'}
   training items; task {info.task}; seed {info.seed}
 - **Made by**: PET Studio with {json.dumps(package_versions())}
 

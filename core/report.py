@@ -49,8 +49,7 @@ def run_command(result: RunResult) -> str:
             options += f" --{flag} {','.join(value) if isinstance(value, list) else value}"
     train = result.train
     shots = f" --shots {train.shots}" if train and train.shots else ""   # none given: every training item
-    started_at = train and (train.restarts[0].lr if train.restarts else train.lr)   # a restart's lower lr is the guard's
-    settings = f" --epochs {train.epochs} --lr {started_at:g} --batch-size {train.batch_size}" if train else ""
+    settings = f" --epochs {train.epochs} --lr {train.started_at:g} --batch-size {train.batch_size}" if train else ""
     precision = train and (train.precision or ("bf16" if train.bf16 else "fp32"))
     settings += f" --precision {precision}" if train and precision != "auto" else ""
     settings += f" --recipe {result.recipe.name}" if result.recipe and result.recipe.name != "studio" else ""
@@ -73,8 +72,8 @@ def _gates(folder: Path, result: RunResult, local_paths: bool) -> go.Figure:
 
 def _run_section(folder: Path, result: RunResult, title: str, local_paths: bool) -> str:
     weights = folder / checkpoint.WEIGHTS
-    rows = [[metric_label(k), f"{result.zero_shot.get(k, float('nan')):.1f}", f"{v:.1f}",
-             f"{v - result.zero_shot.get(k, float('nan')):+.1f}"] for k, v in result.tuned.items()]
+    rows = [[metric_label(k), f"{result.zero_shot[k]:.1f}", f"{v:.1f}", f"{v - result.zero_shot[k]:+.1f}"]
+            for k, v in result.tuned.items()]   # zero-shot has the same metrics (core.checkpoint)
     card = (f"<p><b>{html.escape(result.method)}</b> on <code>{html.escape(result.backbone)}</code> — "
             f"{html.escape(result.backbone_weights)}; task {result.task}; dataset fingerprint "
             f"<code>{html.escape(result.dataset.fingerprint)}</code> ({result.dataset.train_used} training items); "

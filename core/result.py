@@ -17,7 +17,7 @@ MAX_TEXT = 10_000       # characters of any text
 MAX_LIST = 1_000_000    # entries of any list (the step losses of a long run)
 MAX_SEED = 2**32 - 1
 MAX_FRAMES = 64
-MAX_JSON_BYTES = 64 * 2**20   # a run.json (MAX_LIST step losses, about 25 bytes each as written), a sweep.json, a cache entry
+MAX_JSON_BYTES = 32 * 2**20   # a run.json (MAX_LIST step losses, about 25 bytes each as written), a sweep.json, a cache entry
 MAX_INT = 2**53               # any whole number: the largest a float (and a plot) holds exactly
 LR_RANGE = (1e-8, 10.0)       # the learning rates a run may be given (a restart's are lower still)
 BELOW_ZERO_SHOT = "ends below its own zero-shot score"   # said wherever such a run is shown
@@ -140,6 +140,12 @@ class TrainSummary:
     restarts: list[Restart] = field(default_factory=list)   # divergences caught; `lr` is the one that finished
     weight_decay: float = 0.05
     lr_choice: Optional[LrChoice] = None   # how --lr auto chose `lr` (None: a rate given, or a studio run that trained nothing)
+    lr_given: Optional[bool] = None        # a number was given for the rate (None: saved before it was kept)
+
+    @property
+    def started_at(self) -> float:
+        """The rate the run started at: a restart's lower one is the guard's."""
+        return self.restarts[0].lr if self.restarts else self.lr
 
     def check(self, where: str) -> None:
         """Raise ResultError unless its rates are ones a run trains at (0 for a method with nothing to
@@ -158,10 +164,9 @@ class TrainSummary:
                                   f"{high:g} to a lower one, the rate the run goes on at, from an epoch the run had")
         if self.lr_choice is not None:
             self.lr_choice.check(f"{where}['lr_choice']")
-            started_at = self.restarts[0].lr if self.restarts else self.lr
-            if not math.isclose(self.lr_choice.lr, started_at, rel_tol=1e-6):
+            if not math.isclose(self.lr_choice.lr, self.started_at, rel_tol=1e-6):
                 raise ResultError(f"{where}['lr_choice']['lr'] {self.lr_choice.lr:g} is not the rate the run "
-                                  f"started at, {started_at:g}")
+                                  f"started at, {self.started_at:g}")
 
 
 @dataclass
@@ -343,16 +348,16 @@ def _value(value: Any, hint: Any, where: str) -> Any:
         if arguments[1] is Any:     # a method's options: checked by the method itself
             return value
         return {key: _value(item, arguments[1], f"{where}['{key[:40]}']") for key, item in value.items()}
+    if hint in (int, float) and type(value) is int and abs(value) > MAX_INT:   # no count or score we write
+        raise ResultError(f"{where} must be at most {MAX_INT}")
     if hint is float and type(value) is int:
-        value = float(value) if abs(value) <= MAX_INT else math.inf   # a larger one is no count or score we write
+        value = float(value)
     if type(value) is not hint:
         raise ResultError(f"{where} must be {_NAMES[hint]}, not {repr(value)[:60]}")
     if hint is float and not math.isfinite(value):
         raise ResultError(f"{where} must be a finite number, not {value}")
     if hint in (int, float) and value < 0:   # counts, rates, losses, times, scores: none is negative
         raise ResultError(f"{where} must not be negative")
-    if hint is int and value > MAX_INT:
-        raise ResultError(f"{where} must be at most {MAX_INT}")
     if hint is str and len(value) > MAX_TEXT:
         raise ResultError(f"{where} is longer than {MAX_TEXT} characters")
     return value

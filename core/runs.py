@@ -248,6 +248,7 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     chosen = recipe_for(recipe, get_method(method), Setting.of(backbone, task, video))
     config = make_config(method, {**chosen.options, **options})
     lr_choice = None
+    lr_given = lr != AUTO
     if lr == AUTO and chosen.lr is not None:   # their recipe is what they ran
         lr, lr_choice = chosen.lr, LrChoice(lr=chosen.lr, why=f"the {chosen.name} recipe's rate ({chosen.source})")
     warmup = chosen.warmup if chosen.warmup is not None else TrainSettings.warmup
@@ -331,7 +332,8 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
         trainable_pct=100.0 * handle.num_trainable() / backbone.num_backbone_params(), groups=handle.budget(),
         dataset=DatasetSummary(fingerprint=dataset.fingerprint, manifest=dataset.manifest, **dataset.stats(),
                                train_used=len(train_items)),
-        train=TrainSummary(epochs=epochs, lr=log.lr if log else settings.lr, lr_choice=lr_choice, warmup=warmup, weight_decay=settings.weight_decay,
+        train=TrainSummary(epochs=epochs, lr=log.lr if log else settings.lr, lr_choice=lr_choice, lr_given=lr_given,
+                           warmup=warmup, weight_decay=settings.weight_decay,
                            batch_size=batch_size, shots=shots, bf16=amp == "bf16", precision=precision,
                            autocast=amp or "fp32", device=device.type,
                            epoch_losses=log.epoch_losses if log else [], step_losses=log.step_losses if log else [],

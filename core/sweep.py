@@ -78,10 +78,8 @@ def parse_methods(text: str) -> list[MethodChoice]:
                 options[key] = value
             if kinds.get(key) == "names" and isinstance(options[key], str):
                 options[key] = [options[key]]
-        make_config(method, options)   # unknown options and values out of range are refused here
         choices.append(MethodChoice(method, options))
-    if not choices:
-        raise RunError("name at least one method to sweep")
+    check_choices(choices)   # unknown options and values out of range are refused here
     return choices
 
 
@@ -185,6 +183,19 @@ def sweep_command(model: str, choices: list[MethodChoice], seeds: list[int], sho
     return " ".join(parts)
 
 
+def check_choices(choices: list[MethodChoice]) -> None:
+    """Refuse (RunError, PetError) a sweep's methods unless each is known with its options of their
+    types and ranges, and no two would share run folders."""
+    if not choices:
+        raise RunError("name at least one method to sweep")
+    for choice in choices:
+        make_config(choice.method, choice.options)
+    named = [_folder_name(choice, 0) for choice in choices]
+    if len(set(named)) != len(named):   # their runs would share folders
+        raise RunError(f"{next(c.label for c, n in zip(choices, named) if named.count(n) > 1)} is named twice: "
+                       f"name each method (with its options) once")
+
+
 def _folder_name(choice: MethodChoice, seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", choice.label).strip("-") + f"-seed{seed}"
 
@@ -206,10 +217,7 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
     out = Path(out)
     if not seeds or len(set(seeds)) != len(seeds):
         raise RunError("give one or more different seeds")
-    named = [_folder_name(choice, 0) for choice in choices]
-    if len(set(named)) != len(named):   # their runs would share folders
-        raise RunError(f"{next(c.label for c, n in zip(choices, named) if named.count(n) > 1)} is named twice: "
-                       f"name each method (with its options) once")
+    check_choices(choices)
     for seed in seeds:   # every run's settings, before the sweep's folder is made
         check_settings(shots=shots, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, frames=frames)
     try:   # under torchrun / accelerate only the first process writes (core.runs.tune does the same)

@@ -136,7 +136,9 @@ CASES = [
     ("epoch metric unknown", lambda i: _with(i, train={**i["train"], "epoch_metrics": [{**i["tuned"], "bogus": 5.0}]}),
      None, "run.json: 'train.epoch_metrics[0]': 'bogus' is not a metric of the retrieval task"),
     ("a number past any float", lambda i: json.dumps(i).replace('"seconds": ', '"seconds": 1' + "0" * 400 + ', "x": ', 1),
-     None, "run.json: 'train'['seconds'] must be a finite number, not inf"),
+     None, "run.json: 'train'['seconds'] must be at most 9007199254740992"),
+    ("an option past any float", lambda i: _with(i, config={"dropout": 10**400}), None,
+     "run.json: lora option dropout must be a finite number"),
     ("a count past 2**53", lambda i: _with(i, trainable_params=2**64), None,
      "run.json: 'trainable_params' must be at most 9007199254740992"),
     ("restarted at one rate, finished at another", lambda i: _with(i, train={**i["train"], "lr_choice": None,
@@ -344,3 +346,10 @@ def test_an_uploaded_runs_texts_show_as_text_on_its_card(good_run):
     card = run_card("1 · lora", RunResult.from_json(info))
     assert r"s on cpu \# PWNED \[click\](https\://evil.example)" in card and "\n# PWNED" not in card
     assert r"lora \!\[t\](https\://evil.example/t.png) 1" in card
+    from core.export import model_card   # the exported model's card shows them as themselves too
+
+    info["dataset"]["fingerprint"] = "abc`\n\n# PWNED [click](https://evil.example)"
+    info["backbone_weights"] = "w\n# PWNED"
+    card = model_card(RunResult.from_json(info), "open_clip", "")
+    assert "\n# PWNED" not in card and "](https://" not in card and "![" not in card
+    assert r"fingerprint abc\` \# PWNED \[click\](https\://evil.example)" in card

@@ -222,7 +222,7 @@ HOSTILE_SWEEPS = [   # (id, change to sweep.json, what the refusal says)
     ("a count past 2**53", lambda info: info["methods"][0].update(trainable_params=2**64),
      "sweep.json['methods'][0]['trainable_params'] must be at most 9007199254740992"),
     ("a number past any float", lambda info: json.dumps(info).replace('"seconds": ', '"seconds": 1' + "0" * 400 + ", \"x\": ", 1),
-     "must be a finite number, not inf"),
+     "sweep.json['methods'][0]['seconds'] must be at most 9007199254740992"),   # the first "seconds" is a method's
 ]
 
 

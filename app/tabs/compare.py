@@ -17,11 +17,11 @@ from app.device import on_device, query_seconds
 from app.tuning import (TUNING_CONCURRENCY, claim_folders, planned_seconds, read_progress, report_on_device,
                         request_cancel, run_polling, sweep_on_device)
 from core import checkpoint, figures
-from core.pet import METHODS, make_config
+from core.pet import METHODS
 from core.runs import USER_ERRORS, RunError, check_settings
 from core.cache import ScoreCache
 from core.lr_range import ChoiceCache
-from core.sweep import MethodChoice
+from core.sweep import MethodChoice, check_choices
 from core.tasks import headline_metric, metric_label
 
 COMPARED = ("aurora", "vlpet", "lora", "linear_probe")   # the default one-click comparison
@@ -98,13 +98,14 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
     session = session_of(request)
     if not isinstance(methods, list) or not methods or not all(isinstance(m, str) and m in METHODS for m in methods):
         raise gr.Error(f"choose methods among {', '.join(METHODS)}")
-    options = options if isinstance(options, dict) else {}
-    try:
-        for method in methods:
-            make_config(method, options.get(method))   # each method's options checked before anything runs
+    if options is not None and not isinstance(options, dict):   # an API client's
+        raise gr.Error(f"options must be a JSON object of method: its options, not {options!r:.60}")
+    options = options or {}
+    choices = [MethodChoice(m, options.get(m) or {}) for m in methods]
+    try:   # each method's options, and the methods together, checked before anything runs
+        check_choices(choices)
     except USER_ERRORS as error:
         raise views.user_error(error) from error
-    choices = [MethodChoice(m, dict(options.get(m) or {})) for m in methods]
     arguments = dict(model=spec_of(model), choices=choices, seeds=_seeds(seeds),
                      shots=whole(shots, "shots") or None, epochs=whole(epochs, "epochs"),
                      batch_size=whole(batch_size, "batch size"), task=task, frames=whole(frames, "frames"),

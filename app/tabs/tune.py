@@ -161,8 +161,6 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
                      extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))
     # the browser sends an emptied field as 0 (it is the field's minimum): both mean "found on your data"
     arguments["lr"] = number(lr, "learning rate") or "auto"
-    if not isinstance(arguments["options"], dict):   # an API client's
-        raise gr.Error("options must be a JSON object of option: value")
     try:   # refused before any folder or device time is taken
         check_settings(**{k: arguments[k] for k in ("shots", "epochs", "lr", "batch_size", "frames", "extra_answers")})
         get_method(method)   # an API client's unknown method

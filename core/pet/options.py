@@ -58,7 +58,10 @@ def check(method: str, spec: dict[str, Any], value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
                 or value in (float("inf"), float("-inf")):
             raise OptionError(f"{where} must be a finite number, not {value!r:.60}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:   # a whole number past any float
+            raise OptionError(f"{where} must be a finite number, not {value!r:.60}") from None
     elif kind == "str":
         if not isinstance(value, str):
             raise OptionError(f"{where} must be a text, not {value!r:.60}")

@@ -3,6 +3,7 @@ that name server paths or carry broken weights, malformed datasets, and many sho
 import hashlib
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -228,11 +229,17 @@ def test_an_unknown_method_is_refused_and_the_session_can_still_tune(client, app
     for options, said in (({"pull": "x"}, "prolip option pull must be a finite number, not 'x'"),
                           ({"pull": -1}, "prolip option pull must be between 0 and 1000"),
                           ({"bogus": 2}, "method prolip has no option bogus"),
-                          ([1], "options must be a JSON object of option: value")):
-        with pytest.raises(AppError, match=said.replace("(", r"\(")):
+                          ([1], "the options of prolip must be a JSON object of option: value, not [1]")):
+        with pytest.raises(AppError, match=re.escape(said)):
             tune(client, method="prolip", options=options)
     with pytest.raises(AppError, match="learning rate must be a number, not True"):
         tune(client, method="bitfit", lr=True)
+    for methods, options, said in ((["lora", "lora"], {}, "lora is named twice"),
+                                   (["prolip"], [1], "options must be a JSON object of method: its options"),
+                                   (["prolip"], {"prolip": {"pull": -1}}, "prolip option pull must be between")):
+        with pytest.raises(AppError, match=said):   # a comparison is refused as early
+            client.predict("offline", "retrieval", methods, options, "0", 4, 1, 8, 8, "auto", "studio",
+                           api_name="/compare_methods")
     assert set(app_server[1].glob("*/*/*")) == claimed   # refused before a run or live folder (or the device) is taken
     card, _, _, ask_run, _, status = tune(client, method="bitfit", epochs=1)
     assert status.startswith("done in") and choice_value(ask_run) == "1 · bitfit · offline"
