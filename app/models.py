@@ -22,9 +22,10 @@ from typing import Iterator, Optional
 import gradio as gr
 import torch
 
+from app import views
 from app.sessions import Run, Session
 from core import query
-from core.backbones import Backbone, load_backbone
+from core.backbones import Backbone, BackboneError, load_backbone
 from core.data.media import DEFAULT_FRAMES
 from core.pet import PetHandle
 from core.runs import attach_run
@@ -84,9 +85,14 @@ class ModelCache:
 
     def load(self, keys: list[ModelKey]) -> None:
         """Load these models here, before a device call: a ZeroGPU worker is forked from this process
-        and inherits what it holds, where a model the worker loads itself is lost with the worker."""
-        for key in keys:
-            self.backbone(key.spec, key.seed, key.local_paths)
+        and inherits what it holds, where a model the worker loads itself is lost with the worker. A
+        spec that cannot be loaded is said as the page says core's errors (outside a device call,
+        nothing else would)."""
+        try:
+            for key in keys:
+                self.backbone(key.spec, key.seed, key.local_paths)
+        except BackboneError as error:
+            raise views.user_error(error) from error
 
     def fresh_locks(self) -> None:
         """In a forked child: a lock some thread of the parent held at the fork would never open."""

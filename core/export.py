@@ -38,12 +38,17 @@ def export(model: str, pet: str | Path, out: str | Path, local_paths: bool = Tru
                           f"adds computation that is not a weight of {info.backbone} (gates, adapters, prompts), so "
                           f"it cannot be folded into the backbone: load the run with PET Studio instead — "
                           f"core.runs.load_run('{info.backbone}', RUN) in Python, or python -m core eval")
+    if handle.mergeable:
+        handle.merge()
+    # finite weights can fold into infinite ones (a huge scale times huge factors): a broken model is not exported
+    broken = next((name for name, p in backbone.backbone_parameters().items() if not torch.isfinite(p).all()), None)
+    if broken:
+        raise ExportError(f"{info.method} folded into {info.backbone} gives non-finite weights ({broken}); "
+                          f"nothing was written")
     try:
         out.mkdir(parents=True, exist_ok=False)
     except OSError as error:
         raise ExportError(f"{str(out)[:200]}: choose a new folder to export into ({error})") from error
-    if handle.mergeable:
-        handle.merge()
     if backbone.family == "openclip":
         name = backbone.name
         save_file({k: v.detach().contiguous() for k, v in backbone.open_clip_state_dict().items()},

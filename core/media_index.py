@@ -98,9 +98,11 @@ class IndexRecord:
 
 
 def _replace(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all."""
+    """Write `data` to `path` whole or not at all, never through a link left in the folder."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
+    partial.unlink(missing_ok=True)   # a leftover, or a planted link: made afresh below
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as file:
+        file.write(data)
     os.replace(partial, path)
 
 

@@ -74,3 +74,15 @@ def test_what_cannot_be_folded_is_refused_with_a_way_out(shapes, tmp_path, metho
     with pytest.raises(ExportError, match="cannot be folded into the backbone: load the run with PET Studio instead"):
         export(TINY, tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_fold_into_infinite_ones_are_not_exported(shapes, tmp_path):
+    """Each factor finite (1e30), their product not: the loaded run passes every check, the folded model would not."""
+    from safetensors.torch import load_file, save_file
+
+    tune(TINY, shapes, "lora", shots=2, epochs=1, out=tmp_path / "run")
+    weights = tmp_path / "run" / "pet.safetensors"
+    save_file({name: torch.full_like(tensor, 1e30) for name, tensor in load_file(str(weights)).items()}, str(weights))
+    with pytest.raises(ExportError, match=r"lora folded into openclip:PETStudio-Tiny gives non-finite weights \("):
+        export(TINY, tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -140,6 +140,15 @@ def test_the_index_writes_only_its_own_files_in_its_own_folder(offline, folder, 
     assert report.items == 13 and sorted(p.name for p in inside.iterdir()) == sorted(media_index.OWN_FILES)
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
+    victim = tmp_path / "victim.txt"   # a link planted where a file is written whole, then renamed
+    victim.write_text("mine")
+    (inside / "skipped.json.partial").symlink_to(victim)
+    os.mkfifo(folder / "pipe.png")   # a picture's name on a pipe: read, it would block
+    report = build_index(offline, folder, inside, "offline", progress=False)
+    assert victim.read_text() == "mine" and not (inside / "skipped.json").is_symlink()
+    assert {"path": "pipe.png", "problem": "not a regular file"} in json.loads((inside / "skipped.json").read_text())
+    (folder / "pipe.png").unlink()
+
     (inside / "index.json").write_text("[1, 2]")
     with pytest.raises(MediaIndexError, match=r"index\.json: not an index record PET Studio wrote"):
         MediaIndex(inside)

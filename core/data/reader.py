@@ -289,6 +289,10 @@ def media_problem(path: Path, limits: Limits = DEFAULT_LIMITS) -> Optional[str]:
     rules, also applied to a lone file (a query's picture or clip)."""
     if path.suffix.lower() not in IMAGE_TYPES + VIDEO_TYPES:
         return f"unsupported file type '{path.suffix}' (supported: {', '.join(IMAGE_TYPES + VIDEO_TYPES)})"
+    if not path.exists():
+        return "file not found"
+    if not path.is_file():   # a pipe would block the decoder, a device never end
+        return "not a regular file"
     size = path.stat().st_size
     if size > limits.max_file_bytes:
         return f"file is {size} bytes, more than the limit of {limits.max_file_bytes}"

@@ -241,5 +241,7 @@ def test_an_unknown_method_is_refused_and_the_session_can_still_tune(client, app
             client.predict("offline", "retrieval", methods, options, "0", 4, 1, 8, 8, "auto", "studio",
                            api_name="/compare_methods")
     assert set(app_server[1].glob("*/*/*")) == claimed   # refused before a run or live folder (or the device) is taken
+    with pytest.raises(AppError, match=r"x\.pt"):   # a spec that cannot be loaded is said, not a bare "Error"
+        client.predict("a cat", "frozen model only", "openclip:ViT-B-32:../../x.pt", api_name="/search_text")
     card, _, _, ask_run, _, status = tune(client, method="bitfit", epochs=1)
     assert status.startswith("done in") and choice_value(ask_run) == "1 · bitfit · offline"
