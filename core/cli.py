@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from core.result import FLAGS
 from core.runs import USER_ERRORS, RunError
 from core.tasks import TASKS
 from core.trainer import PRECISIONS, Progress
-from core.vector_index import EXACT_UP_TO
+from core.vector_index import EXACT_UP_TO, MIN_IVF_ITEMS
 
 
 def _method_options() -> dict[str, dict[str, Any]]:
@@ -71,6 +71,19 @@ def _learning_rate(text: str) -> float | str:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a number or auto, not {text[:40]!r}") from None
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number, `low` or more."""
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number, not {text[:40]!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"at least {low}, not {value}")
+        return value
+    return whole
 
 
 def _caches(args) -> dict[str, Any]:
@@ -192,22 +205,22 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--media", required=True, help="the folder to index (searched recursively; links not followed)")
     index.add_argument("--out", required=True, help="the index folder: new or empty, or one this model started")
     index.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="video: frames sampled uniformly per clip")
-    index.add_argument("--batch-size", type=int, default=32)
-    index.add_argument("--exact-up-to", type=int, default=EXACT_UP_TO,
+    index.add_argument("--batch-size", type=_at_least(1), default=32)
+    index.add_argument("--exact-up-to", type=_at_least(0), default=EXACT_UP_TO,
                        help="exact search up to this many files, an approximate (IVF) index above")
 
     search = commands.add_parser("search", help="the indexed files nearest a text or a picture/clip")
     search.add_argument("--index", required=True, help="an index folder written by `index`")
     search.add_argument("text", nargs="?", help="the text to search with")
     search.add_argument("--media", help="a picture or clip to search with instead")
-    search.add_argument("--k", type=int, default=10)
+    search.add_argument("--k", type=_at_least(1), default=10)
     search.add_argument("--model", help="default: the model that built the index (it must be the same)")
     search.add_argument("--pet", help="default: the run that built the index")
 
     bench_index = commands.add_parser("bench-index", help="time exact and approximate search over unit vectors")
-    bench_index.add_argument("--items", type=int, default=100_000)
-    bench_index.add_argument("--dim", type=int, default=512)
-    bench_index.add_argument("--queries", type=int, default=200)
+    bench_index.add_argument("--items", type=_at_least(MIN_IVF_ITEMS), default=100_000)
+    bench_index.add_argument("--dim", type=_at_least(1), default=512)
+    bench_index.add_argument("--queries", type=_at_least(1), default=200)
 
     report = commands.add_parser("report", help="one self-contained HTML file of a run or a sweep")
     report.add_argument("source", help="a run folder or a sweep folder")

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Optional
 
 import numpy as np
@@ -33,7 +33,7 @@ from core.data.errors import describe
 from core.data.media import DEFAULT_FRAMES, IMAGE_TYPES, VIDEO_TYPES, load_media
 from core.data.reader import media_problem
 from core.pet import PetHandle
-from core.result import load_json
+from core.result import load_json, read_record
 from core.tasks.encoding import embed_media, evaluating
 from core.vector_index import EXACT_UP_TO, IndexInfo, VectorIndex, VectorIndexError
 
@@ -82,12 +82,10 @@ class IndexRecord:
     def read(cls, folder: Path) -> "IndexRecord":
         path = folder / RECORD
         try:
-            raw = load_json(path)
-            info = raw.pop("index", None)
-            record = cls(**raw, index=IndexInfo(**info) if info else None)
+            record = read_record(cls, load_json(path), RECORD)   # every field of its type (core.result)
         except FileNotFoundError as error:
             raise MediaIndexError(f"{folder}: not an index (no {RECORD}); build one with `python -m core index`") from error
-        except (ValueError, TypeError, AttributeError) as error:
+        except (OSError, ValueError) as error:
             raise MediaIndexError(f"{path}: not an index record PET Studio wrote ({describe(error)})") from error
         if record.format != FORMAT:
             raise MediaIndexError(f"{path}: index format {record.format}, this PET Studio reads {FORMAT}: index again")
@@ -119,23 +117,43 @@ def _media_files(root: Path, skip: Path) -> Iterator[tuple[Path, Optional[str]]]
             yield path, "a link (links are not followed)" if path.is_symlink() else None
 
 
+def _entries(path: Path) -> list[bytes]:
+    """items.jsonl's lines (the last one empty when the file ends whole), from a plain file only: a pipe would block."""
+    if not path.is_file():
+        raise MediaIndexError(f"{path}: not a file PET Studio wrote: index into a new folder")
+    return path.read_bytes().split(b"\n")
+
+
+def _entry(line: bytes, where: Path) -> Entry:
+    """One line of items.jsonl, read as hostile: its fields of their types (an mtime in ns is past
+    what core.result's reader takes), its path one under the folder."""
+    try:
+        entry = Entry(**json.loads(line))
+        if not (isinstance(entry.path, str) and type(entry.size) is int and type(entry.mtime_ns) is int
+                and entry.kind in ("image", "video")):
+            raise ValueError("a field of another type")
+    except (ValueError, TypeError) as error:   # JSONDecodeError; not an object, other fields
+        raise MediaIndexError(f"{where}: a line PET Studio did not write ({describe(error)}): "
+                              f"index into a new folder") from error
+    parts = PurePosixPath(entry.path).parts
+    if not parts or entry.path.startswith("/") or ".." in parts:
+        raise MediaIndexError(f"{where}: {entry.path[:100]!r} is not a path under the indexed folder: "
+                              f"index into a new folder")
+    return entry
+
+
 def _recorded(out: Path, dim: int) -> dict[str, tuple[Entry, np.ndarray]]:
     """What an earlier run embedded: the rows whose line and vector were both written whole."""
     if not (out / ITEMS).exists() or not (out / VECTORS).exists():
         return {}
-    lines = (out / ITEMS).read_bytes().split(b"\n")
+    lines = _entries(out / ITEMS)
     vectors = np.fromfile(out / VECTORS, dtype=np.float32)
     rows = min(len(lines) - 1, len(vectors) // dim)   # the last line is whole only when it ends in \n
     vectors = vectors[:rows * dim].reshape(rows, dim)
-    recorded = {}
-    for line, vector in zip(lines[:rows], vectors):
-        try:
-            entry = Entry(**json.loads(line))
-        except (ValueError, TypeError) as error:
-            raise MediaIndexError(f"{out / ITEMS}: a line PET Studio did not write ({describe(error)}): "
-                                  f"index into a new folder") from error
-        recorded[entry.path] = (entry, vector)
-    return recorded
+    if not np.isfinite(vectors).all():
+        raise MediaIndexError(f"{out / VECTORS}: holds values that are not finite, which no model wrote here: "
+                              f"index into a new folder")
+    return {(entry := _entry(line, out / ITEMS)).path: (entry, vector) for line, vector in zip(lines[:rows], vectors)}
 
 
 def _embedding_dim(backbone: Backbone) -> int:
@@ -277,8 +295,9 @@ class MediaIndex:
         if not self.record.complete or self.record.index is None:
             raise MediaIndexError(f"{self.folder}: the index was not finished; run `python -m core index` "
                                   f"again with the same --out to resume it")
-        lines = (self.folder / ITEMS).read_text(encoding="utf-8").splitlines()
-        self.paths = [json.loads(line)["path"] for line in lines]
+        self.paths = [_entry(line, self.folder / ITEMS).path for line in _entries(self.folder / ITEMS) if line]
+        if not (self.folder / FAISS_INDEX).is_file():
+            raise MediaIndexError(f"{self.folder / FAISS_INDEX}: not a file PET Studio wrote: index the folder again")
         try:
             self.vectors = VectorIndex.load(self.folder / FAISS_INDEX, self.record.index)
         except (RuntimeError, VectorIndexError) as error:   # FAISS raises RuntimeError on a file it cannot read

@@ -17,6 +17,7 @@ import torch
 # Exact search over 100,000 vectors of 512 costs about 12 ms a query on 2 cores; below 50,000 it
 # stays under 6 ms, and an approximate index would only add a build and a recall below 1.
 EXACT_UP_TO = 50_000
+MIN_IVF_ITEMS = 16   # an IVF index clusters into 4·√n lists, which needs at least as many points: n ≥ 16
 RECALL_TARGET = 0.95      # recall@10 against exact search
 _CALIBRATION_QUERIES = 200
 _TRAINING_POINTS_PER_LIST = 40   # k-means on a sample; FAISS wants at least 39 a list
@@ -55,7 +56,7 @@ class VectorIndex:
     def build(cls, vectors: np.ndarray | torch.Tensor, exact_up_to: int = EXACT_UP_TO, seed: int = 0) -> "VectorIndex":
         rows = _as_rows(vectors, "the vectors to index")
         items, dim = rows.shape
-        if items <= exact_up_to:
+        if items <= max(exact_up_to, MIN_IVF_ITEMS - 1):
             index = faiss.IndexFlatIP(dim)
             index.add(rows)
             return cls(index, IndexInfo("exact", items, dim))

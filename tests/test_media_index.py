@@ -215,3 +215,72 @@ def test_the_cli_indexes_searches_and_refuses_another_model(folder, tmp_path, ca
     assert code == 2 and "built by another model (offline)" in refused["error"]
     code, neither = _cli(capsys, "search", "--index", str(tmp_path / "ix"))
     assert code == 2 and "search with a text or with --media FILE" in neither["error"]
+
+
+def _index_with(offline, folder, tmp_path, change) -> Path:
+    """A finished index of `folder` with `change(index folder)` applied to its files."""
+    out = tmp_path / "index"
+    if not out.exists():
+        build_index(offline, folder, out, "offline", progress=False)
+        shutil.copytree(out, tmp_path / "pristine")
+    else:
+        shutil.rmtree(out)
+        shutil.copytree(tmp_path / "pristine", out)
+    change(out)
+    return out
+
+
+def _line(out: Path, text: str) -> None:
+    lines = (out / "items.jsonl").read_text().splitlines()
+    (out / "items.jsonl").write_text("\n".join([text, *lines[1:]]) + "\n")
+
+
+TAMPERED = [   # (id, change to the index folder, what the refusal says)
+    ("garbage line", lambda out: _line(out, "{not json"), "items.jsonl: a line PET Studio did not write"),
+    ("line without its path", lambda out: _line(out, '{"nopath": 1}'), "items.jsonl: a line PET Studio did not write"),
+    ("line a list", lambda out: _line(out, "[1, 2]"), "items.jsonl: a line PET Studio did not write"),
+    ("path an object", lambda out: _line(out, '{"path": {}, "size": 1, "mtime_ns": 1, "kind": "image"}'),
+     "items.jsonl: a line PET Studio did not write"),
+    ("path above the folder", lambda out: _line(out, '{"path": "../../etc/passwd", "size": 1, "mtime_ns": 1, '
+                                                     '"kind": "image"}'),
+     "items.jsonl: '../../etc/passwd' is not a path under the indexed folder"),
+    ("absolute path", lambda out: _line(out, '{"path": "/etc/shadow", "size": 1, "mtime_ns": 1, "kind": "image"}'),
+     "items.jsonl: '/etc/shadow' is not a path under the indexed folder"),
+    ("items missing", lambda out: (out / "items.jsonl").unlink(), "items.jsonl: not a file PET Studio wrote"),
+    ("items a pipe", lambda out: ((out / "items.jsonl").unlink(), os.mkfifo(out / "items.jsonl")),
+     "items.jsonl: not a file PET Studio wrote"),
+    ("faiss index a pipe", lambda out: ((out / "faiss.index").unlink(), os.mkfifo(out / "faiss.index")),
+     "faiss.index: not a file PET Studio wrote"),
+    ("record's folder a number", lambda out: (out / "index.json").write_text(json.dumps(
+        {**json.loads((out / "index.json").read_text()), "folder": 123})),
+     "index.json: not an index record PET Studio wrote"),
+]
+
+
+@pytest.mark.parametrize("name, change, expected", TAMPERED, ids=[c[0] for c in TAMPERED])
+def test_a_tampered_index_is_refused_naming_its_file(offline, folder, tmp_path, name, change, expected):
+    out = _index_with(offline, folder, tmp_path, change)
+    with pytest.raises(MediaIndexError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+        MediaIndex(out)
+
+
+def test_a_resumed_index_refuses_vectors_no_model_wrote(offline, folder, tmp_path):
+    def poison(out):
+        vectors = np.fromfile(out / "vectors.f32", dtype=np.float32)
+        vectors[3] = np.nan
+        vectors.tofile(out / "vectors.f32")
+
+    out = _index_with(offline, folder, tmp_path, poison)
+    with pytest.raises(MediaIndexError, match=r"vectors\.f32: holds values that are not finite"):
+        build_index(offline, folder, out, "offline", progress=False)
+
+
+def test_a_handful_of_vectors_is_searched_exactly_whatever_the_exact_size(capsys):
+    vectors = np.eye(8, 4, dtype=np.float32)   # 8 points: too few for an IVF index's 4·√8 lists
+    assert VectorIndex.build(vectors, exact_up_to=0).info.kind == "exact"
+    for argv, said in ((["bench-index", "--dim", "0"], "argument --dim: at least 1, not 0"),
+                       (["bench-index", "--items", "3"], "argument --items: at least 16, not 3"),
+                       (["index", "--model", "offline", "--media", ".", "--out", "x", "--batch-size", "0"],
+                        "argument --batch-size: at least 1, not 0")):
+        assert main([*argv, "--json"]) == 2
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"].endswith(said)
