@@ -146,7 +146,7 @@ def test_the_index_writes_only_its_own_files_in_its_own_folder(offline, folder, 
     os.mkfifo(folder / "pipe.png")   # a picture's name on a pipe: read, it would block
     report = build_index(offline, folder, inside, "offline", progress=False)
     assert victim.read_text() == "mine" and not (inside / "skipped.json").is_symlink()
-    assert {"path": "pipe.png", "problem": "not a regular file"} in json.loads((inside / "skipped.json").read_text())
+    assert {"path": "pipe.png", "problem": "is not a regular file"} in json.loads((inside / "skipped.json").read_text())
     (folder / "pipe.png").unlink()
 
     (inside / "index.json").write_text("[1, 2]")

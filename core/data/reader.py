@@ -143,10 +143,8 @@ def _locate(root: Path, relative: str) -> tuple[Optional[Path], Optional[str]]:
         path = (root / relative).resolve()
         if not path.is_relative_to(root):
             return None, "path escapes the dataset folder"
-        if path.is_dir():
-            return None, "is a folder, not a file"
-        if not path.is_file():
-            return None, "is not a regular file" if path.exists() else "file not found"
+        if problem := _file_problem(path):
+            return None, problem
     except RuntimeError:   # how Path.resolve reports a symbolic link loop
         return None, "symbolic link loop"
     except OSError as error:
@@ -275,6 +273,16 @@ def _check_row(name: str, number: int, record: dict, limits: Limits) -> tuple[Op
     return media.strip(), problems
 
 
+def _file_problem(path: Path) -> Optional[str]:
+    """What keeps `path` from being read as a file: a folder, a pipe or a device (a reader would
+    block, or never end), nothing there; None for a regular file."""
+    if path.is_dir():
+        return "is a folder, not a file"
+    if not path.is_file():
+        return "is not a regular file" if path.exists() else "file not found"
+    return None
+
+
 def _check_media(root: Path, media: str, limits: Limits) -> tuple[Optional[str], Optional[str]]:
     """The media file's path relative to `root` (one key per file, however a row spells it),
     or what is wrong with it."""
@@ -289,10 +297,8 @@ def media_problem(path: Path, limits: Limits = DEFAULT_LIMITS) -> Optional[str]:
     rules, also applied to a lone file (a query's picture or clip)."""
     if path.suffix.lower() not in IMAGE_TYPES + VIDEO_TYPES:
         return f"unsupported file type '{path.suffix}' (supported: {', '.join(IMAGE_TYPES + VIDEO_TYPES)})"
-    if not path.exists():
-        return "file not found"
-    if not path.is_file():   # a pipe would block the decoder, a device never end
-        return "not a regular file"
+    if problem := _file_problem(path):
+        return problem
     size = path.stat().st_size
     if size > limits.max_file_bytes:
         return f"file is {size} bytes, more than the limit of {limits.max_file_bytes}"
