@@ -25,7 +25,8 @@ import torch
 from app import views
 from app.sessions import Run, Session
 from core import query
-from core.backbones import Backbone, BackboneError, load_backbone
+from core.backbones import Backbone, BackboneError, load_backbone, weights_size
+from core.backbones.base import weights_bytes
 from core.data.media import DEFAULT_FRAMES
 from core.pet import PetHandle
 from core.runs import attach_run
@@ -59,15 +60,21 @@ class ModelKey:
     run: Optional[str] = None   # the run's folder
 
 
-def _bytes(backbone: Backbone) -> int:
-    return sum(t.numel() * t.element_size() for t in [*backbone.parameters(), *backbone.buffers()])
-
-
 class ModelCache:
     def __init__(self, budget_mb: float):
         self.budget = budget_mb * 2**20
         self._backbones: OrderedDict[tuple, tuple[Backbone, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def fits(self, spec: str) -> None:
+        """Refuse `spec` when its weights alone would exceed this cache's budget, before anything builds
+        them: a visitor's openclip:ViT-bigG-14 would take 10 GiB of a shared Space's memory, and the
+        newest model is kept even above the budget."""
+        needed = weights_size(spec)
+        if needed is not None and needed > self.budget:
+            raise BackboneError(f"{spec[:200]} needs {needed / 2**30:.1f} GiB for its weights, more than this app keeps "
+                                f"for models ({self.budget / 2**30:.1f} GiB): choose a smaller backbone, or raise "
+                                f"PETSTUDIO_CACHE_MB where you run the app")
 
     def backbone(self, spec: str, seed: int, local_paths: bool) -> tuple[Backbone, threading.Lock]:
         """The frozen backbone (on the CPU between calls) and the lock a call holds while using it."""
@@ -76,23 +83,40 @@ class ModelCache:
             if key in self._backbones:
                 self._backbones.move_to_end(key)
                 return self._backbones[key]
+        self.fits(spec)
         loaded = load_backbone(spec, seed, fallback_offline=True, local_paths=local_paths).eval()
         with self._lock:
             entry = self._backbones.setdefault(key, (loaded, threading.Lock()))
-            while len(self._backbones) > 1 and sum(_bytes(b) for b, _ in self._backbones.values()) > self.budget:
+            while len(self._backbones) > 1 and sum(weights_bytes(b) for b, _ in self._backbones.values()) > self.budget:
                 self._backbones.popitem(last=False)   # a call still using it keeps it alive until it ends
             return entry
 
-    def load(self, keys: list[ModelKey]) -> None:
+    def load(self, keys: list[ModelKey]) -> set[str]:
         """Load these models here, before a device call: a ZeroGPU worker is forked from this process
         and inherits what it holds, where a model the worker loads itself is lost with the worker. A
         spec that cannot be loaded is said as the page says core's errors (outside a device call,
-        nothing else would)."""
+        nothing else would). Returns the notes of frozen models that stand in for unreachable ones;
+        a run's weights are refused on a stand-in (they were tuned on the model it replaces)."""
+        notes = set()
         try:
             for key in keys:
-                self.backbone(key.spec, key.seed, key.local_paths)
+                backbone, _ = self.backbone(key.spec, key.seed, key.local_paths)
+                if backbone.fallback_note and key.run is not None:
+                    raise BackboneError(f"this run was tuned on {key.spec[:200]}, which this app cannot load now: "
+                                        f"{backbone.fallback_note}")
+                if backbone.fallback_note:
+                    notes.add(backbone.fallback_note)
         except BackboneError as error:
             raise views.user_error(error) from error
+        return notes
+
+    def loaded(self, key: ModelKey) -> bool:
+        return (key.spec, key.seed, key.local_paths) in self._backbones
+
+    def forget(self, key: ModelKey) -> None:
+        """Let go of `key`'s backbone (a call still using it keeps it alive until it ends)."""
+        with self._lock:
+            self._backbones.pop((key.spec, key.seed, key.local_paths), None)
 
     def fresh_locks(self) -> None:
         """In a forked child: a lock some thread of the parent held at the fork would never open."""

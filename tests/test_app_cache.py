@@ -1,19 +1,31 @@
 """The app's one model cache (app/models.py): frozen backbones shared by every session within a
 memory budget, a run's PET weights attached for one call and taken off after it, galleries
 embedded once per model state, and inference in half precision ranking as fp32 does."""
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
 import pytest
 import torch
 from PIL import Image
 
-from app import models
+from app import models, sessions
 from app.device import Call
 from app.sessions import SessionStore
+from app.tabs import ask, weights
+from app.tabs.data import load_sample
+from app.tabs.tune import tune_model
 from core import query
+from core.backbones import BackboneError
+from core.backbones.base import weights_bytes
 from core.data import read_dataset
 from core.data.samples import sample_path
 from core.runs import tune
 
 CPU = Call(torch.device("cpu"))
+PHOTOS = "Photos: 8 photographs with captions and questions (image-text, VQA)"
 
 
 def _state(backbone) -> dict[str, torch.Tensor]:
@@ -32,7 +44,7 @@ def test_backbones_are_shared_and_the_least_recently_used_go_beyond_the_budget()
     cache = models.ModelCache(budget_mb=1e6)
     first, _ = cache.backbone("offline", 0, False)
     assert cache.backbone("offline", 0, False)[0] is first   # every session gets the same one
-    size_mb = models._bytes(first) / 2**20
+    size_mb = weights_bytes(first) / 2**20
     cache.budget = 2.5 * size_mb * 2**20                      # room for two
     cache.backbone("offline", 1, False)
     cache.backbone("offline", 0, False)                       # seed 1 is now the least recently used
@@ -104,3 +116,60 @@ def test_inference_in_bf16_ranks_the_gallery_as_fp32_does(tmp_path):
                                for caption in items.captions]
             assert embeddings.media.dtype == torch.float32
     assert len(tops[None]) >= 10 and tops[torch.bfloat16] == tops[None]
+
+
+@pytest.fixture
+def visitor(tmp_path, monkeypatch):
+    """A request of a session of the app's own store, kept under tmp_path."""
+    store = SessionStore(tmp_path / "sessions")
+    monkeypatch.setattr(sessions, "STORE", store)
+    monkeypatch.setattr(weights, "STORE", store)
+    return SimpleNamespace(session_hash="visitor")
+
+
+def test_a_backbone_larger_than_the_cache_is_refused_before_it_is_built(visitor, tmp_path):
+    cache = models.ModelCache(budget_mb=100)
+    started = time.monotonic()
+    with pytest.raises(BackboneError, match=r"openclip:ViT-B-32 needs 0\.6 GiB for its weights, more than this app "
+                                            r"keeps for models \(0\.1 GiB\)"):
+        cache.backbone("openclip:ViT-B-32", 0, False)
+    assert len(cache) == 0 and time.monotonic() - started < 5   # ViT-B-32 was never built
+    assert cache.backbone("offline", 0, False)[0].spec == "offline"   # 30 MB fits
+    # Tune refuses it before taking a folder or the device: ViT-bigG-14 needs 9.5 GiB, more than any budget's 8.
+    load_sample(PHOTOS, visitor)
+    with pytest.raises(gr.Error, match="openclip:ViT-bigG-14 needs 9.5 GiB for its weights"):
+        tune_model("openclip:ViT-bigG-14", "retrieval", "lora", {}, 4, 1, 1e-2, 8, "auto", "", 8, "studio", visitor)
+    assert not list((sessions.STORE.get("visitor").folder).glob("runs/*"))
+
+
+def test_a_refused_upload_leaves_no_model_behind(visitor, tmp_path):
+    run = Path(tune("offline", sample_path("photos"), "lora", shots=2, epochs=1, lr=1e-2, seed=0,
+                    out=tmp_path / "run").out)
+    info = json.loads((run / "run.json").read_text())
+    # the same weights claimed for another architecture: refused when attached, after its backbone was built
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "run.json").write_text(json.dumps({**info, "backbone": "openclip:PETStudio-Tiny", "seed": 7}))
+    files = [str(run / "pet.safetensors"), str(tmp_path / "other" / "run.json")]
+    key = models.ModelKey("openclip:PETStudio-Tiny", 7, False, None)
+    with pytest.raises(gr.Error, match="pet.safetensors"):
+        weights.load_weights(files, visitor)
+    assert not models.MODELS.loaded(key)
+    (tmp_path / "other" / "run.json").write_text(json.dumps({**info, "backbone": "openclip:ViT-bigG-14"}))
+    with pytest.raises(gr.Error, match="openclip:ViT-bigG-14 needs 9.5 GiB"):
+        weights.load_weights(files, visitor)
+    assert not list(sessions.STORE.get("visitor").folder.glob("runs/*"))
+
+
+def test_a_stand_in_for_an_unreachable_backbone_is_said_in_ask_and_refuses_its_runs(visitor, tmp_path):
+    load_sample(PHOTOS, visitor)
+    with pytest.warns(UserWarning, match="openclip:ViT-B-32:openai could not be fetched .*bundled offline model"):
+        frozen, tuned = ask.search_text("a cat", models.NO_RUN, "openclip:ViT-B-32:openai", visitor)
+    assert len(frozen) == 5 and tuned == []
+    # a run tuned on that backbone is not attached to the offline model standing in for it
+    run = Path(tune("offline", sample_path("photos"), "bitfit", shots=2, epochs=1, lr=1e-2, seed=0,
+                    out=tmp_path / "run").out)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "backbone": "openclip:ViT-B-32:openai"}))
+    with pytest.raises(gr.Error, match="this run was tuned on openclip:ViT-B-32:openai, which this app cannot load "
+                                       "now: openclip:ViT-B-32:openai could not be fetched"):
+        weights.load_weights([str(run / "pet.safetensors"), str(run / "run.json")], visitor)

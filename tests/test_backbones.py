@@ -1,9 +1,14 @@
+import json
+
+import huggingface_hub
 import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.backbones import FAMILIES, BackboneError, Family, describe_spec, load_backbone, register_family
+from core.backbones import (FAMILIES, BackboneError, Family, describe_spec, load_backbone, register_family,
+                            weights_size)
+from core.backbones.base import weights_bytes
 from tests.conftest import TINY, embeddings
 
 
@@ -133,9 +138,9 @@ def test_a_registered_family_is_read_loaded_and_described_like_the_others():
         return load_backbone(TINY, seed)
 
     register_family(Family("toy", "toy", lambda rest: None if rest else ("PETStudio-Tiny", None, "random"), load,
-                           ("retrieval",), {"random": "`{spec}` is a toy."}))
+                           ("retrieval",), {"random": "`{spec}` is a toy."}, lambda spec: 1234))
     try:
-        assert load_backbone("toy").tasks == ("retrieval",)
+        assert load_backbone("toy").tasks == ("retrieval",) and weights_size("toy") == 1234
         assert describe_spec("toy", local_paths=False) == "`toy` is a toy."
         assert describe_spec("toy:x", local_paths=False).endswith("blip-vqa:base|HUB_ID|PATH, offline or toy")
         with pytest.raises(ValueError, match="already registered"):
@@ -194,3 +199,29 @@ def test_training_under_low_precision_autocast_runs_attention_in_fp32_on_a_cpu(l
     with torch.autocast("cpu", dtype=low):
         attention.out_proj(mixed).float().sum().backward()
     assert torch.equal(grad, x.grad)
+
+
+def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_folder, tmp_path, monkeypatch):
+    for spec in ("offline", TINY):
+        assert weights_size(spec) == weights_bytes(load_backbone(spec))
+    assert weights_size("blip:base") == weights_bytes(load_backbone("blip:base").model)
+    assert weights_size("openclip:ViT-B-32:openai") == weights_size("openclip:ViT-B-32") == 605_132_968   # fp32
+    assert weights_size("openclip:ViT-B-32:/x.pt") is None and weights_size("openclip:no-such-model") is None
+    assert weights_size("blip:Salesforce/blip-itm-base-coco") is None   # the hub cannot be reached here
+    # A hub model is sized from its config.json alone, fetched from the hub (served here from a local copy).
+    fetched = []
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename: fetched.append((repo_id, filename)) or str(folder / filename))
+    config = json.loads((tiny_blip_folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config))
+    assert weights_size("blip:someone/tiny") == weights_bytes(load_backbone(f"blip:{tiny_blip_folder}").model)
+    assert fetched == [("someone/tiny", "config.json")]
+    # A hostile config is refused before even its meta-device model is built.
+    config["text_config"]["num_hidden_layers"] = 100_000
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match="someone/huge: its config asks for 100000 layers in a tower"):
+        weights_size("blip:someone/huge")
+    (folder / "config.json").write_text("{not json")
+    assert weights_size("blip:someone/broken") is None   # its loader says what is wrong

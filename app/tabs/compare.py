@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from app import views
-from app.models import LOCAL_PATHS, run_choices, spec_of
+from app.models import LOCAL_PATHS, MODELS, run_choices, spec_of
 from app.sessions import STORE, Run, session_of
 from app.controls import options_by_method, whole
 from app.device import on_device, query_seconds
@@ -18,7 +18,7 @@ from app.tuning import (TUNING_CONCURRENCY, claim_folders, planned_seconds, read
                         request_cancel, run_polling, sweep_on_device)
 from core import checkpoint, figures
 from core.pet import METHODS
-from core.runs import USER_ERRORS, RunError, check_settings
+from core.runs import USER_ERRORS, check_settings
 from core.cache import ScoreCache
 from core.lr_range import ChoiceCache
 from core.sweep import MethodChoice, check_choices
@@ -115,7 +115,8 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
     try:   # refused before any folder or device time is taken
         for seed in arguments["seeds"]:
             check_settings(seed=seed, **{k: arguments[k] for k in ("shots", "epochs", "batch_size", "frames")})
-    except RunError as error:
+        MODELS.fits(arguments["model"])
+    except USER_ERRORS as error:
         raise views.user_error(error) from error
     live, out, data = claim_folders(session, "sweeps", "compare")
 

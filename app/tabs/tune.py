@@ -10,7 +10,7 @@ import gradio as gr
 from app import views
 from app.controls import control, number, options_by_method, whole
 from app.device import GPU_SECONDS, ZERO_GPU, granted_seconds, on_device, record_step_time
-from app.models import LOCAL_PATHS, run_choices, spec_of
+from app.models import LOCAL_PATHS, MODELS, run_choices, spec_of
 from app.sessions import STORE, Run, Session, session_of
 from app.tabs.compare import compare_runs
 from app.tuning import (CANCEL_FILE, TUNING_CONCURRENCY, claim_folders, planned_seconds, training_steps,
@@ -165,6 +165,7 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
         check_settings(**{k: arguments[k] for k in ("shots", "epochs", "lr", "batch_size", "frames", "extra_answers")})
         get_method(method)   # an API client's unknown method
         make_config(method, arguments["options"])   # its unknown option, a value out of range
+        MODELS.fits(spec)
     except USER_ERRORS as error:
         raise views.user_error(error) from error
     live, out, data = claim_folders(session, "runs", str(method))

@@ -22,7 +22,8 @@ from core.backbones.base import CAPABILITIES, Backbone, BackboneError
 from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout
 
 __all__ = ["CAPABILITIES", "FAMILIES", "OFFLINE", "Backbone", "BackboneError", "BlockLayout", "Family", "Projection",
-           "ResidualSite", "Spec", "TowerLayout", "describe_spec", "load_backbone", "parse_spec", "register_family"]
+           "ResidualSite", "Spec", "TowerLayout", "describe_spec", "load_backbone", "parse_spec", "register_family",
+           "weights_size"]
 
 
 OFFLINE = "offline"
@@ -53,7 +54,8 @@ class Family:
     malformed, and never touches the filesystem. `load(spec, seed, local_paths)` imports the
     family's library only when called, so reading and describing specs stays light. `notices`
     says, for each kind of weights it reads, what the user is told before anything is tuned
-    (`{spec}` stands for the spec)."""
+    (`{spec}` stands for the spec). `size(spec)` is the bytes its weights would take in memory,
+known before loading them (without allocating them), or None where it cannot be."""
 
     name: str
     forms: str                      # how its specs are written, for messages
@@ -61,6 +63,7 @@ class Family:
     load: Callable[[Spec, int, bool], Backbone]
     tasks: tuple[str, ...]          # the tasks its backbones serve
     notices: dict[str, str]
+    size: Callable[[Spec], Optional[int]]
 
 
 FAMILIES: dict[str, Family] = {}
@@ -105,6 +108,14 @@ def describe_spec(spec: str, local_paths: bool) -> str:
         return (f"`{parsed.text}` names a file or folder on the server, which this app does not open "
                 f"(its operator can allow it with PETSTUDIO_LOCAL_PATHS=1).")
     return FAMILIES[parsed.family].notices[parsed.weights].format(spec=parsed.text)
+
+
+def weights_size(spec: str) -> Optional[int]:
+    """The bytes the weights of `spec` would take in memory, found before loading them (from its
+    architecture on the meta device; a BLIP hub model's config.json is fetched for it): None where
+    that cannot be known beforehand (a local file or folder, a hub that cannot be reached)."""
+    parsed = parse_spec(spec)
+    return FAMILIES[parsed.family].size(parsed)
 
 
 def load_backbone(spec: str, seed: int = 0, fallback_offline: bool = False, local_paths: bool = True) -> Backbone:
@@ -164,6 +175,12 @@ def _load_openclip(spec: Spec, seed: int, local_paths: bool) -> Backbone:
     return load_openclip(spec.text, spec.name, spec.source, seed, as_path=spec.weights == "path")
 
 
+def _openclip_size(spec: Spec) -> Optional[int]:
+    from core.backbones.openclip import openclip_bytes
+
+    return None if spec.weights == "path" else openclip_bytes(spec.name)
+
+
 def _load_offline(spec: Spec, seed: int, local_paths: bool) -> Backbone:
     from core.backbones.openclip import load_openclip
 
@@ -183,6 +200,12 @@ def _read_blip(rest: str) -> Optional[tuple[str, Optional[str], str]]:
     return "", rest, "hub" if HUB_ID.match(rest) and ".." not in rest else "path"
 
 
+def _blip_size(spec: Spec, answering: bool) -> Optional[int]:
+    from core.backbones.blip import blip_bytes
+
+    return blip_bytes(spec.source, spec.weights, answering)
+
+
 def _load_blip(spec: Spec, seed: int, local_paths: bool, answering: bool) -> Backbone:
     from core.backbones.blip import load_blip
 
@@ -194,14 +217,17 @@ def _load_blip(spec: Spec, seed: int, local_paths: bool, answering: bool) -> Bac
 
 register_family(Family(
     "openclip", "openclip:NAME[:TAG|:PATH]", _read_openclip, _load_openclip, ("retrieval", "vqa"),
-    {"random": _RANDOM_NOTICE, "tag": _DOWNLOAD_NOTICE, "path": _PATH_NOTICE}))
+    {"random": _RANDOM_NOTICE, "tag": _DOWNLOAD_NOTICE, "path": _PATH_NOTICE}, _openclip_size))
 register_family(Family(
     "blip", "blip:base|HUB_ID|PATH", _read_blip, functools.partial(_load_blip, answering=False), ("retrieval", "vqa"),
-    {"random": _RANDOM_NOTICE, "hub": _DOWNLOAD_NOTICE, "path": _PATH_NOTICE}))
+    {"random": _RANDOM_NOTICE, "hub": _DOWNLOAD_NOTICE, "path": _PATH_NOTICE},
+    functools.partial(_blip_size, answering=False)))
 register_family(Family(
     "blip-vqa", "blip-vqa:base|HUB_ID|PATH", _read_blip, functools.partial(_load_blip, answering=True), ("vqa",),
-    {"random": _RANDOM_NOTICE, "hub": _DOWNLOAD_NOTICE, "path": _PATH_NOTICE}))
+    {"random": _RANDOM_NOTICE, "hub": _DOWNLOAD_NOTICE, "path": _PATH_NOTICE},
+    functools.partial(_blip_size, answering=True)))
 register_family(Family(
     OFFLINE, OFFLINE, lambda rest: None if rest else (OFFLINE_ARCHITECTURE, None, "bundled"), _load_offline,
     ("retrieval", "vqa"),
-    {"bundled": "The bundled offline model: small, pretrained on PET Studio's procedural world, no network needed."}))
+    {"bundled": "The bundled offline model: small, pretrained on PET Studio's procedural world, no network needed."},
+    _openclip_size))

@@ -9,6 +9,11 @@ from torch import nn
 from core.backbones.layout import TowerLayout
 
 
+def weights_bytes(module: nn.Module) -> int:
+    """The bytes `module`'s parameters and buffers take; on the meta device, what they would take."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
 class BackboneError(ValueError):
     """A backbone spec that cannot be loaded, with a message meant for the user.
 

@@ -8,6 +8,7 @@ and `blip:PATH` / `blip-vqa:PATH` (a local folder written by save_pretrained).
 """
 from __future__ import annotations
 
+import functools
 import math
 import string
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from core.backbones.base import Backbone, BackboneError
+from core.backbones.base import Backbone, BackboneError, weights_bytes
 from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout, pools_tokens
 
 MAX_TEXT_TOKENS = 35   # BLIP's retrieval caption length
@@ -118,6 +119,50 @@ def text_tower(name: str, text_model: nn.Module, cross_source: str, output_param
 
 # What a BLIP hub repository must hold for loading: configs, tokenizer files, safetensors weights.
 HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
+
+
+MAX_CONFIG_LAYERS = 96   # per tower: BLIP-large has 24; a config beyond this is not built, even on the meta device
+
+
+def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
+    """The bytes a BLIP model's weights take in memory, from its architecture built on the meta
+    device: the default BlipConfig's for `random`, the hub config's for `hub` (config.json alone is
+    fetched, from the hub only). None for a local folder, or a hub that cannot be reached (loading
+    says why)."""
+    if kind == "random":
+        return _default_bytes(answering)
+    if kind != "hub":
+        return None
+    from huggingface_hub import hf_hub_download
+    from transformers import BlipConfig
+
+    try:
+        config = BlipConfig.from_pretrained(str(Path(hf_hub_download(repo_id=source, filename="config.json")).parent))
+        layers = max(int(config.vision_config.num_hidden_layers), int(config.text_config.num_hidden_layers))
+    except Exception:  # hub, network and format errors come in many library types
+        return None
+    if layers > MAX_CONFIG_LAYERS:
+        raise BackboneError(f"{source}: its config asks for {layers} layers in a tower; BLIP models here have at most "
+                            f"{MAX_CONFIG_LAYERS}")
+    try:
+        return _meta_bytes(config, answering)
+    except Exception:  # a config transformers cannot build: loading it says so
+        return None
+
+
+@functools.lru_cache(maxsize=2)
+def _default_bytes(answering: bool) -> int:
+    from transformers import BlipConfig
+
+    return _meta_bytes(BlipConfig(), answering)
+
+
+def _meta_bytes(config, answering: bool) -> int:
+    from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+
+    model_class = BlipForQuestionAnswering if answering else BlipForImageTextRetrieval
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return weights_bytes(model_class(config))
 
 
 def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: str = "hub") -> Backbone:

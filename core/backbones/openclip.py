@@ -2,6 +2,7 @@
 checkpoint file, or no weights (random init drawn from the run's seed)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -9,7 +10,7 @@ import open_clip
 import torch
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
 
-from core.backbones.base import Backbone, BackboneError
+from core.backbones.base import Backbone, BackboneError, weights_bytes
 from core.backbones.block import PreNormBlock
 from core.backbones.layout import TowerLayout
 
@@ -45,6 +46,20 @@ def load_openclip(spec: str, name: str, source: Optional[str], seed: int, as_pat
             raise BackboneError(f"could not fetch open_clip {name} weights for tag {source} "
                                 f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
     return OpenClipBackbone(spec, name, model, preprocess, open_clip.get_tokenizer(name), weights, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def openclip_bytes(name: str) -> Optional[int]:
+    """The bytes open_clip model `name`'s weights take in memory, from its architecture built on the
+    meta device (nothing allocated, no weights read): the same for every tag of it. None for a name
+    open_clip does not know or cannot build without fetching a tower (loading it says why)."""
+    if name not in open_clip.list_models():
+        return None
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            return weights_bytes(open_clip.create_model(name, device="meta"))
+    except Exception:  # a hub text tower without a network, among others: the loader reports it
+        return None
 
 
 class OpenClipBackbone(Backbone):
