@@ -23,7 +23,7 @@ import gradio as gr
 import torch
 
 from app import views
-from app.sessions import Run, Session
+from app.sessions import Run, Session, return_freed_memory
 from core import query
 from core.backbones import Backbone, BackboneError, load_backbone, weights_size
 from core.backbones.base import weights_bytes
@@ -114,9 +114,11 @@ class ModelCache:
         return (key.spec, key.seed, key.local_paths) in self._backbones
 
     def forget(self, key: ModelKey) -> None:
-        """Let go of `key`'s backbone (a call still using it keeps it alive until it ends)."""
+        """Let go of `key`'s backbone and hand its memory back to the system (a call still using it,
+        or an exception's traceback still holding it, keeps it alive until they end)."""
         with self._lock:
             self._backbones.pop((key.spec, key.seed, key.local_paths), None)
+        return_freed_memory()
 
     def fresh_locks(self) -> None:
         """In a forked child: a lock some thread of the parent held at the fork would never open."""

@@ -58,7 +58,7 @@ class Session:
         return folder
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Collect the released session's models now and hand freed heap pages back to the system:
     glibc keeps them otherwise, and a server's resident memory creeps up session after session."""
     gc.collect()
@@ -110,7 +110,7 @@ class SessionStore:
         if session is not None:   # a tuning still running sees its folder gone and stops at its next step
             self.remove(session.folder)
             del session
-            _return_freed_memory()
+            return_freed_memory()
 
     def remove(self, path: Path) -> None:
         remove_inside(self.root, path)

@@ -70,7 +70,7 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
         folder = session.new_folder("runs", "uploaded")
         shutil.copyfile(weights[0], folder / checkpoint.WEIGHTS)
         shutil.copyfile(infos[0], folder / checkpoint.RUN_INFO)
-        built = None
+        built, refusal = None, None
         try:
             info, _ = checkpoint.read(folder)   # run.json checked against its schema
             run = Run(f"{len(session.runs) + 1} · {info.method} · {info.backbone} (uploaded)", folder, info,
@@ -82,10 +82,13 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
             on_device(_attach_on, run_model(run), seconds=query_seconds(info.backbone, 0))
         except (*USER_ERRORS, gr.Error) as error:   # gr.Error: the same, said inside the device call
             STORE.remove(folder)
-            if built is not None:   # a refused file keeps no model it made the app build
-                MODELS.forget(built)
             said = error.message if isinstance(error, gr.Error) else str(error)
-            raise views.user_error(ValueError(_as_uploaded(said, folder, weights[0].name, infos[0].name))) from error
+            refusal = _as_uploaded(said, folder, weights[0].name, infos[0].name)
+        if refusal is not None:
+            # a refused file keeps no model it made the app build; out here, where no traceback holds it
+            if built is not None:
+                MODELS.forget(built)
+            raise views.user_error(ValueError(refusal))
         session.runs[run.name] = run
     card = views.run_card(run.name, info) if info.scored else f"Loaded **{views.plain(run.name)}**."
     return card, *run_choices(session, run.name)

@@ -245,3 +245,22 @@ def test_an_unknown_method_is_refused_and_the_session_can_still_tune(client, app
         client.predict("a cat", "frozen model only", "openclip:ViT-B-32:../../x.pt", api_name="/search_text")
     card, _, _, ask_run, _, status = tune(client, method="bitfit", epochs=1)
     assert status.startswith("done in") and choice_value(ask_run) == "1 · bitfit · offline"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the app's memory from /proc")
+def test_refused_uploads_naming_big_backbones_leave_the_server_as_it_was(app_server, app_pid, tuned_run, tmp_path):
+    """A few KB of run.json may name any backbone: one the app keeps no room for is refused before it
+    is built, and one it builds to check the weights against leaves nothing behind once refused
+    (before, each kept its backbone: four naming ViT-L-14 grew a Space's memory from 1.5 to 7.8 GB)."""
+    client = Client(app_server[0], verbose=False)
+    info = json.loads((tuned_run / "run.json").read_text())
+    weights = (tuned_run / "pet.safetensors").read_bytes()
+    with pytest.raises(AppError, match=r"openclip:ViT-bigG-14 needs 9\.5 GiB for its weights, more than this app "
+                                       r"keeps for models"):
+        _upload_run(client, tmp_path, {**info, "backbone": "openclip:ViT-bigG-14"}, weights)
+    before = resident_mib(app_pid)
+    for seed in range(3):   # 0.6 GB each, built and refused (its weights are the offline model's LoRA)
+        with pytest.raises(AppError, match="pet.safetensors: lora weights do not match"):
+            _upload_run(client, tmp_path, {**info, "backbone": "openclip:ViT-B-32", "seed": seed})
+    assert resident_mib(app_pid) < before + 300, (before, resident_mib(app_pid))
+    client.close()
