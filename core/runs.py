@@ -375,9 +375,10 @@ def read_run_info(model: str, pet: str | Path) -> RunResult:
 
 def attach_run(backbone: Backbone, pet: str | Path, restorable: bool = False) -> tuple[PetHandle, RunResult]:
     """Attach a run's method to `backbone` (its spec and seed) and load its PET weights, every
-    name, shape, dtype and value checked. With `restorable`, detaching also puts back the backbone
-    weights the run tunes in place (BitFit, linear probe, full), so that the backbone can serve
-    other runs after it (the app's shared backbones)."""
+    name, shape, dtype and value checked, and a scored run's parameter counts too. With
+    `restorable`, detaching also puts back the backbone weights the run tunes in place (BitFit,
+    linear probe, full), so that the backbone can serve other runs after it (the app's shared
+    backbones)."""
     info = read_run_info(backbone.spec, pet)
     weights = checkpoint.read(pet)[1]
     handle = attach(backbone, info.method, info.config)
@@ -394,10 +395,28 @@ def attach_run(backbone: Backbone, pet: str | Path, restorable: bool = False) ->
         handle.on_detach(restore)
     try:
         checkpoint.load_into(handle, weights)
+        _check_budget(info, handle, backbone, weights.parent / checkpoint.RUN_INFO)
     except BaseException:
         handle.detach()
         raise
     return handle, info
+
+
+def _check_budget(info: RunResult, handle: PetHandle, backbone: Backbone, run_json: Path) -> None:
+    """A scored run's parameter counts, which its card, the comparison and the report show, must be
+    the method's on this backbone: a run.json written by hand could claim any budget."""
+    if not info.scored:
+        return
+    held = {"backbone_params": backbone.num_backbone_params(), "trainable_params": handle.num_trainable(),
+            "groups": handle.budget()}
+    for key, value in held.items():
+        if getattr(info, key) != value:
+            raise checkpoint.CheckpointError(f"{run_json}: '{key}' says {getattr(info, key)!r:.200}, but {info.method} "
+                                             f"with these options on {backbone.spec[:200]} has {value!r:.200}")
+    share = 100.0 * held["trainable_params"] / held["backbone_params"]
+    if not math.isclose(info.trainable_pct, share, rel_tol=1e-9):
+        raise checkpoint.CheckpointError(f"{run_json}: 'trainable_pct' says {info.trainable_pct:.6g}, but "
+                                         f"{held['trainable_params']} of {held['backbone_params']} is {share:.6g}")
 
 
 def evaluate(model: str, pet: str | Path, data: str | Path) -> dict[str, Any]:

@@ -163,6 +163,15 @@ CASES = [
     ("extra tensor", None, lambda s: s.update({"pet.evil": torch.zeros(10)}),
      "pet.safetensors: lora weights do not match: missing [], unexpected ['pet.evil']"),
     ("missing tensor", None, lambda s: s.pop(FIRST), f"lora weights do not match: missing ['{FIRST}']"),
+    # the budget a card, a comparison and a report show is the method's, not what run.json claims
+    ("trainable count a lie", lambda i: _with(i, trainable_params=12), None,
+     "run.json: 'trainable_params' says 12, but lora with these options on openclip:PETStudio-Tiny has"),
+    ("groups a lie", lambda i: _with(i, groups={"vision": 1}), None,
+     "run.json: 'groups' says {'vision': 1}, but lora with these options on openclip:PETStudio-Tiny has {"),
+    ("backbone count a lie", lambda i: _with(i, backbone_params=10**9), None,
+     "run.json: 'backbone_params' says 1000000000, but lora"),
+    ("share a lie", lambda i: _with(i, trainable_pct=50.0), None,
+     "run.json: 'trainable_pct' says 50, but"),
 ]
 
 
