@@ -15,7 +15,7 @@ import os
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -25,7 +25,7 @@ import torch
 from app import views
 from app.sessions import Run, Session, return_freed_memory
 from core import query
-from core.backbones import Backbone, BackboneError, load_backbone, weights_size
+from core.backbones import Backbone, BackboneError, estimate_weights_bytes, load_backbone, parse_spec
 from core.backbones.base import weights_bytes
 from core.data.media import DEFAULT_FRAMES
 from core.pet import PetHandle
@@ -60,17 +60,26 @@ class ModelKey:
     run: Optional[str] = None   # the run's folder
 
 
+@dataclass
+class Loaded:
+    """What a `ModelCache.load` did: the notes of frozen models standing in for unreachable ones, and
+    the backbones it built (cache key, backbone)."""
+
+    notes: set[str] = field(default_factory=set)
+    built: list[tuple[tuple, Backbone]] = field(default_factory=list)
+
+
 class ModelCache:
     def __init__(self, budget_mb: float):
         self.budget = budget_mb * 2**20
         self._backbones: OrderedDict[tuple, tuple[Backbone, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def fits(self, spec: str) -> None:
+    def refuse_oversized(self, spec: str) -> None:
         """Refuse `spec` when its weights alone would exceed this cache's budget, before anything builds
         them: a visitor's openclip:ViT-bigG-14 would take 10 GiB of a shared Space's memory, and the
         newest model is kept even above the budget."""
-        needed = weights_size(spec)
+        needed = estimate_weights_bytes(spec)
         if needed is not None and needed > self.budget:
             raise BackboneError(f"{spec[:200]} needs {needed / 2**30:.1f} GiB for its weights, more than this app keeps "
                                 f"for models ({self.budget / 2**30:.1f} GiB): choose a smaller backbone, or raise "
@@ -78,47 +87,56 @@ class ModelCache:
 
     def backbone(self, spec: str, seed: int, local_paths: bool) -> tuple[Backbone, threading.Lock]:
         """The frozen backbone (on the CPU between calls) and the lock a call holds while using it."""
-        key = (spec, seed, local_paths)
+        return self._entry(spec, seed, local_paths)[1]
+
+    def _entry(self, spec: str, seed: int, local_paths: bool) -> tuple[tuple, tuple[Backbone, threading.Lock], bool]:
+        """(its key, its entry, whether this call built it)."""
+        # the seed draws a random init only: every seed of pretrained weights is one model
+        key = (spec, seed if parse_spec(spec).weights == "random" else 0, local_paths)
         with self._lock:
             if key in self._backbones:
                 self._backbones.move_to_end(key)
-                return self._backbones[key]
-        self.fits(spec)
-        loaded = load_backbone(spec, seed, fallback_offline=True, local_paths=local_paths).eval()
+                return key, self._backbones[key], False
+        self.refuse_oversized(spec)
+        loaded = load_backbone(spec, key[1], fallback_offline=True, local_paths=local_paths).eval()
         with self._lock:
             entry = self._backbones.setdefault(key, (loaded, threading.Lock()))
             while len(self._backbones) > 1 and sum(weights_bytes(b) for b, _ in self._backbones.values()) > self.budget:
                 self._backbones.popitem(last=False)   # a call still using it keeps it alive until it ends
-            return entry
+            return key, entry, entry[0] is loaded
 
-    def load(self, keys: list[ModelKey]) -> set[str]:
+    def load(self, keys: list[ModelKey]) -> Loaded:
         """Load these models here, before a device call: a ZeroGPU worker is forked from this process
         and inherits what it holds, where a model the worker loads itself is lost with the worker. A
         spec that cannot be loaded is said as the page says core's errors (outside a device call,
-        nothing else would). Returns the notes of frozen models that stand in for unreachable ones;
-        a run's weights are refused on a stand-in (they were tuned on the model it replaces)."""
-        notes = set()
+        nothing else would). A run's weights are refused on a model standing in for an unreachable
+        one (they were tuned on the model it replaces)."""
+        loaded = Loaded()
         try:
             for key in keys:
-                backbone, _ = self.backbone(key.spec, key.seed, key.local_paths)
+                cache_key, (backbone, _), built = self._entry(key.spec, key.seed, key.local_paths)
+                if built:
+                    loaded.built.append((cache_key, backbone))
                 if backbone.fallback_note and key.run is not None:
                     raise BackboneError(f"this run was tuned on {key.spec[:200]}, which this app cannot load now: "
                                         f"{backbone.fallback_note}")
                 if backbone.fallback_note:
-                    notes.add(backbone.fallback_note)
+                    loaded.notes.add(backbone.fallback_note)
         except BackboneError as error:
             raise views.user_error(error) from error
-        return notes
+        return loaded
 
-    def loaded(self, key: ModelKey) -> bool:
-        return (key.spec, key.seed, key.local_paths) in self._backbones
-
-    def forget(self, key: ModelKey) -> None:
-        """Let go of `key`'s backbone and hand its memory back to the system (a call still using it,
-        or an exception's traceback still holding it, keeps it alive until they end)."""
+    def forget(self, loaded: Loaded) -> None:
+        """Let go of the backbones a `load` built, unless the cache has built them again since, and hand
+        their memory back to the system (a call still using one, or an exception's traceback still
+        holding it, keeps it alive until they end)."""
         with self._lock:
-            self._backbones.pop((key.spec, key.seed, key.local_paths), None)
-        return_freed_memory()
+            dropped = [self._backbones.pop(key) for key, backbone in loaded.built
+                       if key in self._backbones and self._backbones[key][0] is backbone]
+        loaded.built.clear()   # its references too, before the memory is handed back
+        if dropped:
+            del dropped
+            return_freed_memory()
 
     def fresh_locks(self) -> None:
         """In a forked child: a lock some thread of the parent held at the fork would never open."""

@@ -2,7 +2,6 @@
 memory budget, a run's PET weights attached for one call and taken off after it, galleries
 embedded once per model state, and inference in half precision ranking as fp32 does."""
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,8 +14,11 @@ from app import models, sessions
 from app.device import Call
 from app.sessions import SessionStore
 from app.tabs import ask, weights
+from app.tabs.compare import compare_methods
 from app.tabs.data import load_sample
 from app.tabs.tune import tune_model
+import core.runs
+import core.sweep
 from core import query
 from core.backbones import BackboneError
 from core.backbones.base import weights_bytes
@@ -25,6 +27,7 @@ from core.data.samples import sample_path
 from core.runs import tune
 
 CPU = Call(torch.device("cpu"))
+TINY = "openclip:PETStudio-Tiny"
 PHOTOS = "Photos: 8 photographs with captions and questions (image-text, VQA)"
 
 
@@ -42,15 +45,18 @@ def runs(tmp_path_factory):
 
 def test_backbones_are_shared_and_the_least_recently_used_go_beyond_the_budget():
     cache = models.ModelCache(budget_mb=1e6)
-    first, _ = cache.backbone("offline", 0, False)
-    assert cache.backbone("offline", 0, False)[0] is first   # every session gets the same one
+    first, _ = cache.backbone(TINY, 0, False)
+    assert cache.backbone(TINY, 0, False)[0] is first   # every session gets the same one
     size_mb = weights_bytes(first) / 2**20
-    cache.budget = 2.5 * size_mb * 2**20                      # room for two
-    cache.backbone("offline", 1, False)
-    cache.backbone("offline", 0, False)                       # seed 1 is now the least recently used
-    cache.backbone("offline", 2, False)
-    assert len(cache) == 2 and cache.backbone("offline", 0, False)[0] is first
+    cache.budget = 2.5 * size_mb * 2**20                # room for two
+    cache.backbone(TINY, 1, False)                      # another seed, another random init
+    cache.backbone(TINY, 0, False)                      # seed 1 is now the least recently used
+    cache.backbone(TINY, 2, False)
+    assert len(cache) == 2 and cache.backbone(TINY, 0, False)[0] is first
     assert [key[1] for key in cache._backbones] == [2, 0]
+    # pretrained weights are the same whatever the seed: one model, not one per seed
+    cache.budget = 1e6 * 2**20
+    assert cache.backbone("offline", 3, False)[0] is cache.backbone("offline", 0, False)[0] and len(cache) == 3
 
 
 @pytest.mark.parametrize("method", ["bitfit", "aurora"])
@@ -127,19 +133,35 @@ def visitor(tmp_path, monkeypatch):
     return SimpleNamespace(session_hash="visitor")
 
 
-def test_a_backbone_larger_than_the_cache_is_refused_before_it_is_built(visitor, tmp_path):
+def test_a_backbone_larger_than_the_cache_is_refused_before_it_is_built(visitor, monkeypatch):
+    built = []
+
+    def recorded(load):
+        def loading(spec, *args, **kwargs):
+            built.append(spec)
+            if "bigG" in spec:
+                raise AssertionError("ViT-bigG-14 was being built")
+            return load(spec, *args, **kwargs)
+        return loading
+
+    for module in (models, core.runs, core.sweep):   # the app's cache, and a tuning's and a comparison's own loads
+        monkeypatch.setattr(module, "load_backbone", recorded(module.load_backbone))
     cache = models.ModelCache(budget_mb=100)
-    started = time.monotonic()
     with pytest.raises(BackboneError, match=r"openclip:ViT-B-32 needs 0\.6 GiB for its weights, more than this app "
                                             r"keeps for models \(0\.1 GiB\)"):
         cache.backbone("openclip:ViT-B-32", 0, False)
-    assert len(cache) == 0 and time.monotonic() - started < 5   # ViT-B-32 was never built
-    assert cache.backbone("offline", 0, False)[0].spec == "offline"   # 30 MB fits
-    # Tune refuses it before taking a folder or the device: ViT-bigG-14 needs 9.5 GiB, more than any budget's 8.
+    assert built == [] and len(cache) == 0
+    assert cache.backbone("offline", 0, False)[0].spec == "offline" and built == ["offline"]   # 30 MB fits
+    # Tune, Compare and Ask refuse ViT-bigG-14 (9.5 GiB, more than any budget's 8) before a folder or the device.
     load_sample(PHOTOS, visitor)
-    with pytest.raises(gr.Error, match="openclip:ViT-bigG-14 needs 9.5 GiB for its weights"):
-        tune_model("openclip:ViT-bigG-14", "retrieval", "lora", {}, 4, 1, 1e-2, 8, "auto", "", 8, "studio", visitor)
-    assert not list((sessions.STORE.get("visitor").folder).glob("runs/*"))
+    big = "openclip:ViT-bigG-14"
+    for call in (lambda: tune_model(big, "retrieval", "lora", {}, 4, 1, 1e-2, 8, "auto", "", 8, "studio", visitor),
+                 lambda: compare_methods(big, "retrieval", ["lora"], None, "0", 4, 1, 8, 8, "auto", "studio", visitor),
+                 lambda: ask.search_text("a cat", models.NO_RUN, big, visitor)):
+        with pytest.raises(gr.Error, match="openclip:ViT-bigG-14 needs 9.5 GiB for its weights"):
+            call()
+    assert built == ["offline"]
+    assert not [p for p in sessions.STORE.get("visitor").folder.iterdir() if p.name in ("runs", "sweeps")]
 
 
 def test_a_refused_upload_leaves_no_model_behind(visitor, tmp_path):
@@ -150,10 +172,10 @@ def test_a_refused_upload_leaves_no_model_behind(visitor, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "run.json").write_text(json.dumps({**info, "backbone": "openclip:PETStudio-Tiny", "seed": 7}))
     files = [str(run / "pet.safetensors"), str(tmp_path / "other" / "run.json")]
-    key = models.ModelKey("openclip:PETStudio-Tiny", 7, False, None)
-    with pytest.raises(gr.Error, match="pet.safetensors"):
+    held = dict(models.MODELS._backbones)
+    with pytest.raises(gr.Error, match="pet.safetensors: lora weights do not match"):
         weights.load_weights(files, visitor)
-    assert not models.MODELS.loaded(key)
+    assert models.MODELS._backbones == held   # the tiny model it built for the check is let go
     (tmp_path / "other" / "run.json").write_text(json.dumps({**info, "backbone": "openclip:ViT-bigG-14"}))
     with pytest.raises(gr.Error, match="openclip:ViT-bigG-14 needs 9.5 GiB"):
         weights.load_weights(files, visitor)

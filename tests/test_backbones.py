@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import huggingface_hub
 import open_clip
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from core.backbones import (FAMILIES, BackboneError, Family, describe_spec, load_backbone, register_family,
-                            weights_size)
+                            estimate_weights_bytes)
 from core.backbones.base import weights_bytes
 from tests.conftest import TINY, embeddings
 
@@ -140,7 +141,7 @@ def test_a_registered_family_is_read_loaded_and_described_like_the_others():
     register_family(Family("toy", "toy", lambda rest: None if rest else ("PETStudio-Tiny", None, "random"), load,
                            ("retrieval",), {"random": "`{spec}` is a toy."}, lambda spec: 1234))
     try:
-        assert load_backbone("toy").tasks == ("retrieval",) and weights_size("toy") == 1234
+        assert load_backbone("toy").tasks == ("retrieval",) and estimate_weights_bytes("toy") == 1234
         assert describe_spec("toy", local_paths=False) == "`toy` is a toy."
         assert describe_spec("toy:x", local_paths=False).endswith("blip-vqa:base|HUB_ID|PATH, offline or toy")
         with pytest.raises(ValueError, match="already registered"):
@@ -203,11 +204,19 @@ def test_training_under_low_precision_autocast_runs_attention_in_fp32_on_a_cpu(l
 
 def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_folder, tmp_path, monkeypatch):
     for spec in ("offline", TINY):
-        assert weights_size(spec) == weights_bytes(load_backbone(spec))
-    assert weights_size("blip:base") == weights_bytes(load_backbone("blip:base").model)
-    assert weights_size("openclip:ViT-B-32:openai") == weights_size("openclip:ViT-B-32") == 605_132_968   # fp32
-    assert weights_size("openclip:ViT-B-32:/x.pt") is None and weights_size("openclip:no-such-model") is None
-    assert weights_size("blip:Salesforce/blip-itm-base-coco") is None   # the hub cannot be reached here
+        assert estimate_weights_bytes(spec) == weights_bytes(load_backbone(spec))
+    assert estimate_weights_bytes("blip:base") == weights_bytes(load_backbone("blip:base").model)
+    assert estimate_weights_bytes("openclip:ViT-B-32:openai") == estimate_weights_bytes("openclip:ViT-B-32") == 605_132_968   # fp32
+    assert estimate_weights_bytes("openclip:ViT-B-32:/x.pt") is None and estimate_weights_bytes("openclip:no-such-model") is None
+    for spec in ("openclip:RN50", "openclip:coca_ViT-B-32"):   # refused before anything is built
+        with pytest.raises(BackboneError, match="only ViT vision towers|only open_clip's own causal text"):
+            estimate_weights_bytes(spec)
+
+    def unreachable(repo_id, filename):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    assert estimate_weights_bytes("blip:Salesforce/blip-itm-base-coco") is None   # its loader says why
     # A hub model is sized from its config.json alone, fetched from the hub (served here from a local copy).
     fetched = []
     folder = tmp_path / "hub"
@@ -216,12 +225,26 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
                         lambda repo_id, filename: fetched.append((repo_id, filename)) or str(folder / filename))
     config = json.loads((tiny_blip_folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config))
-    assert weights_size("blip:someone/tiny") == weights_bytes(load_backbone(f"blip:{tiny_blip_folder}").model)
+    assert estimate_weights_bytes("blip:someone/tiny") == weights_bytes(load_backbone(f"blip:{tiny_blip_folder}").model)
     assert fetched == [("someone/tiny", "config.json")]
     # A hostile config is refused before even its meta-device model is built.
     config["text_config"]["num_hidden_layers"] = 100_000
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(BackboneError, match="someone/huge: its config asks for 100000 layers in a tower"):
-        weights_size("blip:someone/huge")
+        estimate_weights_bytes("blip:someone/huge")
+    # and so is a repository that changed to it after it was sized
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(folder))
+    with pytest.raises(BackboneError, match="someone/changed: its config asks for 100000 layers in a tower"):
+        load_backbone("blip:someone/changed")
     (folder / "config.json").write_text("{not json")
-    assert weights_size("blip:someone/broken") is None   # its loader says what is wrong
+    assert estimate_weights_bytes("blip:someone/broken") is None   # its loader says what is wrong
+
+
+def test_a_blip_config_asking_for_another_dtype_loads_in_fp32_as_sized(tiny_blip_folder, tmp_path):
+    """A config's dtype would double a float64 model's memory past the size checked before loading."""
+    folder = tmp_path / "float64"
+    shutil.copytree(tiny_blip_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "float64", "torch_dtype": "float64"}))
+    backbone = load_backbone(f"blip:{folder}")
+    assert {p.dtype for p in backbone.parameters()} == {torch.float32}

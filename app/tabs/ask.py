@@ -84,7 +84,7 @@ def _galleries(session, run: str, model) -> list[tuple]:
     """(model key, gallery, its embeddings or None) for the frozen and the chosen tuned model."""
     frames = frames_for(session, run)
     keys = [key for _, key in models_for(session, run, model)]
-    _warn(MODELS.load(keys))   # here, before the call: a ZeroGPU worker inherits what this process holds
+    _warn(MODELS.load(keys).notes)   # here, before the call: a ZeroGPU worker inherits what this process holds
     return [(key, *gallery(session, key, frames)) for key in keys]
 
 
@@ -174,7 +174,7 @@ def answer_question(upload: Optional[str], pick: Optional[str], question: str, a
         candidates = candidate_answers(session.dataset.items if session.dataset else [], typed)
         labelled = models_for(session, run, model)
         keys = [key for _, key in labelled]
-        _warn(MODELS.load(keys))
+        _warn(MODELS.load(keys).notes)
         results = on_device(_answer_on, keys, str(path), question, candidates, frames_for(session, run),
                             seconds=sum(query_seconds(key.spec, 1) for key in keys))
     labels, generated = [], []

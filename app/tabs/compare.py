@@ -115,7 +115,7 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
     try:   # refused before any folder or device time is taken
         for seed in arguments["seeds"]:
             check_settings(seed=seed, **{k: arguments[k] for k in ("shots", "epochs", "batch_size", "frames")})
-        MODELS.fits(arguments["model"])
+        MODELS.refuse_oversized(arguments["model"])
     except USER_ERRORS as error:
         raise views.user_error(error) from error
     live, out, data = claim_folders(session, "sweeps", "compare")

@@ -165,7 +165,7 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
         check_settings(**{k: arguments[k] for k in ("shots", "epochs", "lr", "batch_size", "frames", "extra_answers")})
         get_method(method)   # an API client's unknown method
         make_config(method, arguments["options"])   # its unknown option, a value out of range
-        MODELS.fits(spec)
+        MODELS.refuse_oversized(spec)
     except USER_ERRORS as error:
         raise views.user_error(error) from error
     live, out, data = claim_folders(session, "runs", str(method))

@@ -70,15 +70,14 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
         folder = session.new_folder("runs", "uploaded")
         shutil.copyfile(weights[0], folder / checkpoint.WEIGHTS)
         shutil.copyfile(infos[0], folder / checkpoint.RUN_INFO)
-        built, refusal = None, None
+        loaded, refusal = None, None
         try:
             info, _ = checkpoint.read(folder)   # run.json checked against its schema
             run = Run(f"{len(session.runs) + 1} · {info.method} · {info.backbone} (uploaded)", folder, info,
                       local_paths=False)
             # every name, shape, dtype and value is checked before the run is listed, by attaching it to the
             # shared backbone: inside a device call, so that no ZeroGPU worker is forked from a half-attached model
-            built = None if MODELS.loaded(run_model(run)) else run_model(run)
-            MODELS.load([run_model(run)])
+            loaded = MODELS.load([run_model(run)])
             on_device(_attach_on, run_model(run), seconds=query_seconds(info.backbone, 0))
         except (*USER_ERRORS, gr.Error) as error:   # gr.Error: the same, said inside the device call
             STORE.remove(folder)
@@ -86,8 +85,8 @@ def load_weights(files: Optional[list[str]], request: gr.Request):
             refusal = _as_uploaded(said, folder, weights[0].name, infos[0].name)
         if refusal is not None:
             # a refused file keeps no model it made the app build; out here, where no traceback holds it
-            if built is not None:
-                MODELS.forget(built)
+            if loaded is not None:
+                MODELS.forget(loaded)
             raise views.user_error(ValueError(refusal))
         session.runs[run.name] = run
     card = views.run_card(run.name, info) if info.scored else f"Loaded **{views.plain(run.name)}**."

@@ -22,8 +22,8 @@ from core.backbones.base import CAPABILITIES, Backbone, BackboneError
 from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout
 
 __all__ = ["CAPABILITIES", "FAMILIES", "OFFLINE", "Backbone", "BackboneError", "BlockLayout", "Family", "Projection",
-           "ResidualSite", "Spec", "TowerLayout", "describe_spec", "load_backbone", "parse_spec", "register_family",
-           "weights_size"]
+           "ResidualSite", "Spec", "TowerLayout", "describe_spec", "estimate_weights_bytes", "load_backbone",
+           "parse_spec", "register_family"]
 
 
 OFFLINE = "offline"
@@ -55,7 +55,7 @@ class Family:
     family's library only when called, so reading and describing specs stays light. `notices`
     says, for each kind of weights it reads, what the user is told before anything is tuned
     (`{spec}` stands for the spec). `size(spec)` is the bytes its weights would take in memory,
-known before loading them (without allocating them), or None where it cannot be."""
+    known before loading them (without allocating them), or None where it cannot be."""
 
     name: str
     forms: str                      # how its specs are written, for messages
@@ -110,10 +110,11 @@ def describe_spec(spec: str, local_paths: bool) -> str:
     return FAMILIES[parsed.family].notices[parsed.weights].format(spec=parsed.text)
 
 
-def weights_size(spec: str) -> Optional[int]:
+def estimate_weights_bytes(spec: str) -> Optional[int]:
     """The bytes the weights of `spec` would take in memory, found before loading them (from its
     architecture on the meta device; a BLIP hub model's config.json is fetched for it): None where
-    that cannot be known beforehand (a local file or folder, a hub that cannot be reached)."""
+    that cannot be known beforehand (a local file or folder, a hub that cannot be reached). An
+    architecture that cannot be tuned here is refused (BackboneError) before it is built."""
     parsed = parse_spec(spec)
     return FAMILIES[parsed.family].size(parsed)
 

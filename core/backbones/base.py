@@ -14,6 +14,13 @@ def weights_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+def built_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` on PyTorch's meta device: the module's structure and shapes, no memory allocated and
+    no random number drawn."""
+    with torch.device("meta"):
+        return build()
+
+
 class BackboneError(ValueError):
     """A backbone spec that cannot be loaded, with a message meant for the user.
 

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from core.backbones.base import Backbone, BackboneError, weights_bytes
+from core.backbones.base import Backbone, BackboneError, built_on_meta, weights_bytes
 from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout, pools_tokens
 
 MAX_TEXT_TOKENS = 35   # BLIP's retrieval caption length
@@ -138,16 +138,24 @@ def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
 
     try:
         config = BlipConfig.from_pretrained(str(Path(hf_hub_download(repo_id=source, filename="config.json")).parent))
-        layers = max(int(config.vision_config.num_hidden_layers), int(config.text_config.num_hidden_layers))
+        layers = _layers(config)
     except Exception:  # hub, network and format errors come in many library types
         return None
-    if layers > MAX_CONFIG_LAYERS:
-        raise BackboneError(f"{source}: its config asks for {layers} layers in a tower; BLIP models here have at most "
-                            f"{MAX_CONFIG_LAYERS}")
+    _refuse_deep(layers, source)
     try:
         return _meta_bytes(config, answering)
     except Exception:  # a config transformers cannot build: loading it says so
         return None
+
+
+def _layers(config) -> int:
+    return max(int(config.vision_config.num_hidden_layers), int(config.text_config.num_hidden_layers))
+
+
+def _refuse_deep(layers: int, source: str) -> None:
+    if layers > MAX_CONFIG_LAYERS:
+        raise BackboneError(f"{source}: its config asks for {layers} layers in a tower; BLIP models here have at most "
+                            f"{MAX_CONFIG_LAYERS}")
 
 
 @functools.lru_cache(maxsize=2)
@@ -161,8 +169,7 @@ def _meta_bytes(config, answering: bool) -> int:
     from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
 
     model_class = BlipForQuestionAnswering if answering else BlipForImageTextRetrieval
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        return weights_bytes(model_class(config))
+    return weights_bytes(built_on_meta(lambda: model_class(config)))
 
 
 def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: str = "hub") -> Backbone:
@@ -205,8 +212,13 @@ def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: 
             except Exception as error:  # hub, network and validation errors come in many library types
                 raise BackboneError(f"could not fetch BLIP weights for {source} "
                                     f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
+            try:   # the repository may have changed since it was sized
+                layers = _layers(BlipConfig.from_pretrained(folder))
+            except Exception as error:  # format errors come in many library types
+                raise BackboneError(f"could not load BLIP from {source}: {error}") from error
+            _refuse_deep(layers, source)
         try:
-            model = model_class.from_pretrained(folder)
+            model = model_class.from_pretrained(folder, dtype=torch.float32)   # as sized: not a config's dtype
             processor = BlipProcessor.from_pretrained(folder)
         except Exception as error:  # file and format errors come in many library types
             raise BackboneError(f"could not load BLIP from {'folder ' if kind == 'folder' else ''}{source}: "

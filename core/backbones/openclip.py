@@ -2,7 +2,6 @@
 checkpoint file, or no weights (random init drawn from the run's seed)."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,7 @@ import open_clip
 import torch
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
 
-from core.backbones.base import Backbone, BackboneError, weights_bytes
+from core.backbones.base import Backbone, BackboneError, built_on_meta, weights_bytes
 from core.backbones.block import PreNormBlock
 from core.backbones.layout import TowerLayout
 
@@ -48,18 +47,36 @@ def load_openclip(spec: str, name: str, source: Optional[str], seed: int, as_pat
     return OpenClipBackbone(spec, name, model, preprocess, open_clip.get_tokenizer(name), weights, seed)
 
 
-@functools.lru_cache(maxsize=64)
+_SIZES: dict[str, int] = {}   # open_clip name -> its weights' bytes, once it has built (a failure is tried again)
+
+
 def openclip_bytes(name: str) -> Optional[int]:
     """The bytes open_clip model `name`'s weights take in memory, from its architecture built on the
-    meta device (nothing allocated, no weights read): the same for every tag of it. None for a name
-    open_clip does not know or cannot build without fetching a tower (loading it says why)."""
+    meta device (nothing allocated, no weights read; a hub text tower's config alone is fetched): the
+    same for every tag of it. An architecture PET Studio cannot tune is refused here, before it is
+    built. None for a name open_clip does not know, or cannot build without a network (loading says
+    why)."""
     if name not in open_clip.list_models():
         return None
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            return weights_bytes(open_clip.create_model(name, device="meta"))
-    except Exception:  # a hub text tower without a network, among others: the loader reports it
-        return None
+    if name not in _SIZES:
+        try:
+            model = built_on_meta(lambda: open_clip.create_model(name, device="meta", pretrained_text=False))
+        except Exception:  # a hub text tower's config without a network, among others
+            return None
+        _check_architecture(name, model)
+        _SIZES[name] = weights_bytes(model)
+    return _SIZES[name]
+
+
+def _check_architecture(name: str, model) -> None:
+    """Refuse an open_clip model whose towers PET Studio's layouts do not describe."""
+    if not isinstance(model.visual, VisionTransformer):
+        raise BackboneError(f"{name}: only ViT vision towers are supported (got {type(model.visual).__name__})")
+    text = getattr(model, "text", model)
+    if not hasattr(text, "transformer") or getattr(text, "cls_emb", None) is not None:
+        raise BackboneError(f"{name}: only open_clip's own causal text transformer is supported")
+    if model.visual.attn_pool is not None:
+        raise BackboneError(f"{name}: attentional pooling vision towers are not supported")
 
 
 class OpenClipBackbone(Backbone):
@@ -67,16 +84,10 @@ class OpenClipBackbone(Backbone):
 
     def __init__(self, spec, name, model, preprocess, tokenizer, weights, seed):
         super().__init__()
-        if not isinstance(model.visual, VisionTransformer):
-            raise BackboneError(f"{name}: only ViT vision towers are supported (got {type(model.visual).__name__})")
-        text = getattr(model, "text", model)
-        if not hasattr(text, "transformer") or getattr(text, "cls_emb", None) is not None:
-            raise BackboneError(f"{name}: only open_clip's own causal text transformer is supported")
-        if model.visual.attn_pool is not None:
-            raise BackboneError(f"{name}: attentional pooling vision towers are not supported")
+        _check_architecture(name, model)
         self.spec, self.name, self.weights, self.seed = spec, name, weights, seed
         self.model = model
-        self.text = text
+        self.text = text = getattr(model, "text", model)
         self.image_transform = preprocess
         self._tokenizer = tokenizer
         self.towers = {
