@@ -73,6 +73,7 @@ class ModelCache:
     def __init__(self, budget_mb: float):
         self.budget = budget_mb * 2**20
         self._backbones: OrderedDict[tuple, tuple[Backbone, threading.Lock]] = OrderedDict()
+        self._unshared: set[tuple] = set()   # built by a load that no other load has taken them from since
         self._lock = threading.Lock()
 
     def refuse_oversized(self, spec: str) -> None:
@@ -89,32 +90,40 @@ class ModelCache:
         """The frozen backbone (on the CPU between calls) and the lock a call holds while using it."""
         return self._entry(spec, seed, local_paths)[1]
 
-    def _entry(self, spec: str, seed: int, local_paths: bool) -> tuple[tuple, tuple[Backbone, threading.Lock], bool]:
-        """(its key, its entry, whether this call built it)."""
+    def _entry(self, spec: str, seed: int, local_paths: bool,
+               taken: bool = False) -> tuple[tuple, tuple[Backbone, threading.Lock], bool]:
+        """(its key, its entry, whether this call built it). With `taken`, a `load` takes an entry it did
+        not build, which no other load's `forget` may then let go (every handler loads its models
+        before its device call uses them, so a load is where another session takes one)."""
         # the seed draws a random init only: every seed of pretrained weights is one model
         key = (spec, seed if parse_spec(spec).weights == "random" else 0, local_paths)
         with self._lock:
             if key in self._backbones:
                 self._backbones.move_to_end(key)
+                if taken:
+                    self._unshared.discard(key)
                 return key, self._backbones[key], False
         self.refuse_oversized(spec)
-        loaded = load_backbone(spec, key[1], fallback_offline=True, local_paths=local_paths).eval()
+        backbone = load_backbone(spec, key[1], fallback_offline=True, local_paths=local_paths).eval()
         with self._lock:
-            entry = self._backbones.setdefault(key, (loaded, threading.Lock()))
+            entry = self._backbones.setdefault(key, (backbone, threading.Lock()))
+            built = entry[0] is backbone
+            if built:
+                self._unshared.add(key)
             while len(self._backbones) > 1 and sum(weights_bytes(b) for b, _ in self._backbones.values()) > self.budget:
-                self._backbones.popitem(last=False)   # a call still using it keeps it alive until it ends
-            return key, entry, entry[0] is loaded
+                self._unshared.discard(self._backbones.popitem(last=False)[0])   # a call using it keeps it alive
+            return key, entry, built
 
     def load(self, keys: list[ModelKey]) -> Loaded:
         """Load these models here, before a device call: a ZeroGPU worker is forked from this process
         and inherits what it holds, where a model the worker loads itself is lost with the worker. A
         spec that cannot be loaded is said as the page says core's errors (outside a device call,
-        nothing else would). A run's weights are refused on a model standing in for an unreachable
-        one (they were tuned on the model it replaces)."""
-        loaded = Loaded()
+        nothing else would), and what this call built for it is let go. A run's weights are refused on
+        a model standing in for an unreachable one (they were tuned on the model it replaces)."""
+        loaded, refusal = Loaded(), None
         try:
             for key in keys:
-                cache_key, (backbone, _), built = self._entry(key.spec, key.seed, key.local_paths)
+                cache_key, (backbone, _), built = self._entry(key.spec, key.seed, key.local_paths, taken=True)
                 if built:
                     loaded.built.append((cache_key, backbone))
                 if backbone.fallback_note and key.run is not None:
@@ -123,19 +132,24 @@ class ModelCache:
                 if backbone.fallback_note:
                     loaded.notes.add(backbone.fallback_note)
         except BackboneError as error:
-            raise views.user_error(error) from error
+            refusal = str(error)
+        if refusal is not None:
+            backbone = None   # out here, where no traceback holds what was built
+            self.forget(loaded)
+            raise views.user_error(BackboneError(refusal))
         return loaded
 
     def forget(self, loaded: Loaded) -> None:
-        """Let go of the backbones a `load` built, unless the cache has built them again since, and hand
-        their memory back to the system (a call still using one, or an exception's traceback still
-        holding it, keeps it alive until they end)."""
+        """Let go of the backbones a `load` built that no other load has taken from the cache since,
+        and hand their memory back to the system (a call still using one keeps it alive until it ends)."""
         with self._lock:
-            dropped = [self._backbones.pop(key) for key, backbone in loaded.built
-                       if key in self._backbones and self._backbones[key][0] is backbone]
-        loaded.built.clear()   # its references too, before the memory is handed back
-        if dropped:
-            del dropped
+            mine = [key for key, backbone in loaded.built
+                    if key in self._unshared and self._backbones[key][0] is backbone]
+            for key in mine:
+                self._backbones.pop(key)
+                self._unshared.discard(key)
+        if loaded.built:
+            loaded.built.clear()   # no reference may outlive the hand-back, or its memory stays with the heap
             return_freed_memory()
 
     def fresh_locks(self) -> None:
@@ -147,6 +161,7 @@ class ModelCache:
     def clear(self) -> None:
         with self._lock:
             self._backbones.clear()
+            self._unshared.clear()
 
     def __len__(self) -> int:
         return len(self._backbones)

@@ -8,6 +8,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # The CLI's zero-shot scores go to a folder of this test session's, never the user's cache.
 os.environ["PETSTUDIO_CACHE"] = tempfile.mkdtemp(prefix="petstudio-test-cache-")
 atexit.register(shutil.rmtree, os.environ["PETSTUDIO_CACHE"], ignore_errors=True)
+# an empty hub cache: weights a developer has fetched must not stand in for the unreachable hub the tests assume
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="petstudio-test-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

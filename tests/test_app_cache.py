@@ -182,16 +182,35 @@ def test_a_refused_upload_leaves_no_model_behind(visitor, tmp_path):
     assert not list(sessions.STORE.get("visitor").folder.glob("runs/*"))
 
 
-def test_a_stand_in_for_an_unreachable_backbone_is_said_in_ask_and_refuses_its_runs(visitor, tmp_path):
-    load_sample(PHOTOS, visitor)
-    with pytest.warns(UserWarning, match="openclip:ViT-B-32:openai could not be fetched .*bundled offline model"):
-        frozen, tuned = ask.search_text("a cat", models.NO_RUN, "openclip:ViT-B-32:openai", visitor)
-    assert len(frozen) == 5 and tuned == []
-    # a run tuned on that backbone is not attached to the offline model standing in for it
+def test_a_stand_in_for_an_unreachable_backbone_refuses_its_runs_and_is_said_in_ask(visitor, tmp_path):
+    # a run tuned on that backbone is not attached to the offline model standing in for it, nor is the stand-in kept
     run = Path(tune("offline", sample_path("photos"), "bitfit", shots=2, epochs=1, lr=1e-2, seed=0,
                     out=tmp_path / "run").out)
     info = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**info, "backbone": "openclip:ViT-B-32:openai"}))
+    held = dict(models.MODELS._backbones)
     with pytest.raises(gr.Error, match="this run was tuned on openclip:ViT-B-32:openai, which this app cannot load "
                                        "now: openclip:ViT-B-32:openai could not be fetched"):
         weights.load_weights([str(run / "pet.safetensors"), str(run / "run.json")], visitor)
+    assert models.MODELS._backbones == held
+    load_sample(PHOTOS, visitor)
+    with pytest.warns(UserWarning, match="openclip:ViT-B-32:openai could not be fetched .*bundled offline model"):
+        frozen, tuned = ask.search_text("a cat", models.NO_RUN, "openclip:ViT-B-32:openai", visitor)
+    assert len(frozen) == 5 and tuned == []
+
+
+def test_a_load_lets_go_only_of_what_no_other_load_has_taken_since():
+    cache = models.ModelCache(budget_mb=1e6)
+    key = models.ModelKey(TINY, 5, False)
+    loaded = cache.load([key])
+    cache.forget(loaded)
+    assert len(cache) == 0 and loaded.built == []
+    loaded = cache.load([key])
+    cache.backbone(TINY, 5, False)              # the same handler's device call uses it: still its own
+    cache.forget(loaded)
+    assert len(cache) == 0
+    loaded = cache.load([key])
+    assert cache.load([key]).built == []        # another session's load takes it meanwhile
+    taken, _ = cache.backbone(TINY, 5, False)
+    cache.forget(loaded)
+    assert cache.backbone(TINY, 5, False)[0] is taken and len(cache) == 1

@@ -217,10 +217,11 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
     assert estimate_weights_bytes("blip:Salesforce/blip-itm-base-coco") is None   # its loader says why
-    # A hub model is sized from its config.json alone, fetched from the hub (served here from a local copy).
+    # A hub model is sized from its config.json alone, fetched from the hub (served here from a local copy
+    # laid out as the hub cache lays out a commit).
     fetched = []
-    folder = tmp_path / "hub"
-    folder.mkdir()
+    folder = tmp_path / "hub" / "snapshots" / "c0ffee"
+    folder.mkdir(parents=True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
                         lambda repo_id, filename: fetched.append((repo_id, filename)) or str(folder / filename))
     config = json.loads((tiny_blip_folder / "config.json").read_text())
@@ -232,12 +233,24 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(BackboneError, match="someone/huge: its config asks for 100000 layers in a tower"):
         estimate_weights_bytes("blip:someone/huge")
-    # and so is a repository that changed to it after it was sized
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(folder))
-    with pytest.raises(BackboneError, match="someone/changed: its config asks for 100000 layers in a tower"):
-        load_backbone("blip:someone/changed")
+    # Loading fetches the commit that was sized, whatever the repository holds since.
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns, revision: asked.append(revision) or str(tiny_blip_folder))
+    load_backbone("blip:someone/tiny")
+    assert asked == ["c0ffee"]
     (folder / "config.json").write_text("{not json")
     assert estimate_weights_bytes("blip:someone/broken") is None   # its loader says what is wrong
+
+
+def test_an_open_clip_model_with_a_hugging_face_text_tower_is_refused_before_it_is_built(monkeypatch):
+    import transformers
+    from open_clip import hf_model
+
+    tiny = transformers.RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    monkeypatch.setattr(hf_model.AutoConfig, "from_pretrained", lambda name, *args, **kwargs: tiny)   # its config alone
+    with pytest.raises(BackboneError, match="roberta-ViT-B-32: only open_clip's own causal text transformer"):
+        estimate_weights_bytes("openclip:roberta-ViT-B-32")
 
 
 def test_a_blip_config_asking_for_another_dtype_loads_in_fp32_as_sized(tiny_blip_folder, tmp_path):

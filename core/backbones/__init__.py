@@ -55,7 +55,8 @@ class Family:
     family's library only when called, so reading and describing specs stays light. `notices`
     says, for each kind of weights it reads, what the user is told before anything is tuned
     (`{spec}` stands for the spec). `size(spec)` is the bytes its weights would take in memory,
-    known before loading them (without allocating them), or None where it cannot be."""
+    known before loading them (without allocating them), or None where it cannot be; it raises
+    BackboneError for an architecture that cannot be tuned here."""
 
     name: str
     forms: str                      # how its specs are written, for messages

@@ -122,6 +122,7 @@ HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
 
 
 MAX_CONFIG_LAYERS = 96   # per tower: BLIP-large has 24; a config beyond this is not built, even on the meta device
+SIZED_COMMITS: dict[str, str] = {}   # hub id -> the commit `blip_bytes` sized, which loading then fetches
 
 
 def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
@@ -137,25 +138,21 @@ def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
     from transformers import BlipConfig
 
     try:
-        config = BlipConfig.from_pretrained(str(Path(hf_hub_download(repo_id=source, filename="config.json")).parent))
-        layers = _layers(config)
+        snapshot = Path(hf_hub_download(repo_id=source, filename="config.json")).parent
+        config = BlipConfig.from_pretrained(str(snapshot))
+        layers = max(int(config.vision_config.num_hidden_layers), int(config.text_config.num_hidden_layers))
     except Exception:  # hub, network and format errors come in many library types
         return None
-    _refuse_deep(layers, source)
-    try:
-        return _meta_bytes(config, answering)
-    except Exception:  # a config transformers cannot build: loading it says so
-        return None
-
-
-def _layers(config) -> int:
-    return max(int(config.vision_config.num_hidden_layers), int(config.text_config.num_hidden_layers))
-
-
-def _refuse_deep(layers: int, source: str) -> None:
     if layers > MAX_CONFIG_LAYERS:
         raise BackboneError(f"{source}: its config asks for {layers} layers in a tower; BLIP models here have at most "
                             f"{MAX_CONFIG_LAYERS}")
+    try:
+        size = _meta_bytes(config, answering)
+    except Exception:  # a config transformers cannot build: loading it says so
+        return None
+    if snapshot.parent.name == "snapshots":   # the hub cache's snapshots/<commit>/: load what was sized
+        SIZED_COMMITS[source] = snapshot.name
+    return size
 
 
 @functools.lru_cache(maxsize=2)
@@ -207,16 +204,11 @@ def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: 
         else:
             from huggingface_hub import snapshot_download
 
-            try:
-                folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES)
+            try:   # the commit that was sized, where it was: the repository may have changed since
+                folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=SIZED_COMMITS.get(source))
             except Exception as error:  # hub, network and validation errors come in many library types
                 raise BackboneError(f"could not fetch BLIP weights for {source} "
                                     f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
-            try:   # the repository may have changed since it was sized
-                layers = _layers(BlipConfig.from_pretrained(folder))
-            except Exception as error:  # format errors come in many library types
-                raise BackboneError(f"could not load BLIP from {source}: {error}") from error
-            _refuse_deep(layers, source)
         try:
             model = model_class.from_pretrained(folder, dtype=torch.float32)   # as sized: not a config's dtype
             processor = BlipProcessor.from_pretrained(folder)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import open_clip
 import torch
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer, text_global_pool
 
 from core.backbones.base import Backbone, BackboneError, built_on_meta, weights_bytes
 from core.backbones.block import PreNormBlock
@@ -47,7 +47,8 @@ def load_openclip(spec: str, name: str, source: Optional[str], seed: int, as_pat
     return OpenClipBackbone(spec, name, model, preprocess, open_clip.get_tokenizer(name), weights, seed)
 
 
-_SIZES: dict[str, int] = {}   # open_clip name -> its weights' bytes, once it has built (a failure is tried again)
+_SIZES: dict[str, int] = {}      # open_clip name -> its weights' bytes, once it has built (a failure is tried again)
+_REFUSALS: dict[str, str] = {}   # open_clip name -> why PET Studio cannot tune it
 
 
 def openclip_bytes(name: str) -> Optional[int]:
@@ -58,13 +59,18 @@ def openclip_bytes(name: str) -> Optional[int]:
     why)."""
     if name not in open_clip.list_models():
         return None
-    if name not in _SIZES:
+    if name not in _SIZES and name not in _REFUSALS:
         try:
             model = built_on_meta(lambda: open_clip.create_model(name, device="meta", pretrained_text=False))
         except Exception:  # a hub text tower's config without a network, among others
             return None
-        _check_architecture(name, model)
-        _SIZES[name] = weights_bytes(model)
+        try:
+            _check_architecture(name, model)
+            _SIZES[name] = weights_bytes(model)
+        except BackboneError as error:
+            _REFUSALS[name] = str(error)
+    if name in _REFUSALS:
+        raise BackboneError(_REFUSALS[name])
     return _SIZES[name]
 
 
@@ -73,7 +79,8 @@ def _check_architecture(name: str, model) -> None:
     if not isinstance(model.visual, VisionTransformer):
         raise BackboneError(f"{name}: only ViT vision towers are supported (got {type(model.visual).__name__})")
     text = getattr(model, "text", model)
-    if not hasattr(text, "transformer") or getattr(text, "cls_emb", None) is not None:
+    # a Hugging Face text tower (HFTextEncoder) has a `transformer` too, but none of its layout
+    if not isinstance(text, (open_clip.CLIP, TextTransformer)) or getattr(text, "cls_emb", None) is not None:
         raise BackboneError(f"{name}: only open_clip's own causal text transformer is supported")
     if model.visual.attn_pool is not None:
         raise BackboneError(f"{name}: attentional pooling vision towers are not supported")
