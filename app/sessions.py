@@ -49,8 +49,13 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
-    def new_folder(self, kind: str, label: str) -> Path:
-        """A fresh folder inside this session's own folder: kind/NN-label."""
+    def new_folder(self, kind: str, label: str, replacing: bool = False) -> Path:
+        """A fresh folder inside this session's own folder: kind/NN-label. `replacing` first removes
+        the earlier folders of that kind, for files that are sent and then only wait: Gradio keeps
+        its own copy of a file it sent, and an export or a report per click would pile up."""
+        if replacing and (self.folder / kind).is_dir():
+            for earlier in (self.folder / kind).iterdir():
+                remove_inside(self.folder, earlier)
         self.counter += 1
         safe = re.sub(r"[^A-Za-z0-9_]+", "-", label).strip("-") or kind
         folder = self.folder / kind / f"{self.counter:02d}-{safe}"

@@ -52,8 +52,10 @@ def run_report(run: str, request: gr.Request) -> str:
     if not isinstance(run, str) or run not in session.runs or not session.runs[run].result.scored:
         raise gr.Error("choose one of this session's tuned runs")
     chosen = session.runs[run]
-    return on_device(report_on_device, str(chosen.folder), str(session.new_folder("reports", "run") / "report.html"),
-                     chosen.local_paths, seconds=query_seconds(chosen.result.backbone, 1))
+    with session.lock:
+        out = session.new_folder("reports", "run", replacing=True) / "report.html"
+    return on_device(report_on_device, str(chosen.folder), str(out), chosen.local_paths,
+                     seconds=query_seconds(chosen.result.backbone, 1))
 
 
 def export_run(run: str, request: gr.Request) -> str:
@@ -61,13 +63,16 @@ def export_run(run: str, request: gr.Request) -> str:
     session = session_of(request)
     if not isinstance(run, str) or run not in session.runs:
         raise gr.Error("choose one of this session's runs")
-    chosen, folder = session.runs[run], session.new_folder("exports", "model")
+    with session.lock:
+        chosen, folder = session.runs[run], session.new_folder("exports", "model", replacing=True)
     try:
         export(chosen.result.backbone, chosen.folder, folder / "model", local_paths=chosen.local_paths)
     except USER_ERRORS as error:
         STORE.remove(folder)
         raise views.user_error(error) from error
-    return shutil.make_archive(str(folder / "exported"), "zip", folder / "model")
+    archive = shutil.make_archive(str(folder / "exported"), "zip", folder / "model")
+    STORE.remove(folder / "model")   # the archive is what is sent
+    return archive
 
 
 @dataclass

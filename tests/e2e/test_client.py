@@ -398,10 +398,16 @@ def test_compare_methods_in_one_click(app_server, tmp_path):
     client.close()
 
 
-def test_export_a_run_for_open_clip(client, tmp_path):
+def test_export_a_run_for_open_clip(app_server, client, tmp_path):
     client.predict(WORLD, api_name="/load_sample")
     _, _, _, run, _, _ = tune(client, method="lora", epochs=1)
-    archive = client.predict(choice_value(run), api_name="/export")
+    for _ in range(2):   # a session keeps only its latest export and report, and only what was sent
+        archive = client.predict(choice_value(run), api_name="/export")
+        report = client.predict(choice_value(run), api_name="/run_report")
+    kept = sorted(f"{p.parts[-3]}/{p.name}" for p in app_server[1].glob("*/*/*/*")
+                  if p.parts[-3] in ("exports", "reports"))
+    assert kept == ["exports/exported.zip", "reports/report.html"], kept
+    assert "<html" in Path(report).read_text()[:200].lower()
     with zipfile.ZipFile(archive) as z:
         assert sorted(z.namelist()) == ["PETStudio-World.json", "README.md", "open_clip_model.safetensors"]
         z.extractall(tmp_path)
