@@ -117,6 +117,10 @@ class _Refused(Exception):
     """A command line the parser refuses, with argparse's message."""
 
 
+class _Helped(Exception):
+    """A command line that asked for help (-h, --help), with argparse's text."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser (its subcommands' too), whose refusals come back to `main`, so that with
     --json they keep the contract: {"error": ...} as the last line, exit 2. No flag may be
@@ -128,6 +132,9 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.print_usage(sys.stderr)
         raise _Refused(f"{self.prog}: error: {message}")
+
+    def print_help(self, file=None):   # argparse's help action: `main` prints it, as JSON under --json
+        raise _Helped(self.format_help())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -473,13 +480,17 @@ def _human(command: str, result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    as_json = any(argument == "--json" or argument.startswith("--json=") for argument in argv)
     try:
         args = _parser().parse_args(argv)
     except _Refused as refusal:
-        if any(argument == "--json" or argument.startswith("--json=") for argument in argv):
+        if as_json:
             print(json.dumps({"error": str(refusal)}))
         print(refusal, file=sys.stderr)
         return 2
+    except _Helped as helped:
+        print(json.dumps({"help": str(helped)}) if as_json else str(helped), end="\n" if as_json else "")
+        return 0
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every random init; we say it once
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # read by transformers at import
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

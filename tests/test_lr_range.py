@@ -211,6 +211,9 @@ def test_the_cli_finds_the_rate_by_default_and_uses_a_given_one_as_given(shapes,
     assert main(["info", "--method", "nosuch", "--json=1"]) == 2   # --json said otherwise: still its contract
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"].startswith("python -m core info")
     assert main(["info", "--js"]) == 2 and capsys.readouterr().out == ""   # no flag is abbreviated, --json neither
+    assert main(["tune", "--help", "--json"]) == 0   # help too is one JSON line under --json
+    assert "--lr LR" in json.loads(capsys.readouterr().out.strip())["help"]
+    assert main(["tune", "--help"]) == 0 and capsys.readouterr().out.startswith("usage: python -m core tune")
     assert not (tmp_path / "bad").exists()
 
 
