@@ -163,6 +163,36 @@ def test_the_lr_proof_summary_compares_auto_with_the_best_fixed_rate_and_the_one
         in verdict and verdict.endswith("| — |")
 
 
+def test_the_proof_says_what_seed_noise_alone_would_cost_a_rule_at_the_best_fixed_rate():
+    """A rule always at the best rate still misses when its seeds land low or the grid's best mean landed
+    high: with two seeds of spread 3 at the best rate (the others far below), the difference of the
+    two means has a spread of 3, so a gap over 3 points comes Φ(-1) = 15.9% of the time."""
+    from statistics import NormalDist
+    from core.offline import lr_proof_summary, noise_miss_chance, noise_verdict
+
+    spread = 3 / 2 ** 0.5   # two scores mean ± this have a sample spread of 3
+    noisy = {1e-2: [60 - spread, 60 + spread], 1e-3: [10.0, 10.0]}
+    assert abs(noise_miss_chance(noisy, 1e-2, seeds=2) - NormalDist().cdf(-1)) < 0.01
+    assert abs(noise_miss_chance(noisy, 1e-2, seeds=2, margin=6) - NormalDist().cdf(-2)) < 0.005
+    assert noise_miss_chance({1e-2: [60.0, 60.0], 1e-3: [50.0, 50.0]}, 1e-2, seeds=2) == 0.0
+    # a close second rate, noisy: its mean lands above the best's more often (the winner's curse)
+    assert noise_miss_chance({**noisy, 3e-3: [58 - 4, 58 + 4]}, 1e-2, seeds=2) > noise_miss_chance(noisy, 1e-2, 2) + 0.05
+
+    def row(lr, seed, score):
+        return {"part": "novel-colours", "shots": 16, "method": "lora", "lr": lr, "seed": seed, "t2i_r1": score,
+                "zero_shot_t2i_r1": 5.0, "trained_lr": 0.01 if lr == "auto" else lr, "restarts": 0,
+                "below_zero_shot": False, "seconds": 10.0, "range_test_seconds": 1.0}
+
+    rows = [row(lr, seed, score) for lr, scores in noisy.items() for seed, score in enumerate(scores)]
+    far = lr_proof_summary(rows + [row("auto", 0, 40.0), row("auto", 1, 42.0)])[0]   # 19 points below
+    near = lr_proof_summary(rows + [row("auto", 0, 56.0), row("auto", 1, 56.5)])[0]   # 3.75 below: noise's reach
+    assert far["noise_as_far"] == 0.0 and 0.05 < near["noise_as_far"] < 0.15
+    assert far["noise_miss"] == near["noise_miss"] == noise_miss_chance(noisy, 1e-2, 2)
+    said = noise_verdict([far, {**near, "part": "novel-textures"}])
+    assert "about 0.3 of these 2 rows" in said and "Of `auto`'s 2 misses, 1 is more than" in said
+    assert said.endswith(": novel-colours 16 lora (-19.0, noise 0%).")
+
+
 def test_a_collapsed_run_above_zero_shot_is_counted_flagged_in_the_proof(tmp_path):
     from core.offline import _lr_proof_section, lr_proof_summary, lr_proof_table
 
