@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from core.trainer import autocast, autocast_for
 LOCAL_PATHS = os.environ.get("PETSTUDIO_LOCAL_PATHS", "") == "1"
 NO_RUN = "frozen model only"
 GALLERIES_KEPT = 4   # per session: the frozen and the tuned model's gallery, and two more
+STAND_IN_RETRY_S = 60.0   # a backbone the hub could not give is asked for again after this long
 
 
 def _default_budget_mb() -> float:
@@ -74,6 +76,7 @@ class ModelCache:
         self.budget = budget_mb * 2**20
         self._backbones: OrderedDict[tuple, tuple[Backbone, threading.Lock]] = OrderedDict()
         self._unshared: set[tuple] = set()   # built by a load that no other load has taken them from since
+        self._stand_ins: dict[tuple, float] = {}   # key -> when the offline model began to stand in for it
         self._lock = threading.Lock()
 
     def refuse_oversized(self, spec: str) -> None:
@@ -98,6 +101,8 @@ class ModelCache:
         # the seed draws a random init only: every seed of pretrained weights is one model
         key = (spec, seed if parse_spec(spec).weights == "random" else 0, local_paths)
         with self._lock:
+            if key in self._stand_ins and time.monotonic() - self._stand_ins[key] > STAND_IN_RETRY_S:
+                self._drop(key)   # the network may be back: the hub is asked again
             if key in self._backbones:
                 self._backbones.move_to_end(key)
                 if taken:
@@ -110,9 +115,17 @@ class ModelCache:
             built = entry[0] is backbone
             if built:
                 self._unshared.add(key)
+                if backbone.fallback_note:
+                    self._stand_ins[key] = time.monotonic()
             while len(self._backbones) > 1 and sum(weights_bytes(b) for b, _ in self._backbones.values()) > self.budget:
-                self._unshared.discard(self._backbones.popitem(last=False)[0])   # a call using it keeps it alive
+                self._drop(next(iter(self._backbones)))   # a call using it keeps it alive
             return key, entry, built
+
+    def _drop(self, key: tuple) -> None:
+        """Let go of a cache entry (the caller holds the cache's lock)."""
+        self._backbones.pop(key)
+        self._unshared.discard(key)
+        self._stand_ins.pop(key, None)
 
     def load(self, keys: list[ModelKey]) -> Loaded:
         """Load these models here, before a device call: a ZeroGPU worker is forked from this process
@@ -146,8 +159,7 @@ class ModelCache:
             mine = [key for key, backbone in loaded.built
                     if key in self._unshared and self._backbones[key][0] is backbone]
             for key in mine:
-                self._backbones.pop(key)
-                self._unshared.discard(key)
+                self._drop(key)
         if loaded.built:
             loaded.built.clear()   # no reference may outlive the hand-back, or its memory stays with the heap
             return_freed_memory()
@@ -162,6 +174,7 @@ class ModelCache:
         with self._lock:
             self._backbones.clear()
             self._unshared.clear()
+            self._stand_ins.clear()
 
     def __len__(self) -> int:
         return len(self._backbones)

@@ -11,15 +11,19 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import gradio as gr
 
 from app.device import MARGIN, Call, scoring_seconds, tuning_seconds
+from app.models import MODELS, ModelKey
 from app.sessions import STORE
 from core import lr_range
 from core.result import RunResult
+from core.backbones import Backbone, BackboneError
 from core.data import Dataset
+from core.pet import get_method
 from core.report import write_report
 from core.runs import suggested_lr, tune
 from core.sweep import SweepProgress, SweepResult, sweep
@@ -147,6 +151,21 @@ def sweep_on_device(call: Call, live: str, test_items: int, arguments: dict[str,
                      deadline=training_deadline(call, arguments["model"], test_items))
 
 
+def load_for_report(spec: str, seed: int, local_paths: bool, methods: Iterable[str]) -> None:
+    """Before a report's device call: the shared backbone its gates are read on, when one of its
+    methods has gates to show (the others need no model)."""
+    if any(get_method(method).figure is not None for method in methods):
+        MODELS.load([ModelKey(spec, seed, local_paths)])
+
+
 def report_on_device(call: Call, source: str, out: str, local_paths: bool) -> str:
-    """core.report.write_report: a report reads each run's gates with its model."""
-    return str(write_report(source, out, local_paths=local_paths))
+    """core.report.write_report, reading the runs' gates on the app's shared backbones (a report of a
+    comparison would otherwise load its backbone once more for every method with gates)."""
+    @contextmanager
+    def shared(spec: str, seed: int) -> Iterator[Backbone]:
+        with MODELS.on(call, ModelKey(spec, seed, local_paths)) as (backbone, _):
+            if backbone.fallback_note:   # a stand-in for an unreachable backbone has none of the run's
+                raise BackboneError(f"{spec[:200]} cannot be loaded now: {backbone.fallback_note}")
+            yield backbone
+
+    return str(write_report(source, out, local_paths=local_paths, backbones=shared))

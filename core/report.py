@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import html
 import json
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import plotly.graph_objects as go
 import plotly.offline
+import torch
 from PIL import Image
 
 from core import checkpoint, figures
-from core.backbones import BackboneError
+from core.backbones import Backbone, BackboneError, load_backbone
+from core.pet import get_method
 from core.result import RunResult
-from core.runs import RunError, load_run
+from core.runs import RunError, attach_run
 from core.sweep import SWEEP_INFO, SweepResult, read_sweep
 from core.tasks import metric_label
+from core.trainer import pick_device
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -58,19 +62,46 @@ def run_command(result: RunResult) -> str:
             f"{options}{shots}{settings} --seed {result.seed} --frames {result.frames}")
 
 
-def _gates(folder: Path, result: RunResult, local_paths: bool) -> go.Figure:
-    """What the run's gates learned, read on a plain grey picture and a plain text."""
+# (spec, seed) -> a context holding that frozen backbone: the app lends its shared ones
+Backbones = Callable[[str, int], AbstractContextManager[Backbone]]
+
+
+def loading_backbones(local_paths: bool) -> Backbones:
+    """Each backbone loaded once for a whole report, on the device a run would use: the runs of a sweep
+    share it, each run's weights attached for its gates and taken off again. Without `local_paths` a
+    backbone may not name a server path (an uploaded run)."""
+    loaded: dict[tuple[str, int], Backbone] = {}
+
+    @contextmanager
+    def frozen(spec: str, seed: int) -> Iterator[Backbone]:
+        if (spec, seed) not in loaded:
+            loaded[spec, seed] = load_backbone(spec, seed, local_paths=local_paths).to(pick_device()).eval()
+        yield loaded[spec, seed]
+
+    return frozen
+
+
+def _gates(folder: Path, result: RunResult, backbones: Backbones) -> go.Figure:
+    """What the run's gates learned, read on a plain grey picture and a plain text (a method with
+    nothing of the kind to show needs no model)."""
+    if get_method(result.method).figure is None:
+        return figures.gate_figure(result.method, result.config, {})
     try:
-        backbone, handle, _ = load_run(result.backbone, folder, local_paths=local_paths)
+        with backbones(result.backbone, result.seed) as backbone, torch.no_grad():
+            handle, _ = attach_run(backbone, folder, restorable=True)
+            try:
+                grey = Image.new("RGB", (224, 224), (128, 128, 128))
+                pixels = backbone.image_transform(grey)[None].to(backbone.device)
+                readout = {name: t.float().cpu() for name, t in
+                           handle.gate_readout(pixels, backbone.tokenize(["a photo"]).to(backbone.device)).items()}
+                return figures.gate_figure(result.method, handle.config, readout)
+            finally:
+                handle.detach()
     except (BackboneError, checkpoint.CheckpointError) as error:
         return figures.message_figure(f"the gates need the run's backbone, which could not be loaded: {error}")
-    grey = Image.new("RGB", (224, 224), (128, 128, 128))
-    pixels = backbone.image_transform(grey)[None].to(backbone.device)
-    readout = handle.gate_readout(pixels, backbone.tokenize(["a photo"]).to(backbone.device))
-    return figures.gate_figure(result.method, handle.config, readout)
 
 
-def _run_section(folder: Path, result: RunResult, title: str, local_paths: bool) -> str:
+def _run_section(folder: Path, result: RunResult, title: str, backbones: Backbones) -> str:
     weights = folder / checkpoint.WEIGHTS
     rows = [[metric_label(k), f"{result.zero_shot[k]:.1f}", f"{v:.1f}", f"{v - result.zero_shot[k]:+.1f}"]
             for k, v in result.tuned.items()]   # zero-shot has the same metrics (core.checkpoint)
@@ -87,11 +118,11 @@ def _run_section(folder: Path, result: RunResult, title: str, local_paths: bool)
         _table(["metric (test split)", "zero-shot", "tuned", "change"], rows),
         _figure(figures.budget_figure(result.groups, result.backbone_params,
                                       weights.stat().st_size if weights.is_file() else None)),
-        _figure(_gates(folder, result, local_paths)), _figure(figures.training_figure(result)),
+        _figure(_gates(folder, result, backbones)), _figure(figures.training_figure(result)),
         f"<p>Reproduce:</p><pre>{html.escape(run_command(result))}</pre>"])
 
 
-def _sweep_sections(sweep: SweepResult, local_paths: bool) -> list[str]:
+def _sweep_sections(sweep: SweepResult, backbones: Backbones) -> list[str]:
     keys = list(sweep.methods[0].metrics) if sweep.methods else []
     rows = [[f"{m.label} ⚠ {m.warning}" if m.warning else m.label, f"{m.trainable_params:,}", f"{m.trainable_pct:.4g}",
              *(f"{m.metrics[k][0]:.1f} ± {m.metrics[k][1]:.1f}" for k in keys), f"{m.seconds:.1f}",
@@ -111,22 +142,25 @@ def _sweep_sections(sweep: SweepResult, local_paths: bool) -> list[str]:
         result, _ = checkpoint.read(folder)
         if not result.scored or result.task != sweep.task:
             raise RunError(f"{folder}: not a scored {sweep.task} run, as the sweep it is in says")
-        sections.append(_run_section(folder, result, f"{summary.label}, seed {result.seed}", local_paths))
+        sections.append(_run_section(folder, result, f"{summary.label}, seed {result.seed}", backbones))
     return sections
 
 
-def write_report(source: str | Path, out: str | Path, title: Optional[str] = None, local_paths: bool = True) -> Path:
+def write_report(source: str | Path, out: str | Path, title: Optional[str] = None, local_paths: bool = True,
+                 backbones: Optional[Backbones] = None) -> Path:
     """The report of a run folder (run.json) or a sweep folder (sweep.json), written to `out`.
-    Without `local_paths` a run's backbone may not name a server path (an uploaded run)."""
+    Without `local_paths` a run's backbone may not name a server path (an uploaded run). The gates
+    are read on `backbones` (default: each loaded once for this report)."""
     source, out = Path(source), Path(out)
+    backbones = backbones or loading_backbones(local_paths)
     if (source / SWEEP_INFO).is_file():
         sweep = read_sweep(source)
-        body, heading = _sweep_sections(sweep, local_paths), title or f"PET Studio: methods compared on {sweep.model}"
+        body, heading = _sweep_sections(sweep, backbones), title or f"PET Studio: methods compared on {sweep.model}"
     elif (source / checkpoint.RUN_INFO).is_file():
         result, _ = checkpoint.read(source)
         if not result.scored:
             raise RunError(f"{source}: the run has no scores to report (it was never tuned here)")
-        body, heading = [_run_section(source, result, f"{result.method} on {result.backbone}", local_paths)], \
+        body, heading = [_run_section(source, result, f"{result.method} on {result.backbone}", backbones)], \
             title or f"PET Studio: {result.method} on {result.backbone}"
     else:
         raise RunError(f"{source}: neither a run folder (run.json) nor a sweep folder ({SWEEP_INFO})")

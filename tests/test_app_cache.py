@@ -17,6 +17,7 @@ from app.tabs import ask, weights
 from app.tabs.compare import compare_methods
 from app.tabs.data import load_sample
 from app.tabs.tune import tune_model
+from app.tuning import report_on_device
 import core.runs
 import core.sweep
 from core import query
@@ -197,6 +198,61 @@ def test_a_stand_in_for_an_unreachable_backbone_refuses_its_runs_and_is_said_in_
     with pytest.warns(UserWarning, match="openclip:ViT-B-32:openai could not be fetched .*bundled offline model"):
         frozen, tuned = ask.search_text("a cat", models.NO_RUN, "openclip:ViT-B-32:openai", visitor)
     assert len(frozen) == 5 and tuned == []
+
+
+def test_a_report_in_the_app_reads_the_gates_on_the_shared_backbone(runs, tmp_path, monkeypatch):
+    """The Run report and Compare's report load no backbone of their own (a comparison's report had loaded
+    one per method): the gates are read on the app's shared backbone, which is put back as it was."""
+    import core.report
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the report loaded a backbone of its own")
+
+    monkeypatch.setattr(core.report, "load_backbone", no_load)
+    shared, _ = models.MODELS.backbone("offline", 0, False)
+    before = _state(shared)
+    page = Path(report_on_device(CPU, str(runs["aurora"]), str(tmp_path / "r.html"), False)).read_text()
+    assert "aurora has no gates" not in page and "the gates need the run" not in page
+    after = _state(shared)
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert models.MODELS.backbone("offline", 0, False)[0] is shared and shared.pet is None
+    # a backbone that cannot be fetched now: the offline model standing in for it has none of the run's gates
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "pet.safetensors").write_bytes((Path(runs["aurora"]) / "pet.safetensors").read_bytes())
+    info = json.loads((Path(runs["aurora"]) / "run.json").read_text())
+    (moved / "run.json").write_text(json.dumps({**info, "backbone": "openclip:ViT-B-32:openai"}))
+    page = Path(report_on_device(CPU, str(moved), str(tmp_path / "moved.html"), False)).read_text()
+    assert "the gates need the run's backbone, which could not be loaded: openclip:ViT-B-32:openai cannot be " \
+           "loaded now: openclip:ViT-B-32:openai could not be fetched" in page
+
+
+def test_a_stand_in_is_kept_a_minute_then_the_hub_is_asked_again(monkeypatch):
+    """The offline model standing in for an unreachable backbone is not served under that backbone's name
+    for ever: once the network is back, the next query after a minute loads the real one."""
+    cache = models.ModelCache(budget_mb=1e6)
+    now = [1000.0]
+    monkeypatch.setattr(models.time, "monotonic", lambda: now[0])
+    hub = "openclip:ViT-B-32:openai"
+    stand_in, _ = cache.backbone(hub, 0, False)
+    assert stand_in.fallback_note and "could not be fetched" in stand_in.fallback_note
+    now[0] += models.STAND_IN_RETRY_S - 1
+    assert cache.backbone(hub, 0, False)[0] is stand_in   # within the minute: not asked again
+    tried = []
+    real = models.load_backbone
+
+    def network_back(spec, seed, **kwargs):
+        tried.append(spec)
+        return real("offline", seed, **kwargs) if spec == hub else real(spec, seed, **kwargs)
+
+    monkeypatch.setattr(models, "load_backbone", network_back)
+    frozen, _ = cache.backbone("offline", 0, False)   # a backbone that is no stand-in stays as it is
+    now[0] += 2
+    assert cache.backbone("offline", 0, False)[0] is frozen and tried == ["offline"]
+    fetched, _ = cache.backbone(hub, 0, False)
+    assert tried == ["offline", hub] and fetched is not stand_in and not fetched.fallback_note
+    now[0] += 10 * models.STAND_IN_RETRY_S
+    assert cache.backbone(hub, 0, False)[0] is fetched and len(cache) == 2   # the real one is kept
 
 
 def test_a_load_lets_go_only_of_what_no_other_load_has_taken_since():

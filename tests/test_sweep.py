@@ -263,6 +263,39 @@ def test_the_report_is_one_self_contained_file(swept, tmp_path, capsys):
         write_report(tmp_path, tmp_path / "x.html")
 
 
+def test_a_report_reads_the_gates_on_one_backbone_and_leaves_it_as_it_was(swept, tmp_path, monkeypatch):
+    """A sweep's report loads its backbone once, and only for methods with gates to show; a backbone
+    lent to it (the app's shared one) gets each run's weights for its gates and is given back as it was."""
+    import re
+    from contextlib import contextmanager
+
+    import torch
+    import core.report
+
+    result, _ = swept
+    loads = []
+    real = core.report.load_backbone
+    monkeypatch.setattr(core.report, "load_backbone", lambda *args, **kwargs: loads.append(args) or real(*args, **kwargs))
+    page = write_report(result.out, tmp_path / "sweep.html").read_text()
+    assert loads == [(result.model, 0)]   # VL-PET's gates; LoRA has none to show
+    assert "lora has no gates or mode vectors to show" in page and "the gates need the run" not in page
+    lent = real(result.model, 0).eval()
+    before = {name: t.clone() for name, t in lent.state_dict().items()}
+    asked = []
+
+    @contextmanager
+    def lend(spec, seed):
+        asked.append((spec, seed))
+        yield lent
+
+    lent_page = write_report(result.out, tmp_path / "lent.html", backbones=lend).read_text()
+    assert asked == [(result.model, 0)] and len(loads) == 1 and lent.pet is None
+    after = lent.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    figure_ids = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    assert figure_ids.sub("", lent_page) == figure_ids.sub("", page)   # the same gates, read on either
+
+
 def test_a_report_escapes_what_a_run_json_says(swept, tmp_path):
     result, _ = swept
     run = tmp_path / "run"

@@ -14,8 +14,8 @@ from app.models import LOCAL_PATHS, MODELS, run_choices, spec_of
 from app.sessions import STORE, Run, session_of
 from app.controls import options_by_method, whole
 from app.device import on_device, query_seconds
-from app.tuning import (TUNING_CONCURRENCY, claim_folders, planned_seconds, read_progress, report_on_device,
-                        request_cancel, run_polling, sweep_on_device)
+from app.tuning import (TUNING_CONCURRENCY, claim_folders, load_for_report, planned_seconds, read_progress,
+                        report_on_device, request_cancel, run_polling, sweep_on_device)
 from core import checkpoint, figures
 from core.pet import METHODS
 from core.runs import USER_ERRORS, check_settings
@@ -136,6 +136,7 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
                              arguments, seconds=seconds)
         if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
             raise gr.Error("this page's session was closed while it was comparing")
+        load_for_report(arguments["model"], arguments["seeds"][0], LOCAL_PATHS, methods)
         report = on_device(report_on_device, str(out / "runs"), str(out / "report.html"), LOCAL_PATHS,
                            seconds=query_seconds(arguments["model"], 1) * len(choices))
     except Exception as error:

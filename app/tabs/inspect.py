@@ -12,7 +12,7 @@ from app import views
 from app.device import Call, on_device, query_seconds
 from app.models import MODELS, NO_RUN, ModelKey, media_path, run_model
 from app.sessions import STORE, session_of
-from app.tuning import report_on_device
+from app.tuning import load_for_report, report_on_device
 from core import checkpoint, figures, query
 from core.export import export
 from core.runs import USER_ERRORS
@@ -52,6 +52,7 @@ def run_report(run: str, request: gr.Request) -> str:
     if not isinstance(run, str) or run not in session.runs or not session.runs[run].result.scored:
         raise gr.Error("choose one of this session's tuned runs")
     chosen = session.runs[run]
+    load_for_report(chosen.result.backbone, chosen.result.seed, chosen.local_paths, [chosen.result.method])
     with session.lock:
         out = session.new_folder("reports", "run", replacing=True) / "report.html"
     return on_device(report_on_device, str(chosen.folder), str(out), chosen.local_paths,
