@@ -101,16 +101,26 @@ class ModelCache:
         # the seed draws a random init only: every seed of pretrained weights is one model
         key = (spec, seed if parse_spec(spec).weights == "random" else 0, local_paths)
         with self._lock:
-            if key in self._stand_ins and time.monotonic() - self._stand_ins[key] > STAND_IN_RETRY_S:
-                self._drop(key)   # the network may be back: the hub is asked again
-            if key in self._backbones:
+            # a load (a handler, before its device call) asks the hub again for a backbone the offline
+            # model has stood in for a while: the network may be back
+            stale = taken and key in self._stand_ins and time.monotonic() - self._stand_ins[key] > STAND_IN_RETRY_S
+            if key in self._backbones and not stale:
                 self._backbones.move_to_end(key)
                 if taken:
                     self._unshared.discard(key)
                 return key, self._backbones[key], False
         self.refuse_oversized(spec)
-        backbone = load_backbone(spec, key[1], fallback_offline=True, local_paths=local_paths).eval()
+        try:
+            backbone = load_backbone(spec, key[1], fallback_offline=not stale, local_paths=local_paths).eval()
+        except BackboneError as error:
+            if not (stale and error.unreachable):
+                raise
+            with self._lock:   # still unreachable: the stand-in stays, and the hub is asked again later
+                self._stand_ins[key] = time.monotonic()
+            return self._entry(spec, seed, local_paths, taken)
         with self._lock:
+            if stale and key in self._stand_ins:   # the hub answered: its backbone replaces the stand-in
+                self._drop(key)
             entry = self._backbones.setdefault(key, (backbone, threading.Lock()))
             built = entry[0] is backbone
             if built:
@@ -233,28 +243,42 @@ def frames_for(session: Session, run_name: str) -> int:
     return run.result.frames if run else DEFAULT_FRAMES
 
 
-def gallery(session: Session, key: ModelKey, frames: int) -> tuple[query.Gallery, Optional[query.GalleryEmbeddings]]:
-    """The dataset's gallery for the model's transform (decoded here, on the CPU) and its
-    embeddings under that model state when a call has computed them (else None)."""
+def gallery(session: Session, key: ModelKey,
+            frames: int) -> tuple[query.Gallery, Optional[query.GalleryEmbeddings], str]:
+    """The dataset's gallery for the model's transform (decoded here, on the CPU), its embeddings
+    under that model state when a call has computed them (else None), and the spec of the backbone
+    now serving `key`: the offline model standing in for an unreachable one, until the hub answers
+    and its own backbone replaces it (then neither the pictures nor the embeddings are the same)."""
     if session.dataset is None:
         raise gr.Error("load a dataset first (Data tab)")
-    cached = session.galleries.get((key, session.dataset.root, frames))
-    if cached is not None:
-        return cached
     backbone, _ = MODELS.backbone(key.spec, key.seed, key.local_paths)
-    pictures = (key.spec, key.local_paths, session.dataset.root, frames)   # one transform per spec
-    shared = next((g for (k, root, f), (g, _) in session.galleries.items()
-                   if (k.spec, k.local_paths, root, f) == pictures), None)
-    return shared or query.load_gallery(backbone, session.dataset, frames), None
+    served = backbone.spec
+    cached = session.galleries.get((key, served, session.dataset.root, frames))
+    if cached is not None:
+        return *cached, served
+    pictures = (served, key.local_paths, session.dataset.root, frames)   # one transform per backbone
+    shared = next((g for (k, s, root, f), (g, _) in session.galleries.items()
+                   if (s, k.local_paths, root, f) == pictures), None)
+    return shared or query.load_gallery(backbone, session.dataset, frames), None, served
 
 
-def keep_gallery(session: Session, key: ModelKey, frames: int, items: query.Gallery,
+def keep_gallery(session: Session, key: ModelKey, served: str, frames: int, items: query.Gallery,
                  embeddings: query.GalleryEmbeddings) -> None:
-    """Keep a gallery's embeddings under one model state; the GALLERIES_KEPT most recent stay."""
-    session.galleries.pop((key, session.dataset.root, frames), None)   # the most recent goes last
-    session.galleries[(key, session.dataset.root, frames)] = (items, embeddings)
+    """Keep a gallery's embeddings under one model state (as served by the backbone of spec `served`);
+    the GALLERIES_KEPT most recent stay."""
+    kept = (key, served, session.dataset.root, frames)
+    session.galleries.pop(kept, None)   # the most recent goes last
+    session.galleries[kept] = (items, embeddings)
     while len(session.galleries) > GALLERIES_KEPT:
         session.galleries.pop(next(iter(session.galleries)))
+
+
+def served_as(backbone: Backbone, key: ModelKey, served: str) -> None:
+    """In a device call: refuse to use a gallery made for the backbone of spec `served` on another (the
+    hub answered between the handler and the call, and its backbone replaced the stand-in)."""
+    if backbone.spec != served:
+        raise BackboneError(f"{key.spec[:200]} can be fetched again and replaced the bundled offline model that stood "
+                            f"in for it while you asked: ask again")
 
 
 def media_path(session: Session, upload: Optional[str], pick: Optional[str]) -> Path:

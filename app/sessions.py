@@ -41,7 +41,8 @@ class Session:
     dataset: Any = None              # core.data.Dataset
     dataset_label: str = ""
     runs: dict[str, Run] = field(default_factory=dict)
-    galleries: dict[tuple, Any] = field(default_factory=dict)  # (model key, dataset, frames) -> (gallery, embeddings)
+    # (model key, the spec of the backbone serving it, dataset, frames) -> (gallery, embeddings)
+    galleries: dict[tuple, Any] = field(default_factory=dict)
     live: Optional[Path] = None      # the live folder of the latest tuning (see app/tuning.py)
     live_status: str = ""
     counter: int = 0

@@ -25,7 +25,7 @@ from core.backbones import Backbone, BackboneError
 from core.data import Dataset
 from core.pet import get_method
 from core.report import write_report
-from core.runs import suggested_lr, tune
+from core.runs import USER_ERRORS, suggested_lr, tune
 from core.sweep import SweepProgress, SweepResult, sweep
 from core.trainer import Progress
 # A shared Space stays responsive: at most this many tunings (or comparisons) run at once, the rest wait.
@@ -153,9 +153,13 @@ def sweep_on_device(call: Call, live: str, test_items: int, arguments: dict[str,
 
 def load_for_report(spec: str, seed: int, local_paths: bool, methods: Iterable[str]) -> None:
     """Before a report's device call: the shared backbone its gates are read on, when one of its
-    methods has gates to show (the others need no model)."""
+    methods has gates to show (the others need no model). One that cannot be loaded is left to the
+    report, whose gates figure says why."""
     if any(get_method(method).figure is not None for method in methods):
-        MODELS.load([ModelKey(spec, seed, local_paths)])
+        try:
+            MODELS.backbone(spec, seed, local_paths)
+        except USER_ERRORS:
+            pass
 
 
 def report_on_device(call: Call, source: str, out: str, local_paths: bool) -> str:

@@ -323,16 +323,20 @@ NOISE_DRAWS = 20000
 
 
 def noise_miss_chance(scores: dict[float, list[float]], best: float, seeds: int, margin: float = MISS_MARGIN,
-                      draws: int = NOISE_DRAWS) -> float:
-    """How often a rule that always trained at the best fixed rate (`best`, with `seeds` seeds) would
-    still end more than `margin` points below the best fixed mean, from the seeds' spread alone. Each
-    rate's seed scores are drawn as normal with its recorded mean and spread, as many as recorded: the
-    highest of several noisy means lies above its own rate's mean (the winner's curse), and the rule's
-    seeds are drawn afresh. A fixed seed, so a card reads the same every time it is written."""
+                      shared: float = 0.0, draws: int = NOISE_DRAWS) -> float:
+    """How often a rule that always trained at the best fixed rate (`best`, on `seeds` of the same
+    seeds) would still end more than `margin` points below the best fixed mean, from the seeds' spread
+    alone. Each rate's seed scores are drawn as normal around its recorded mean, with its recorded
+    spread taken as the true one, as many as recorded: the highest of several noisy means lies above
+    its own rate's mean (the winner's curse). The share `shared` of every spread is the seed's own
+    (its shots, its draws), common to every rate and to the rule on that seed, and leaves their
+    differences alone; the rest is drawn afresh for each. A fixed seed, so a card reads the same
+    every time it is written."""
     generator = torch.Generator().manual_seed(0)
+    own = (1.0 - shared) ** 0.5
 
     def drawn_means(values: list[float], count: int) -> torch.Tensor:
-        spread = torch.tensor(_std(values) if len(values) > 1 else 0.0, dtype=torch.float64)
+        spread = torch.tensor(own * _std(values) if len(values) > 1 else 0.0, dtype=torch.float64)
         noise = torch.randn(draws, count, generator=generator, dtype=torch.float64)
         return (sum(values) / len(values) + spread * noise).mean(dim=1)
 
@@ -341,12 +345,36 @@ def noise_miss_chance(scores: dict[float, list[float]], best: float, seeds: int,
     return float((rule < best_seen - margin).double().mean())
 
 
+def seed_correlation(rows: list[dict]) -> dict[bool, float]:
+    """Per size (True: the whole split), how much a seed's score moves alike at two fixed rates of one
+    method and part: the correlation of each seed's deviation from its rate's mean, pooled over every
+    pair of fixed rates measured on the same seeds (0 where it comes out below)."""
+    sums: dict[bool, list[float]] = {}
+    for (_, k, _), by_rate in _by_rate(rows).items():
+        deviations = {}
+        for rate in (r for r in FIXED_LRS if r in by_rate):
+            runs = by_rate[rate]
+            if len(_scores(runs)) == len(runs) > 1:
+                mean = sum(_scores(runs)) / len(runs)
+                deviations[rate] = {r["seed"]: r[_metric(r)] - mean for r in runs}
+        total = sums.setdefault(k is None, [0.0, 0.0, 0.0])
+        rates = list(deviations)
+        for i, first in enumerate(rates):
+            for second in rates[i + 1:]:
+                for seed in deviations[first].keys() & deviations[second].keys():
+                    a, b = deviations[first][seed], deviations[second][seed]
+                    total[0] += a * b
+                    total[1] += a * a
+                    total[2] += b * b
+    return {whole: max(0.0, ab / (aa * bb) ** 0.5) if aa and bb else 0.0 for whole, (ab, aa, bb) in sums.items()}
+
+
 def lr_proof_summary(rows: list[dict]) -> list[dict]:
     """Per part, shots and method: zero-shot, the best fixed rate (among those where no seed
     diverged) and its mean, --lr auto's mean and the rates it chose, and what happened at the next
     fixed rate above the best (three times too high): seeds the guard restarted, seeds flagged below
     zero-shot, seeds that ended with the divergence message, and its mean over the others."""
-    summary = []
+    summary, correlation = [], seed_correlation(rows)
     for (part, k, method), by_rate in _by_rate(rows).items():
         means = {rate: sum(_scores(runs)) / len(runs) for rate, runs in by_rate.items()
                  if len(_scores(runs)) == len(runs)}
@@ -362,9 +390,10 @@ def lr_proof_summary(rows: list[dict]) -> list[dict]:
         # a seed of auto's that ended with the divergence message has no score: the row counts as a miss
         fixed_scores = {rate: _scores(by_rate[rate]) for rate in fixed}
         auto_mean = sum(_scores(auto)) / len(finished) if finished else None
-        noise = noise_miss_chance(fixed_scores, best, len(finished)) if finished else None
+        shared = correlation.get(k is None, 0.0)
+        noise = noise_miss_chance(fixed_scores, best, len(auto), shared=shared)
         # as far below as auto ended: how well noise explains auto's own gap (a miss's p-value)
-        noise_as_far = noise_miss_chance(fixed_scores, best, len(finished), means[best] - auto_mean) \
+        noise_as_far = noise_miss_chance(fixed_scores, best, len(auto), means[best] - auto_mean, shared) \
             if finished and auto_mean < means[best] else None
         summary.append({"part": part, "shots": k, "method": method,
                         "zero_shot": scored[f"zero_shot_{_metric(scored)}"],
@@ -372,7 +401,7 @@ def lr_proof_summary(rows: list[dict]) -> list[dict]:
                         "auto": auto_mean,
                         "auto_lrs": [r["trained_lr"] for r in finished],
                         "auto_scores": _scores(auto), "auto_diverged": len(auto) - len(_scores(auto)),
-                        "noise_miss": noise, "noise_as_far": noise_as_far,
+                        "noise_miss": noise, "noise_as_far": noise_as_far, "seed_correlation": shared,
                         "too_high_lr": higher,
                         "too_high": sum(_scores(too_high)) / len(_scores(too_high)) if _scores(too_high) else None,
                         "too_high_restarted": sum(bool(r["restarts"]) for r in too_high),
@@ -439,30 +468,40 @@ def lr_proof_verdicts(summary: list[dict]) -> str:
 
 
 def _chance(p: Optional[float]) -> str:
-    return "—" if p is None else f"{100 * p:.0f}%"
+    return "—" if p is None else f"{100 * p:.1f}%"
 
 
 def _missed(s: dict) -> bool:
     return bool(s["auto_diverged"]) or s["auto"] < s["best"] - MISS_MARGIN
 
 
+BEYOND_NOISE = 0.05   # a gap such a rule reaches less often than this is not put down to noise
+
+
 def noise_verdict(summary: list[dict]) -> str:
     """What seed noise alone would cost a rule that always trained at each row's best fixed rate, and
     which of auto's misses noise hardly explains: a seed that ended with the divergence message, or a
-    gap that such a rule would reach less than one time in ten."""
+    gap that such a rule would reach less than one time in twenty."""
     expected = sum(s["noise_miss"] or 0.0 for s in summary)
     missed = [s for s in summary if _missed(s)]
-    real = [f"{s['part']} {s['shots'] or 'all'} {s['method']} ({_auto_gap(s)}"
-            + (f", noise {_chance(s['noise_as_far'])})" if s["noise_as_far"] is not None else ")")
-            for s in missed if s["auto_diverged"] or s["noise_as_far"] < 0.1]
-    return (f"Seed noise alone would cost a rule that always trained at each row's best fixed rate about "
-            f"{expected:.1f} of these {len(summary)} rows (the column \"noise alone misses\": how often such a rule's "
-            f"{'seeds' if any(len(s['auto_scores']) > 1 for s in summary) else 'seed'} would end more than "
-            f"{MISS_MARGIN:g} points below the best fixed mean, each rate's seeds drawn as normal with its recorded mean "
-            f"and spread; the best of several noisy means lies above its own rate's mean). Of `auto`'s {len(missed)} "
-            f"misses, {len(real)} {'is' if len(real) == 1 else 'are'} more than such a rule would end one time in ten, "
-            f"or a seed that ended with the divergence message"
-            + (f": {'; '.join(real)}." if real else "."))
+    beyond = [f"{s['part']} {s['shots'] or 'all'} {s['method']} ({_auto_gap(s)}"
+              + (f", noise {_chance(s['noise_as_far'])})" if s["noise_as_far"] is not None else ")")
+              for s in missed if s["auto_diverged"] or s["noise_as_far"] < BEYOND_NOISE]
+    within = [f"{s['part']} {s['shots'] or 'all'} {s['method']} ({_chance(s['noise_as_far'])})"
+              for s in missed if not (s["auto_diverged"] or s["noise_as_far"] < BEYOND_NOISE)]
+    shared = sorted({(s["shots"] is None, s["seed_correlation"]) for s in summary})
+    correlation = ", ".join(f"{value:.2f} {'on the whole split' if whole else 'at few shots'}"
+                            for whole, value in shared)
+    return (f"Seed noise alone would cost a rule that always trained at each row's best fixed rate, on the same "
+            f"seeds, about {expected:.1f} of these {len(summary)} rows (the column \"noise alone misses\": how often "
+            f"such a rule would end more than {MISS_MARGIN:g} points below the best fixed mean, the highest of several "
+            f"noisy means lying above its own rate's mean; each rate's seeds drawn as normal around its recorded mean "
+            f"with its recorded spread taken as the true one, less the part a seed shares across rates, which leaves "
+            f"the gap alone: the correlation of a seed's deviations at two fixed rates, {correlation}). Of `auto`'s "
+            f"{len(missed)} misses, {len(beyond)} {'is' if len(beyond) == 1 else 'are'} a gap such a rule would reach "
+            f"less than one time in {1 / BEYOND_NOISE:.0f}, or a seed that ended with the divergence message"
+            + (f": {'; '.join(beyond)}" if beyond else "")
+            + (f"; the others are within that reach: {'; '.join(within)}." if within else "."))
 
 
 def _auto_gap(s: dict) -> str:

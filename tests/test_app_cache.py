@@ -17,7 +17,7 @@ from app.tabs import ask, weights
 from app.tabs.compare import compare_methods
 from app.tabs.data import load_sample
 from app.tabs.tune import tune_model
-from app.tuning import report_on_device
+from app.tuning import load_for_report, report_on_device
 import core.runs
 import core.sweep
 from core import query
@@ -91,19 +91,19 @@ def test_gallery_embeddings_are_kept_per_model_state_and_dataset(tmp_path):
     session = store.get("cache")
     session.dataset = read_dataset(sample_path("photos"), tmp_path)
     frozen = models.ModelKey("offline", 0, False)
-    items, embeddings = models.gallery(session, frozen, 8)
-    assert embeddings is None                                 # nothing embedded until a call does it
+    items, embeddings, served = models.gallery(session, frozen, 8)
+    assert embeddings is None and served == "offline"         # nothing embedded until a call does it
     with models.MODELS.on(CPU, frozen) as (backbone, _):
         embeddings = query.embed_gallery(backbone, items)
-    models.keep_gallery(session, frozen, 8, items, embeddings)
+    models.keep_gallery(session, frozen, served, 8, items, embeddings)
     kept = models.gallery(session, frozen, 8)
     assert kept[0] is items and kept[1] is embeddings
     other_seed = models.ModelKey("offline", 1, False)         # the same pictures, its own embeddings
-    shared, none = models.gallery(session, other_seed, 8)
+    shared, none, _ = models.gallery(session, other_seed, 8)
     assert shared is items and none is None
     assert not store.get("another").galleries                 # a session's galleries are its own
     for seed in range(2, 2 + models.GALLERIES_KEPT):
-        models.keep_gallery(session, models.ModelKey("offline", seed, False), 8, items, embeddings)
+        models.keep_gallery(session, models.ModelKey("offline", seed, False), "offline", 8, items, embeddings)
     assert len(session.galleries) == models.GALLERIES_KEPT and models.gallery(session, frozen, 8)[1] is None
 
 
@@ -113,7 +113,7 @@ def test_inference_in_bf16_ranks_the_gallery_as_fp32_does(tmp_path):
     session = SessionStore(tmp_path).get("bf16")
     session.dataset = read_dataset(sample_path("photos"), tmp_path)
     key = models.ModelKey("offline", 0, False)
-    items, _ = models.gallery(session, key, 8)
+    items, _, _ = models.gallery(session, key, 8)
     tops = {}
     for precision in (None, torch.bfloat16):
         with models.MODELS.on(CPU, key) as (backbone, _), \
@@ -209,6 +209,20 @@ def test_a_report_in_the_app_reads_the_gates_on_the_shared_backbone(runs, tmp_pa
         raise AssertionError("the report loaded a backbone of its own")
 
     monkeypatch.setattr(core.report, "load_backbone", no_load)
+    monkeypatch.setattr(core.runs, "load_backbone", no_load)   # nor through core.runs.load_run, as before
+    # loaded before the device call, and only for methods with gates to show
+    models.MODELS.clear()
+    load_for_report("offline", 0, False, ["lora", "bitfit"])
+    assert len(models.MODELS) == 0
+    load_for_report("offline", 0, False, ["lora", "aurora"])
+    assert len(models.MODELS) == 1
+
+    def too_large(spec):
+        raise BackboneError(f"{spec} needs more than this app keeps for models")
+
+    with monkeypatch.context() as refusing:
+        refusing.setattr(models.MODELS, "refuse_oversized", too_large)
+        load_for_report(TINY, 0, False, ["vlpet"])   # left to the report's gates figure to say
     shared, _ = models.MODELS.backbone("offline", 0, False)
     before = _state(shared)
     page = Path(report_on_device(CPU, str(runs["aurora"]), str(tmp_path / "r.html"), False)).read_text()
@@ -227,32 +241,60 @@ def test_a_report_in_the_app_reads_the_gates_on_the_shared_backbone(runs, tmp_pa
            "loaded now: openclip:ViT-B-32:openai could not be fetched" in page
 
 
-def test_a_stand_in_is_kept_a_minute_then_the_hub_is_asked_again(monkeypatch):
+def test_a_stand_in_is_kept_a_minute_then_the_hub_is_asked_again(visitor, monkeypatch):
     """The offline model standing in for an unreachable backbone is not served under that backbone's name
-    for ever: once the network is back, the next query after a minute loads the real one."""
-    cache = models.ModelCache(budget_mb=1e6)
+    for ever: a query a minute later asks the hub again, keeps the stand-in while the hub stays down, and
+    once it answers searches with the real backbone (the pictures and embeddings kept for the stand-in, of
+    another size, are not used with it)."""
+    hub = "openclip:ViT-B-32:openai"
     now = [1000.0]
     monkeypatch.setattr(models.time, "monotonic", lambda: now[0])
-    hub = "openclip:ViT-B-32:openai"
-    stand_in, _ = cache.backbone(hub, 0, False)
-    assert stand_in.fallback_note and "could not be fetched" in stand_in.fallback_note
-    now[0] += models.STAND_IN_RETRY_S - 1
-    assert cache.backbone(hub, 0, False)[0] is stand_in   # within the minute: not asked again
+    models.MODELS.clear()
+    load_sample(PHOTOS, visitor)
+    with pytest.warns(UserWarning, match="could not be fetched"):
+        frozen, _ = ask.search_text("a cat", models.NO_RUN, hub, visitor)
+    stand_in = models.MODELS.backbone(hub, 0, False)[0]
+    assert stand_in.fallback_note and stand_in.spec == "offline" and len(frozen) == 5
     tried = []
     real = models.load_backbone
 
-    def network_back(spec, seed, **kwargs):
-        tried.append(spec)
-        return real("offline", seed, **kwargs) if spec == hub else real(spec, seed, **kwargs)
+    def hub_down(spec, seed, **kwargs):
+        tried.append((spec, kwargs.get("fallback_offline", False)))
+        return real(spec, seed, **kwargs)
 
-    monkeypatch.setattr(models, "load_backbone", network_back)
-    frozen, _ = cache.backbone("offline", 0, False)   # a backbone that is no stand-in stays as it is
+    monkeypatch.setattr(models, "load_backbone", hub_down)
+    now[0] += models.STAND_IN_RETRY_S - 1
+    with pytest.warns(UserWarning, match="could not be fetched"):
+        ask.search_text("a cat", models.NO_RUN, hub, visitor)
+    assert tried == []   # within the minute: not asked again
     now[0] += 2
-    assert cache.backbone("offline", 0, False)[0] is frozen and tried == ["offline"]
-    fetched, _ = cache.backbone(hub, 0, False)
-    assert tried == ["offline", hub] and fetched is not stand_in and not fetched.fallback_note
-    now[0] += 10 * models.STAND_IN_RETRY_S
-    assert cache.backbone(hub, 0, False)[0] is fetched and len(cache) == 2   # the real one is kept
+    with pytest.warns(UserWarning, match="could not be fetched"):
+        ask.search_text("a cat", models.NO_RUN, hub, visitor)
+    # asked once, with no second stand-in built: the first stays, and the next minute starts now
+    assert tried == [(hub, False)] and models.MODELS.backbone(hub, 0, False)[0] is stand_in
+    now[0] += models.STAND_IN_RETRY_S - 1
+    with pytest.warns(UserWarning, match="could not be fetched"):
+        ask.search_text("a cat", models.NO_RUN, hub, visitor)
+    assert len(tried) == 1
+    fetched = real(TINY, 0)   # another architecture than the offline model: other pictures, other widths
+    fetched.spec = hub
+
+    def hub_back(spec, seed, **kwargs):
+        tried.append((spec, kwargs.get("fallback_offline", False)))
+        return fetched if spec == hub else real(spec, seed, **kwargs)
+
+    monkeypatch.setattr(models, "load_backbone", hub_back)
+    now[0] += 2
+    frozen, _ = ask.search_text("a cat", models.NO_RUN, hub, visitor)
+    assert tried == [(hub, False)] * 2 and models.MODELS.backbone(hub, 0, False)[0] is fetched
+    assert len(frozen) == 5 and len(models.MODELS) == 1   # the stand-in is let go
+    session = sessions.STORE.get("visitor")
+    assert {served for (_, served, _, _) in session.galleries} == {"offline", hub}
+    # a gallery the handler took for the stand-in, when the hub answered before the device call
+    stale = next(items for (_, served, _, _), (items, _) in session.galleries.items() if served == "offline")
+    with pytest.raises(BackboneError, match="replaced the bundled offline model that stood in for it while you asked"):
+        ask._search_text_on(CPU, [(models.ModelKey(hub, 0, False), stale, None, "offline")], "a cat")
+    models.MODELS.clear()
 
 
 def test_a_load_lets_go_only_of_what_no_other_load_has_taken_since():

@@ -168,7 +168,7 @@ def test_the_proof_says_what_seed_noise_alone_would_cost_a_rule_at_the_best_fixe
     high: with two seeds of spread 3 at the best rate (the others far below), the difference of the
     two means has a spread of 3, so a gap over 3 points comes Φ(-1) = 15.9% of the time."""
     from statistics import NormalDist
-    from core.offline import lr_proof_summary, noise_miss_chance, noise_verdict
+    from core.offline import lr_proof_summary, noise_miss_chance, noise_verdict, seed_correlation
 
     spread = 3 / 2 ** 0.5   # two scores mean ± this have a sample spread of 3
     noisy = {1e-2: [60 - spread, 60 + spread], 1e-3: [10.0, 10.0]}
@@ -189,8 +189,19 @@ def test_the_proof_says_what_seed_noise_alone_would_cost_a_rule_at_the_best_fixe
     assert far["noise_as_far"] == 0.0 and 0.05 < near["noise_as_far"] < 0.15
     assert far["noise_miss"] == near["noise_miss"] == noise_miss_chance(noisy, 1e-2, 2)
     said = noise_verdict([far, {**near, "part": "novel-textures"}])
-    assert "about 0.3 of these 2 rows" in said and "Of `auto`'s 2 misses, 1 is more than" in said
-    assert said.endswith(": novel-colours 16 lora (-19.0, noise 0%).")
+    assert "about 0.3 of these 2 rows" in said and "0.00 at few shots" in said
+    assert "Of `auto`'s 2 misses, 1 is a gap such a rule would reach less than one time in 20" in said
+    assert said.endswith(f": novel-colours 16 lora (-19.0, noise 0.0%); the others are within that reach: "
+                         f"novel-textures 16 lora ({100 * near['noise_as_far']:.1f}%).")
+    # the part of a seed's spread common to every rate on that seed leaves the gap alone: with three
+    # quarters shared, the rest has half the spread, and the gap over 3 points is Φ(-2)
+    assert abs(noise_miss_chance(noisy, 1e-2, seeds=2, shared=0.75) - NormalDist().cdf(-2)) < 0.005
+    alike = [row(lr, seed, base + step) for lr, base in ((1e-2, 60.0), (1e-3, 30.0))
+             for seed, step in enumerate((2.0, -2.0, 0.0))]
+    crossed = [{**row(lr, seed, base + sign * step), "part": "novel-textures"}
+               for lr, base, sign in ((1e-2, 60.0, 1), (1e-3, 30.0, -1)) for seed, step in enumerate((2.0, -2.0, 0.0))]
+    assert seed_correlation(alike) == {False: 1.0}
+    assert seed_correlation([*alike, *crossed])[False] < 1.0 and seed_correlation(crossed) == {False: 0.0}
 
 
 def test_a_collapsed_run_above_zero_shot_is_counted_flagged_in_the_proof(tmp_path):

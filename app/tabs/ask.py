@@ -8,7 +8,8 @@ from typing import Optional
 import gradio as gr
 
 from app.device import Call, on_device, query_seconds
-from app.models import MODELS, NO_RUN, ModelKey, frames_for, gallery, keep_gallery, media_path, models_for
+from app.models import (MODELS, NO_RUN, ModelKey, frames_for, gallery, keep_gallery, media_path, models_for,
+                        served_as)
 from app.sessions import session_of
 from app.tabs import weights
 from core import query
@@ -81,7 +82,8 @@ def _warn(notes: set) -> None:
 
 
 def _galleries(session, run: str, model) -> list[tuple]:
-    """(model key, gallery, its embeddings or None) for the frozen and the chosen tuned model."""
+    """(model key, gallery, its embeddings or None, the spec serving the key) for the frozen and the
+    chosen tuned model."""
     frames = frames_for(session, run)
     keys = [key for _, key in models_for(session, run, model)]
     _warn(MODELS.load(keys).notes)   # here, before the call: a ZeroGPU worker inherits what this process holds
@@ -90,7 +92,7 @@ def _galleries(session, run: str, model) -> list[tuple]:
 
 def _seconds(galleries: list[tuple], per_query: int = 1) -> float:
     return sum(query_seconds(key.spec, len(items.paths) + len(items.captions) if embeddings is None else 0) + per_query
-               for key, items, embeddings in galleries)
+               for key, items, embeddings, _ in galleries)
 
 
 def _embedded(backbone, items, embeddings) -> query.GalleryEmbeddings:
@@ -104,8 +106,9 @@ def _portable(embeddings: query.GalleryEmbeddings) -> query.GalleryEmbeddings:
 
 def _search_text_on(call: Call, galleries: list[tuple], text: str) -> list[tuple]:
     results = []
-    for key, items, embeddings in galleries:
+    for key, items, embeddings, served in galleries:
         with MODELS.on(call, key) as (backbone, _):
+            served_as(backbone, key, served)
             embeddings = _embedded(backbone, items, embeddings)
             results.append((query.search_by_text(backbone, items, embeddings, text), _portable(embeddings)))
     return results
@@ -113,8 +116,9 @@ def _search_text_on(call: Call, galleries: list[tuple], text: str) -> list[tuple
 
 def _search_media_on(call: Call, galleries: list[tuple], path: str, frames: int) -> list[tuple]:
     results = []
-    for key, items, embeddings in galleries:
+    for key, items, embeddings, served in galleries:
         with MODELS.on(call, key) as (backbone, _):
+            served_as(backbone, key, served)
             embeddings = _embedded(backbone, items, embeddings)
             results.append((query.search_by_media(backbone, items, embeddings, path, frames=frames),
                             _portable(embeddings)))
@@ -131,8 +135,8 @@ def _answer_on(call: Call, keys: list[ModelKey], path: str, question: str, candi
 
 
 def _keep(session, run: str, galleries: list[tuple], results: list[tuple]) -> None:
-    for (key, items, _), (_, embeddings) in zip(galleries, results):
-        keep_gallery(session, key, frames_for(session, run), items, embeddings)
+    for (key, items, _, served), (_, embeddings) in zip(galleries, results):
+        keep_gallery(session, key, served, frames_for(session, run), items, embeddings)
 
 
 def search_text(text: str, run: str, model: str, request: gr.Request):
@@ -143,7 +147,7 @@ def search_text(text: str, run: str, model: str, request: gr.Request):
         results = on_device(_search_text_on, galleries, text, seconds=_seconds(galleries))
         _keep(session, run, galleries, results)
     shown = [[(str(items.paths[h.index]), f"{h.score:.3f} · {items.names[h.index]}") for h in found.hits]
-             for (_, items, _), (found, _) in zip(galleries, results)]
+             for (_, items, _, _), (found, _) in zip(galleries, results)]
     _warn({found.note for found, _ in results} - {None})
     return tuple(_pad(shown, []))
 
@@ -158,7 +162,7 @@ def search_media(upload: Optional[str], pick: Optional[str], run: str, model: st
                             seconds=_seconds(galleries))
         _keep(session, run, galleries, results)
     shown = [[[i + 1, round(h.score, 4), items.names[items.caption_media[h.index]], items.captions[h.index]]
-              for i, h in enumerate(found.hits)] for (_, items, _), (found, _) in zip(galleries, results)]
+              for i, h in enumerate(found.hits)] for (_, items, _, _), (found, _) in zip(galleries, results)]
     return tuple(_pad(shown, None))
 
 

@@ -136,7 +136,7 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
                              arguments, seconds=seconds)
         if request.session_hash not in STORE:   # the page was closed meanwhile: leave nothing behind
             raise gr.Error("this page's session was closed while it was comparing")
-        load_for_report(arguments["model"], arguments["seeds"][0], LOCAL_PATHS, methods)
+        load_for_report(result.model, arguments["seeds"][0], LOCAL_PATHS, methods)   # the model the runs were tuned on
         report = on_device(report_on_device, str(out / "runs"), str(out / "report.html"), LOCAL_PATHS,
                            seconds=query_seconds(arguments["model"], 1) * len(choices))
     except Exception as error:
