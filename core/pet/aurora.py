@@ -81,6 +81,7 @@ class AuroraFactors(nn.Module):
             nn.init.xavier_uniform_(self.modes[tower])
         self.dropout = nn.Dropout(dropout)
         self._last_projection: Optional[tuple] = None
+        self._pass_modes: dict[str, tuple] = {}   # tower -> (the weights' state, its mode matrices)
 
     def project(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """U x. Projections fed the same input (q, k and v; cross-attention k and v) reuse it:
@@ -93,8 +94,21 @@ class AuroraFactors(nn.Module):
         return u
 
     def mode_matrices(self, tower: str, rows: slice) -> torch.Tensor:
-        """(pieces, R, R): M = Σ_c C[:, :, c] λ[c] for each mode vector in `rows`."""
-        return torch.einsum("abc,pc->pab", self.core, self.modes[tower][rows])
+        """(pieces, R, R): M = Σ_c C[:, :, c] λ[c] for each mode vector in `rows`. While training, a
+        tower's matrices are computed once per forward pass for all its projections (48 a pass on the
+        offline model; README "Nothing computed twice"): kept until the backward pass has gone through
+        them, or the weights change."""
+        modes = self.modes[tower]
+        if not torch.is_grad_enabled():
+            return torch.einsum("abc,pc->pab", self.core, modes[rows])
+        state = (self.core._version, modes._version, self.core.data_ptr(), modes.data_ptr())
+        kept = self._pass_modes.get(tower)
+        if kept is None or kept[0] != state:
+            every = torch.einsum("abc,pc->pab", self.core, modes)
+            if every.requires_grad:   # the backward pass frees what they were computed from
+                every.register_hook(lambda grad: self._pass_modes.pop(tower, None) and None)
+            kept = self._pass_modes[tower] = (state, every)
+        return kept[1][rows]
 
 
 class AuroraDelta:
