@@ -109,13 +109,13 @@ class ModelCache:
                 if taken:
                     self._unshared.discard(key)
                 return key, self._backbones[key], False
-        self.refuse_oversized(spec)
         try:
+            self.refuse_oversized(spec)
             backbone = load_backbone(spec, key[1], fallback_offline=not stale, local_paths=local_paths).eval()
-        except BackboneError as error:
-            if not (stale and error.unreachable):
+        except BackboneError:
+            if not stale:
                 raise
-            with self._lock:   # still unreachable: the stand-in stays, and the hub is asked again later
+            with self._lock:   # still not to be had: the stand-in stays, and the hub is asked again later
                 self._stand_ins[key] = time.monotonic()
             return self._entry(spec, seed, local_paths, taken)
         with self._lock:

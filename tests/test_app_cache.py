@@ -276,6 +276,17 @@ def test_a_stand_in_is_kept_a_minute_then_the_hub_is_asked_again(visitor, monkey
     with pytest.warns(UserWarning, match="could not be fetched"):
         ask.search_text("a cat", models.NO_RUN, hub, visitor)
     assert len(tried) == 1
+
+    def hub_refuses(spec, seed, **kwargs):   # any other refusal on a retry keeps the stand-in too
+        tried.append((spec, kwargs.get("fallback_offline", False)))
+        raise BackboneError(f"{spec}: its checkpoint has a layer this PET Studio does not know")
+
+    monkeypatch.setattr(models, "load_backbone", hub_refuses)
+    now[0] += 2
+    with pytest.warns(UserWarning, match="could not be fetched"):
+        ask.search_text("a cat", models.NO_RUN, hub, visitor)
+    assert len(tried) == 2 and models.MODELS.backbone(hub, 0, False)[0] is stand_in
+    now[0] += models.STAND_IN_RETRY_S + 1
     fetched = real(TINY, 0)   # another architecture than the offline model: other pictures, other widths
     fetched.spec = hub
 
@@ -286,7 +297,7 @@ def test_a_stand_in_is_kept_a_minute_then_the_hub_is_asked_again(visitor, monkey
     monkeypatch.setattr(models, "load_backbone", hub_back)
     now[0] += 2
     frozen, _ = ask.search_text("a cat", models.NO_RUN, hub, visitor)
-    assert tried == [(hub, False)] * 2 and models.MODELS.backbone(hub, 0, False)[0] is fetched
+    assert tried == [(hub, False)] * 3 and models.MODELS.backbone(hub, 0, False)[0] is fetched
     assert len(frozen) == 5 and len(models.MODELS) == 1   # the stand-in is let go
     session = sessions.STORE.get("visitor")
     assert {served for (_, served, _, _) in session.galleries} == {"offline", hub}

@@ -111,47 +111,55 @@ def test_gradients_reach_only_aurora_parameters_and_declared_heads(tiny):
         assert (p.grad is not None) == (name in trainable), name
 
 
-def test_a_towers_mode_matrices_are_computed_once_per_training_pass(tiny, monkeypatch):
-    """Every projection's delta takes its mode matrices from the shared core: while training, a tower's
-    are computed once a pass (the offline model has 48 projections), and again after the backward pass
-    or a change of the weights; losses and gradients are those of computing each projection's own."""
+def test_a_towers_mode_matrices_are_computed_once_per_pass_and_kept_by_none(tiny, monkeypatch):
+    """Every projection's delta takes its mode matrices from the shared core: a tower's are computed once
+    per forward pass through it (the offline model has 48 projections), and nothing of a pass is kept
+    after it, so whatever changes the weights between passes (an optimizer step, a restore) is seen;
+    losses and gradients are those of computing each projection's own."""
+    import copy
     import core.pet.aurora as aurora
 
     handle = attach(tiny, "aurora", {"rank": 4, "dropout": 0.0})
     _randomise(handle, seed=5)
     params = handle.trainable_parameters()
+    factors = tiny.pet.factors
     data = RetrievalSet(torch.randn(4, 3, 32, 32), tiny.tokenize(["a", "b c", "d e f", "g"]), torch.arange(4))
     objective, ids = RetrievalObjective(tiny, data, handle).train(), torch.arange(4)
 
-    def gradients(loss) -> dict:
+    def gradients(*losses) -> dict:
         for p in params.values():
             p.grad = None
-        loss.backward()
+        for loss in losses:
+            loss.backward()
         return {name: p.grad.clone() for name, p in params.items()}
 
-    with monkeypatch.context() as each_its_own:   # the reference: every projection computes its own
-        each_its_own.setattr(aurora.AuroraFactors, "mode_matrices", lambda self, tower, rows: torch.einsum(
-            "abc,pc->pab", self.core, self.modes[tower][rows]))
-        expected_loss = objective(ids)
-        expected = gradients(expected_loss)
+    def reference() -> tuple:   # every projection computes its own
+        with monkeypatch.context() as each_its_own:
+            each_its_own.setattr(aurora.AuroraFactors, "pass_mode_matrices", aurora.AuroraFactors.mode_matrices)
+            loss = objective(ids)
+            return loss.detach(), gradients(loss)
+
+    expected_loss, expected = reference()
     computed, einsum = [], torch.einsum
     monkeypatch.setattr(aurora.torch, "einsum", lambda *args: computed.append(args[0]) or einsum(*args))
     loss = objective(ids)
     assert len(computed) == 2 and torch.allclose(loss, expected_loss, atol=1e-6)   # the two towers, once each
+    assert factors._pass_modes == {} and factors._last_projection is None   # nothing kept after the pass
     got = gradients(loss)
     assert all(torch.allclose(got[name], expected[name], atol=1e-6) for name in expected)
-    got = gradients(objective(ids))   # after a backward pass: computed again
-    assert len(computed) == 4 and all(torch.allclose(got[name], expected[name], atol=1e-6) for name in expected)
-    got = gradients(objective(ids) + objective(ids))   # two passes before one backward share them
+    got = gradients(objective(ids), objective(ids))   # two passes, two backward passes
     assert len(computed) == 6 and all(torch.allclose(got[name], 2 * expected[name], atol=1e-5) for name in expected)
-    objective(ids)   # a pass with no backward, then a step
+    objective(ids)   # a pass with no backward, then weights changed in a way no version counter records
     with torch.no_grad():
-        params["pet.factors.core"].add_(0.01)
-    objective(ids)
-    assert len(computed) == 10
-    with torch.no_grad():   # inference: each projection its own, nothing kept
+        params["pet.factors.core"].data.add_(0.01)
+    changed = objective(ids)
+    monkeypatch.undo()
+    assert torch.allclose(changed, reference()[0], atol=1e-6) and not torch.allclose(changed, expected_loss)
+    with torch.no_grad():   # a pass computed while the factors were frozen keeps nothing either
         objective(ids)
-    assert len(computed) > 10 + 2
+    assert all(g is not None for g in gradients(objective(ids)).values())
+    objective(ids)
+    copy.deepcopy(factors)   # no tensor of a pass left behind in the module
 
 
 def test_readout_has_modes_delta_norms_and_gqt_per_layer(tiny):

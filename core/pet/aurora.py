@@ -81,7 +81,7 @@ class AuroraFactors(nn.Module):
             nn.init.xavier_uniform_(self.modes[tower])
         self.dropout = nn.Dropout(dropout)
         self._last_projection: Optional[tuple] = None
-        self._pass_modes: dict[str, tuple] = {}   # tower -> (the weights' state, its mode matrices)
+        self._pass_modes: dict[str, Optional[torch.Tensor]] = {}   # tower in a pass -> its mode matrices
 
     def project(self, x: torch.Tensor, key: str) -> torch.Tensor:
         """U x. Projections fed the same input (q, k and v; cross-attention k and v) reuse it:
@@ -94,21 +94,27 @@ class AuroraFactors(nn.Module):
         return u
 
     def mode_matrices(self, tower: str, rows: slice) -> torch.Tensor:
-        """(pieces, R, R): M = Σ_c C[:, :, c] λ[c] for each mode vector in `rows`. While training, a
-        tower's matrices are computed once per forward pass for all its projections (48 a pass on the
-        offline model; README "Nothing computed twice"): kept until the backward pass has gone through
-        them, or the weights change."""
-        modes = self.modes[tower]
-        if not torch.is_grad_enabled():
-            return torch.einsum("abc,pc->pab", self.core, modes[rows])
-        state = (self.core._version, modes._version, self.core.data_ptr(), modes.data_ptr())
-        kept = self._pass_modes.get(tower)
-        if kept is None or kept[0] != state:
-            every = torch.einsum("abc,pc->pab", self.core, modes)
-            if every.requires_grad:   # the backward pass frees what they were computed from
-                every.register_hook(lambda grad: self._pass_modes.pop(tower, None) and None)
-            kept = self._pass_modes[tower] = (state, every)
-        return kept[1][rows]
+        """(pieces, R, R): M = Σ_c C[:, :, c] λ[c] for each mode vector in `rows`."""
+        return torch.einsum("abc,pc->pab", self.core, self.modes[tower][rows])
+
+    def begin_pass(self, tower: str) -> None:
+        """A forward pass enters the tower's first adapted block: its projections share one computation
+        of the tower's mode matrices (48 projections a pass on the offline model; README "Nothing
+        computed twice")."""
+        self._pass_modes[tower] = None
+
+    def end_pass(self, tower: str) -> None:
+        """It leaves the last: nothing of the pass is kept (autograd holds what the backward needs)."""
+        self._pass_modes.pop(tower, None)
+        self._last_projection = None
+
+    def pass_mode_matrices(self, tower: str, rows: slice) -> torch.Tensor:
+        """`mode_matrices`, computed once for the whole tower within one of its forward passes."""
+        if tower not in self._pass_modes:   # outside a pass (a projection called on its own)
+            return self.mode_matrices(tower, rows)
+        if self._pass_modes[tower] is None:
+            self._pass_modes[tower] = torch.einsum("abc,pc->pab", self.core, self.modes[tower])
+        return self._pass_modes[tower][rows]
 
 
 class AuroraDelta:
@@ -119,11 +125,15 @@ class AuroraDelta:
         self.factors, self.tower, self.rows, self.layout = factors, tower, rows, layout
         self.in_key, self.out_key, self.scale = in_key, out_key, scale
 
-    def mixed_modes(self) -> torch.Tensor:
+    def mixed_modes(self, in_pass: bool = False) -> torch.Tensor:
         """F (R × k·R): the k mode matrices stacked modes-last and read row-major, so column
         k·j + m is column j of M_m, and each R-wide column block mixes all k modes (CP/vit.py)."""
-        M = self.factors.mode_matrices(self.tower, self.rows)           # (k, R, R)
+        M = self._mode_matrices(in_pass)                                  # (k, R, R)
         return M.permute(1, 2, 0).reshape(M.shape[1], -1)
+
+    def _mode_matrices(self, in_pass: bool) -> torch.Tensor:
+        f = self.factors
+        return f.pass_mode_matrices(self.tower, self.rows) if in_pass else f.mode_matrices(self.tower, self.rows)
 
     def blocks(self) -> torch.Tensor:
         """(k, R, R): B_q, the q-th R-wide column block of F."""
@@ -134,9 +144,9 @@ class AuroraDelta:
         f = self.factors
         V = f.V[self.out_key].to(x.dtype)
         if self.layout == "plain":
-            M = f.mode_matrices(self.tower, self.rows)[0].to(x.dtype)
+            M = self._mode_matrices(in_pass=True)[0].to(x.dtype)
             return f.dropout(f.project(x, self.in_key) @ M) @ V.T * self.scale
-        F = self.mixed_modes().to(x.dtype)
+        F = self.mixed_modes(in_pass=True).to(x.dtype)
         rank = F.shape[0]
         if self.layout == "widen":      # hidden quarter q: V((U x) B_q)
             u = f.project(x, self.in_key) @ F
@@ -289,6 +299,14 @@ def attach(backbone, config: Config) -> AuroraHandle:
         projection.add_delta(handle.method, delta)
         handle.deltas.append((tower, block.index, name, projection, delta))
     handle.on_detach(lambda: [p.remove_delta(handle.method) for *_, p, _ in handle.deltas])
+    ends: dict[str, list[BlockLayout]] = {}   # each tower's first and last adapted block, in the order they run
+    for tower, block, *_ in plan:
+        ends.setdefault(tower, [block, block])[1] = block
+    hooks = []
+    for tower, (first, last) in ends.items():
+        hooks.append(first.module.register_forward_pre_hook(lambda _, args, tower=tower: factors.begin_pass(tower)))
+        hooks.append(last.module.register_forward_hook(lambda _, args, out, tower=tower: factors.end_pass(tower)))
+    handle.on_detach(lambda: [hook.remove() for hook in hooks])
     if config.gqt:
         module.gqt = _attach_query_gates(handle, config.gqt_towers or _text_towers(backbone))
         module.gqt.to(backbone.device).requires_grad_(True)
