@@ -29,7 +29,7 @@ from core.backbones import BackboneError, load_backbone
 from core.data.shapes import COLOURS, SHAPES, draw_shape
 from core.pet import METHODS, attach, default_lr
 from core.tasks import retrieval
-from core.trainer import TrainSettings, autocast, autocast_for, make_optimizer, pick_device
+from core.trainer import LowPrecisionWeights, TrainSettings, autocast, autocast_for, make_optimizer, pick_device
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -105,14 +105,16 @@ def _training_step(objective, params, lr: float, amp: Optional[str]) -> Callable
     ids = torch.arange(len(objective.data))
     device = next(iter(params.values())).device
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    low_precision = LowPrecisionWeights(objective, amp)   # as training has it: frozen weights cast once
 
     def step() -> None:
-        with autocast(device, amp):
-            loss = objective(ids)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        with low_precision:
+            with autocast(device, amp):
+                loss = objective(ids)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
     return step
 

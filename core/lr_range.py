@@ -54,8 +54,8 @@ from torch import nn
 from core.cache import JsonCache
 from core.distributed import mean_across_processes, rank_and_world
 from core.result import LrChoice, read_record
-from core.trainer import (RESTART_FACTOR, TrainSettings, any_process, autocast, make_optimizer, optimizer_step,
-                          process_batches)
+from core.trainer import (RESTART_FACTOR, LowPrecisionWeights, TrainSettings, any_process, autocast, make_optimizer,
+                          optimizer_step, process_batches)
 
 SHARE = 0.15          # of the run's training items (epochs × items) the test should use
 STEPS, BATCH = 20, 16
@@ -174,7 +174,8 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: lis
     objective.train()
     # its random draws (dropout's) are given back: a run trains the same whether its choice was
     # measured now or read from the cache
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            LowPrecisionWeights(objective, autocast_to):
         try:
             with autocast(device, autocast_to):
                 loss = model(batch)

@@ -173,6 +173,34 @@ def autocast(device: torch.device, amp: Optional[str]) -> torch.autocast:
     return torch.autocast(device.type, dtype=_DTYPES.get(amp, torch.float32), enabled=amp is not None)
 
 
+class LowPrecisionWeights:
+    """Under low-precision autocast, the frozen weights that only linear layers read, cast once for
+    a whole training rather than at every step (autocast keeps its casts only of weights that need
+    gradients): the values autocast would cast them to, so training is bit for bit the same, and a
+    ViT-B/32 step of Aurora, LoRA or VL-PET 4–10% faster (README "Nothing computed twice"). In force
+    inside `with`; outside it (scoring between epochs, a restore) every weight is as it was."""
+
+    def __init__(self, model: nn.Module, amp: Optional[str]):
+        owners: dict[nn.Parameter, list[nn.Module]] = {}
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(p, []).append(module)
+        dtype = _DTYPES.get(amp)
+        # a weight tied to another kind of layer (an embedding) is read at full precision there
+        self._weights = [(p, p.data, p.data.to(dtype)) for p, modules in owners.items()
+                         if dtype is not None and not p.requires_grad and p.dtype == torch.float32
+                         and all(isinstance(m, nn.Linear) and m.weight is p for m in modules)]
+
+    def __enter__(self) -> "LowPrecisionWeights":
+        for p, _, low in self._weights:
+            p.data = low
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p, full, _ in self._weights:
+            p.data = full
+
+
 def make_optimizer(params: dict[str, nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]   # biases, norms, scales
@@ -455,11 +483,12 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
                               first_step))
 
     objective.train()
+    low_precision = LowPrecisionWeights(objective, settings.autocast)
     untrained: list[torch.Tensor] = []
     if guard.loss is None:   # what a rise and a collapse are measured against, over one epoch
         # (its random draws, e.g. dropout's, are given back: the training that follows is the same with or without it)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
-                autocast(device, settings.autocast):
+                autocast(device, settings.autocast), low_precision:
             at_start = torch.stack([measured(model(batch)) for batch in my_batches(torch.Generator().manual_seed(0))])
             # the reference is the finite losses' mean: a batch the untrained weights cannot score (NaN, inf)
             # must not switch the guard off (training on it says so at its step); a NaN spread is a batch
@@ -469,18 +498,19 @@ def _attempt(objective: nn.Module, params: dict[str, nn.Parameter], settings: Tr
             untrained.append(mean_across_processes(at_start))   # every process judges alike
     try:
         for epoch in range(done + 1, settings.epochs + 1):
-            for batch in my_batches(generator):
-                if stopping():
-                    break
-                with autocast(device, settings.autocast):
-                    loss = model(batch)
-                optimizer_step(loss, optimizer, scaler, params, settings.grad_clip)
-                scheduler.step()
-                step = log.steps = step + 1
-                log.steps_run += 1
-                pending.append(measured(loss))
-                if len(pending) >= log_every:
-                    report()
+            with low_precision:
+                for batch in my_batches(generator):
+                    if stopping():
+                        break
+                    with autocast(device, settings.autocast):
+                        loss = model(batch)
+                    optimizer_step(loss, optimizer, scaler, params, settings.grad_clip)
+                    scheduler.step()
+                    step = log.steps = step + 1
+                    log.steps_run += 1
+                    pending.append(measured(loss))
+                    if len(pending) >= log_every:
+                        report()
             if log.cancelled or log.out_of_time:
                 break
             if pending:

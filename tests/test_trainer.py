@@ -497,3 +497,55 @@ def test_a_run_out_of_gpu_time_is_scored_saved_and_says_so(shapes, tmp_path):
     assert result.train.out_of_time and not result.train.step_losses
     assert "stopped at the GPU time limit after 0 of" in result.note
     assert (tmp_path / "run" / "pet.safetensors").exists() and result.tuned["t2i_r1"] >= 0
+
+
+@pytest.mark.parametrize("model, method", [("tiny", "aurora"), ("tiny", "lora"), ("tiny", "vlpet"), ("tiny", "bitfit"),
+                                           ("blip", "aurora")])
+def test_frozen_weights_cast_once_train_bit_for_bit_as_casting_them_at_every_step(
+        shapes, tiny_blip_folder, tmp_path, monkeypatch, model, method):
+    """Under bf16 autocast the frozen weights only linear layers read are cast once for the training
+    (and the range test), not at every step: the same values, so the same run to the last bit."""
+    from core.trainer import LowPrecisionWeights
+
+    spec = TINY if model == "tiny" else f"blip:{tiny_blip_folder}"
+    once = tune(spec, shapes, method, shots=4, epochs=2, lr="auto", seed=1, precision="bf16", out=tmp_path / "once")
+    monkeypatch.setattr(LowPrecisionWeights, "__enter__", lambda self: self)   # autocast casts them each time
+    each = tune(spec, shapes, method, shots=4, epochs=2, lr="auto", seed=1, precision="bf16", out=tmp_path / "each")
+    assert once.train.lr_choice.losses == each.train.lr_choice.losses
+    assert once.train.step_losses == each.train.step_losses and once.tuned == each.tuned
+
+
+def test_only_frozen_weights_read_by_linear_layers_alone_are_cast_and_only_while_training(tiny):
+    from core.pet import attach
+    from core.trainer import LowPrecisionWeights
+
+    handle = attach(tiny, "bitfit")   # biases train; the weights stay frozen
+    linears = [p.linear.weight for tower in tiny.towers.values() for block in tower.blocks
+               for p in block.projections.values()]
+    cast = LowPrecisionWeights(tiny, "bf16")
+    held = {id(p) for p, _, _ in cast._weights}
+    assert {id(w) for w in linears} <= held and not any(p.requires_grad for p, _, _ in cast._weights)
+    with cast:
+        assert all(w.dtype == torch.bfloat16 for w in linears)
+        assert all(p.dtype == torch.float32 for p in handle.trainable_parameters().values())
+    assert all(p.dtype == torch.float32 for p in tiny.parameters())
+    assert LowPrecisionWeights(tiny, None)._weights == []   # fp32: nothing to cast
+    tied = nn.Module()
+    tied.embed, tied.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    tied.head.weight = tied.embed.weight   # read at full precision by the embedding
+    tied.requires_grad_(False)
+    assert LowPrecisionWeights(tied, "bf16")._weights == []
+
+
+def test_weights_are_as_they_were_while_an_epoch_is_scored():
+    from core.backbones import load_backbone
+    from core.pet import attach
+    from core.tasks.retrieval import RetrievalObjective, RetrievalSet
+
+    backbone = load_backbone(TINY, seed=0)
+    handle = attach(backbone, "lora")
+    data = RetrievalSet(torch.randn(8, 3, 32, 32), backbone.tokenize([f"thing {i}" for i in range(8)]), torch.arange(8))
+    objective, dtypes = RetrievalObjective(backbone, data, handle), []
+    train(objective, handle.trainable_parameters(), TrainSettings(lr=1e-2, epochs=2, batch_size=4, autocast="bf16"),
+          epoch_end=lambda epoch: dtypes.append({p.dtype for p in backbone.parameters()}))
+    assert dtypes == [{torch.float32}] * 2 and {p.dtype for p in backbone.parameters()} == {torch.float32}
