@@ -173,7 +173,8 @@ def range_test(objective: nn.Module, params: dict[str, nn.Parameter], rates: lis
     lrs, losses, start, reference, stopped, not_finite_at, worse = [], [], math.nan, math.nan, False, None, False
     objective.train()
     # its random draws (dropout's) are given back: a run trains the same whether its choice was
-    # measured now or read from the cache
+    # measured now or read from the cache; each step's backward reads the forward before it, so the
+    # frozen weights stay cast for the whole test
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             LowPrecisionWeights(objective, autocast_to):
         try:

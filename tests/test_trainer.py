@@ -516,28 +516,31 @@ def test_frozen_weights_cast_once_train_bit_for_bit_as_casting_them_at_every_ste
 
 
 def test_only_frozen_weights_read_by_linear_layers_alone_are_cast_and_only_while_training(tiny):
+    """The projections of the blocks every step runs again; not what the frozen-feature cache computes
+    once (a linear probe's towers), not a weight tied to an embedding, and only inside `with`."""
     from core.pet import attach
+    from core.tasks.retrieval import RetrievalObjective, RetrievalSet
     from core.trainer import LowPrecisionWeights
 
-    handle = attach(tiny, "bitfit")   # biases train; the weights stay frozen
-    linears = [p.linear.weight for tower in tiny.towers.values() for block in tower.blocks
-               for p in block.projections.values()]
-    cast = LowPrecisionWeights(tiny, "bf16")
-    held = {id(p) for p, _, _ in cast._weights}
-    assert {id(w) for w in linears} <= held and not any(p.requires_grad for p, _, _ in cast._weights)
+    data = RetrievalSet(torch.randn(4, 3, 32, 32), tiny.tokenize(["a", "b", "c", "d"]), torch.arange(4))
+    probe = attach(tiny, "linear_probe")
+    assert LowPrecisionWeights(RetrievalObjective(tiny, data, probe), "bf16")._weights == []
+    probe.detach()
+    handle = attach(tiny, "bitfit")   # biases train in every block; the weights stay frozen
+    linears = list({id(p.linear.weight): p.linear.weight for tower in tiny.towers.values() for block in tower.blocks
+                    for p in block.projections.values()}.values())   # q, k and v share one
+    tiny.tied = nn.Embedding(*linears[0].shape)
+    tiny.tied.weight = linears[0]   # read at full precision by the embedding
+    cast = LowPrecisionWeights(RetrievalObjective(tiny, data, handle), "bf16")
+    assert len(linears) == 16 and [id(p) for p, _, _ in cast._weights] == [id(w) for w in linears[1:]]
     with cast:
-        assert all(w.dtype == torch.bfloat16 for w in linears)
+        assert all(w.dtype == torch.bfloat16 for w in linears[1:]) and linears[0].dtype == torch.float32
         assert all(p.dtype == torch.float32 for p in handle.trainable_parameters().values())
     assert all(p.dtype == torch.float32 for p in tiny.parameters())
-    assert LowPrecisionWeights(tiny, None)._weights == []   # fp32: nothing to cast
-    tied = nn.Module()
-    tied.embed, tied.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
-    tied.head.weight = tied.embed.weight   # read at full precision by the embedding
-    tied.requires_grad_(False)
-    assert LowPrecisionWeights(tied, "bf16")._weights == []
+    assert LowPrecisionWeights(RetrievalObjective(tiny, data, handle), None)._weights == []   # fp32: nothing
 
 
-def test_weights_are_as_they_were_while_an_epoch_is_scored():
+def test_weights_are_as_they_were_while_an_epoch_is_scored_and_callbacks_run():
     from core.backbones import load_backbone
     from core.pet import attach
     from core.tasks.retrieval import RetrievalObjective, RetrievalSet
@@ -546,6 +549,8 @@ def test_weights_are_as_they_were_while_an_epoch_is_scored():
     handle = attach(backbone, "lora")
     data = RetrievalSet(torch.randn(8, 3, 32, 32), backbone.tokenize([f"thing {i}" for i in range(8)]), torch.arange(8))
     objective, dtypes = RetrievalObjective(backbone, data, handle), []
+    seen = lambda *_: dtypes.append({p.dtype for p in backbone.parameters()})   # noqa: E731
     train(objective, handle.trainable_parameters(), TrainSettings(lr=1e-2, epochs=2, batch_size=4, autocast="bf16"),
-          epoch_end=lambda epoch: dtypes.append({p.dtype for p in backbone.parameters()}))
-    assert dtypes == [{torch.float32}] * 2 and {p.dtype for p in backbone.parameters()} == {torch.float32}
+          progress=seen, cancel=lambda: seen() or False, epoch_end=seen)
+    assert len(dtypes) > 6 and all(d == {torch.float32} for d in dtypes)
+    assert {p.dtype for p in backbone.parameters()} == {torch.float32}
