@@ -149,9 +149,8 @@ class ModelCache:
                 cache_key, (backbone, _), built = self._entry(key.spec, key.seed, key.local_paths, taken=True)
                 if built:
                     loaded.built.append((cache_key, backbone))
-                if backbone.fallback_note and key.run is not None:
-                    raise BackboneError(f"this run was tuned on {key.spec[:200]}, which this app cannot load now: "
-                                        f"{backbone.fallback_note}")
+                if key.run is not None:
+                    refuse_stand_in(backbone, key.spec)
                 if backbone.fallback_note:
                     loaded.notes.add(backbone.fallback_note)
         except BackboneError as error:
@@ -271,6 +270,14 @@ def keep_gallery(session: Session, key: ModelKey, served: str, frames: int, item
     session.galleries[kept] = (items, embeddings)
     while len(session.galleries) > GALLERIES_KEPT:
         session.galleries.pop(next(iter(session.galleries)))
+
+
+def refuse_stand_in(backbone: Backbone, spec: str) -> None:
+    """A run's weights on the offline model standing in for the unreachable backbone it was tuned on
+    would compute something else: refused."""
+    if backbone.fallback_note:
+        raise BackboneError(f"this run was tuned on {spec[:200]}, which this app cannot load now: "
+                            f"{backbone.fallback_note}")
 
 
 def served_as(backbone: Backbone, key: ModelKey, served: str) -> None:

@@ -10,21 +10,21 @@ import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import gradio as gr
 
 from app.device import MARGIN, Call, scoring_seconds, tuning_seconds
-from app.models import MODELS, ModelKey
+from app.models import MODELS, ModelKey, refuse_stand_in
 from app.sessions import STORE
 from core import lr_range
-from core.result import RunResult
-from core.backbones import Backbone, BackboneError
+from core.backbones import Backbone
 from core.data import Dataset
 from core.pet import get_method
 from core.report import write_report
+from core.result import RunResult
 from core.runs import USER_ERRORS, suggested_lr, tune
 from core.sweep import SweepProgress, SweepResult, sweep
 from core.trainer import Progress
@@ -168,8 +168,7 @@ def report_on_device(call: Call, source: str, out: str, local_paths: bool) -> st
     @contextmanager
     def shared(spec: str, seed: int) -> Iterator[Backbone]:
         with MODELS.on(call, ModelKey(spec, seed, local_paths)) as (backbone, _):
-            if backbone.fallback_note:   # a stand-in for an unreachable backbone has none of the run's
-                raise BackboneError(f"{spec[:200]} cannot be loaded now: {backbone.fallback_note}")
+            refuse_stand_in(backbone, spec)
             yield backbone
 
     return str(write_report(source, out, local_paths=local_paths, backbones=shared))

@@ -237,8 +237,9 @@ def test_a_report_in_the_app_reads_the_gates_on_the_shared_backbone(runs, tmp_pa
     info = json.loads((Path(runs["aurora"]) / "run.json").read_text())
     (moved / "run.json").write_text(json.dumps({**info, "backbone": "openclip:ViT-B-32:openai"}))
     page = Path(report_on_device(CPU, str(moved), str(tmp_path / "moved.html"), False)).read_text()
-    assert "the gates need the run's backbone, which could not be loaded: openclip:ViT-B-32:openai cannot be " \
-           "loaded now: openclip:ViT-B-32:openai could not be fetched" in page
+    assert "the gates need the run's backbone, which could not be loaded: this run was tuned on " \
+           "openclip:ViT-B-32:openai, which this app cannot load now: openclip:ViT-B-32:openai could not be " \
+           "fetched" in page
 
 
 def test_a_stand_in_is_kept_a_minute_then_the_hub_is_asked_again(visitor, monkeypatch):

@@ -508,7 +508,12 @@ def test_frozen_weights_cast_once_train_bit_for_bit_as_casting_them_at_every_ste
     from core.trainer import LowPrecisionWeights
 
     spec = TINY if model == "tiny" else f"blip:{tiny_blip_folder}"
-    once = tune(spec, shapes, method, shots=4, epochs=2, lr="auto", seed=1, precision="bf16", out=tmp_path / "once")
+    cast, enter = [], LowPrecisionWeights.__enter__
+    with monkeypatch.context() as counting:
+        counting.setattr(LowPrecisionWeights, "__enter__", lambda self: cast.append(len(self._weights)) or enter(self))
+        once = tune(spec, shapes, method, shots=4, epochs=2, lr="auto", seed=1, precision="bf16",
+                    out=tmp_path / "once")
+    assert cast and min(cast) > 0   # the test and every step ran with weights cast once
     monkeypatch.setattr(LowPrecisionWeights, "__enter__", lambda self: self)   # autocast casts them each time
     each = tune(spec, shapes, method, shots=4, epochs=2, lr="auto", seed=1, precision="bf16", out=tmp_path / "each")
     assert once.train.lr_choice.losses == each.train.lr_choice.losses
