@@ -5,7 +5,34 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import math
+
 import gradio as gr
+
+
+def _number_sent(component: gr.components.Component, payload: Any) -> Any:
+    """What an API client sent a number field, refused with the field's name when it is not a finite
+    number: Gradio's own preprocessing compares it with the bounds and raises a bare TypeError."""
+    if payload is None or (isinstance(payload, (int, float)) and not isinstance(payload, bool)
+                           and math.isfinite(payload)):
+        return payload
+    raise gr.Error(f"{component.label or 'a number field'} must be a finite number, not {payload!r:.40}")
+
+
+class Number(gr.Number):
+    """gr.Number (the same control in the page) whose API value is checked before its bounds."""
+    is_template = True   # Gradio draws a template with its parent's component
+
+    def preprocess(self, payload: Any) -> Any:
+        return super().preprocess(_number_sent(self, payload))
+
+
+class Slider(gr.Slider):
+    """gr.Slider (the same control in the page) whose API value is checked before its bounds."""
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return super().preprocess(_number_sent(self, payload))
 
 
 def control(spec: dict[str, Any]) -> gr.components.Component:
@@ -15,9 +42,9 @@ def control(spec: dict[str, Any]) -> gr.components.Component:
     if spec["choices"] is not None:
         return gr.Radio(list(spec["choices"]), value=spec["default"], label=spec["help"])
     if spec["type"] == "int" and spec["low"] is not None:
-        return gr.Slider(spec["low"], spec["high"], value=spec["default"], step=1, label=spec["help"])
+        return Slider(spec["low"], spec["high"], value=spec["default"], step=1, label=spec["help"])
     if spec["type"] in ("int", "float"):
-        return gr.Number(spec["default"], minimum=spec["low"], maximum=spec["high"], label=spec["help"])
+        return Number(spec["default"], minimum=spec["low"], maximum=spec["high"], label=spec["help"])
     if spec["type"] == "names":
         return gr.Textbox(",".join(spec["default"]), label=f"{spec['help']} (comma-separated)")
     return gr.Textbox(spec["default"], label=spec["help"])

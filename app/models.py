@@ -24,8 +24,9 @@ import gradio as gr
 import torch
 
 from app import views
-from app.sessions import Run, Session, return_freed_memory
+from app.sessions import Run, Session
 from core import query
+from core.heap import return_freed_memory
 from core.backbones import Backbone, BackboneError, estimate_weights_bytes, load_backbone, parse_spec
 from core.backbones.base import weights_bytes
 from core.data.media import DEFAULT_FRAMES

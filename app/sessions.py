@@ -9,8 +9,6 @@ folder is a random name the server draws, and every removal goes through `remove
 which refuses any path that is not strictly inside the sessions root."""
 from __future__ import annotations
 
-import ctypes
-import gc
 import re
 import secrets
 import shutil
@@ -20,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+from core.heap import return_freed_memory
 
 SESSIONS_ROOT = Path(tempfile.gettempdir()) / "petstudio-sessions"
 IDLE_LIMIT_SECONDS = 6 * 3600
@@ -62,25 +62,6 @@ class Session:
         folder = self.folder / kind / f"{self.counter:02d}-{safe}"
         folder.mkdir(parents=True)
         return folder
-
-
-def return_freed_memory() -> None:
-    """Collect the released session's models now and hand freed heap pages back to the system:
-    glibc keeps them otherwise, and a server's resident memory creeps up session after session."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:   # not glibc (macOS, Windows, musl): nothing to trim
-        return None
-
-
-_LIBC = _glibc()
 
 
 def remove_inside(root: Path, path: Path) -> None:

@@ -12,8 +12,6 @@ pass); on CUDA, torch's peak allocation.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import gc
 import random
 import tempfile
@@ -25,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from core import heap
 from core.backbones import BackboneError, load_backbone
 from core.data.shapes import COLOURS, SHAPES, draw_shape
 from core.pet import METHODS, attach, default_lr
@@ -56,23 +55,6 @@ def _time(step: Callable[[], None], steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-@functools.cache
-def _glibc() -> ctypes.CDLL:
-    return ctypes.CDLL("libc.so.6")
-
-
-def _return_freed_memory() -> None:
-    """glibc keeps freed blocks mapped, which hides each step's peak from VmHWM; with a fixed mmap
-    threshold large tensors are returned on free, so the peak is measurable (and steps slower)."""
-    _glibc().mallopt(-3, 65536)   # M_MMAP_THRESHOLD
-
-
-def _trim() -> None:
-    """Give the heap's free pages back: a step's tensors otherwise reuse blocks the timing pass
-    freed, which are still resident, and its peak never shows (a ViT-B-32 Aurora step read 0 MB)."""
-    _glibc().malloc_trim(0)
-
-
 def _peak_mb(step: Callable[[], None], device: torch.device) -> float:
     """The memory one call adds at its peak, after a warm-up call."""
     step()
@@ -82,7 +64,7 @@ def _peak_mb(step: Callable[[], None], device: torch.device) -> float:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        _trim()
+        heap.trim()
         _CLEAR_REFS.write_text("5")  # resets VmHWM to the current RSS
         base = _rss_mb("VmRSS")
     step()
@@ -238,7 +220,7 @@ def bench(model: str, batch: int = 32, steps: int = 5, methods: list[str] | None
     e2e_s, range_test_s = _e2e_seconds(model, precision) if e2e else (None, None)
     # Memory last: returning freed memory to the system slows every step after it.
     if device.type == "cpu":
-        _return_freed_memory()
+        heap.return_large_blocks_on_free()
     for label, _, step in _method_steps(backbone, data, variants, amp):
         results[label]["peak_mem_mb"] = _peak_mb(step, device)
     if peer_step is not None:

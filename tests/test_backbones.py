@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from core.backbones import (FAMILIES, BackboneError, Family, describe_spec, load_backbone, register_family,
                             estimate_weights_bytes)
 from core.backbones.base import weights_bytes
+from core.backbones.blip import HUB_FILES, SIZED_COMMITS
 from tests.conftest import TINY, embeddings
 
 
@@ -219,11 +220,24 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     assert estimate_weights_bytes("blip:Salesforce/blip-itm-base-coco") is None   # its loader says why
     # A hub model is sized from its config.json alone, fetched from the hub (served here from a local copy
     # laid out as the hub cache lays out a commit).
-    fetched = []
+    fetched, asked, repository = [], [], {"model.safetensors": 2_000_000, "config.json": 3_000, "vocab.txt": 200_000}
     folder = tmp_path / "hub" / "snapshots" / "c0ffee"
     folder.mkdir(parents=True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
                         lambda repo_id, filename: fetched.append((repo_id, filename)) or str(folder / filename))
+
+    def snapshot_download(repo_id, allow_patterns, revision, dry_run=False, local_files_only=False):
+        """The hub's listing of the files loading would fetch (a dry run), or the fetch itself."""
+        assert allow_patterns == HUB_FILES
+        if dry_run:
+            if repository is None:
+                raise OSError("no network")
+            return [huggingface_hub.DryRunFileInfo(revision, size, name, str(folder / name), name == "config.json",
+                                                   name != "config.json") for name, size in repository.items()]
+        asked.append((revision, local_files_only))
+        return str(tiny_blip_folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     config = json.loads((tiny_blip_folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config))
     assert estimate_weights_bytes("blip:someone/tiny") == weights_bytes(load_backbone(f"blip:{tiny_blip_folder}").model)
@@ -234,11 +248,22 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     with pytest.raises(BackboneError, match="someone/huge: its config asks for 100000 layers in a tower"):
         estimate_weights_bytes("blip:someone/huge")
     # Loading fetches the commit that was sized, whatever the repository holds since.
-    asked = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, allow_patterns, revision: asked.append(revision) or str(tiny_blip_folder))
     load_backbone("blip:someone/tiny")
-    assert asked == ["c0ffee"]
+    assert asked == [("c0ffee", False)]
+    # A small config beside files far larger than its model is refused before they are fetched, when it is sized
+    # and when it is loaded without having been sized.
+    (folder / "config.json").write_text((tiny_blip_folder / "config.json").read_text())
+    repository["model.safetensors"] = 40 * 2**30
+    for attempt in (lambda: estimate_weights_bytes("blip:someone/filler"), lambda: load_backbone("blip:someone/filler")):
+        with pytest.raises(BackboneError, match=r"someone/filler: the files it would fetch take 40\.00 GiB on disk, "
+                                                r"more than 2× the 1 MiB of the model its config builds"):
+            attempt()
+    assert asked == [("c0ffee", False)] and "someone/filler" not in SIZED_COMMITS   # nothing fetched
+    # Files the hub cannot list are not fetched: loading reads only what the hub cache already holds.
+    repository = None
+    assert estimate_weights_bytes("blip:someone/unlisted") == weights_bytes(load_backbone(f"blip:{tiny_blip_folder}").model)
+    load_backbone("blip:someone/unlisted")
+    assert asked[-1] == (None, True)
     (folder / "config.json").write_text("{not json")
     assert estimate_weights_bytes("blip:someone/broken") is None   # its loader says what is wrong
 

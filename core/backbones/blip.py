@@ -122,19 +122,23 @@ HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
 
 
 MAX_CONFIG_LAYERS = 96   # per tower: BLIP-large has 24; a config beyond this is not built, even on the meta device
-SIZED_COMMITS: dict[str, str] = {}   # hub id -> the commit `blip_bytes` sized, which loading then fetches
+# A repository's files to fetch may take this much disk over the model its config builds (weights in
+# another precision or a second copy, tokenizer files); a small config beside gigabytes of files would
+# fill a shared Space's disk before from_pretrained found anything wrong.
+FETCH_ALLOWANCE, FETCH_SLACK = 2, 64 * 2**20
+SIZED_COMMITS: dict[str, str] = {}   # hub id -> the commit sized and whose files were checked: loading fetches it
 
 
 def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
     """The bytes a BLIP model's weights take in memory, from its architecture built on the meta
     device: the default BlipConfig's for `random`, the hub config's for `hub` (config.json alone is
-    fetched, from the hub only). None for a local folder, or a hub that cannot be reached (loading
-    says why)."""
+    fetched, from the hub only, and the files loading would fetch are checked against it). None for
+    a local folder, or a hub that cannot be reached (loading says why)."""
     if kind == "random":
         return _default_bytes(answering)
     if kind != "hub":
         return None
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, snapshot_download
     from transformers import BlipConfig
 
     try:
@@ -150,9 +154,24 @@ def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
         size = _meta_bytes(config, answering)
     except Exception:  # a config transformers cannot build: loading it says so
         return None
-    if snapshot.parent.name == "snapshots":   # the hub cache's snapshots/<commit>/: load what was sized
-        SIZED_COMMITS[source] = snapshot.name
+    if snapshot.parent.name != "snapshots":   # not the hub cache's snapshots/<commit>/: nothing to pin loading to
+        return size
+    try:
+        planned = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=snapshot.name, dry_run=True)
+    except Exception:  # hub, network and cache errors come in many library types: loading then reads the cache only
+        return size
+    fetched = [entry.file_size for entry in planned if entry.will_download]
+    if None in fetched or sum(fetched) > FETCH_ALLOWANCE * size + FETCH_SLACK:
+        on_disk = "an unknown size" if None in fetched else _bytes_text(sum(fetched))
+        raise BackboneError(f"{source}: the files it would fetch take {on_disk} on disk, more than "
+                            f"{FETCH_ALLOWANCE}× the {_bytes_text(size)} of the model its config builds: refused "
+                            f"before fetching them")
+    SIZED_COMMITS[source] = snapshot.name
     return size
+
+
+def _bytes_text(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{max(size / 2**20, 1):.0f} MiB"
 
 
 @functools.lru_cache(maxsize=2)
@@ -204,8 +223,11 @@ def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: 
         else:
             from huggingface_hub import snapshot_download
 
-            try:   # the commit that was sized, where it was: the repository may have changed since
-                folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=SIZED_COMMITS.get(source))
+            if source not in SIZED_COMMITS:
+                blip_bytes(source, "hub", answering)
+            try:   # the commit that was sized and checked, or only what the hub cache already holds
+                folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=SIZED_COMMITS.get(source),
+                                           local_files_only=source not in SIZED_COMMITS)
             except Exception as error:  # hub, network and validation errors come in many library types
                 raise BackboneError(f"could not fetch BLIP weights for {source} "
                                     f"(no network, or the hub is unreachable): {error}", unreachable=True) from error

@@ -232,8 +232,13 @@ def test_an_unknown_method_is_refused_and_the_session_can_still_tune(client, app
                           ([1], "the options of prolip must be a JSON object of option: value, not [1]")):
         with pytest.raises(AppError, match=re.escape(said)):
             tune(client, method="prolip", options=options)
-    with pytest.raises(AppError, match="learning rate must be a number, not True"):
-        tune(client, method="bitfit", lr=True)
+    for field, value, said in (("lr", True, "Learning rate (empty or 0: found on your data) must be a finite number, "
+                                            "not True"),   # float(True) is 1.0: not a rate a client meant
+                               ("epochs", "abc", "Epochs must be a finite number, not 'abc'"),
+                               ("shots", [16], "Shots (training items; 0 = all) must be a finite number, not [16]"),
+                               ("batch_size", {"n": 8}, "Batch size must be a finite number, not {'n': 8}")):
+        with pytest.raises(AppError, match=re.escape(said)):   # said by the field's name, not a bare "Error"
+            tune(client, method="bitfit", **{field: value})
     for methods, options, said in ((["lora", "lora"], {}, "lora is named twice"),
                                    (["prolip"], [1], "options must be a JSON object of method: its options"),
                                    (["prolip"], {"prolip": {"pull": -1}}, "prolip option pull must be between")):
