@@ -3,36 +3,44 @@ no method and no option, so a method registered anywhere gets its controls here;
 numbers an API client sends, read with a clear message when they are not numbers."""
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import math
+from typing import Any, Optional
 
 import gradio as gr
 
 
+def number_field(component: gr.components.Component) -> gr.components.Component:
+    """`component` (a gr.Number or gr.Slider) refusing by its label what an API client sends that it
+    cannot take: Gradio's own preprocessing compares a non-number with the bounds (a bare TypeError)
+    and says a number out of range without naming the field. Set on the instance, since a subclass of
+    a Gradio component writes a stub file beside this module on import."""
+    given = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        return given(_number_sent(component, payload))
+
+    component.preprocess = preprocess
+    return component
+
+
 def _number_sent(component: gr.components.Component, payload: Any) -> Any:
-    """What an API client sent a number field, refused with the field's name when it is not a finite
-    number: Gradio's own preprocessing compares it with the bounds and raises a bare TypeError."""
-    if payload is None or (isinstance(payload, (int, float)) and not isinstance(payload, bool)
-                           and math.isfinite(payload)):
-        return payload
-    raise gr.Error(f"{component.label or 'a number field'} must be a finite number, not {payload!r:.40}")
-
-
-class Number(gr.Number):
-    """gr.Number (the same control in the page) whose API value is checked before its bounds."""
-    is_template = True   # Gradio draws a template with its parent's component
-
-    def preprocess(self, payload: Any) -> Any:
-        return super().preprocess(_number_sent(self, payload))
-
-
-class Slider(gr.Slider):
-    """gr.Slider (the same control in the page) whose API value is checked before its bounds."""
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        return super().preprocess(_number_sent(self, payload))
+    name = component.label or "a number field"
+    if payload is None and isinstance(component, gr.Number):
+        return None   # an emptied field
+    if isinstance(payload, bool) or not isinstance(payload, (int, float)):   # float(True) is 1.0: not meant
+        raise gr.Error(f"{name} must be a number, not {payload!r:.40}")
+    try:
+        finite = math.isfinite(payload)
+    except OverflowError:   # an int past any float
+        finite = False
+    if not finite:
+        raise gr.Error(f"{name} must be a finite number, not {payload!r:.40}")
+    low, high = component.minimum, component.maximum
+    if (low is not None and payload < low) or (high is not None and payload > high):
+        bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None
+                  else f"at least {low:g}" if low is not None else f"at most {high:g}")
+        raise gr.Error(f"{name} must be {bounds}, not {payload:g}")
+    return payload
 
 
 def control(spec: dict[str, Any]) -> gr.components.Component:
@@ -42,9 +50,9 @@ def control(spec: dict[str, Any]) -> gr.components.Component:
     if spec["choices"] is not None:
         return gr.Radio(list(spec["choices"]), value=spec["default"], label=spec["help"])
     if spec["type"] == "int" and spec["low"] is not None:
-        return Slider(spec["low"], spec["high"], value=spec["default"], step=1, label=spec["help"])
+        return number_field(gr.Slider(spec["low"], spec["high"], value=spec["default"], step=1, label=spec["help"]))
     if spec["type"] in ("int", "float"):
-        return Number(spec["default"], minimum=spec["low"], maximum=spec["high"], label=spec["help"])
+        return number_field(gr.Number(spec["default"], minimum=spec["low"], maximum=spec["high"], label=spec["help"]))
     if spec["type"] == "names":
         return gr.Textbox(",".join(spec["default"]), label=f"{spec['help']} (comma-separated)")
     return gr.Textbox(spec["default"], label=spec["help"])

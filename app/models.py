@@ -27,7 +27,7 @@ from app import views
 from app.sessions import Run, Session
 from core import query
 from core.heap import return_freed_memory
-from core.backbones import Backbone, BackboneError, estimate_weights_bytes, load_backbone, parse_spec
+from core.backbones import Backbone, BackboneError, WeightsBudget, estimate_weights_bytes, load_backbone, parse_spec
 from core.backbones.base import weights_bytes
 from core.data.media import DEFAULT_FRAMES
 from core.pet import PetHandle
@@ -80,15 +80,17 @@ class ModelCache:
         self._stand_ins: dict[tuple, float] = {}   # key -> when the offline model began to stand in for it
         self._lock = threading.Lock()
 
+    @property
+    def weights_budget(self) -> WeightsBudget:
+        """What one model's weights may take: a visitor's openclip:ViT-bigG-14 would take 10 GiB of a
+        shared Space's memory, and the newest model is kept even above the budget."""
+        return WeightsBudget(int(self.budget), "this app",
+                             "choose a smaller backbone, or raise PETSTUDIO_CACHE_MB where you run the app")
+
     def refuse_oversized(self, spec: str) -> None:
-        """Refuse `spec` when its weights alone would exceed this cache's budget, before anything builds
-        them: a visitor's openclip:ViT-bigG-14 would take 10 GiB of a shared Space's memory, and the
-        newest model is kept even above the budget."""
-        needed = estimate_weights_bytes(spec)
-        if needed is not None and needed > self.budget:
-            raise BackboneError(f"{spec[:200]} needs {needed / 2**30:.1f} GiB for its weights, more than this app keeps "
-                                f"for models ({self.budget / 2**30:.1f} GiB): choose a smaller backbone, or raise "
-                                f"PETSTUDIO_CACHE_MB where you run the app")
+        """Refuse `spec` when its weights alone would exceed the budget, before a handler takes a folder
+        or the device (a load checks again, against what it builds)."""
+        self.weights_budget.refuse(spec, estimate_weights_bytes(spec))
 
     def backbone(self, spec: str, seed: int, local_paths: bool) -> tuple[Backbone, threading.Lock]:
         """The frozen backbone (on the CPU between calls) and the lock a call holds while using it."""
@@ -111,8 +113,8 @@ class ModelCache:
                     self._unshared.discard(key)
                 return key, self._backbones[key], False
         try:
-            self.refuse_oversized(spec)
-            backbone = load_backbone(spec, key[1], fallback_offline=not stale, local_paths=local_paths).eval()
+            backbone = load_backbone(spec, key[1], fallback_offline=not stale, local_paths=local_paths,
+                                     budget=self.weights_budget).eval()
         except BackboneError:
             if not stale:
                 raise

@@ -55,8 +55,11 @@ def _time(step: Callable[[], None], steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _peak_mb(step: Callable[[], None], device: torch.device) -> float:
-    """The memory one call adds at its peak, after a warm-up call."""
+def _peak_mb(step: Callable[[], None], device: torch.device) -> Optional[float]:
+    """The memory one call adds at its peak, after a warm-up call; None on a CPU where it cannot be
+    read (no /proc, or a C library other than glibc, which would keep the freed blocks that hide it)."""
+    if device.type != "cuda" and (heap.glibc() is None or not _CLEAR_REFS.exists()):
+        return None
     step()
     gc.collect()
     if device.type == "cuda":

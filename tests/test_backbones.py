@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.backbones import (FAMILIES, BackboneError, Family, describe_spec, load_backbone, register_family,
+from core.backbones import (FAMILIES, BackboneError, Family, WeightsBudget, describe_spec, load_backbone, register_family,
                             estimate_weights_bytes)
 from core.backbones.base import weights_bytes
-from core.backbones.blip import HUB_FILES, SIZED_COMMITS
+from core.backbones.blip import HUB_FILES
 from tests.conftest import TINY, embeddings
 
 
@@ -136,8 +136,8 @@ def test_a_spec_is_described_by_its_form_before_anything_loads(spec, local_paths
 
 
 def test_a_registered_family_is_read_loaded_and_described_like_the_others():
-    def load(spec, seed, local_paths):
-        return load_backbone(TINY, seed)
+    def load(spec, seed, local_paths, budget):
+        return load_backbone(TINY, seed, budget=budget)
 
     register_family(Family("toy", "toy", lambda rest: None if rest else ("PETStudio-Tiny", None, "random"), load,
                            ("retrieval",), {"random": "`{spec}` is a toy."}, lambda spec: 1234))
@@ -225,6 +225,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     folder.mkdir(parents=True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
                         lambda repo_id, filename: fetched.append((repo_id, filename)) or str(folder / filename))
+    cache_holds = [tiny_blip_folder]
 
     def snapshot_download(repo_id, allow_patterns, revision, dry_run=False, local_files_only=False):
         """The hub's listing of the files loading would fetch (a dry run), or the fetch itself."""
@@ -235,37 +236,57 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
             return [huggingface_hub.DryRunFileInfo(revision, size, name, str(folder / name), name == "config.json",
                                                    name != "config.json") for name, size in repository.items()]
         asked.append((revision, local_files_only))
-        return str(tiny_blip_folder)
+        return str(cache_holds[0])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    config = json.loads((tiny_blip_folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(config))
-    assert estimate_weights_bytes("blip:someone/tiny") == weights_bytes(load_backbone(f"blip:{tiny_blip_folder}").model)
+    tiny_config = (tiny_blip_folder / "config.json").read_text()
+    tiny_bytes = weights_bytes(load_backbone(f"blip:{tiny_blip_folder}").model)
+    (folder / "config.json").write_text(tiny_config)
+    assert estimate_weights_bytes("blip:someone/tiny") == tiny_bytes
     assert fetched == [("someone/tiny", "config.json")]
     # A hostile config is refused before even its meta-device model is built.
+    config = json.loads(tiny_config)
     config["text_config"]["num_hidden_layers"] = 100_000
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(BackboneError, match="someone/huge: its config asks for 100000 layers in a tower"):
         estimate_weights_bytes("blip:someone/huge")
-    # Loading fetches the commit that was sized, whatever the repository holds since.
+    with pytest.raises(BackboneError, match="someone/huge: its config asks for 100000 layers in a tower"):
+        load_backbone("blip:someone/huge")
+    # Loading sizes the newest commit itself and fetches that commit: the repository may have changed since.
+    (folder / "config.json").write_text(tiny_config)
     load_backbone("blip:someone/tiny")
     assert asked == [("c0ffee", False)]
-    # A small config beside files far larger than its model is refused before they are fetched, when it is sized
-    # and when it is loaded without having been sized.
-    (folder / "config.json").write_text((tiny_blip_folder / "config.json").read_text())
+    # A small config beside files far larger than its model is refused before they are fetched.
     repository["model.safetensors"] = 40 * 2**30
     for attempt in (lambda: estimate_weights_bytes("blip:someone/filler"), lambda: load_backbone("blip:someone/filler")):
         with pytest.raises(BackboneError, match=r"someone/filler: the files it would fetch take 40\.00 GiB on disk, "
                                                 r"more than 2× the 1 MiB of the model its config builds"):
             attempt()
-    assert asked == [("c0ffee", False)] and "someone/filler" not in SIZED_COMMITS   # nothing fetched
-    # Files the hub cannot list are not fetched: loading reads only what the hub cache already holds.
-    repository = None
-    assert estimate_weights_bytes("blip:someone/unlisted") == weights_bytes(load_backbone(f"blip:{tiny_blip_folder}").model)
-    load_backbone("blip:someone/unlisted")
-    assert asked[-1] == (None, True)
+    repository["model.safetensors"] = 2_000_000
+    # So are files that would leave the disk of the hub cache nearly full.
+    with monkeypatch.context() as full:
+        full.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 2**30, 2**30 + 2**20))
+        with pytest.raises(BackboneError, match=r"someone/tiny: its files \(2 MiB\) would leave less than 1\.00 GiB free"):
+            load_backbone("blip:someone/tiny")
+    # A budget is kept by the load itself, against the commit it would fetch.
+    with pytest.raises(BackboneError, match=r"blip:someone/tiny needs 0\.0 GiB for its weights, more than this process "
+                                            r"keeps for models"):
+        load_backbone("blip:someone/tiny", budget=WeightsBudget(tiny_bytes - 1))
+    assert asked == [("c0ffee", False)]   # nothing fetched by the refusals
+    # Where the hub cannot be asked (its config broken now, the files unlisted), loading reads only what the hub
+    # cache already holds, and says so when that is no model.
     (folder / "config.json").write_text("{not json")
     assert estimate_weights_bytes("blip:someone/broken") is None   # its loader says what is wrong
+    load_backbone("blip:someone/broken")
+    (folder / "config.json").write_text(tiny_config)
+    repository = None
+    assert estimate_weights_bytes("blip:someone/unlisted") == tiny_bytes
+    load_backbone("blip:someone/unlisted")
+    assert asked[1:] == [(None, True), ("c0ffee", True)]
+    cache_holds[0] = folder   # config.json alone
+    with pytest.raises(BackboneError, match="the hub could not list its files, and the hub cache holds no weights") as refused:
+        load_backbone("blip:someone/unlisted")
+    assert refused.value.unreachable   # the offline model may stand in
 
 
 def test_an_open_clip_model_with_a_hugging_face_text_tower_is_refused_before_it_is_built(monkeypatch):

@@ -88,6 +88,38 @@ def test_cross_attention_key_value_deltas_take_the_image_tokens(tiny_blip, input
     assert seen == [(2, 1 + 16, 32)]                       # [CLS] + 4×4 patches
 
 
+@pytest.mark.parametrize("method, options", [("aurora", {}), ("lora", {"projections": ["cross_k", "cross_v"],
+                                                                          "towers": ["text"]})])
+def test_texts_paired_with_pictures_by_index_project_each_picture_once(tiny_blip, method, options):
+    """ITM pairs each picture with its caption and two hard negatives: `pictures` lets every layer
+    project each picture to keys and values once, with the same output and gradients as pairing rows."""
+    handle = attach(tiny_blip, method, options)
+    _randomise(handle)   # deltas on the cross-attention's keys and values that change them
+    tiny_blip.eval()     # no dropout: the two ways must agree
+    cross_k = tiny_blip.towers["text"].blocks[0].projections["cross_k"]
+    seen = []
+    cross_k.add_delta("probe", lambda x: seen.append(x.shape) or torch.zeros(*x.shape[:-1], 32))
+    torch.manual_seed(0)
+    image_tokens = tiny_blip.image_tokens(torch.randn(3, 3, 32, 32)).detach()
+    tokens = tiny_blip.tokenize(["a red circle", "one blue square", "a green triangle on grey", "x", "y z"] * 2)
+    pictures = torch.tensor([2, 0, 1, 1, 0, 2, 2, 0, 1, 0])
+    results = []
+    for paired in (True, False):
+        tiny_blip.zero_grad()
+        fused = (tiny_blip.fused_cls(image_tokens, tokens, pictures) if paired
+                 else tiny_blip.fused_cls(image_tokens[pictures], tokens))
+        tiny_blip.match_logits(fused).square().sum().backward()
+        results.append((fused.detach(), {n: p.grad.clone() for n, p in handle.trainable_parameters().items()
+                                         if p.grad is not None}))   # the vision tower's have none here
+    (by_index, grads_by_index), (by_row, grads_by_row) = results
+    assert seen == [(3, 17, 32), (10, 17, 32)]   # 3 pictures projected once, where 10 pairs were 10
+    assert torch.allclose(by_index, by_row, atol=1e-5) and by_index.std() > 0.1
+    assert grads_by_index.keys() == grads_by_row.keys() and grads_by_row
+    for name in grads_by_row:
+        assert torch.allclose(grads_by_index[name], grads_by_row[name], atol=1e-5), name
+        assert grads_by_row[name].abs().max() > 0, name
+
+
 def test_gqt_acts_only_in_multimodal_mode(tiny_blip, inputs):
     before = outputs(tiny_blip, *inputs)
     handle = attach(tiny_blip, "aurora", {"gqt": True})

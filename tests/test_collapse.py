@@ -19,7 +19,7 @@ from core.result import COLLAPSED, COLLAPSED_SPREAD, MediaSpread, ResultError, R
 from core.runs import _merged, _test_set, load_run, tune
 from core.sweep import MethodChoice, summarise
 from core.tasks import get_task
-from core.tasks.encoding import batch_media_spread, encode_test_media, first_rows, media_spread
+from core.tasks.encoding import batch_media_spread, encode_test_media, media_spread
 from core.world import write_part
 from tests.conftest import TINY, write_tiny_blip_vqa
 
@@ -45,8 +45,6 @@ def test_the_spread_is_the_mean_of_one_minus_the_pairwise_cosines(tiny):
     raw = tiny.encode_image(pixels).detach()
     assert float(batch_media_spread(3 * raw)) == pytest.approx(float((1 - cosines[pairs]).mean()), abs=1e-5)
     assert math.isnan(float(batch_media_spread(raw[:1])))
-    # each distinct picture's first row in a batch, from torch.unique's inverse
-    assert first_rows(torch.tensor([2, 0, 2, 1, 0])).tolist() == [1, 3, 0]
     assert math.isnan(media_spread(torch.tensor([[1e155, 0.0], [-1e155, 0.0]], dtype=torch.float64)))   # inf - inf
 
 

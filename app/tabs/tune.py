@@ -8,7 +8,7 @@ from typing import Any, Optional
 import gradio as gr
 
 from app import views
-from app.controls import Number, Slider, control, number, options_by_method, whole
+from app.controls import control, number, number_field, options_by_method, whole
 from app.device import GPU_SECONDS, ZERO_GPU, granted_seconds, on_device, record_step_time
 from app.models import LOCAL_PATHS, MODELS, run_choices, spec_of
 from app.sessions import STORE, Run, Session, session_of
@@ -65,13 +65,14 @@ def layout(page) -> None:
                         page.method_controls.extend((method.name, spec, control(spec)) for spec in main)
                 page.options = gr.JSON(visible=False)   # the chosen method's options, as /tune takes them
             with gr.Column(scale=1):
-                page.shots = Number(16, precision=0, minimum=0, label="Shots (training items; 0 = all)")
-                page.epochs = Slider(1, 50, value=10, step=1, label="Epochs")
-                page.lr = Number(None, minimum=0, label="Learning rate (empty or 0: found on your data)",
-                                    info="a short range test on your training data picks it, and the result shows "
-                                         "the loss it measured; a rate typed in is used as given")
-                page.batch_size = Slider(2, 128, value=16, step=1, label="Batch size")
-                page.frames = Slider(1, 16, value=DEFAULT_FRAMES, step=1, label="Frames per video")
+                page.shots = number_field(gr.Number(16, precision=0, minimum=0, label="Shots (training items; 0 = all)"))
+                page.epochs = number_field(gr.Slider(1, 50, value=10, step=1, label="Epochs"))
+                page.lr = number_field(gr.Number(
+                    None, minimum=0, label="Learning rate (empty or 0: found on your data)",
+                    info="a short range test on your training data picks it, and the result shows the loss it "
+                         "measured; a rate typed in is used as given"))
+                page.batch_size = number_field(gr.Slider(2, 128, value=16, step=1, label="Batch size"))
+                page.frames = number_field(gr.Slider(1, 16, value=DEFAULT_FRAMES, step=1, label="Frames per video"))
                 page.answers = gr.Textbox(label="VQA: extra candidate answers, comma-separated")
                 page.precision = gr.Radio(list(PRECISIONS), value="auto", label="Training precision",
                                           info=f"auto: bf16 where the hardware computes it natively, fp16 on other "

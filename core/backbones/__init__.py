@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from core.backbones.base import CAPABILITIES, Backbone, BackboneError
+from core.backbones.base import CAPABILITIES, Backbone, BackboneError, WeightsBudget
 from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout
 
 __all__ = ["CAPABILITIES", "FAMILIES", "OFFLINE", "Backbone", "BackboneError", "BlockLayout", "Family", "Projection",
-           "ResidualSite", "Spec", "TowerLayout", "describe_spec", "estimate_weights_bytes", "load_backbone",
-           "parse_spec", "register_family"]
+           "ResidualSite", "Spec", "TowerLayout", "WeightsBudget", "describe_spec", "estimate_weights_bytes",
+           "load_backbone", "parse_spec", "register_family"]
 
 
 OFFLINE = "offline"
@@ -51,8 +51,9 @@ class Spec:
 class Family:
     """A backbone family as everything else sees it before loading. Its specs are `NAME` alone
     or `NAME:REST`; `read(REST)` gives (model name, source, weights kind), or None when REST is
-    malformed, and never touches the filesystem. `load(spec, seed, local_paths)` imports the
-    family's library only when called, so reading and describing specs stays light. `notices`
+    malformed, and never touches the filesystem. `load(spec, seed, local_paths, budget)` imports the
+    family's library only when called, so reading and describing specs stays light, and refuses
+    weights over the budget (a WeightsBudget, or None for none) before building them. `notices`
     says, for each kind of weights it reads, what the user is told before anything is tuned
     (`{spec}` stands for the spec). `size(spec)` is the bytes its weights would take in memory,
     known before loading them (without allocating them), or None where it cannot be; it raises
@@ -61,7 +62,7 @@ class Family:
     name: str
     forms: str                      # how its specs are written, for messages
     read: Callable[[str], Optional[tuple[str, Optional[str], str]]]
-    load: Callable[[Spec, int, bool], Backbone]
+    load: Callable[[Spec, int, bool, Optional[WeightsBudget]], Backbone]
     tasks: tuple[str, ...]          # the tasks its backbones serve
     notices: dict[str, str]
     size: Callable[[Spec], Optional[int]]
@@ -120,30 +121,32 @@ def estimate_weights_bytes(spec: str) -> Optional[int]:
     return FAMILIES[parsed.family].size(parsed)
 
 
-def load_backbone(spec: str, seed: int = 0, fallback_offline: bool = False, local_paths: bool = True) -> Backbone:
+def load_backbone(spec: str, seed: int = 0, fallback_offline: bool = False, local_paths: bool = True,
+                  budget: Optional[WeightsBudget] = None) -> Backbone:
     """The backbone for `spec`. With `fallback_offline`, weights that cannot be fetched (no
     network) are replaced by the bundled offline model, whose `fallback_note` says so. Without
     `local_paths` (a spec from a remote client) a spec naming a file or folder is refused before
-    anything looks at it, and a hub id is only ever fetched from the hub."""
+    anything looks at it, and a hub id is only ever fetched from the hub. Weights over `budget` are
+    refused before they are built (a local file or folder is not sized)."""
     parsed = parse_spec(spec)
     if parsed.weights == "path" and not local_paths:
         raise BackboneError(f"'{parsed.text[:200]}' names a file or folder on the server, which is not allowed here: "
                             f"use the bundled model (offline), an open_clip name with or without a pretrained tag, "
                             f"or a Hugging Face hub id")
     try:
-        return _load(parsed, seed, local_paths)
+        return _load(parsed, seed, local_paths, budget)
     except BackboneError as error:
         if not (fallback_offline and error.unreachable):
             raise
-        backbone = _load(parse_spec(OFFLINE), seed, local_paths)
+        backbone = _load(parse_spec(OFFLINE), seed, local_paths, budget)
         backbone.fallback_note = (f"{spec} could not be fetched (no network, or the hub is unreachable): "
                                   f"using the bundled offline model instead")
         return backbone
 
 
-def _load(spec: Spec, seed: int, local_paths: bool) -> Backbone:
+def _load(spec: Spec, seed: int, local_paths: bool, budget: Optional[WeightsBudget]) -> Backbone:
     family = FAMILIES[spec.family]
-    backbone = family.load(spec, seed, local_paths)
+    backbone = family.load(spec, seed, local_paths, budget)
     backbone.tasks = family.tasks
     return backbone
 
@@ -171,8 +174,11 @@ def _read_openclip(rest: str) -> Optional[tuple[str, Optional[str], str]]:
     return name, source, "path" if _is_path(source) else "tag"
 
 
-def _load_openclip(spec: Spec, seed: int, local_paths: bool) -> Backbone:
+def _load_openclip(spec: Spec, seed: int, local_paths: bool, budget: Optional[WeightsBudget]) -> Backbone:
     from core.backbones.openclip import load_openclip
+
+    if budget is not None:   # an architecture's size is its name's: sizing it again costs nothing
+        budget.refuse(spec.text, _openclip_size(spec))
 
     return load_openclip(spec.text, spec.name, spec.source, seed, as_path=spec.weights == "path")
 
@@ -183,8 +189,11 @@ def _openclip_size(spec: Spec) -> Optional[int]:
     return None if spec.weights == "path" else openclip_bytes(spec.name)
 
 
-def _load_offline(spec: Spec, seed: int, local_paths: bool) -> Backbone:
+def _load_offline(spec: Spec, seed: int, local_paths: bool, budget: Optional[WeightsBudget]) -> Backbone:
     from core.backbones.openclip import load_openclip
+
+    if budget is not None:
+        budget.refuse(spec.text, _openclip_size(spec))
 
     if not OFFLINE_CHECKPOINT.is_file():
         raise BackboneError(f"the offline model is missing ({OFFLINE_CHECKPOINT}): "
@@ -208,13 +217,13 @@ def _blip_size(spec: Spec, answering: bool) -> Optional[int]:
     return blip_bytes(spec.source, spec.weights, answering)
 
 
-def _load_blip(spec: Spec, seed: int, local_paths: bool, answering: bool) -> Backbone:
+def _load_blip(spec: Spec, seed: int, local_paths: bool, budget: Optional[WeightsBudget], answering: bool) -> Backbone:
     from core.backbones.blip import load_blip
 
     # A relative folder written like a hub id (owner/name) that exists here: for local use only.
     local_folder = local_paths and spec.weights == "hub" and Path(spec.source).is_dir()
     return load_blip(spec.text, spec.source, seed, answering=answering,
-                     kind="folder" if spec.weights == "path" or local_folder else spec.weights)
+                     kind="folder" if spec.weights == "path" or local_folder else spec.weights, budget=budget)
 
 
 register_family(Family(

@@ -1,6 +1,7 @@
 """The one interface every backbone family implements."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -30,6 +31,22 @@ class BackboneError(ValueError):
     def __init__(self, message: str, unreachable: bool = False):
         super().__init__(message)
         self.unreachable = unreachable
+
+
+@dataclass(frozen=True)
+class WeightsBudget:
+    """The most memory a backbone's weights may take where it is loaded, and what to do past it. A
+    loader refuses past it before building (core.backbones.load_backbone), against the very weights it
+    would build: a hub repository may change between an early check and the load."""
+    bytes: int
+    holder: str = "this process"   # who keeps the models, as the message says it
+    remedy: str = "choose a smaller backbone"
+
+    def refuse(self, spec: str, needed: Optional[int]) -> None:
+        """BackboneError when `needed` bytes (None: not known beforehand) are over the budget."""
+        if needed is not None and needed > self.bytes:
+            raise BackboneError(f"{spec[:200]} needs {needed / 2**30:.1f} GiB for its weights, more than {self.holder} "
+                                f"keeps for models ({self.bytes / 2**30:.1f} GiB): {self.remedy}")
 
 
 # The optional parts of the interface, and what a backbone without one is said to lack. A
@@ -139,9 +156,10 @@ class Backbone(nn.Module):
         """The text embedding from its unimodal [CLS] ("matching")."""
         raise self._lacks("matching")
 
-    def fused_cls(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The multimodal [CLS] of paired image tokens and texts, or of one picture's tokens (1, N, d)
-        with every text ("matching")."""
+    def fused_cls(self, image_tokens: torch.Tensor, tokens: torch.Tensor,
+                  pictures: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The multimodal [CLS] of paired image tokens and texts, of one picture's tokens (1, N, d)
+        with every text, or with `pictures` of text i and image_tokens[pictures[i]] ("matching")."""
         raise self._lacks("matching")
 
     def match_logits(self, fused_cls: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from core.backbones.base import Backbone, BackboneError, built_on_meta, weights_bytes
+from core.backbones.base import Backbone, BackboneError, WeightsBudget, built_on_meta, weights_bytes
 from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout, pools_tokens
 
 MAX_TEXT_TOKENS = 35   # BLIP's retrieval caption length
@@ -123,10 +125,17 @@ HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
 
 MAX_CONFIG_LAYERS = 96   # per tower: BLIP-large has 24; a config beyond this is not built, even on the meta device
 # A repository's files to fetch may take this much disk over the model its config builds (weights in
-# another precision or a second copy, tokenizer files); a small config beside gigabytes of files would
-# fill a shared Space's disk before from_pretrained found anything wrong.
+# another precision or a second copy, tokenizer files), and must leave DISK_RESERVE free: a small config
+# beside gigabytes of files would fill a shared Space's disk before from_pretrained found anything wrong.
 FETCH_ALLOWANCE, FETCH_SLACK = 2, 64 * 2**20
-SIZED_COMMITS: dict[str, str] = {}   # hub id -> the commit sized and whose files were checked: loading fetches it
+DISK_RESERVE = 2**30
+
+
+@dataclass(frozen=True)
+class _SizedCommit:
+    """A hub repository's config at one commit, sized; loading fetches that commit and nothing else."""
+    commit: Optional[str]   # None where the hub cache does not say (loading then reads the cache only)
+    size: int
 
 
 def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
@@ -138,7 +147,17 @@ def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
         return _default_bytes(answering)
     if kind != "hub":
         return None
-    from huggingface_hub import hf_hub_download, snapshot_download
+    sized = _size_hub_config(source, answering)
+    if sized is None:
+        return None
+    _files_fit(source, sized)
+    return sized.size
+
+
+def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
+    """The newest commit's config.json, fetched alone and sized; None where the hub cannot be
+    reached or transformers cannot build it (loading says why)."""
+    from huggingface_hub import hf_hub_download
     from transformers import BlipConfig
 
     try:
@@ -154,20 +173,41 @@ def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
         size = _meta_bytes(config, answering)
     except Exception:  # a config transformers cannot build: loading it says so
         return None
-    if snapshot.parent.name != "snapshots":   # not the hub cache's snapshots/<commit>/: nothing to pin loading to
-        return size
+    # the hub cache keeps a commit's files in snapshots/<commit>/
+    return _SizedCommit(snapshot.name if snapshot.parent.name == "snapshots" else None, size)
+
+
+def _files_fit(source: str, sized: _SizedCommit) -> bool:
+    """Whether the files loading would fetch at the sized commit were listed (a dry run of
+    snapshot_download) and fit; BackboneError, before any is fetched, when they do not. False where
+    the hub cannot list them: loading then reads only what the hub cache holds."""
+    from huggingface_hub import constants, snapshot_download
+
+    if sized.commit is None:
+        return False
     try:
-        planned = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=snapshot.name, dry_run=True)
-    except Exception:  # hub, network and cache errors come in many library types: loading then reads the cache only
-        return size
+        planned = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=sized.commit, dry_run=True)
+    except Exception:  # hub, network and cache errors come in many library types
+        return False
     fetched = [entry.file_size for entry in planned if entry.will_download]
-    if None in fetched or sum(fetched) > FETCH_ALLOWANCE * size + FETCH_SLACK:
+    if None in fetched or sum(fetched) > FETCH_ALLOWANCE * sized.size + FETCH_SLACK:
         on_disk = "an unknown size" if None in fetched else _bytes_text(sum(fetched))
         raise BackboneError(f"{source}: the files it would fetch take {on_disk} on disk, more than "
-                            f"{FETCH_ALLOWANCE}× the {_bytes_text(size)} of the model its config builds: refused "
+                            f"{FETCH_ALLOWANCE}× the {_bytes_text(sized.size)} of the model its config builds: refused "
                             f"before fetching them")
-    SIZED_COMMITS[source] = snapshot.name
-    return size
+    free = shutil.disk_usage(_existing(Path(constants.HF_HUB_CACHE))).free
+    if sum(fetched) > free - DISK_RESERVE:
+        raise BackboneError(f"{source}: its files ({_bytes_text(sum(fetched))}) would leave less than "
+                            f"{_bytes_text(DISK_RESERVE)} free on the disk of the hub cache ({_bytes_text(free)} free): "
+                            f"refused before fetching them")
+    return True
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest folder that exists (the hub cache before its first download)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def _bytes_text(size: int) -> str:
@@ -188,16 +228,42 @@ def _meta_bytes(config, answering: bool) -> int:
     return weights_bytes(built_on_meta(lambda: model_class(config)))
 
 
-def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: str = "hub") -> Backbone:
+def _fetch_sized(spec: str, source: str, answering: bool, budget: Optional[WeightsBudget]) -> str:
+    """The folder of a hub repository's files at the commit sized here, within `budget` and the disk
+    (checked in this call, so a repository changed since an earlier check is checked as it is now);
+    where the hub cannot say, only what the hub cache already holds."""
+    from huggingface_hub import snapshot_download
+
+    sized = _size_hub_config(source, answering)
+    if sized is not None and budget is not None:
+        budget.refuse(spec, sized.size)
+    listed = sized is not None and _files_fit(source, sized)
+    try:
+        folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=None if sized is None else sized.commit,
+                                   local_files_only=not listed)
+    except Exception as error:  # hub, network and validation errors come in many library types
+        raise BackboneError(f"could not fetch BLIP weights for {source} "
+                            f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
+    if not listed and not any(Path(folder).glob("*.safetensors")):   # the cache holds its config alone
+        raise BackboneError(f"could not fetch BLIP weights for {source}: the hub could not list its files, and the hub "
+                            f"cache holds no weights of it", unreachable=True)
+    return folder
+
+
+def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: str = "hub",
+              budget: Optional[WeightsBudget] = None) -> Backbone:
     """BLIP for retrieval (BlipForImageTextRetrieval) or, with `answering`, for question
     answering (BlipForQuestionAnswering). `kind` says what `source` is: "random" (`base`),
     "hub" (a hub id, fetched into the hub cache and never looked up on the local disk) or
-    "folder" (a local folder written by save_pretrained)."""
+    "folder" (a local folder written by save_pretrained, not sized). Weights over `budget` are
+    refused before they are built."""
     from transformers import BlipConfig, BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipImageProcessor, \
         BlipProcessor
 
     model_class = BlipForQuestionAnswering if answering else BlipForImageTextRetrieval
     if kind == "random":
+        if budget is not None:
+            budget.refuse(spec, _default_bytes(answering))
         tokenizer = stand_in_tokenizer()
         config = BlipConfig()
         # BlipVisionConfig's default initializer_range is 1e-10, which leaves a random ViT's linear,
@@ -221,16 +287,7 @@ def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: 
             if not (Path(source) / "config.json").is_file():
                 raise BackboneError(f"{source}: not a BLIP folder (no config.json; write one with save_pretrained)")
         else:
-            from huggingface_hub import snapshot_download
-
-            if source not in SIZED_COMMITS:
-                blip_bytes(source, "hub", answering)
-            try:   # the commit that was sized and checked, or only what the hub cache already holds
-                folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=SIZED_COMMITS.get(source),
-                                           local_files_only=source not in SIZED_COMMITS)
-            except Exception as error:  # hub, network and validation errors come in many library types
-                raise BackboneError(f"could not fetch BLIP weights for {source} "
-                                    f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
+            folder = _fetch_sized(spec, source, answering, budget)
         try:
             model = model_class.from_pretrained(folder, dtype=torch.float32)   # as sized: not a config's dtype
             processor = BlipProcessor.from_pretrained(folder)
@@ -320,13 +377,37 @@ class BlipBackbone(_BlipBase):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_text_cls(self.text_cls(tokens))
 
-    def fused_cls(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def fused_cls(self, image_tokens: torch.Tensor, tokens: torch.Tensor,
+                  pictures: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The multimodal [CLS]: the text encoder cross-attending to the image tokens, paired row by
         row, or one picture's (1, N, d) for every text: its attention then broadcasts them, so each
-        layer projects the picture to keys and values once, not once per text."""
+        layer projects the picture to keys and values once, not once per text. With `pictures`,
+        text i is paired with image_tokens[pictures[i]], and each layer projects each picture once
+        however many texts it meets (ITM's positive and two hard negatives meet each three times)."""
         ids, mask = self._trim(tokens)
+        cache = None
+        if pictures is not None:
+            cache = self._cross_keys_and_values(image_tokens, pictures)
+            image_tokens = image_tokens[pictures]   # what the layers see beside the cache: the same pairs
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=image_tokens.device)
-        return self._run_text(ids, mask, encoder_hidden_states=image_tokens, encoder_attention_mask=image_mask)
+        return self._run_text(ids, mask, encoder_hidden_states=image_tokens, encoder_attention_mask=image_mask,
+                              past_key_values=cache)
+
+    def _cross_keys_and_values(self, image_tokens: torch.Tensor, pictures: torch.Tensor):
+        """Every layer's cross-attention keys and values of each picture, projected once (deltas on
+        those projections included: they hook the linear layers) and then gathered per text, as the
+        cache the layers read them from when generating."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        for layer in self.model.text_encoder.encoder.layer:
+            attention = layer.crossattention.self
+            shape = (*image_tokens.shape[:2], -1, attention.attention_head_size)
+            keys, values = (projection(image_tokens).view(shape).transpose(1, 2)[pictures]
+                            for projection in (attention.key, attention.value))
+            cache.cross_attention_cache.update(keys, values, attention.layer_idx)
+            cache.is_updated[attention.layer_idx] = True
+        return cache
 
     def match_logits(self, fused_cls: torch.Tensor) -> torch.Tensor:
         """ITM logits (no match, match) from fused [CLS] vectors."""

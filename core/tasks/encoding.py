@@ -132,13 +132,6 @@ def batch_media_spread(embeddings: torch.Tensor) -> torch.Tensor:
     return _pair_spread(F.normalize(embeddings.detach().float(), dim=-1))
 
 
-def first_rows(inverse: torch.Tensor) -> torch.Tensor:
-    """The row where each distinct medium of a batch first appears, from `torch.unique`'s `inverse`."""
-    positions = torch.arange(len(inverse), device=inverse.device)
-    first = torch.full((int(inverse.max()) + 1,), len(inverse), device=inverse.device)
-    return first.scatter_reduce(0, inverse, positions, reduce="amin")
-
-
 def _pair_spread(unit: torch.Tensor) -> torch.Tensor:
     """The mean of 1 − cosine over the pairs of L2-normalised rows, in [0, 2]; NaN where it is not finite."""
     count = len(unit)

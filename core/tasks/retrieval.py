@@ -19,7 +19,7 @@ from core.data import Dataset, Item
 from core.data.media import DEFAULT_FRAMES, load_media
 from core.distributed import gather, gather_with_grad
 from core.tasks.encoding import (EncodedMedia, batch_media_spread, embed_texts, encode_media, encode_test_media,
-                                 evaluating, first_rows, media_token_chunks, media_tokens, similarity_spread)
+                                 evaluating, media_token_chunks, media_tokens, similarity_spread)
 from core.tasks.frozen import FrozenCache
 from core.tasks.matching import BELOW, RERANK_TOP, match_scores
 
@@ -132,13 +132,14 @@ class RetrievalObjective(nn.Module):
         backbone, device = self.backbone, self.backbone.device
         unique, inverse = torch.unique(self.data.caption_image[caption_ids], return_inverse=True)
         image_ids = self.data.caption_image[caption_ids].to(device)
-        image_tokens = self._media_rows("media_tokens", unique, media_tokens)[inverse.to(device)]
+        pictures = inverse.to(device)
+        unique_tokens = self._media_rows("media_tokens", unique, media_tokens)
         tokens = self.data.tokens[caption_ids].to(device)
         text_cls = self.frozen.rows("text_cls", caption_ids,
                                     lambda ids: backbone.text_cls(self.data.tokens[ids].to(device)), len(self.data))
-        image_emb, text_emb = backbone.embed_image_tokens(image_tokens), backbone.embed_text_cls(text_cls)
-        self.last_media_spread = batch_media_spread(image_emb.detach()[first_rows(inverse).to(device)])
-        cosine = cosine_matrix(image_emb, text_emb)
+        unique_emb, text_emb = backbone.embed_image_tokens(unique_tokens), backbone.embed_text_cls(text_cls)
+        self.last_media_spread = batch_media_spread(unique_emb.detach())
+        cosine = cosine_matrix(unique_emb[pictures], text_emb)
         self.last_spread = similarity_spread(cosine, backbone.logit_scale)
         loss = contrastive_loss(cosine, image_ids, backbone.logit_scale)
         self.chance_loss = math.log(len(cosine))
@@ -152,9 +153,11 @@ class RetrievalObjective(nn.Module):
             negative_text = torch.multinomial(weights, 1).squeeze(1)
             weights = similarity.float().T.softmax(dim=1).masked_fill(same, 0) + (~same) * 1e-8
             negative_image = torch.multinomial(weights, 1).squeeze(1)
-        positive = self._contextualise(backbone.fused_cls(image_tokens, tokens), text_cls)
-        fused = torch.cat([positive, backbone.fused_cls(image_tokens, tokens[negative_text]),
-                           backbone.fused_cls(image_tokens[negative_image], tokens)])
+        # the positive pairs, then each picture with a hard negative text, then each text with a hard
+        # negative picture: one pass, in which each picture is projected to keys and values once
+        fused = backbone.fused_cls(unique_tokens, torch.cat([tokens, tokens[negative_text], tokens]),
+                                   torch.cat([pictures, pictures, pictures[negative_image]]))
+        fused = torch.cat([self._contextualise(fused[:len(tokens)], text_cls), fused[len(tokens):]])
         labels = torch.cat([torch.ones_like(image_ids), torch.zeros(2 * len(image_ids), dtype=torch.long,
                                                                     device=device)])
         return loss + F.cross_entropy(backbone.match_logits(fused).float(), labels)

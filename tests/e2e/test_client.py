@@ -165,7 +165,8 @@ def test_an_empty_learning_rate_is_found_on_the_data_and_shown(client):
     assert "measured by an earlier run on this data, reused" in again
     zero, *_ = tune(client, method="lora", epochs=2, lr=0)   # what the browser sends for an emptied field
     assert "measured by an earlier run on this data, reused" in zero
-    with pytest.raises(AppError, match=r"less than minimum value 0"):   # refused by the field itself
+    with pytest.raises(AppError, match=r"Learning rate \(empty or 0: found on your data\) must be at least 0, "
+                                       r"not -0\.1"):   # refused by the field itself, by its name
         tune(client, method="lora", epochs=2, lr=-0.1)
 
 

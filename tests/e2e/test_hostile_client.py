@@ -232,11 +232,15 @@ def test_an_unknown_method_is_refused_and_the_session_can_still_tune(client, app
                           ([1], "the options of prolip must be a JSON object of option: value, not [1]")):
         with pytest.raises(AppError, match=re.escape(said)):
             tune(client, method="prolip", options=options)
-    for field, value, said in (("lr", True, "Learning rate (empty or 0: found on your data) must be a finite number, "
+    for field, value, said in (("lr", True, "Learning rate (empty or 0: found on your data) must be a number, "
                                             "not True"),   # float(True) is 1.0: not a rate a client meant
-                               ("epochs", "abc", "Epochs must be a finite number, not 'abc'"),
-                               ("shots", [16], "Shots (training items; 0 = all) must be a finite number, not [16]"),
-                               ("batch_size", {"n": 8}, "Batch size must be a finite number, not {'n': 8}")):
+                               ("lr", -1, "Learning rate (empty or 0: found on your data) must be at least 0, not -1"),
+                               ("epochs", "abc", "Epochs must be a number, not 'abc'"),
+                               ("epochs", None, "Epochs must be a number, not None"),
+                               ("epochs", 0, "Epochs must be between 1 and 50, not 0"),
+                               ("shots", [16], "Shots (training items; 0 = all) must be a number, not [16]"),
+                               ("shots", 10**400, "Shots (training items; 0 = all) must be a finite number, not 1000"),
+                               ("batch_size", {"n": 8}, "Batch size must be a number, not {'n': 8}")):
         with pytest.raises(AppError, match=re.escape(said)):   # said by the field's name, not a bare "Error"
             tune(client, method="bitfit", **{field: value})
     for methods, options, said in ((["lora", "lora"], {}, "lora is named twice"),
