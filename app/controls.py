@@ -35,6 +35,8 @@ def _number_sent(component: gr.components.Component, payload: Any) -> Any:
         finite = False
     if not finite:
         raise gr.Error(f"{name} must be a finite number, not {payload!r:.40}")
+    if getattr(component, "precision", None) == 0 and payload != int(payload):   # Gradio would round it
+        raise gr.Error(f"{name} must be a whole number, not {payload:g}")
     low, high = component.minimum, component.maximum
     if (low is not None and payload < low) or (high is not None and payload > high):
         bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None

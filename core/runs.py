@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from core import checkpoint, lr_range
-from core.backbones import OFFLINE, Backbone, BackboneError, load_backbone
+from core.backbones import OFFLINE, Backbone, BackboneError, WeightsBudget, load_backbone
 from core.data import DEFAULT_LIMITS, Dataset, DatasetError, few_shot, read_dataset
 from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process, rank_and_world
@@ -135,7 +135,8 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
          cancel: Optional[Callable[[], bool]] = None, epoch_metrics: bool = False,
          local_paths: bool = True, zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None,
          recipe: str = "studio", deadline: Optional[float] = None,
-         lr_cache: Optional[MutableMapping[tuple, LrChoice]] = None) -> RunResult:
+         lr_cache: Optional[MutableMapping[tuple, LrChoice]] = None,
+         budget: Optional[WeightsBudget] = None) -> RunResult:
     """Tune `method` on `model` with the training split of `data`; score the test split before and after.
 
     `lr` is a number, used as given, or "auto": the authors' recipe's rate where it names one,
@@ -151,7 +152,8 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
     fp32 elsewhere), fp32 or bf16; scores are computed in fp32. `task` is retrieval or vqa;
     `extra_answers` adds VQA candidate answers to the dataset's own; video datasets are read at `frames` uniformly sampled frames per clip. With `epoch_metrics`
     the test split is also scored after every epoch (result.train.epoch_metrics). Without
-    `local_paths` the model may not name a file or folder (a spec from a remote client).
+    `local_paths` the model may not name a file or folder (a spec from a remote client), and
+    with a `budget` its weights may take no more memory than that (checked as it loads).
     A run that fails leaves nothing behind: the run folder is removed if it made it, emptied if
     it was given an empty one. `zero_shot_cache` keeps zero-shot scores across runs: a run on the
     same backbone weights, dataset, task, frames and answers reuses them instead of scoring again.
@@ -168,7 +170,7 @@ def tune(model: str, data: str | Path, method: str, options: Optional[dict[str, 
         raise RunError(f"precision must be one of {', '.join(PRECISIONS)}, not {str(precision)[:20]!r}")
     out = Path(out) if out is not None else default_run_folder(method)
     arguments = (started, model, data, method, options or {}, recipe, shots, epochs, lr, batch_size, seed, precision, task, extra_answers,
-                 frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, deadline, lr_cache)
+                 frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, deadline, lr_cache, budget)
     if not is_main_process():
         with tempfile.TemporaryDirectory(prefix="petstudio-process-") as scratch:
             return _tune(*arguments, workdir=Path(scratch), out=out, save=False)
@@ -235,14 +237,14 @@ def _claim(out: Path) -> bool:
 
 
 def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batch_size, seed, precision, task, extra_answers,
-          frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, deadline, lr_cache, *, workdir: Path,
-          out: Path, save: bool) -> RunResult:
+          frames, progress, cancel, epoch_metrics, local_paths, zero_shot_cache, deadline, lr_cache, budget, *,
+          workdir: Path, out: Path, save: bool) -> RunResult:
     seed_everything(seed)
     dataset = read_dataset(data, workdir, DEFAULT_LIMITS)
     task_def = get_task(task, dataset, tuple(extra_answers), frames)
     device = pick_device()
     amp = autocast_for(precision, device)
-    backbone = load_backbone(model, seed, fallback_offline=True, local_paths=local_paths).to(device)
+    backbone = load_backbone(model, seed, fallback_offline=True, local_paths=local_paths, budget=budget).to(device)
     model = backbone.spec   # "offline" when the requested weights could not be fetched
     video = any(item.kind == "video" for item in dataset.items)
     chosen = recipe_for(recipe, get_method(method), Setting.of(backbone, task, video))

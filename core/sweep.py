@@ -19,7 +19,7 @@ from core.data.media import DEFAULT_FRAMES
 from core.distributed import is_main_process
 from core.pet import get_method, make_config
 from core.result import FLAGS, FLAGS_OF_RUNS, MAX_SEED, RunResult, load_json, read_record
-from core.backbones import load_backbone
+from core.backbones import WeightsBudget, load_backbone
 from core.pet.recipes import check_recipe
 from core.runs import RunError, check_settings, tune
 from core.tasks import TASKS, check_metrics
@@ -206,12 +206,13 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
           progress: Optional[Callable[[SweepProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
           local_paths: bool = True, recipe: str = "studio",
           zero_shot_cache: Optional[MutableMapping[tuple, dict]] = None,
-          deadline: Optional[float] = None, lr_cache: Optional[MutableMapping[tuple, Any]] = None) -> SweepResult:
+          deadline: Optional[float] = None, lr_cache: Optional[MutableMapping[tuple, Any]] = None,
+          budget: Optional[WeightsBudget] = None) -> SweepResult:
     """Tune every choice with every seed, each from `recipe` (core.pet.recipes; the learning rate of
     each run is `lr` as given, or with "auto" the recipe's or its range test's, core.runs.tune); a cancel stops
     after the current step, and the sweep keeps the runs that finished (the interrupted one stays
     on disk, marked cancelled, outside the means). At `deadline` (core.runs.tune) the run in hand
-    stops, is kept the same way, and no further run starts."""
+    stops, is kept the same way, and no further run starts. Each load keeps to `budget` (core.runs.tune)."""
     started = time.perf_counter()
     check_recipe(recipe)
     out = Path(out)
@@ -230,7 +231,7 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
             raise
         raise RunError(f"{str(out)[:200]}: cannot be used as a sweep folder ({error})") from error
     # Resolved once, so that a fallback to the offline model shows, and its learning rates are the offline ones.
-    backbone = load_backbone(model, seeds[0], fallback_offline=True, local_paths=local_paths)
+    backbone = load_backbone(model, seeds[0], fallback_offline=True, local_paths=local_paths, budget=budget)
     model, note = backbone.spec, backbone.fallback_note
     del backbone
     plan = [(number, seed) for number in range(len(choices)) for seed in seeds]
@@ -257,7 +258,8 @@ def sweep(model: str, data: str | Path, choices: list[MethodChoice], seeds: list
                           lr=lr, batch_size=batch_size, seed=seed, out=out / _folder_name(choice, seed),
                           precision=precision,
                           task=task, frames=frames, progress=report, cancel=cancel, local_paths=local_paths,
-                          zero_shot_cache=zero_shot_cache, recipe=recipe, deadline=deadline, lr_cache=lr_cache)
+                          zero_shot_cache=zero_shot_cache, recipe=recipe, deadline=deadline, lr_cache=lr_cache,
+                          budget=budget)
         except TrainingDiverged as error:   # one run's end, not the sweep's: the others are still worth having
             diverged.setdefault(number, []).append(f"seed {seed}: {error}")
             continue

@@ -10,6 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+import app.tabs.compare
+import app.tabs.data
+import app.tabs.tune
+import app.tuning
 from app import models, sessions
 from app.device import Call
 from app.sessions import SessionStore
@@ -129,8 +133,8 @@ def test_inference_in_bf16_ranks_the_gallery_as_fp32_does(tmp_path):
 def visitor(tmp_path, monkeypatch):
     """A request of a session of the app's own store, kept under tmp_path."""
     store = SessionStore(tmp_path / "sessions")
-    monkeypatch.setattr(sessions, "STORE", store)
-    monkeypatch.setattr(weights, "STORE", store)
+    for module in (sessions, weights, app.tuning, app.tabs.tune, app.tabs.compare, app.tabs.data):
+        monkeypatch.setattr(module, "STORE", store)
     return SimpleNamespace(session_hash="visitor")
 
 
@@ -164,6 +168,14 @@ def test_a_backbone_larger_than_the_cache_is_refused_before_it_is_built(visitor,
             call()
     assert built == ["offline"]
     assert not [p for p in sessions.STORE.get("visitor").folder.iterdir() if p.name in ("runs", "sweeps")]
+    # A hub repository may grow between that early check and a tuning's own load: the load keeps the budget too.
+    monkeypatch.setattr(models.MODELS, "refuse_oversized", lambda spec: None)
+    for call in (lambda: tune_model(big, "retrieval", "lora", {}, 4, 1, 1e-2, 8, "auto", "", 8, "studio", visitor),
+                 lambda: compare_methods(big, "retrieval", ["lora"], None, "0", 4, 1, 8, 8, "auto", "studio", visitor)):
+        with pytest.raises(gr.Error, match="openclip:ViT-bigG-14 needs 9.5 GiB for its weights, more than this app "
+                                           "keeps for models"):
+            call()
+    assert built == ["offline"]
 
 
 def test_a_refused_upload_leaves_no_model_behind(visitor, tmp_path):

@@ -225,7 +225,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     folder.mkdir(parents=True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
                         lambda repo_id, filename: fetched.append((repo_id, filename)) or str(folder / filename))
-    cache_holds = [tiny_blip_folder]
+    cache_holds, cached = [tiny_blip_folder], {"config.json"}
 
     def snapshot_download(repo_id, allow_patterns, revision, dry_run=False, local_files_only=False):
         """The hub's listing of the files loading would fetch (a dry run), or the fetch itself."""
@@ -233,8 +233,8 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
         if dry_run:
             if repository is None:
                 raise OSError("no network")
-            return [huggingface_hub.DryRunFileInfo(revision, size, name, str(folder / name), name == "config.json",
-                                                   name != "config.json") for name, size in repository.items()]
+            return [huggingface_hub.DryRunFileInfo(revision, size, name, str(folder / name), name in cached,
+                                                   name not in cached) for name, size in repository.items()]
         asked.append((revision, local_files_only))
         return str(cache_holds[0])
 
@@ -260,7 +260,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     repository["model.safetensors"] = 40 * 2**30
     for attempt in (lambda: estimate_weights_bytes("blip:someone/filler"), lambda: load_backbone("blip:someone/filler")):
         with pytest.raises(BackboneError, match=r"someone/filler: the files it would fetch take 40\.00 GiB on disk, "
-                                                r"more than 2× the 1 MiB of the model its config builds"):
+                                                rf"more than 2× the {tiny_bytes:,} bytes of the model its config builds"):
             attempt()
     repository["model.safetensors"] = 2_000_000
     # So are files that would leave the disk of the hub cache nearly full.
@@ -268,11 +268,14 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
         full.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 2**30, 2**30 + 2**20))
         with pytest.raises(BackboneError, match=r"someone/tiny: its files \(2 MiB\) would leave less than 1\.00 GiB free"):
             load_backbone("blip:someone/tiny")
+        cached.update(repository)   # a model the hub cache holds whole fetches nothing, and loads
+        load_backbone("blip:someone/tiny")
+        cached.intersection_update({"config.json"})
     # A budget is kept by the load itself, against the commit it would fetch.
     with pytest.raises(BackboneError, match=r"blip:someone/tiny needs 0\.0 GiB for its weights, more than this process "
                                             r"keeps for models"):
         load_backbone("blip:someone/tiny", budget=WeightsBudget(tiny_bytes - 1))
-    assert asked == [("c0ffee", False)]   # nothing fetched by the refusals
+    assert asked == [("c0ffee", False)] * 2   # nothing fetched by the refusals
     # Where the hub cannot be asked (its config broken now, the files unlisted), loading reads only what the hub
     # cache already holds, and says so when that is no model.
     (folder / "config.json").write_text("{not json")
@@ -282,7 +285,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     repository = None
     assert estimate_weights_bytes("blip:someone/unlisted") == tiny_bytes
     load_backbone("blip:someone/unlisted")
-    assert asked[1:] == [(None, True), ("c0ffee", True)]
+    assert asked[2:] == [(None, True), ("c0ffee", True)]
     cache_holds[0] = folder   # config.json alone
     with pytest.raises(BackboneError, match="the hub could not list its files, and the hub cache holds no weights") as refused:
         load_backbone("blip:someone/unlisted")

@@ -109,7 +109,7 @@ def compare_methods(model: str, task: str, methods: list[str], options: Optional
     arguments = dict(model=spec_of(model), choices=choices, seeds=_seeds(seeds),
                      shots=whole(shots, "shots") or None, epochs=whole(epochs, "epochs"),
                      batch_size=whole(batch_size, "batch size"), task=task, frames=whole(frames, "frames"),
-                     precision=precision, local_paths=LOCAL_PATHS, recipe=recipe,
+                     precision=precision, local_paths=LOCAL_PATHS, recipe=recipe, budget=MODELS.weights_budget,
                      zero_shot_cache=ScoreCache(session.folder / "zero-shot"),
                      lr_cache=ChoiceCache(session.folder / "lr-range"))
     try:   # refused before any folder or device time is taken

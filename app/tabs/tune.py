@@ -157,7 +157,8 @@ def tune_model(model: str, task: str, method: str, options: Optional[dict], shot
     arguments = dict(model=spec, method=method, options=options or {}, shots=whole(shots, "shots") or None,
                      epochs=whole(epochs, "epochs"), batch_size=whole(batch_size, "batch size"), precision=precision,
                      task=task, frames=whole(frames, "frames"), epoch_metrics=True, local_paths=LOCAL_PATHS,
-                     recipe=recipe, zero_shot_cache=ScoreCache(session.folder / "zero-shot"),
+                     recipe=recipe, budget=MODELS.weights_budget,
+                     zero_shot_cache=ScoreCache(session.folder / "zero-shot"),
                      lr_cache=ChoiceCache(session.folder / "lr-range"),
                      extra_answers=tuple(a.strip() for a in str(answers or "").split(",") if a.strip()))
     # the browser sends an emptied field as 0 (it is the field's minimum): both mean "found on your data"

@@ -196,7 +196,7 @@ def _files_fit(source: str, sized: _SizedCommit) -> bool:
                             f"{FETCH_ALLOWANCE}× the {_bytes_text(sized.size)} of the model its config builds: refused "
                             f"before fetching them")
     free = shutil.disk_usage(_existing(Path(constants.HF_HUB_CACHE))).free
-    if sum(fetched) > free - DISK_RESERVE:
+    if fetched and sum(fetched) > free - DISK_RESERVE:   # a model the cache holds whole fetches nothing
         raise BackboneError(f"{source}: its files ({_bytes_text(sum(fetched))}) would leave less than "
                             f"{_bytes_text(DISK_RESERVE)} free on the disk of the hub cache ({_bytes_text(free)} free): "
                             f"refused before fetching them")
@@ -211,7 +211,7 @@ def _existing(path: Path) -> Path:
 
 
 def _bytes_text(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{max(size / 2**20, 1):.0f} MiB"
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size:,} bytes"
 
 
 @functools.lru_cache(maxsize=2)
