@@ -213,7 +213,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
         with pytest.raises(BackboneError, match="only ViT vision towers|only open_clip's own causal text"):
             estimate_weights_bytes(spec)
 
-    def unreachable(repo_id, filename):
+    def unreachable(repo_id, filename, **kwargs):
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
@@ -223,9 +223,21 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     fetched, asked, repository = [], [], {"model.safetensors": 2_000_000, "config.json": 3_000, "vocab.txt": 200_000}
     folder = tmp_path / "hub" / "snapshots" / "c0ffee"
     folder.mkdir(parents=True)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo_id, filename: fetched.append((repo_id, filename)) or str(folder / filename))
     cache_holds, cached = [tiny_blip_folder], {"config.json"}
+
+    def hf_hub_download(repo_id, filename, revision=None, dry_run=False, local_files_only=False):
+        """The hub's answer for one file: its size (a dry run), or the file, fetched."""
+        if dry_run:
+            if repository is None:
+                raise OSError("no network")
+            return huggingface_hub.DryRunFileInfo("c0ffee", repository["config.json"], filename, str(folder / filename),
+                                                  False, True)
+        if not local_files_only:   # the hub cache's copy otherwise
+            assert revision == "c0ffee"   # the commit the dry run named
+            fetched.append((repo_id, filename))
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
 
     def snapshot_download(repo_id, allow_patterns, revision, dry_run=False, local_files_only=False):
         """The hub's listing of the files loading would fetch (a dry run), or the fetch itself."""
@@ -243,6 +255,13 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     tiny_bytes = weights_bytes(load_backbone(f"blip:{tiny_blip_folder}").model)
     (folder / "config.json").write_text(tiny_config)
     assert estimate_weights_bytes("blip:someone/tiny") == tiny_bytes
+    assert fetched == [("someone/tiny", "config.json")]
+    # A "config" of gigabytes is refused before it is fetched.
+    repository["config.json"] = 2 * 2**30
+    with pytest.raises(BackboneError, match=r"someone/bloated: its config.json takes 2\.00 GiB, more than a config "
+                                            r"needs \(1 MiB\): refused before fetching it"):
+        estimate_weights_bytes("blip:someone/bloated")
+    repository["config.json"] = 3_000
     assert fetched == [("someone/tiny", "config.json")]
     # A hostile config is refused before even its meta-device model is built.
     config = json.loads(tiny_config)

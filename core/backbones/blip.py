@@ -129,6 +129,7 @@ MAX_CONFIG_LAYERS = 96   # per tower: BLIP-large has 24; a config beyond this is
 # beside gigabytes of files would fill a shared Space's disk before from_pretrained found anything wrong.
 FETCH_ALLOWANCE, FETCH_SLACK = 2, 64 * 2**20
 DISK_RESERVE = 2**30
+MAX_CONFIG_BYTES = 2**20   # BLIP-base's config.json is 5 KB
 
 
 @dataclass(frozen=True)
@@ -157,13 +158,14 @@ def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
 def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
     """The newest commit's config.json, fetched alone and sized; None where the hub cannot be
     reached or transformers cannot build it (loading says why)."""
-    from huggingface_hub import hf_hub_download
     from transformers import BlipConfig
 
     try:
-        snapshot = Path(hf_hub_download(repo_id=source, filename="config.json")).parent
+        snapshot = Path(_config_file(source)).parent
         config = BlipConfig.from_pretrained(str(snapshot))
         layers = max(int(config.vision_config.num_hidden_layers), int(config.text_config.num_hidden_layers))
+    except BackboneError:
+        raise
     except Exception:  # hub, network and format errors come in many library types
         return None
     if layers > MAX_CONFIG_LAYERS:
@@ -175,6 +177,23 @@ def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
         return None
     # the hub cache keeps a commit's files in snapshots/<commit>/
     return _SizedCommit(snapshot.name if snapshot.parent.name == "snapshots" else None, size)
+
+
+def _config_file(source: str) -> str:
+    """The newest commit's config.json, its size asked first (a dry run): a repository's "config"
+    of gigabytes would fill the disk before it could be read. Where the hub cannot be asked, the hub
+    cache's copy (OSError and the like where there is none)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        planned = hf_hub_download(repo_id=source, filename="config.json", dry_run=True)
+    except Exception:  # hub, network and cache errors come in many library types
+        return hf_hub_download(repo_id=source, filename="config.json", local_files_only=True)
+    if planned.will_download and (planned.file_size is None or planned.file_size > MAX_CONFIG_BYTES):
+        size = "an unknown size" if planned.file_size is None else _bytes_text(planned.file_size)
+        raise BackboneError(f"{source}: its config.json takes {size}, more than a config needs "
+                            f"({_bytes_text(MAX_CONFIG_BYTES)}): refused before fetching it")
+    return hf_hub_download(repo_id=source, filename="config.json", revision=planned.commit_hash)
 
 
 def _files_fit(source: str, sized: _SizedCommit) -> bool:
