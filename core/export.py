@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import open_clip
 import torch
 from safetensors.torch import save_file
 
+from core.backbones import WeightsBudget
 from core.backbones.openclip import CONFIGS
 from core.checkpoint import package_versions
 from core.markdown import plain
@@ -28,11 +30,13 @@ class ExportError(RunError):
     """A run that cannot be exported as asked, with what to do instead."""
 
 
-def export(model: str, pet: str | Path, out: str | Path, local_paths: bool = True) -> dict:
+def export(model: str, pet: str | Path, out: str | Path, local_paths: bool = True,
+           budget: Optional[WeightsBudget] = None) -> dict:
     """Fold the run at `pet` into `model`'s weights and write them into the new folder `out`
-    (without `local_paths` the run's backbone may not name a server path: an uploaded run)."""
+    (without `local_paths` the run's backbone may not name a server path: an uploaded run; with a
+    `budget`, its weights may take no more memory than that)."""
     out = Path(out)
-    backbone, handle, info = load_run(model, pet, local_paths=local_paths, device=torch.device("cpu"))
+    backbone, handle, info = load_run(model, pet, local_paths=local_paths, device=torch.device("cpu"), budget=budget)
     if not handle.foldable:
         raise ExportError(f"{info.method}{' with gated query transformation' if info.config.get('gqt') else ''} "
                           f"adds computation that is not a weight of {info.backbone} (gates, adapters, prompts), so "

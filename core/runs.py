@@ -349,13 +349,13 @@ def _tune(started, model, data, method, options, recipe, shots, epochs, lr, batc
     return result
 
 
-def load_run(model: str, pet: str | Path, local_paths: bool = True,
-             device: Optional[torch.device] = None) -> tuple[Backbone, PetHandle, RunResult]:
+def load_run(model: str, pet: str | Path, local_paths: bool = True, device: Optional[torch.device] = None,
+             budget: Optional[WeightsBudget] = None) -> tuple[Backbone, PetHandle, RunResult]:
     """The backbone (re-drawn from the run's seed when it has no weights) with the run's PET weights,
     on `device` (default: the GPU when there is one). Without `local_paths` the run's backbone may
-    not name a file or folder (an uploaded run)."""
+    not name a file or folder (an uploaded run); with a `budget` its weights may take no more memory."""
     info = read_run_info(model, pet)
-    backbone = load_backbone(model, info.seed, local_paths=local_paths).to(device or pick_device())
+    backbone = load_backbone(model, info.seed, local_paths=local_paths, budget=budget).to(device or pick_device())
     handle, info = attach_run(backbone, pet)
     return backbone, handle, info
 

@@ -17,7 +17,7 @@ import app.tuning
 from app import models, sessions
 from app.device import Call
 from app.sessions import SessionStore
-from app.tabs import ask, weights
+from app.tabs import ask, inspect, weights
 from app.tabs.compare import compare_methods
 from app.tabs.data import load_sample
 from app.tabs.tune import tune_model
@@ -29,7 +29,7 @@ from core.backbones import BackboneError
 from core.backbones.base import weights_bytes
 from core.data import read_dataset
 from core.data.samples import sample_path
-from core.runs import tune
+from core.runs import read_run_info, tune
 
 CPU = Call(torch.device("cpu"))
 TINY = "openclip:PETStudio-Tiny"
@@ -133,7 +133,7 @@ def test_inference_in_bf16_ranks_the_gallery_as_fp32_does(tmp_path):
 def visitor(tmp_path, monkeypatch):
     """A request of a session of the app's own store, kept under tmp_path."""
     store = SessionStore(tmp_path / "sessions")
-    for module in (sessions, weights, app.tuning, app.tabs.tune, app.tabs.compare, app.tabs.data):
+    for module in (sessions, weights, inspect, app.tuning, app.tabs.tune, app.tabs.compare, app.tabs.data):
         monkeypatch.setattr(module, "STORE", store)
     return SimpleNamespace(session_hash="visitor")
 
@@ -176,6 +176,22 @@ def test_a_backbone_larger_than_the_cache_is_refused_before_it_is_built(visitor,
                                            "keeps for models"):
             call()
     assert built == ["offline"]
+
+
+def test_an_export_keeps_the_apps_model_budget(visitor, tmp_path, monkeypatch):
+    """Export loads its own copy of the run's backbone (core.export): within the budget, as every load is."""
+    run = Path(tune("offline", sample_path("photos"), "lora", shots=2, epochs=1, lr=1e-2, seed=0,
+                    out=tmp_path / "run").out)
+    session = sessions.session_of(visitor)
+    session.runs["1 · lora · offline"] = sessions.Run("1 · lora · offline", run, read_run_info("offline", run),
+                                                      local_paths=False)
+    monkeypatch.setattr(models.MODELS, "budget", 2**20)
+    with pytest.raises(gr.Error, match=r"offline needs 0\.\d GiB for its weights, more than this app keeps for models "
+                                       r"\(0\.0 GiB\)"):
+        inspect.export_run("1 · lora · offline", visitor)
+    assert not list(session.folder.glob("exports/*"))
+    monkeypatch.setattr(models.MODELS, "budget", 2**30)
+    assert inspect.export_run("1 · lora · offline", visitor).endswith("exported.zip")
 
 
 def test_a_refused_upload_leaves_no_model_behind(visitor, tmp_path):

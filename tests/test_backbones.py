@@ -1,7 +1,9 @@
 import json
 import shutil
 
+import httpx2
 import huggingface_hub
+import huggingface_hub.errors
 import open_clip
 import pytest
 import torch
@@ -238,6 +240,15 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
         return str(folder / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    refusal = []   # what the hub answers a repository it refuses
+
+    def resolve_revision(repo_id):
+        """The commit the default branch names (offline: the one the hub cache's refs keep)."""
+        if refusal:
+            raise refusal[0]
+        return "c0ffee"
+
+    monkeypatch.setattr(huggingface_hub, "resolve_revision", resolve_revision)
 
     def snapshot_download(repo_id, allow_patterns, revision, dry_run=False, local_files_only=False):
         """The hub's listing of the files loading would fetch (a dry run), or the fetch itself."""
@@ -256,6 +267,21 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     (folder / "config.json").write_text(tiny_config)
     assert estimate_weights_bytes("blip:someone/tiny") == tiny_bytes
     assert fetched == [("someone/tiny", "config.json")]
+    # A repository the hub refuses (missing, private, gated) is said so, with no offline stand-in for it, and so is
+    # one with no config.json.
+    answer = httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co/api/models/someone/gated"))
+    refusal.append(huggingface_hub.errors.GatedRepoError("gated", response=answer))
+    with pytest.raises(BackboneError, match=r"someone/gated: the hub has no such repository, or it is private, gated "
+                                            r"or disabled \(GatedRepoError\)") as refused:
+        load_backbone("blip:someone/gated", fallback_offline=True)
+    assert not refused.value.unreachable
+    refusal.clear()
+    missing = huggingface_hub.errors.RemoteEntryNotFoundError("no config.json", response=httpx2.Response(
+        404, request=httpx2.Request("HEAD", "https://huggingface.co/someone/empty/resolve/c0ffee/config.json")))
+    with monkeypatch.context() as empty:
+        empty.setattr(huggingface_hub, "hf_hub_download", lambda *args, **kwargs: (_ for _ in ()).throw(missing))
+        with pytest.raises(BackboneError, match="someone/empty: the repository has no config.json: not a BLIP model"):
+            estimate_weights_bytes("blip:someone/empty")
     # A "config" of gigabytes is refused before it is fetched.
     repository["config.json"] = 2 * 2**30
     with pytest.raises(BackboneError, match=r"someone/bloated: its config.json takes 2\.00 GiB, more than a config "

@@ -67,7 +67,8 @@ def export_run(run: str, request: gr.Request) -> str:
     with session.lock:
         chosen, folder = session.runs[run], session.new_folder("exports", "model", replacing=True)
     try:
-        export(chosen.result.backbone, chosen.folder, folder / "model", local_paths=chosen.local_paths)
+        export(chosen.result.backbone, chosen.folder, folder / "model", local_paths=chosen.local_paths,
+               budget=MODELS.weights_budget)
     except USER_ERRORS as error:
         STORE.remove(folder)
         raise views.user_error(error) from error

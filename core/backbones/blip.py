@@ -135,7 +135,7 @@ MAX_CONFIG_BYTES = 2**20   # BLIP-base's config.json is 5 KB
 @dataclass(frozen=True)
 class _SizedCommit:
     """A hub repository's config at one commit, sized; loading fetches that commit and nothing else."""
-    commit: Optional[str]   # None where the hub cache does not say (loading then reads the cache only)
+    commit: str   # a huggingface_hub ResolvedRevision: every call given it reads that commit
     size: int
 
 
@@ -156,13 +156,16 @@ def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
 
 
 def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
-    """The newest commit's config.json, fetched alone and sized; None where the hub cannot be
-    reached or transformers cannot build it (loading says why)."""
+    """The config.json of the commit the hub's default branch names now, fetched alone and sized;
+    None where the hub cannot be reached and its cache holds nothing of it, or transformers cannot
+    build it (loading says why)."""
     from transformers import BlipConfig
 
+    commit = _resolve(source)
+    if commit is None:
+        return None
     try:
-        snapshot = Path(_config_file(source)).parent
-        config = BlipConfig.from_pretrained(str(snapshot))
+        config = BlipConfig.from_pretrained(str(Path(_config_file(source, commit)).parent))
         layers = max(int(config.vision_config.num_hidden_layers), int(config.text_config.num_hidden_layers))
     except BackboneError:
         raise
@@ -172,28 +175,45 @@ def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
         raise BackboneError(f"{source}: its config asks for {layers} layers in a tower; BLIP models here have at most "
                             f"{MAX_CONFIG_LAYERS}")
     try:
-        size = _meta_bytes(config, answering)
+        return _SizedCommit(commit, _meta_bytes(config, answering))
     except Exception:  # a config transformers cannot build: loading it says so
         return None
-    # the hub cache keeps a commit's files in snapshots/<commit>/
-    return _SizedCommit(snapshot.name if snapshot.parent.name == "snapshots" else None, size)
 
 
-def _config_file(source: str) -> str:
-    """The newest commit's config.json, its size asked first (a dry run): a repository's "config"
-    of gigabytes would fill the disk before it could be read. Where the hub cannot be asked, the hub
-    cache's copy (OSError and the like where there is none)."""
-    from huggingface_hub import hf_hub_download
+def _resolve(source: str):
+    """The commit the hub's default branch names now, kept in the hub cache's refs (offline: the one
+    last resolved); None where neither can say. A repository the hub refuses is said as such: no
+    network would be the wrong reason, and the offline model no stand-in for it."""
+    from huggingface_hub import resolve_revision
+    from huggingface_hub.errors import DisabledRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        planned = hf_hub_download(repo_id=source, filename="config.json", dry_run=True)
+        return resolve_revision(source)
+    except (RepositoryNotFoundError, RevisionNotFoundError, DisabledRepoError) as error:   # gated and private too
+        raise BackboneError(f"{source}: the hub has no such repository, or it is private, gated or disabled "
+                            f"({type(error).__name__})") from error
     except Exception:  # hub, network and cache errors come in many library types
-        return hf_hub_download(repo_id=source, filename="config.json", local_files_only=True)
+        return None
+
+
+def _config_file(source: str, commit: str) -> str:
+    """The commit's config.json, its size asked first (a dry run): a repository's "config" of
+    gigabytes would fill the disk before it could be read. Where the hub cannot be asked, the hub
+    cache's copy (an error where there is none)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    try:
+        planned = hf_hub_download(repo_id=source, filename="config.json", revision=commit, dry_run=True)
+    except RemoteEntryNotFoundError as error:
+        raise BackboneError(f"{source}: the repository has no config.json: not a BLIP model") from error
+    except Exception:  # hub, network and cache errors come in many library types
+        return hf_hub_download(repo_id=source, filename="config.json", revision=commit, local_files_only=True)
     if planned.will_download and (planned.file_size is None or planned.file_size > MAX_CONFIG_BYTES):
         size = "an unknown size" if planned.file_size is None else _bytes_text(planned.file_size)
         raise BackboneError(f"{source}: its config.json takes {size}, more than a config needs "
                             f"({_bytes_text(MAX_CONFIG_BYTES)}): refused before fetching it")
-    return hf_hub_download(repo_id=source, filename="config.json", revision=planned.commit_hash)
+    return hf_hub_download(repo_id=source, filename="config.json", revision=commit)
 
 
 def _files_fit(source: str, sized: _SizedCommit) -> bool:
@@ -202,8 +222,6 @@ def _files_fit(source: str, sized: _SizedCommit) -> bool:
     the hub cannot list them: loading then reads only what the hub cache holds."""
     from huggingface_hub import constants, snapshot_download
 
-    if sized.commit is None:
-        return False
     try:
         planned = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=sized.commit, dry_run=True)
     except Exception:  # hub, network and cache errors come in many library types
@@ -258,8 +276,8 @@ def _fetch_sized(spec: str, source: str, answering: bool, budget: Optional[Weigh
         budget.refuse(spec, sized.size)
     listed = sized is not None and _files_fit(source, sized)
     try:
-        folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=None if sized is None else sized.commit,
-                                   local_files_only=not listed)
+        folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES,
+                                   revision=None if sized is None else sized.commit, local_files_only=not listed)
     except Exception as error:  # hub, network and validation errors come in many library types
         raise BackboneError(f"could not fetch BLIP weights for {source} "
                             f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
