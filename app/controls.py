@@ -36,12 +36,12 @@ def _number_sent(component: gr.components.Component, payload: Any) -> Any:
     if not finite:
         raise gr.Error(f"{name} must be a finite number, not {payload!r:.40}")
     if getattr(component, "precision", None) == 0 and payload != int(payload):   # Gradio would round it
-        raise gr.Error(f"{name} must be a whole number, not {payload:g}")
+        raise gr.Error(f"{name} must be a whole number, not {payload!r:.40}")
     low, high = component.minimum, component.maximum
     if (low is not None and payload < low) or (high is not None and payload > high):
         bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None
                   else f"at least {low:g}" if low is not None else f"at most {high:g}")
-        raise gr.Error(f"{name} must be {bounds}, not {payload:g}")
+        raise gr.Error(f"{name} must be {bounds}, not {payload!r:.40}")
     return payload
 
 
@@ -96,5 +96,5 @@ def whole(value: Any, name: str) -> int:
     """A whole number an API client sent (None or empty: 0), or a clear error."""
     given = number(value, name) or 0.0
     if given != int(given):
-        raise gr.Error(f"{name} must be a whole number, not {given:g}")
+        raise gr.Error(f"{name} must be a whole number, not {given!r:.40}")
     return int(given)

@@ -230,7 +230,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     def hf_hub_download(repo_id, filename, revision=None, dry_run=False, local_files_only=False):
         """The hub's answer for one file: its size (a dry run), or the file, fetched."""
         if dry_run:
-            if repository is None:
+            if repository is None or refusal:
                 raise OSError("no network")
             return huggingface_hub.DryRunFileInfo("c0ffee", repository["config.json"], filename, str(folder / filename),
                                                   False, True)
@@ -242,10 +242,18 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     refusal = []   # what the hub answers a repository it refuses
 
-    def resolve_revision(repo_id):
-        """The commit the default branch names (offline: the one the hub cache's refs keep)."""
+    ref = tmp_path / "hub-cache" / "models--someone--tiny" / "refs" / "main"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    def resolve_revision(repo_id, local_files_only=False):
+        """The commit the default branch names, kept in the hub cache's refs (or the one kept there)."""
+        if local_files_only:
+            return ref.read_text() if ref.is_file() else (_ for _ in ()).throw(OSError("nothing cached"))
         if refusal:
             raise refusal[0]
+        if repo_id == "someone/tiny":   # as the library does, before anything is fetched
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text("c0ffee")
         return "c0ffee"
 
     monkeypatch.setattr(huggingface_hub, "resolve_revision", resolve_revision)
@@ -254,7 +262,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
         """The hub's listing of the files loading would fetch (a dry run), or the fetch itself."""
         assert allow_patterns == HUB_FILES
         if dry_run:
-            if repository is None:
+            if repository is None or refusal:
                 raise OSError("no network")
             return [huggingface_hub.DryRunFileInfo(revision, size, name, str(folder / name), name in cached,
                                                    name not in cached) for name, size in repository.items()]
@@ -274,6 +282,11 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     with pytest.raises(BackboneError, match=r"someone/gated: the hub has no such repository, or it is private, gated "
                                             r"or disabled \(GatedRepoError\)") as refused:
         load_backbone("blip:someone/gated", fallback_offline=True)
+    assert not refused.value.unreachable
+    refusal[0] = huggingface_hub.errors.HfHubHTTPError("403 Forbidden", response=httpx2.Response(
+        403, request=httpx2.Request("GET", "https://huggingface.co/api/models/someone/forbidden")))
+    with pytest.raises(BackboneError, match=r"someone/forbidden: the hub refused it \(HTTP 403\)") as refused:
+        load_backbone("blip:someone/forbidden", fallback_offline=True)
     assert not refused.value.unreachable
     refusal.clear()
     missing = huggingface_hub.errors.RemoteEntryNotFoundError("no config.json", response=httpx2.Response(
@@ -316,10 +329,26 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
         cached.update(repository)   # a model the hub cache holds whole fetches nothing, and loads
         load_backbone("blip:someone/tiny")
         cached.intersection_update({"config.json"})
+    # The hub cache's ref names the last commit fetched whole: a sizing, or a load refused, puts back what was there
+    # (resolving had moved it), so a model the cache holds whole still loads offline.
+    assert ref.read_text() == "c0ffee"
+    ref.write_text("a11ce0")
+    estimate_weights_bytes("blip:someone/tiny")
+    assert ref.read_text() == "a11ce0"
     # A budget is kept by the load itself, against the commit it would fetch.
     with pytest.raises(BackboneError, match=r"blip:someone/tiny needs 0\.0 GiB for its weights, more than this process "
                                             r"keeps for models"):
         load_backbone("blip:someone/tiny", budget=WeightsBudget(tiny_bytes - 1))
+    assert ref.read_text() == "a11ce0"
+    # A hub that rate-limits (HTTP 429) is as if unreachable: the commit the cache's ref keeps is sized and loaded.
+    refusal.append(huggingface_hub.errors.HfHubHTTPError("429 Too Many Requests", response=httpx2.Response(
+        429, request=httpx2.Request("GET", "https://huggingface.co/api/models/someone/tiny"))))
+    with pytest.raises(BackboneError, match="blip:someone/tiny needs"):
+        load_backbone("blip:someone/tiny", budget=WeightsBudget(tiny_bytes - 1))
+    load_backbone("blip:someone/tiny")
+    assert asked[-1] == ("a11ce0", True) and ref.read_text() == "a11ce0"   # from the cache alone
+    refusal.clear()
+    asked.pop()
     assert asked == [("c0ffee", False)] * 2   # nothing fetched by the refusals
     # Where the hub cannot be asked (its config broken now, the files unlisted), loading reads only what the hub
     # cache already holds, and says so when that is no model.

@@ -8,13 +8,15 @@ and `blip:PATH` / `blip-vqa:PATH` (a local folder written by save_pretrained).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import shutil
 import string
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -148,11 +150,12 @@ def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
         return _default_bytes(answering)
     if kind != "hub":
         return None
-    sized = _size_hub_config(source, answering)
-    if sized is None:
-        return None
-    _files_fit(source, sized)
-    return sized.size
+    with _ref_kept_until_fetched(source):   # nothing of the weights is fetched here
+        sized = _size_hub_config(source, answering)
+        if sized is None:
+            return None
+        _files_fit(source, sized)
+        return sized.size
 
 
 def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
@@ -181,19 +184,50 @@ def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
 
 
 def _resolve(source: str):
-    """The commit the hub's default branch names now, kept in the hub cache's refs (offline: the one
-    last resolved); None where neither can say. A repository the hub refuses is said as such: no
+    """The commit the hub's default branch names now (where the hub cannot say: the one the hub
+    cache's refs keep); None where neither can. A repository the hub refuses is said as such: no
     network would be the wrong reason, and the offline model no stand-in for it."""
     from huggingface_hub import resolve_revision
-    from huggingface_hub.errors import DisabledRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import DisabledRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         return resolve_revision(source)
     except (RepositoryNotFoundError, RevisionNotFoundError, DisabledRepoError) as error:   # gated and private too
         raise BackboneError(f"{source}: the hub has no such repository, or it is private, gated or disabled "
                             f"({type(error).__name__})") from error
+    except HfHubHTTPError as error:   # answered below 500 (the library falls back to its cache on a 5xx only)
+        status = getattr(error.response, "status_code", None)
+        if status != 429:   # rate-limited passes: the commit the cache keeps serves meanwhile
+            raise BackboneError(f"{source}: the hub refused it (HTTP {status}): {str(error)[:200]}") from error
     except Exception:  # hub, network and cache errors come in many library types
+        pass
+    try:
+        return resolve_revision(source, local_files_only=True)
+    except Exception:  # nothing in the cache either
         return None
+
+
+@contextmanager
+def _ref_kept_until_fetched(source: str) -> Iterator[list]:
+    """Resolving moves the hub cache's ref of the default branch to the newest commit before
+    anything of it is fetched. A check that refuses it, a sizing that fetches no weights, a fetch
+    that fails: the ref goes back, so a model the cache holds whole still loads offline. The caller
+    appends to the list it is given once the commit is fetched whole."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=source, repo_type="model") / "refs" / "main"
+    before = ref.read_text() if ref.is_file() else None
+    fetched: list = []
+    try:
+        yield fetched
+    finally:
+        if not fetched:
+            with contextlib.suppress(OSError):   # a read-only cache: nothing was moved either
+                if before is None:
+                    ref.unlink(missing_ok=True)
+                else:
+                    ref.write_text(before)
 
 
 def _config_file(source: str, commit: str) -> str:
@@ -271,16 +305,19 @@ def _fetch_sized(spec: str, source: str, answering: bool, budget: Optional[Weigh
     where the hub cannot say, only what the hub cache already holds."""
     from huggingface_hub import snapshot_download
 
-    sized = _size_hub_config(source, answering)
-    if sized is not None and budget is not None:
-        budget.refuse(spec, sized.size)
-    listed = sized is not None and _files_fit(source, sized)
-    try:
-        folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES,
-                                   revision=None if sized is None else sized.commit, local_files_only=not listed)
-    except Exception as error:  # hub, network and validation errors come in many library types
-        raise BackboneError(f"could not fetch BLIP weights for {source} "
-                            f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
+    with _ref_kept_until_fetched(source) as fetched:
+        sized = _size_hub_config(source, answering)
+        if sized is not None and budget is not None:
+            budget.refuse(spec, sized.size)
+        listed = sized is not None and _files_fit(source, sized)
+        try:
+            folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES,
+                                       revision=None if sized is None else sized.commit, local_files_only=not listed)
+        except Exception as error:  # hub, network and validation errors come in many library types
+            raise BackboneError(f"could not fetch BLIP weights for {source} "
+                                f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
+        if listed:
+            fetched.append(sized.commit)
     if not listed and not any(Path(folder).glob("*.safetensors")):   # the cache holds its config alone
         raise BackboneError(f"could not fetch BLIP weights for {source}: the hub could not list its files, and the hub "
                             f"cache holds no weights of it", unreachable=True)
