@@ -26,10 +26,10 @@ import torch
 from app import views
 from app.sessions import Run, Session
 from core import query
-from core.heap import return_freed_memory
 from core.backbones import Backbone, BackboneError, WeightsBudget, estimate_weights_bytes, load_backbone, parse_spec
 from core.backbones.base import weights_bytes
 from core.data.media import DEFAULT_FRAMES
+from core.heap import return_freed_memory
 from core.pet import PetHandle
 from core.runs import attach_run
 from core.trainer import autocast, autocast_for

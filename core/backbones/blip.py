@@ -282,7 +282,9 @@ def _existing(path: Path) -> Path:
 
 
 def _bytes_text(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size:,} bytes"
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GiB"
+    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size:,} bytes"
 
 
 @functools.lru_cache(maxsize=2)
