@@ -1,5 +1,6 @@
 import json
 import shutil
+from types import SimpleNamespace
 
 import httpx2
 import huggingface_hub
@@ -242,20 +243,27 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     refusal = []   # what the hub answers a repository it refuses
 
-    ref = tmp_path / "hub-cache" / "models--someone--tiny" / "refs" / "main"
+    # the hub cache, where a load keeps the commit it built in the ref of the default branch
+    repository_cache = tmp_path / "hub-cache" / "models--someone--tiny"
+    ref = repository_cache / "refs" / "main"
+    shutil.copytree(tiny_blip_folder, repository_cache / "snapshots" / "c0ffee")
+    cache_holds[0] = repository_cache / "snapshots" / "c0ffee"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
 
-    def resolve_revision(repo_id, local_files_only=False):
-        """The commit the default branch names, kept in the hub cache's refs (or the one kept there)."""
-        if local_files_only:
-            return ref.read_text() if ref.is_file() else (_ for _ in ()).throw(OSError("nothing cached"))
+    def repo_info(self, repo_id):
+        """The commit the default branch names now, asked without moving the cache's ref."""
         if refusal:
             raise refusal[0]
-        if repo_id == "someone/tiny":   # as the library does, before anything is fetched
-            ref.parent.mkdir(parents=True, exist_ok=True)
-            ref.write_text("c0ffee")
-        return "c0ffee"
+        return SimpleNamespace(sha="c0ffee")
 
+    def resolve_revision(repo_id, local_files_only=False):
+        """The commit the hub cache's ref keeps (the library's own resolving is asked of the cache only)."""
+        assert local_files_only
+        if not ref.is_file():
+            raise OSError("nothing cached")
+        return SimpleNamespace(resolved=ref.read_text())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
     monkeypatch.setattr(huggingface_hub, "resolve_revision", resolve_revision)
 
     def snapshot_download(repo_id, allow_patterns, revision, dry_run=False, local_files_only=False):
@@ -279,13 +287,13 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     # one with no config.json.
     answer = httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co/api/models/someone/gated"))
     refusal.append(huggingface_hub.errors.GatedRepoError("gated", response=answer))
-    with pytest.raises(BackboneError, match=r"someone/gated: the hub has no such repository, or it is private, gated "
-                                            r"or disabled \(GatedRepoError\)") as refused:
+    with pytest.raises(BackboneError, match=r"someone/gated: the hub refuses it \(HTTP 401: gated\); it may be missing, "
+                                            r"private or gated") as refused:
         load_backbone("blip:someone/gated", fallback_offline=True)
     assert not refused.value.unreachable
     refusal[0] = huggingface_hub.errors.HfHubHTTPError("403 Forbidden", response=httpx2.Response(
         403, request=httpx2.Request("GET", "https://huggingface.co/api/models/someone/forbidden")))
-    with pytest.raises(BackboneError, match=r"someone/forbidden: the hub refused it \(HTTP 403\)") as refused:
+    with pytest.raises(BackboneError, match=r"someone/forbidden: the hub refuses it \(HTTP 403: 403 Forbidden\)") as refused:
         load_backbone("blip:someone/forbidden", fallback_offline=True)
     assert not refused.value.unreachable
     refusal.clear()
@@ -295,6 +303,12 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
         empty.setattr(huggingface_hub, "hf_hub_download", lambda *args, **kwargs: (_ for _ in ()).throw(missing))
         with pytest.raises(BackboneError, match="someone/empty: the repository has no config.json: not a BLIP model"):
             estimate_weights_bytes("blip:someone/empty")
+        # the hub lists a gated repository and refuses only its files
+        gated = huggingface_hub.errors.GatedRepoError("gated", response=answer)
+        empty.setattr(huggingface_hub, "hf_hub_download", lambda *args, **kwargs: (_ for _ in ()).throw(gated))
+        with pytest.raises(BackboneError, match=r"someone/gated: the hub refuses it \(HTTP 401") as refused:
+            load_backbone("blip:someone/gated", fallback_offline=True)
+        assert not refused.value.unreachable
     # A "config" of gigabytes is refused before it is fetched.
     repository["config.json"] = 2 * 2**30
     with pytest.raises(BackboneError, match=r"someone/bloated: its config.json takes 2\.00 GiB, more than a config "
@@ -329,8 +343,8 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
         cached.update(repository)   # a model the hub cache holds whole fetches nothing, and loads
         load_backbone("blip:someone/tiny")
         cached.intersection_update({"config.json"})
-    # The hub cache's ref names the last commit fetched whole: a sizing, or a load refused, puts back what was there
-    # (resolving had moved it), so a model the cache holds whole still loads offline.
+    # The hub cache's ref names the last commit a load built: a sizing or a refused load leaves it as it was, so a
+    # model the cache holds whole still loads offline.
     assert ref.read_text() == "c0ffee"
     ref.write_text("a11ce0")
     estimate_weights_bytes("blip:someone/tiny")
@@ -346,7 +360,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     with pytest.raises(BackboneError, match="blip:someone/tiny needs"):
         load_backbone("blip:someone/tiny", budget=WeightsBudget(tiny_bytes - 1))
     load_backbone("blip:someone/tiny")
-    assert asked[-1] == ("a11ce0", True) and ref.read_text() == "a11ce0"   # from the cache alone
+    assert asked[-1] == ("a11ce0", True)   # from the cache alone
     refusal.clear()
     asked.pop()
     assert asked == [("c0ffee", False)] * 2   # nothing fetched by the refusals

@@ -13,10 +13,10 @@ import functools
 import math
 import shutil
 import string
-from contextlib import contextmanager
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -137,7 +137,7 @@ MAX_CONFIG_BYTES = 2**20   # BLIP-base's config.json is 5 KB
 @dataclass(frozen=True)
 class _SizedCommit:
     """A hub repository's config at one commit, sized; loading fetches that commit and nothing else."""
-    commit: str   # a huggingface_hub ResolvedRevision: every call given it reads that commit
+    commit: str   # a commit hash: every call given it reads that commit
     size: int
 
 
@@ -150,12 +150,11 @@ def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
         return _default_bytes(answering)
     if kind != "hub":
         return None
-    with _ref_kept_until_fetched(source):   # nothing of the weights is fetched here
-        sized = _size_hub_config(source, answering)
-        if sized is None:
-            return None
-        _files_fit(source, sized)
-        return sized.size
+    sized = _size_hub_config(source, answering)
+    if sized is None:
+        return None
+    _files_fit(source, sized)
+    return sized.size
 
 
 def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
@@ -183,51 +182,47 @@ def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
         return None
 
 
-def _resolve(source: str):
+def _resolve(source: str) -> Optional[str]:
     """The commit the hub's default branch names now (where the hub cannot say: the one the hub
-    cache's refs keep); None where neither can. A repository the hub refuses is said as such: no
-    network would be the wrong reason, and the offline model no stand-in for it."""
-    from huggingface_hub import resolve_revision
-    from huggingface_hub.errors import DisabledRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    cache's ref keeps, the last loaded whole); None where neither can. Asked without moving that
+    ref: only a load that builds moves it (`_remember_commit`). A repository the hub refuses is
+    said as such: no network would be the wrong reason, and the offline model no stand-in for it."""
+    from huggingface_hub import HfApi, resolve_revision
 
     try:
-        return resolve_revision(source)
-    except (RepositoryNotFoundError, RevisionNotFoundError, DisabledRepoError) as error:   # gated and private too
-        raise BackboneError(f"{source}: the hub has no such repository, or it is private, gated or disabled "
-                            f"({type(error).__name__})") from error
-    except HfHubHTTPError as error:   # answered below 500 (the library falls back to its cache on a 5xx only)
-        status = getattr(error.response, "status_code", None)
-        if status != 429:   # rate-limited passes: the commit the cache keeps serves meanwhile
-            raise BackboneError(f"{source}: the hub refused it (HTTP {status}): {str(error)[:200]}") from error
-    except Exception:  # hub, network and cache errors come in many library types
-        pass
+        return HfApi().repo_info(source).sha
+    except Exception as error:  # hub, network and cache errors come in many library types
+        _refuse_answer(source, error)
     try:
-        return resolve_revision(source, local_files_only=True)
+        return resolve_revision(source, local_files_only=True).resolved
     except Exception:  # nothing in the cache either
         return None
 
 
-@contextmanager
-def _ref_kept_until_fetched(source: str) -> Iterator[list]:
-    """Resolving moves the hub cache's ref of the default branch to the newest commit before
-    anything of it is fetched. A check that refuses it, a sizing that fetches no weights, a fetch
-    that fails: the ref goes back, so a model the cache holds whole still loads offline. The caller
-    appends to the list it is given once the commit is fetched whole."""
+def _refuse_answer(source: str, error: Exception) -> None:
+    """BackboneError for an answer of the hub that refuses the repository (below 500: missing,
+    private, gated, disabled); a 5xx or a 429 passes, as a hub that cannot answer now."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, HfHubHTTPError) and status is not None and status < 500 and status != 429:
+        reason = str(error).splitlines()[0][:200]
+        raise BackboneError(f"{source}: the hub refuses it (HTTP {status}: {reason}); it may be missing, private or "
+                            f"gated") from error
+
+
+def _remember_commit(source: str, commit: str) -> None:
+    """Name `commit`, just loaded whole, in the hub cache's ref of the default branch (written whole
+    at once, as the library writes it), so that it loads from the cache later without a network."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
     ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=source, repo_type="model") / "refs" / "main"
-    before = ref.read_text() if ref.is_file() else None
-    fetched: list = []
-    try:
-        yield fetched
-    finally:
-        if not fetched:
-            with contextlib.suppress(OSError):   # a read-only cache: nothing was moved either
-                if before is None:
-                    ref.unlink(missing_ok=True)
-                else:
-                    ref.write_text(before)
+    with contextlib.suppress(OSError):   # a read-only cache: it keeps what it named
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        partial = ref.with_name(f".main.{uuid.uuid4().hex}.partial")
+        partial.write_text(commit)
+        partial.replace(ref)
 
 
 def _config_file(source: str, commit: str) -> str:
@@ -241,7 +236,8 @@ def _config_file(source: str, commit: str) -> str:
         planned = hf_hub_download(repo_id=source, filename="config.json", revision=commit, dry_run=True)
     except RemoteEntryNotFoundError as error:
         raise BackboneError(f"{source}: the repository has no config.json: not a BLIP model") from error
-    except Exception:  # hub, network and cache errors come in many library types
+    except Exception as error:  # hub, network and cache errors come in many library types
+        _refuse_answer(source, error)   # a gated repository is listed, and refused only here
         return hf_hub_download(repo_id=source, filename="config.json", revision=commit, local_files_only=True)
     if planned.will_download and (planned.file_size is None or planned.file_size > MAX_CONFIG_BYTES):
         size = "an unknown size" if planned.file_size is None else _bytes_text(planned.file_size)
@@ -307,19 +303,17 @@ def _fetch_sized(spec: str, source: str, answering: bool, budget: Optional[Weigh
     where the hub cannot say, only what the hub cache already holds."""
     from huggingface_hub import snapshot_download
 
-    with _ref_kept_until_fetched(source) as fetched:
-        sized = _size_hub_config(source, answering)
-        if sized is not None and budget is not None:
-            budget.refuse(spec, sized.size)
-        listed = sized is not None and _files_fit(source, sized)
-        try:
-            folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES,
-                                       revision=None if sized is None else sized.commit, local_files_only=not listed)
-        except Exception as error:  # hub, network and validation errors come in many library types
-            raise BackboneError(f"could not fetch BLIP weights for {source} "
-                                f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
-        if listed:
-            fetched.append(sized.commit)
+    sized = _size_hub_config(source, answering)
+    if sized is not None and budget is not None:
+        budget.refuse(spec, sized.size)
+    listed = sized is not None and _files_fit(source, sized)
+    try:
+        folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES,
+                                   revision=None if sized is None else sized.commit, local_files_only=not listed)
+    except Exception as error:  # hub, network and validation errors come in many library types
+        _refuse_answer(source, error)
+        raise BackboneError(f"could not fetch BLIP weights for {source} "
+                            f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
     if not listed and not any(Path(folder).glob("*.safetensors")):   # the cache holds its config alone
         raise BackboneError(f"could not fetch BLIP weights for {source}: the hub could not list its files, and the hub "
                             f"cache holds no weights of it", unreachable=True)
@@ -370,6 +364,8 @@ def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: 
         except Exception as error:  # file and format errors come in many library types
             raise BackboneError(f"could not load BLIP from {'folder ' if kind == 'folder' else ''}{source}: "
                                 f"{error}") from error
+        if kind == "hub" and Path(folder).parent.name == "snapshots":   # the commit just built, whole
+            _remember_commit(source, Path(folder).name)
         weights = f"local folder {source}" if kind == "folder" else f"pretrained {source}"
     backbone_class = BlipAnsweringBackbone if answering else BlipBackbone
     return backbone_class(spec, model, processor, weights, seed)
