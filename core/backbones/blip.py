@@ -211,17 +211,15 @@ def _refuse_answer(source: str, error: Exception) -> None:
                             f"gated") from error
 
 
-def _remember_commit(source: str, commit: str) -> None:
-    """Name `commit`, just loaded whole, in the hub cache's ref of the default branch (written whole
-    at once, as the library writes it), so that it loads from the cache later without a network."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=source, repo_type="model") / "refs" / "main"
+def _remember_commit(snapshot: Path) -> None:
+    """Name the commit of `snapshot` (the hub cache's `<repository>/snapshots/<commit>`), just loaded
+    whole, in its repository's ref of the default branch (written whole at once, as the library
+    writes it), so that it loads from the cache later without a network."""
+    ref = snapshot.parent.parent / "refs" / "main"
     with contextlib.suppress(OSError):   # a read-only cache: it keeps what it named
         ref.parent.mkdir(parents=True, exist_ok=True)
         partial = ref.with_name(f".main.{uuid.uuid4().hex}.partial")
-        partial.write_text(commit)
+        partial.write_text(snapshot.name)
         partial.replace(ref)
 
 
@@ -365,7 +363,7 @@ def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: 
             raise BackboneError(f"could not load BLIP from {'folder ' if kind == 'folder' else ''}{source}: "
                                 f"{error}") from error
         if kind == "hub" and Path(folder).parent.name == "snapshots":   # the commit just built, whole
-            _remember_commit(source, Path(folder).name)
+            _remember_commit(Path(folder))
         weights = f"local folder {source}" if kind == "folder" else f"pretrained {source}"
     backbone_class = BlipAnsweringBackbone if answering else BlipBackbone
     return backbone_class(spec, model, processor, weights, seed)
