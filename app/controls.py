@@ -28,21 +28,28 @@ def _number_sent(component: gr.components.Component, payload: Any) -> Any:
     if payload is None and isinstance(component, gr.Number):
         return None   # an emptied field
     if isinstance(payload, bool) or not isinstance(payload, (int, float)):   # float(True) is 1.0: not meant
-        raise gr.Error(f"{name} must be a number, not {payload!r:.40}")
+        raise gr.Error(f"{name} must be a number, not {_shown(payload)}")
     try:
         finite = math.isfinite(payload)
     except OverflowError:   # an int past any float
         finite = False
     if not finite:
-        raise gr.Error(f"{name} must be a finite number, not {payload!r:.40}")
+        raise gr.Error(f"{name} must be a finite number, not {_shown(payload)}")
     if getattr(component, "precision", None) == 0 and payload != int(payload):   # Gradio would round it
-        raise gr.Error(f"{name} must be a whole number, not {payload!r:.40}")
+        raise gr.Error(f"{name} must be a whole number, not {_shown(payload)}")
     low, high = component.minimum, component.maximum
     if (low is not None and payload < low) or (high is not None and payload > high):
         bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None
                   else f"at least {low:g}" if low is not None else f"at most {high:g}")
-        raise gr.Error(f"{name} must be {bounds}, not {payload!r:.40}")
+        raise gr.Error(f"{name} must be {bounds}, not {_shown(payload)}")
     return payload
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """`value` as the client sent it, cut with an ellipsis past `limit` characters (a 10**50 is not
+    the 40 digits it would read as cut)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"
 
 
 def control(spec: dict[str, Any]) -> gr.components.Component:
@@ -86,7 +93,7 @@ def number(value: Any, name: str) -> Optional[float]:
     try:
         value = float(value)
     except (TypeError, ValueError) as error:
-        raise gr.Error(f"{name} must be a number, not {value!r:.40}") from error
+        raise gr.Error(f"{name} must be a number, not {_shown(value)}") from error
     if value != value or value in (float("inf"), float("-inf")):
         raise gr.Error(f"{name} must be a finite number, not {value}")
     return value
@@ -96,5 +103,5 @@ def whole(value: Any, name: str) -> int:
     """A whole number an API client sent (None or empty: 0), or a clear error."""
     given = number(value, name) or 0.0
     if given != int(given):
-        raise gr.Error(f"{name} must be a whole number, not {given!r:.40}")
+        raise gr.Error(f"{name} must be a whole number, not {_shown(given)}")
     return int(given)

@@ -311,7 +311,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
         assert not refused.value.unreachable
     # A "config" of gigabytes is refused before it is fetched.
     repository["config.json"] = 2 * 2**30
-    with pytest.raises(BackboneError, match=r"someone/bloated: its config.json takes 2\.00 GiB, more than a config "
+    with pytest.raises(BackboneError, match=r"someone/bloated: its config.json takes 2\.0 GiB, more than a config "
                                             r"needs \(1 MiB\): refused before fetching it"):
         estimate_weights_bytes("blip:someone/bloated")
     repository["config.json"] = 3_000
@@ -331,14 +331,14 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     # A small config beside files far larger than its model is refused before they are fetched.
     repository["model.safetensors"] = 40 * 2**30
     for attempt in (lambda: estimate_weights_bytes("blip:someone/filler"), lambda: load_backbone("blip:someone/filler")):
-        with pytest.raises(BackboneError, match=r"someone/filler: the files it would fetch take 40\.00 GiB on disk, "
+        with pytest.raises(BackboneError, match=r"someone/filler: the files it would fetch take 40\.0 GiB on disk, "
                                                 rf"more than 2× the {tiny_bytes:,} bytes of the model its config builds"):
             attempt()
     repository["model.safetensors"] = 2_000_000
     # So are files that would leave the disk of the hub cache nearly full.
     with monkeypatch.context() as full:
         full.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 2**30, 2**30 + 2**20))
-        with pytest.raises(BackboneError, match=r"someone/tiny: its files \(2 MiB\) would leave less than 1\.00 GiB free"):
+        with pytest.raises(BackboneError, match=r"someone/tiny: its files \(2 MiB\) would leave less than 1\.0 GiB free"):
             load_backbone("blip:someone/tiny")
         cached.update(repository)   # a model the hub cache holds whole fetches nothing, and loads
         load_backbone("blip:someone/tiny")
@@ -350,7 +350,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     estimate_weights_bytes("blip:someone/tiny")
     assert ref.read_text() == "a11ce0"
     # A budget is kept by the load itself, against the commit it would fetch.
-    with pytest.raises(BackboneError, match=r"blip:someone/tiny needs 0\.0 GiB for its weights, more than this process "
+    with pytest.raises(BackboneError, match=r"blip:someone/tiny needs [\d,]+ bytes for its weights, more than this process "
                                             r"keeps for models"):
         load_backbone("blip:someone/tiny", budget=WeightsBudget(tiny_bytes - 1))
     assert ref.read_text() == "a11ce0"
@@ -373,11 +373,64 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     repository = None
     assert estimate_weights_bytes("blip:someone/unlisted") == tiny_bytes
     load_backbone("blip:someone/unlisted")
-    assert asked[2:] == [(None, True), ("c0ffee", True)]
+    assert asked[2:] == [("c0ffee", True)] * 2   # the commit the cache's ref keeps; the commit the hub named
     cache_holds[0] = folder   # config.json alone
     with pytest.raises(BackboneError, match="the hub could not list its files, and the hub cache holds no weights") as refused:
         load_backbone("blip:someone/unlisted")
     assert refused.value.unreachable   # the offline model may stand in
+
+
+def test_a_hub_that_names_a_newer_commit_and_cannot_serve_it_loads_the_one_cached(tiny_blip_folder, tmp_path,
+                                                                                      monkeypatch):
+    """The hub answers which commit its default branch names, then fails to serve that commit's files (a 503, a
+    dropped connection): the commit the hub cache's ref keeps, held whole, loads, kept to the budget; with
+    nothing whole in the cache the load is unreachable, and the offline model may stand in."""
+    cache = tmp_path / "hub-cache" / "models--someone--tiny"
+    shutil.copytree(tiny_blip_folder, cache / "snapshots" / "a11ce0")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("a11ce0")
+    newer = tmp_path / "newer"   # the newer commit's config.json, as fetched alone
+    newer.mkdir()
+    shutil.copy(tiny_blip_folder / "config.json", newer)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id: SimpleNamespace(sha="beef00"))
+    monkeypatch.setattr(huggingface_hub, "resolve_revision", lambda repo_id, local_files_only=False: SimpleNamespace(
+        resolved=(cache / "refs" / "main").read_text()))
+
+    def hf_hub_download(repo_id, filename, revision=None, dry_run=False, local_files_only=False):
+        assert revision == "beef00" and not local_files_only
+        if dry_run:
+            return huggingface_hub.DryRunFileInfo("beef00", 3_000, filename, str(newer / filename), False, True)
+        return str(newer / filename)
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns, revision, dry_run=False, local_files_only=False):
+        if dry_run:
+            return [huggingface_hub.DryRunFileInfo("beef00", 2_000_000, "model.safetensors", "", False, True)]
+        asked.append((revision, local_files_only))
+        if not local_files_only:
+            raise huggingface_hub.errors.HfHubHTTPError("503 Service Unavailable", response=httpx2.Response(
+                503, request=httpx2.Request("GET", "https://huggingface.co/someone/tiny/resolve/beef00/model.safetensors")))
+        if not (cache / "snapshots" / revision).is_dir():
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+        return str(cache / "snapshots" / revision)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    backbone = load_backbone("blip:someone/tiny")
+    assert backbone.weights == "pretrained someone/tiny"
+    assert asked == [("beef00", False), ("beef00", True), ("a11ce0", True)]
+    assert (cache / "refs" / "main").read_text() == "a11ce0"   # the commit built, as before
+    tiny_bytes = weights_bytes(backbone.model)
+    with pytest.raises(BackboneError, match="blip:someone/tiny needs"):   # the cached commit is kept to the budget too
+        load_backbone("blip:someone/tiny", budget=WeightsBudget(tiny_bytes - 1))
+    for weights in (cache / "snapshots" / "a11ce0").glob("*.safetensors"):
+        weights.unlink()   # the cache holds that commit's config alone
+    with pytest.raises(BackboneError, match=r"the hub could not serve its files \(503 Service Unavailable\), and the hub "
+                                            r"cache holds no weights of it") as unreachable:
+        load_backbone("blip:someone/tiny")
+    assert unreachable.value.unreachable
 
 
 def test_an_open_clip_model_with_a_hugging_face_text_tower_is_refused_before_it_is_built(monkeypatch):

@@ -33,6 +33,14 @@ class BackboneError(ValueError):
         self.unreachable = unreachable
 
 
+def bytes_text(size: int) -> str:
+    """A size as a person reads it: GiB with one decimal, else whole MiB, else bytes (a budget of
+    50 MiB is not "0.0 GiB")."""
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size:,} bytes"
+
+
 @dataclass(frozen=True)
 class WeightsBudget:
     """The most memory a backbone's weights may take where it is loaded, and what to do past it. A
@@ -45,8 +53,8 @@ class WeightsBudget:
     def refuse(self, spec: str, needed: Optional[int]) -> None:
         """BackboneError when `needed` bytes (None: not known beforehand) are over the budget."""
         if needed is not None and needed > self.bytes:
-            raise BackboneError(f"{spec[:200]} needs {needed / 2**30:.1f} GiB for its weights, more than {self.holder} "
-                                f"keeps for models ({self.bytes / 2**30:.1f} GiB): {self.remedy}")
+            raise BackboneError(f"{spec[:200]} needs {bytes_text(needed)} for its weights, more than {self.holder} "
+                                f"keeps for models ({bytes_text(self.bytes)}): {self.remedy}")
 
 
 # The optional parts of the interface, and what a backbone without one is said to lack. A

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from core.backbones.base import Backbone, BackboneError, WeightsBudget, built_on_meta, weights_bytes
+from core.backbones.base import Backbone, BackboneError, WeightsBudget, built_on_meta, bytes_text, weights_bytes
 from core.backbones.layout import BlockLayout, Projection, ResidualSite, TowerLayout, pools_tokens
 
 MAX_TEXT_TOKENS = 35   # BLIP's retrieval caption length
@@ -238,9 +238,9 @@ def _config_file(source: str, commit: str) -> str:
         _refuse_answer(source, error)   # a gated repository is listed, and refused only here
         return hf_hub_download(repo_id=source, filename="config.json", revision=commit, local_files_only=True)
     if planned.will_download and (planned.file_size is None or planned.file_size > MAX_CONFIG_BYTES):
-        size = "an unknown size" if planned.file_size is None else _bytes_text(planned.file_size)
+        size = "an unknown size" if planned.file_size is None else bytes_text(planned.file_size)
         raise BackboneError(f"{source}: its config.json takes {size}, more than a config needs "
-                            f"({_bytes_text(MAX_CONFIG_BYTES)}): refused before fetching it")
+                            f"({bytes_text(MAX_CONFIG_BYTES)}): refused before fetching it")
     return hf_hub_download(repo_id=source, filename="config.json", revision=commit)
 
 
@@ -256,14 +256,14 @@ def _files_fit(source: str, sized: _SizedCommit) -> bool:
         return False
     fetched = [entry.file_size for entry in planned if entry.will_download]
     if None in fetched or sum(fetched) > FETCH_ALLOWANCE * sized.size + FETCH_SLACK:
-        on_disk = "an unknown size" if None in fetched else _bytes_text(sum(fetched))
+        on_disk = "an unknown size" if None in fetched else bytes_text(sum(fetched))
         raise BackboneError(f"{source}: the files it would fetch take {on_disk} on disk, more than "
-                            f"{FETCH_ALLOWANCE}× the {_bytes_text(sized.size)} of the model its config builds: refused "
+                            f"{FETCH_ALLOWANCE}× the {bytes_text(sized.size)} of the model its config builds: refused "
                             f"before fetching them")
     free = shutil.disk_usage(_existing(Path(constants.HF_HUB_CACHE))).free
     if fetched and sum(fetched) > free - DISK_RESERVE:   # a model the cache holds whole fetches nothing
-        raise BackboneError(f"{source}: its files ({_bytes_text(sum(fetched))}) would leave less than "
-                            f"{_bytes_text(DISK_RESERVE)} free on the disk of the hub cache ({_bytes_text(free)} free): "
+        raise BackboneError(f"{source}: its files ({bytes_text(sum(fetched))}) would leave less than "
+                            f"{bytes_text(DISK_RESERVE)} free on the disk of the hub cache ({bytes_text(free)} free): "
                             f"refused before fetching them")
     return True
 
@@ -273,12 +273,6 @@ def _existing(path: Path) -> Path:
     while not path.exists() and path.parent != path:
         path = path.parent
     return path
-
-
-def _bytes_text(size: int) -> str:
-    if size >= 2**30:
-        return f"{size / 2**30:.2f} GiB"
-    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size:,} bytes"
 
 
 @functools.lru_cache(maxsize=2)
@@ -298,24 +292,54 @@ def _meta_bytes(config, answering: bool) -> int:
 def _fetch_sized(spec: str, source: str, answering: bool, budget: Optional[WeightsBudget]) -> str:
     """The folder of a hub repository's files at the commit sized here, within `budget` and the disk
     (checked in this call, so a repository changed since an earlier check is checked as it is now);
-    where the hub cannot say, only what the hub cache already holds."""
+    where the hub cannot list or serve that commit, a commit the hub cache already holds whole."""
     from huggingface_hub import snapshot_download
 
     sized = _size_hub_config(source, answering)
     if sized is not None and budget is not None:
         budget.refuse(spec, sized.size)
-    listed = sized is not None and _files_fit(source, sized)
-    try:
-        folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES,
-                                   revision=None if sized is None else sized.commit, local_files_only=not listed)
-    except Exception as error:  # hub, network and validation errors come in many library types
-        _refuse_answer(source, error)
-        raise BackboneError(f"could not fetch BLIP weights for {source} "
-                            f"(no network, or the hub is unreachable): {error}", unreachable=True) from error
-    if not listed and not any(Path(folder).glob("*.safetensors")):   # the cache holds its config alone
-        raise BackboneError(f"could not fetch BLIP weights for {source}: the hub could not list its files, and the hub "
-                            f"cache holds no weights of it", unreachable=True)
+    failure: Optional[Exception] = None
+    if sized is not None and _files_fit(source, sized):
+        try:
+            return snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=sized.commit)
+        except Exception as error:  # hub, network and validation errors come in many library types
+            _refuse_answer(source, error)
+            failure = error
+    folder = _cached_whole(spec, source, answering, budget, sized)
+    if folder is None:
+        said = f"the hub could not serve its files ({failure})" if failure is not None else \
+            "the hub could not list its files"
+        raise BackboneError(f"could not fetch BLIP weights for {source} (no network, or the hub is unreachable): "
+                            f"{said}, and the hub cache holds no weights of it", unreachable=True) from failure
     return folder
+
+
+def _cached_whole(spec: str, source: str, answering: bool, budget: Optional[WeightsBudget],
+                  sized: Optional[_SizedCommit]) -> Optional[str]:
+    """The hub cache's folder of the commit the hub named (`sized`), else of the one the cache's ref
+    keeps (the last loaded whole), where it holds that commit's weights; a commit other than the sized
+    one is sized from its own cached config and kept to `budget`. None where the cache holds neither:
+    a hub that names a newer commit and then cannot serve it still loads the model loaded before."""
+    from huggingface_hub import resolve_revision, snapshot_download
+    from transformers import BlipConfig
+
+    try:
+        kept = resolve_revision(source, local_files_only=True).resolved
+    except Exception:  # no ref in the cache
+        kept = None
+    for commit in dict.fromkeys(c for c in (sized and sized.commit, kept) if c):
+        try:
+            folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=commit,
+                                       local_files_only=True)
+            size = sized.size if sized is not None and commit == sized.commit else \
+                _meta_bytes(BlipConfig.from_pretrained(folder), answering)
+        except Exception:  # that commit is not in the cache, or its config cannot be built
+            continue
+        if any(Path(folder).glob("*.safetensors")):
+            if budget is not None:
+                budget.refuse(spec, size)
+            return folder
+    return None
 
 
 def load_blip(spec: str, source: str, seed: int, answering: bool = False, kind: str = "hub",
