@@ -152,6 +152,11 @@ def test_a_registered_family_is_read_loaded_and_described_like_the_others():
             register_family(FAMILIES["toy"])
     finally:
         FAMILIES.pop("toy")
+    older = Family("older", "older", lambda rest: ("PETStudio-Tiny", None, "random"),
+                   lambda spec, seed, local_paths: load_backbone(TINY, seed), ("retrieval",), {}, lambda spec: None)
+    with pytest.raises(ValueError, match=r"backbone family older: load must take \(spec, seed, local_paths, budget\)"):
+        register_family(older)   # written before the budget: said when registered, not at a user's first load
+    assert "older" not in FAMILIES
 
 
 def test_optional_parts_are_declared_and_refused_clearly_where_missing(tiny):
@@ -375,7 +380,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     load_backbone("blip:someone/unlisted")
     assert asked[2:] == [("c0ffee", True)] * 2   # the commit the cache's ref keeps; the commit the hub named
     cache_holds[0] = folder   # config.json alone
-    with pytest.raises(BackboneError, match="the hub could not list its files, and the hub cache holds no weights") as refused:
+    with pytest.raises(BackboneError, match="the hub could not size or list its files, and the hub cache holds no weights") as refused:
         load_backbone("blip:someone/unlisted")
     assert refused.value.unreachable   # the offline model may stand in
 
@@ -410,8 +415,9 @@ def test_a_hub_that_names_a_newer_commit_and_cannot_serve_it_loads_the_one_cache
             return [huggingface_hub.DryRunFileInfo("beef00", 2_000_000, "model.safetensors", "", False, True)]
         asked.append((revision, local_files_only))
         if not local_files_only:
-            raise huggingface_hub.errors.HfHubHTTPError("503 Service Unavailable", response=httpx2.Response(
-                503, request=httpx2.Request("GET", "https://huggingface.co/someone/tiny/resolve/beef00/model.safetensors")))
+            asked_for = httpx2.Request("GET", "https://huggingface.co/someone/tiny/resolve/beef00/model.safetensors")
+            raise huggingface_hub.errors.HfHubHTTPError("503 Service Unavailable",
+                                                        response=httpx2.Response(503, request=asked_for))
         if not (cache / "snapshots" / revision).is_dir():
             raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
         return str(cache / "snapshots" / revision)
@@ -427,8 +433,8 @@ def test_a_hub_that_names_a_newer_commit_and_cannot_serve_it_loads_the_one_cache
         load_backbone("blip:someone/tiny", budget=WeightsBudget(tiny_bytes - 1))
     for weights in (cache / "snapshots" / "a11ce0").glob("*.safetensors"):
         weights.unlink()   # the cache holds that commit's config alone
-    with pytest.raises(BackboneError, match=r"the hub could not serve its files \(503 Service Unavailable\), and the hub "
-                                            r"cache holds no weights of it") as unreachable:
+    with pytest.raises(BackboneError, match=r"the hub could not serve its files \(503 Service Unavailable\), and "
+                                            r"the hub cache holds no weights of it") as unreachable:
         load_backbone("blip:someone/tiny")
     assert unreachable.value.unreachable
 

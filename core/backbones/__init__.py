@@ -13,6 +13,7 @@ a client can be refused for naming a server path before anything looks at that p
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,13 @@ def register_family(family: Family) -> Family:
     """Make `family` known to `parse_spec`, `load_backbone` and `describe_spec`; names are unique."""
     if family.name in FAMILIES:
         raise ValueError(f"a backbone family named {family.name} is already registered")
+    try:
+        inspect.signature(family.load).bind("spec", 0, True, None)
+    except TypeError:   # said now, not as a bare TypeError at a user's first load
+        raise ValueError(f"backbone family {family.name}: load must take (spec, seed, local_paths, budget), the budget "
+                         f"a WeightsBudget or None (README \"A new backbone family\")") from None
+    except ValueError:   # a callable whose signature Python cannot read: its first load tells
+        pass
     FAMILIES[family.name] = family
     return family
 

@@ -168,17 +168,28 @@ def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
         return None
     try:
         config = BlipConfig.from_pretrained(str(Path(_config_file(source, commit)).parent))
-        layers = max(int(config.vision_config.num_hidden_layers), int(config.text_config.num_hidden_layers))
     except BackboneError:
         raise
     except Exception:  # hub, network and format errors come in many library types
+        return None
+    size = _config_bytes(source, config, answering)
+    return None if size is None else _SizedCommit(commit, size)
+
+
+def _config_bytes(source: str, config, answering: bool) -> Optional[int]:
+    """The bytes of the model `config` builds, sized on the meta device; None where transformers
+    cannot build it (loading says why). A config asking for more layers than any BLIP has is refused
+    before even that."""
+    try:
+        layers = max(int(config.vision_config.num_hidden_layers), int(config.text_config.num_hidden_layers))
+    except Exception:  # a config of the wrong shape
         return None
     if layers > MAX_CONFIG_LAYERS:
         raise BackboneError(f"{source}: its config asks for {layers} layers in a tower; BLIP models here have at most "
                             f"{MAX_CONFIG_LAYERS}")
     try:
-        return _SizedCommit(commit, _meta_bytes(config, answering))
-    except Exception:  # a config transformers cannot build: loading it says so
+        return _meta_bytes(config, answering)
+    except Exception:  # a config transformers cannot build
         return None
 
 
@@ -308,7 +319,7 @@ def _fetch_sized(spec: str, source: str, answering: bool, budget: Optional[Weigh
     folder = _cached_whole(spec, source, answering, budget, sized)
     if folder is None:
         said = f"the hub could not serve its files ({failure})" if failure is not None else \
-            "the hub could not list its files"
+            "the hub could not size or list its files"
         raise BackboneError(f"could not fetch BLIP weights for {source} (no network, or the hub is unreachable): "
                             f"{said}, and the hub cache holds no weights of it", unreachable=True) from failure
     return folder
@@ -331,10 +342,10 @@ def _cached_whole(spec: str, source: str, answering: bool, budget: Optional[Weig
         try:
             folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=commit,
                                        local_files_only=True)
-            size = sized.size if sized is not None and commit == sized.commit else \
-                _meta_bytes(BlipConfig.from_pretrained(folder), answering)
-        except Exception:  # that commit is not in the cache, or its config cannot be built
+            config = None if sized is not None and commit == sized.commit else BlipConfig.from_pretrained(folder)
+        except Exception:  # that commit is not in the cache, or its config cannot be read
             continue
+        size = sized.size if config is None else _config_bytes(source, config, answering)
         if any(Path(folder).glob("*.safetensors")):
             if budget is not None:
                 budget.refuse(spec, size)
