@@ -228,7 +228,7 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     assert estimate_weights_bytes("blip:Salesforce/blip-itm-base-coco") is None   # its loader says why
     # A hub model is sized from its config.json alone, fetched from the hub (served here from a local copy
     # laid out as the hub cache lays out a commit).
-    fetched, asked, repository = [], [], {"model.safetensors": 2_000_000, "config.json": 3_000, "vocab.txt": 200_000}
+    fetched, asked, repository = [], [], {"model.safetensors": 2_000_000, "config.json": 3_000, "tokenizer.json": 200_000}
     folder = tmp_path / "hub" / "snapshots" / "c0ffee"
     folder.mkdir(parents=True)
     cache_holds, cached = [tiny_blip_folder], {"config.json"}
@@ -369,34 +369,42 @@ def test_a_backbones_weights_are_sized_before_anything_builds_them(tiny_blip_fol
     refusal.clear()
     asked.pop()
     assert asked == [("c0ffee", False)] * 2   # nothing fetched by the refusals
-    # Where the hub cannot be asked (its config broken now, the files unlisted), loading reads only what the hub
-    # cache already holds, and says so when that is no model.
+    # A config the hub serves broken is said so: a broken repository, not a missing network, with no stand-in.
     (folder / "config.json").write_text("{not json")
-    assert estimate_weights_bytes("blip:someone/broken") is None   # its loader says what is wrong
-    load_backbone("blip:someone/broken")
+    for attempt in (lambda: estimate_weights_bytes("blip:someone/broken"), lambda: load_backbone("blip:someone/broken")):
+        with pytest.raises(BackboneError, match="someone/broken: its config.json is not a BLIP config") as refused:
+            attempt()
+        assert not refused.value.unreachable
     (folder / "config.json").write_text(tiny_config)
+    # Where the hub cannot list the files, loading reads only what the hub cache already holds, and says so when
+    # that is no model.
     repository = None
     assert estimate_weights_bytes("blip:someone/unlisted") == tiny_bytes
     load_backbone("blip:someone/unlisted")
-    assert asked[2:] == [("c0ffee", True)] * 2   # the commit the cache's ref keeps; the commit the hub named
+    assert asked[2:] == [("c0ffee", True)]   # the commit the hub named, from the cache
     cache_holds[0] = folder   # config.json alone
-    with pytest.raises(BackboneError, match="the hub could not size or list its files, and the hub cache holds no weights") as refused:
+    with pytest.raises(BackboneError, match="the hub could not list its files, and the hub cache holds no weights") \
+            as refused:
         load_backbone("blip:someone/unlisted")
     assert refused.value.unreachable   # the offline model may stand in
 
 
 def test_a_hub_that_names_a_newer_commit_and_cannot_serve_it_loads_the_one_cached(tiny_blip_folder, tmp_path,
                                                                                       monkeypatch):
-    """The hub answers which commit its default branch names, then fails to serve that commit's files (a 503, a
-    dropped connection): the commit the hub cache's ref keeps, held whole, loads, kept to the budget; with
-    nothing whole in the cache the load is unreachable, and the offline model may stand in."""
+    """The hub answers which commit its default branch names, then fails to serve that commit's files: the
+    commit the hub cache's ref keeps, held whole, loads, sized from its own config and kept to the budget; a
+    refusal is still said; with nothing whole in the cache the load is unreachable, and the offline model may
+    stand in."""
     cache = tmp_path / "hub-cache" / "models--someone--tiny"
     shutil.copytree(tiny_blip_folder, cache / "snapshots" / "a11ce0")
     (cache / "refs").mkdir()
     (cache / "refs" / "main").write_text("a11ce0")
-    newer = tmp_path / "newer"   # the newer commit's config.json, as fetched alone
+    # the newer commit's config.json, fetched alone into its snapshot folder: a smaller model than the cached one
+    newer = cache / "snapshots" / "beef00"
     newer.mkdir()
-    shutil.copy(tiny_blip_folder / "config.json", newer)
+    config = json.loads((tiny_blip_folder / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 1
+    (newer / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id: SimpleNamespace(sha="beef00"))
     monkeypatch.setattr(huggingface_hub, "resolve_revision", lambda repo_id, local_files_only=False: SimpleNamespace(
@@ -405,36 +413,62 @@ def test_a_hub_that_names_a_newer_commit_and_cannot_serve_it_loads_the_one_cache
     def hf_hub_download(repo_id, filename, revision=None, dry_run=False, local_files_only=False):
         assert revision == "beef00" and not local_files_only
         if dry_run:
-            return huggingface_hub.DryRunFileInfo("beef00", 3_000, filename, str(newer / filename), False, True)
+            return huggingface_hub.DryRunFileInfo("beef00", 3_000, filename, str(newer / filename), True, False)
         return str(newer / filename)
 
-    asked = []
+    asked, fetch_fails = [], []
 
     def snapshot_download(repo_id, allow_patterns, revision, dry_run=False, local_files_only=False):
-        if dry_run:
-            return [huggingface_hub.DryRunFileInfo("beef00", 2_000_000, "model.safetensors", "", False, True)]
+        if dry_run:   # the hub lists the newer commit's files
+            return [huggingface_hub.DryRunFileInfo("beef00", size, name, "", name == "config.json",
+                                                   name != "config.json")
+                    for name, size in (("config.json", 3_000), ("model.safetensors", 2_000_000),
+                                       ("tokenizer.json", 200_000))]
         asked.append((revision, local_files_only))
-        if not local_files_only:
-            asked_for = httpx2.Request("GET", "https://huggingface.co/someone/tiny/resolve/beef00/model.safetensors")
-            raise huggingface_hub.errors.HfHubHTTPError("503 Service Unavailable",
-                                                        response=httpx2.Response(503, request=asked_for))
+        if not local_files_only and fetch_fails:
+            raise fetch_fails[0]
         if not (cache / "snapshots" / revision).is_dir():
             raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+        # as the library does when its listing fails during the fetch: what the folder holds, no error
         return str(cache / "snapshots" / revision)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    cached_bytes = weights_bytes(load_backbone(f"blip:{tiny_blip_folder}").model)
+    newer_bytes = estimate_weights_bytes("blip:someone/tiny")
+    assert newer_bytes < cached_bytes
+    # the fetch returns the newer commit's folder holding its config alone: the commit the ref keeps loads
     backbone = load_backbone("blip:someone/tiny")
-    assert backbone.weights == "pretrained someone/tiny"
+    assert backbone.weights == "pretrained someone/tiny" and weights_bytes(backbone.model) == cached_bytes
     assert asked == [("beef00", False), ("beef00", True), ("a11ce0", True)]
     assert (cache / "refs" / "main").read_text() == "a11ce0"   # the commit built, as before
-    tiny_bytes = weights_bytes(backbone.model)
-    with pytest.raises(BackboneError, match="blip:someone/tiny needs"):   # the cached commit is kept to the budget too
-        load_backbone("blip:someone/tiny", budget=WeightsBudget(tiny_bytes - 1))
+    # that commit is sized from its own config: a budget the newer commit fits and it does not refuses it
+    with pytest.raises(BackboneError, match="blip:someone/tiny needs"):
+        load_backbone("blip:someone/tiny", budget=WeightsBudget(newer_bytes))
+    # a fetch that fails outright (a 503) falls back alike; a refusal the library wraps (a file's 403) is said
+    request = httpx2.Request("GET", "https://huggingface.co/someone/tiny/resolve/beef00/model.safetensors")
+    fetch_fails.append(huggingface_hub.errors.HfHubHTTPError("503 Service Unavailable",
+                                                             response=httpx2.Response(503, request=request)))
+    assert weights_bytes(load_backbone("blip:someone/tiny").model) == cached_bytes
+    forbidden = huggingface_hub.errors.HfHubHTTPError("403 Forbidden", response=httpx2.Response(403, request=request))
+    wrapped = huggingface_hub.errors.LocalEntryNotFoundError("could not fetch model.safetensors")
+    wrapped.__cause__ = forbidden
+    fetch_fails[0] = wrapped
+    with pytest.raises(BackboneError, match=r"someone/tiny: the hub refuses it \(HTTP 403") as refused:
+        load_backbone("blip:someone/tiny", fallback_offline=True)
+    assert not refused.value.unreachable
+    fetch_fails.clear()
+    # the commit the ref keeps is refused as the hub's config would be (the ref is the cache's: any program
+    # using the same cache may have moved it)
+    hostile = json.loads((cache / "snapshots" / "a11ce0" / "config.json").read_text())
+    hostile["vision_config"]["num_hidden_layers"] = 100_000
+    (cache / "snapshots" / "a11ce0" / "config.json").write_text(json.dumps(hostile))
+    with pytest.raises(BackboneError, match="someone/tiny: its config asks for 100000 layers in a tower"):
+        load_backbone("blip:someone/tiny")
     for weights in (cache / "snapshots" / "a11ce0").glob("*.safetensors"):
         weights.unlink()   # the cache holds that commit's config alone
-    with pytest.raises(BackboneError, match=r"the hub could not serve its files \(503 Service Unavailable\), and "
-                                            r"the hub cache holds no weights of it") as unreachable:
+    with pytest.raises(BackboneError, match=r"the hub did not serve all its files \(model.safetensors, tokenizer.json "
+                                            r"missing\), and the hub cache holds no weights of it") as unreachable:
         load_backbone("blip:someone/tiny")
     assert unreachable.value.unreachable
 

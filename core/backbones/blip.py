@@ -159,38 +159,38 @@ def blip_bytes(source: str, kind: str, answering: bool) -> Optional[int]:
 
 def _size_hub_config(source: str, answering: bool) -> Optional[_SizedCommit]:
     """The config.json of the commit the hub's default branch names now, fetched alone and sized;
-    None where the hub cannot be reached and its cache holds nothing of it, or transformers cannot
-    build it (loading says why)."""
-    from transformers import BlipConfig
-
+    None where the hub cannot be reached and its cache holds nothing of it (loading says why)."""
     commit = _resolve(source)
     if commit is None:
         return None
     try:
-        config = BlipConfig.from_pretrained(str(Path(_config_file(source, commit)).parent))
+        folder = Path(_config_file(source, commit)).parent
     except BackboneError:
         raise
-    except Exception:  # hub, network and format errors come in many library types
+    except Exception:  # hub, network and cache errors come in many library types
         return None
-    size = _config_bytes(source, config, answering)
-    return None if size is None else _SizedCommit(commit, size)
+    return _SizedCommit(commit, _config_bytes(source, folder, answering))
 
 
-def _config_bytes(source: str, config, answering: bool) -> Optional[int]:
-    """The bytes of the model `config` builds, sized on the meta device; None where transformers
-    cannot build it (loading says why). A config asking for more layers than any BLIP has is refused
-    before even that."""
+def _config_bytes(source: str, folder: Path | str, answering: bool) -> int:
+    """The bytes of the model the config.json in `folder` builds, sized on the meta device. A config
+    that is not BLIP's, or that transformers cannot build, is refused (a broken repository, not a
+    missing network), and one asking for more layers than any BLIP has before even its meta build."""
+    from transformers import BlipConfig
+
     try:
+        config = BlipConfig.from_pretrained(str(folder))
         layers = max(int(config.vision_config.num_hidden_layers), int(config.text_config.num_hidden_layers))
-    except Exception:  # a config of the wrong shape
-        return None
+    except Exception as error:  # format errors come in many library types
+        raise BackboneError(f"{source}: its config.json is not a BLIP config: {str(error)[:200]}") from error
     if layers > MAX_CONFIG_LAYERS:
         raise BackboneError(f"{source}: its config asks for {layers} layers in a tower; BLIP models here have at most "
                             f"{MAX_CONFIG_LAYERS}")
     try:
         return _meta_bytes(config, answering)
-    except Exception:  # a config transformers cannot build
-        return None
+    except Exception as error:  # a config transformers cannot build
+        raise BackboneError(f"{source}: transformers cannot build the model its config.json describes: "
+                            f"{str(error)[:200]}") from error
 
 
 def _resolve(source: str) -> Optional[str]:
@@ -215,11 +215,12 @@ def _refuse_answer(source: str, error: Exception) -> None:
     private, gated, disabled); a 5xx or a 429 passes, as a hub that cannot answer now."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    if isinstance(error, HfHubHTTPError) and status is not None and status < 500 and status != 429:
-        reason = str(error).splitlines()[0][:200]
-        raise BackboneError(f"{source}: the hub refuses it (HTTP {status}: {reason}); it may be missing, private or "
-                            f"gated") from error
+    for answer in (error, error.__cause__):   # a file's refusal comes wrapped, the hub's answer its cause
+        status = getattr(getattr(answer, "response", None), "status_code", None)
+        if isinstance(answer, HfHubHTTPError) and status is not None and status < 500 and status != 429:
+            reason = str(answer).splitlines()[0][:200]
+            raise BackboneError(f"{source}: the hub refuses it (HTTP {status}: {reason}); it may be missing, private "
+                                f"or gated") from error
 
 
 def _remember_commit(snapshot: Path) -> None:
@@ -255,16 +256,16 @@ def _config_file(source: str, commit: str) -> str:
     return hf_hub_download(repo_id=source, filename="config.json", revision=commit)
 
 
-def _files_fit(source: str, sized: _SizedCommit) -> bool:
-    """Whether the files loading would fetch at the sized commit were listed (a dry run of
-    snapshot_download) and fit; BackboneError, before any is fetched, when they do not. False where
-    the hub cannot list them: loading then reads only what the hub cache holds."""
+def _files_fit(source: str, sized: _SizedCommit) -> Optional[list[str]]:
+    """The names of the files loading reads at the sized commit, listed by the hub (a dry run of
+    snapshot_download), where they fit; BackboneError, before any is fetched, when they do not. None
+    where the hub cannot list them: loading then reads only what the hub cache holds."""
     from huggingface_hub import constants, snapshot_download
 
     try:
         planned = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=sized.commit, dry_run=True)
     except Exception:  # hub, network and cache errors come in many library types
-        return False
+        return None
     fetched = [entry.file_size for entry in planned if entry.will_download]
     if None in fetched or sum(fetched) > FETCH_ALLOWANCE * sized.size + FETCH_SLACK:
         on_disk = "an unknown size" if None in fetched else bytes_text(sum(fetched))
@@ -276,7 +277,7 @@ def _files_fit(source: str, sized: _SizedCommit) -> bool:
         raise BackboneError(f"{source}: its files ({bytes_text(sum(fetched))}) would leave less than "
                             f"{bytes_text(DISK_RESERVE)} free on the disk of the hub cache ({bytes_text(free)} free): "
                             f"refused before fetching them")
-    return True
+    return [entry.filename for entry in planned]
 
 
 def _existing(path: Path) -> Path:
@@ -309,44 +310,52 @@ def _fetch_sized(spec: str, source: str, answering: bool, budget: Optional[Weigh
     sized = _size_hub_config(source, answering)
     if sized is not None and budget is not None:
         budget.refuse(spec, sized.size)
-    failure: Optional[Exception] = None
-    if sized is not None and _files_fit(source, sized):
+    planned = None if sized is None else _files_fit(source, sized)
+    failure, said = None, "the hub could not be asked for it" if sized is None else "the hub could not list its files"
+    if planned is not None:
         try:
-            return snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=sized.commit)
+            folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=sized.commit)
         except Exception as error:  # hub, network and validation errors come in many library types
             _refuse_answer(source, error)
-            failure = error
-    folder = _cached_whole(spec, source, answering, budget, sized)
+            failure, said = error, f"the hub could not serve its files ({str(error)[:200]})"
+        else:
+            # a listing that fails in the fetch is not raised: the library returns what the folder holds
+            missing = [name for name in planned if not (Path(folder) / name).is_file()]
+            if not missing:
+                return folder
+            said = f"the hub did not serve all its files ({', '.join(missing[:3])} missing)"
+    folder = _cached_whole(spec, source, answering, budget, sized, planned)
     if folder is None:
-        said = f"the hub could not serve its files ({failure})" if failure is not None else \
-            "the hub could not size or list its files"
         raise BackboneError(f"could not fetch BLIP weights for {source} (no network, or the hub is unreachable): "
                             f"{said}, and the hub cache holds no weights of it", unreachable=True) from failure
     return folder
 
 
 def _cached_whole(spec: str, source: str, answering: bool, budget: Optional[WeightsBudget],
-                  sized: Optional[_SizedCommit]) -> Optional[str]:
-    """The hub cache's folder of the commit the hub named (`sized`), else of the one the cache's ref
-    keeps (the last loaded whole), where it holds that commit's weights; a commit other than the sized
-    one is sized from its own cached config and kept to `budget`. None where the cache holds neither:
-    a hub that names a newer commit and then cannot serve it still loads the model loaded before."""
+                  sized: Optional[_SizedCommit], planned: Optional[list[str]]) -> Optional[str]:
+    """The hub cache's folder of the commit the hub named (`sized`, holding every `planned` file where
+    the hub listed them), else of the one the cache's ref keeps (the last one loaded whole here, or
+    fetched by another program using the same cache), where it holds that commit's weights; a commit
+    other than the sized one is sized from its own cached config, refused as the hub's would be, and
+    kept to `budget`. None where the cache holds neither: a hub that names a newer commit and then
+    cannot serve it still loads the model the cache holds."""
     from huggingface_hub import resolve_revision, snapshot_download
-    from transformers import BlipConfig
 
     try:
         kept = resolve_revision(source, local_files_only=True).resolved
     except Exception:  # no ref in the cache
         kept = None
     for commit in dict.fromkeys(c for c in (sized and sized.commit, kept) if c):
+        named = sized is not None and commit == sized.commit
         try:
             folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=commit,
                                        local_files_only=True)
-            config = None if sized is not None and commit == sized.commit else BlipConfig.from_pretrained(folder)
-        except Exception:  # that commit is not in the cache, or its config cannot be read
+        except Exception:  # that commit is not in the cache
             continue
-        size = sized.size if config is None else _config_bytes(source, config, answering)
-        if any(Path(folder).glob("*.safetensors")):
+        whole = all((Path(folder) / name).is_file() for name in planned) if named and planned is not None else \
+            any(Path(folder).glob("*.safetensors"))
+        if whole:
+            size = sized.size if named else _config_bytes(source, folder, answering)
             if budget is not None:
                 budget.refuse(spec, size)
             return folder
