@@ -416,9 +416,11 @@ def test_a_hub_that_names_a_newer_commit_and_cannot_serve_it_loads_the_one_cache
             return huggingface_hub.DryRunFileInfo("beef00", 3_000, filename, str(newer / filename), True, False)
         return str(newer / filename)
 
-    asked, fetch_fails = [], []
+    asked, fetch_fails, listing_fails = [], [], []
 
     def snapshot_download(repo_id, allow_patterns, revision, dry_run=False, local_files_only=False):
+        if dry_run and listing_fails:
+            raise listing_fails[0]
         if dry_run:   # the hub lists the newer commit's files
             return [huggingface_hub.DryRunFileInfo("beef00", size, name, "", name == "config.json",
                                                    name != "config.json")
@@ -445,18 +447,21 @@ def test_a_hub_that_names_a_newer_commit_and_cannot_serve_it_loads_the_one_cache
     # that commit is sized from its own config: a budget the newer commit fits and it does not refuses it
     with pytest.raises(BackboneError, match="blip:someone/tiny needs"):
         load_backbone("blip:someone/tiny", budget=WeightsBudget(newer_bytes))
-    # a fetch that fails outright (a 503) falls back alike; a refusal the library wraps (a file's 403) is said
-    request = httpx2.Request("GET", "https://huggingface.co/someone/tiny/resolve/beef00/model.safetensors")
+    # a fetch that fails outright (a 503) falls back alike; a refusal the library wraps (a file's 403 to the HEAD
+    # request that lists it, or that fetches it) is said, with no stand-in
+    request = httpx2.Request("HEAD", "https://huggingface.co/someone/tiny/resolve/beef00/model.safetensors")
     fetch_fails.append(huggingface_hub.errors.HfHubHTTPError("503 Service Unavailable",
                                                              response=httpx2.Response(503, request=request)))
     assert weights_bytes(load_backbone("blip:someone/tiny").model) == cached_bytes
     forbidden = huggingface_hub.errors.HfHubHTTPError("403 Forbidden", response=httpx2.Response(403, request=request))
     wrapped = huggingface_hub.errors.LocalEntryNotFoundError("could not fetch model.safetensors")
     wrapped.__cause__ = forbidden
-    fetch_fails[0] = wrapped
-    with pytest.raises(BackboneError, match=r"someone/tiny: the hub refuses it \(HTTP 403") as refused:
-        load_backbone("blip:someone/tiny", fallback_offline=True)
-    assert not refused.value.unreachable
+    for failing in (listing_fails, fetch_fails):
+        failing[:] = [wrapped]
+        with pytest.raises(BackboneError, match=r"someone/tiny: the hub refuses it \(HTTP 403") as refused:
+            load_backbone("blip:someone/tiny", fallback_offline=True)
+        assert not refused.value.unreachable
+    listing_fails.clear()
     fetch_fails.clear()
     # the commit the ref keeps is refused as the hub's config would be (the ref is the cache's: any program
     # using the same cache may have moved it)

@@ -264,7 +264,8 @@ def _files_fit(source: str, sized: _SizedCommit) -> Optional[list[str]]:
 
     try:
         planned = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=sized.commit, dry_run=True)
-    except Exception:  # hub, network and cache errors come in many library types
+    except Exception as error:  # hub, network and cache errors come in many library types
+        _refuse_answer(source, error)   # a file the hub refuses is refused here, in the listing's HEAD requests
         return None
     fetched = [entry.file_size for entry in planned if entry.will_download]
     if None in fetched or sum(fetched) > FETCH_ALLOWANCE * sized.size + FETCH_SLACK:
