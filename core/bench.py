@@ -28,7 +28,8 @@ from core.backbones import BackboneError, load_backbone
 from core.data.shapes import COLOURS, SHAPES, draw_shape
 from core.pet import METHODS, attach, default_lr
 from core.tasks import retrieval
-from core.trainer import LowPrecisionWeights, TrainSettings, autocast, autocast_for, make_optimizer, pick_device
+from core.trainer import (LowPrecisionWeights, TrainSettings, autocast, autocast_for, make_optimizer, optimizer_step,
+                          pick_device)
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -96,10 +97,7 @@ def _training_step(objective, params, lr: float, amp: Optional[str]) -> Callable
         with low_precision:
             with autocast(device, amp):
                 loss = objective(ids)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(loss, optimizer, scaler, params, TrainSettings.grad_clip)   # training's own step
 
     return step
 
@@ -136,10 +134,7 @@ def _peft_lora_step(model, data: retrieval.RetrievalSet, device: torch.device, l
             text = model.encode_text(data.tokens.to(device))
             loss = retrieval.contrastive_loss(retrieval.cosine_matrix(image, text), data.caption_image.to(device),
                                               model.logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, params, TrainSettings.grad_clip)   # as ours: clipped alike
 
     return step, sum(p.numel() for p in params.values())
 

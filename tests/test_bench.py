@@ -1,3 +1,5 @@
+import torch
+
 import core.bench
 from core.backbones import load_backbone
 from core.bench import bench
@@ -39,3 +41,16 @@ def test_bench_measures_every_method_and_the_peft_peer_on_one_batch(monkeypatch)
         "naive_forward_s"]
     # the range test that found the tune's learning rate, inside it
     assert 0 < result["e2e_range_test_s"] < result["e2e_s"] and 0 < result["range_test_share_of_e2e"] < 1
+
+
+def test_peak_memory_is_null_where_it_cannot_be_read(monkeypatch, tmp_path):
+    """Without glibc (musl keeps freed blocks that hide the rise) or without /proc, a step's peak is not
+    known: null, not a false 0, and the step is not run for nothing."""
+    ran = []
+    with monkeypatch.context() as other_libc:
+        other_libc.setattr(core.bench.heap, "glibc", lambda: None)
+        assert core.bench._peak_mb(lambda: ran.append(1), torch.device("cpu")) is None
+    with monkeypatch.context() as no_proc:
+        no_proc.setattr(core.bench, "_CLEAR_REFS", tmp_path / "clear_refs")
+        assert core.bench._peak_mb(lambda: ran.append(1), torch.device("cpu")) is None
+    assert ran == []
