@@ -198,16 +198,28 @@ def _resolve(source: str) -> Optional[str]:
     cache's ref keeps, the last loaded whole); None where neither can. Asked without moving that
     ref: only a load that builds moves it (`_remember_commit`). A repository the hub refuses is
     said as such: no network would be the wrong reason, and the offline model no stand-in for it."""
-    from huggingface_hub import HfApi, resolve_revision
+    from huggingface_hub import HfApi
 
     try:
         return HfApi().repo_info(source).sha
     except Exception as error:  # hub, network and cache errors come in many library types
         _refuse_answer(source, error)
+    return _kept_commit(source)
+
+
+def _kept_commit(source: str) -> Optional[str]:
+    """The commit the hub cache's ref of the default branch keeps; None where it keeps none."""
+    from huggingface_hub import resolve_revision
+
     try:
         return resolve_revision(source, local_files_only=True).resolved
-    except Exception:  # nothing in the cache either
+    except Exception:  # no ref in the cache
         return None
+
+
+def _missing(folder: str, names: list[str]) -> list[str]:
+    """Those of `names` (paths within a commit) that `folder` does not hold."""
+    return [name for name in names if not (Path(folder) / name).is_file()]
 
 
 def _refuse_answer(source: str, error: Exception) -> None:
@@ -321,7 +333,7 @@ def _fetch_sized(spec: str, source: str, answering: bool, budget: Optional[Weigh
             failure, said = error, f"the hub could not serve its files ({str(error)[:200]})"
         else:
             # a listing that fails in the fetch is not raised: the library returns what the folder holds
-            missing = [name for name in planned if not (Path(folder) / name).is_file()]
+            missing = _missing(folder, planned)
             if not missing:
                 return folder
             said = f"the hub did not serve all its files ({', '.join(missing[:3])} missing)"
@@ -340,20 +352,16 @@ def _cached_whole(spec: str, source: str, answering: bool, budget: Optional[Weig
     other than the sized one is sized from its own cached config, refused as the hub's would be, and
     kept to `budget`. None where the cache holds neither: a hub that names a newer commit and then
     cannot serve it still loads the model the cache holds."""
-    from huggingface_hub import resolve_revision, snapshot_download
+    from huggingface_hub import snapshot_download
 
-    try:
-        kept = resolve_revision(source, local_files_only=True).resolved
-    except Exception:  # no ref in the cache
-        kept = None
-    for commit in dict.fromkeys(c for c in (sized and sized.commit, kept) if c):
+    for commit in dict.fromkeys(c for c in (sized and sized.commit, _kept_commit(source)) if c):
         named = sized is not None and commit == sized.commit
         try:
             folder = snapshot_download(repo_id=source, allow_patterns=HUB_FILES, revision=commit,
                                        local_files_only=True)
         except Exception:  # that commit is not in the cache
             continue
-        whole = all((Path(folder) / name).is_file() for name in planned) if named and planned is not None else \
+        whole = not _missing(folder, planned) if named and planned is not None else \
             any(Path(folder).glob("*.safetensors"))
         if whole:
             size = sized.size if named else _config_bytes(source, folder, answering)
